@@ -1,0 +1,235 @@
+//! Kafka client settings shared by every process, and topic administration.
+//!
+//! Producers are idempotent with `acks=all`: a record the broker acknowledged
+//! is on every in-sync replica (on a 3-broker cluster with
+//! `min.insync.replicas=2`, it survives the loss of any one broker), and
+//! librdkafka's retries never write it twice or out of order.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::topics::TopicSpec;
+
+/// Connection settings for one Kafka cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`, e.g. `127.0.0.1:9092`.
+    pub brokers: String,
+    /// Extra librdkafka properties (`--kafka-opt key=value`), applied last so a
+    /// user can override anything, e.g. `security.protocol`.
+    pub extra: Vec<(String, String)>,
+}
+
+impl KafkaSettings {
+    /// Settings for `brokers` with no extra properties.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// A base client config: brokers, a client id, then the extras.
+    pub fn client_config(&self, client_id: &str) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.brokers)
+            .set("client.id", client_id)
+            // Loopback brokers in tests resolve `localhost` to ::1 first.
+            .set("broker.address.family", "any");
+        for (k, v) in &self.extra {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+
+    /// An idempotent `acks=all` producer config whose local queue holds at
+    /// most `queue_messages` records: a full queue is an error the caller
+    /// turns into backpressure, never unbounded memory.
+    pub fn producer_config(&self, client_id: &str, queue_messages: usize) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.brokers)
+            .set("client.id", client_id)
+            .set("broker.address.family", "any")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", queue_messages.to_string())
+            .set("queue.buffering.max.kbytes", "262144")
+            .set("message.timeout.ms", "30000")
+            .set("request.timeout.ms", "10000");
+        for (k, v) in &self.extra {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+}
+
+/// Parses `key=value` into a librdkafka property (for `--kafka-opt`).
+pub fn parse_kafka_opt(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!(
+            "expected a librdkafka property as key=value, got {s:?}"
+        )),
+    }
+}
+
+/// Why topic setup failed, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    /// The admin client could not be created or the broker did not answer.
+    #[error("cannot administer topics on {brokers}: {source} (is the broker up? see scripts/dev-up)")]
+    Admin {
+        /// The brokers tried.
+        brokers: String,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// The broker refused to create a topic.
+    #[error("cannot create topic {topic}: {code}")]
+    Create {
+        /// The topic.
+        topic: String,
+        /// The broker's error.
+        code: RDKafkaErrorCode,
+    },
+    /// A topic is missing from the cluster's metadata.
+    #[error("topic {0} does not exist; create it or start the api with --topic-partitions N")]
+    Missing(String),
+}
+
+/// Creates each topic of `specs` that does not exist yet; existing topics are
+/// left as they are. Returns the names of the topics created.
+pub async fn ensure_topics(
+    kafka: &KafkaSettings,
+    specs: &[TopicSpec],
+    timeout: Duration,
+) -> Result<Vec<String>, TopicError> {
+    let admin_err = |source| TopicError::Admin {
+        brokers: kafka.brokers.clone(),
+        source,
+    };
+    let admin: AdminClient<DefaultClientContext> = kafka
+        .client_config("couponrush-admin")
+        .create()
+        .map_err(admin_err)?;
+    let new_topics: Vec<NewTopic<'_>> = specs
+        .iter()
+        .map(|s| {
+            let mut t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(s.replication));
+            for (k, v) in &s.configs {
+                t = t.set(k, v);
+            }
+            t
+        })
+        .collect();
+    let opts = AdminOptions::new()
+        .request_timeout(Some(timeout))
+        .operation_timeout(Some(timeout));
+    let results = admin
+        .create_topics(new_topics.iter(), &opts)
+        .await
+        .map_err(admin_err)?;
+    let mut created = Vec::new();
+    for r in results {
+        match r {
+            Ok(name) => created.push(name),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(TopicError::Create { topic, code }),
+        }
+    }
+    Ok(created)
+}
+
+/// Deletes topics, ignoring ones that do not exist.
+pub async fn delete_topics(
+    kafka: &KafkaSettings,
+    names: &[&str],
+    timeout: Duration,
+) -> Result<(), TopicError> {
+    let admin_err = |source| TopicError::Admin {
+        brokers: kafka.brokers.clone(),
+        source,
+    };
+    let admin: AdminClient<DefaultClientContext> = kafka
+        .client_config("couponrush-admin")
+        .create()
+        .map_err(admin_err)?;
+    let opts = AdminOptions::new()
+        .request_timeout(Some(timeout))
+        .operation_timeout(Some(timeout));
+    let results = admin
+        .delete_topics(names, &opts)
+        .await
+        .map_err(admin_err)?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((topic, code)) => return Err(TopicError::Create { topic, code }),
+        }
+    }
+    Ok(())
+}
+
+/// Partition counts of `topics`, from one metadata request. Blocking: call it
+/// from a blocking thread.
+pub fn partition_counts(
+    kafka: &KafkaSettings,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<HashMap<String, i32>, TopicError> {
+    let admin_err = |source| TopicError::Admin {
+        brokers: kafka.brokers.clone(),
+        source,
+    };
+    let client: BaseConsumer = kafka
+        .client_config("couponrush-metadata")
+        .create()
+        .map_err(admin_err)?;
+    let mut counts = HashMap::new();
+    for topic in topics {
+        let md = client
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(admin_err)?;
+        let n = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == *topic && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+            .filter(|n| *n > 0)
+            .ok_or_else(|| TopicError::Missing(topic.to_string()))?;
+        counts.insert(topic.to_string(), n);
+    }
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_opts_parse() {
+        assert_eq!(
+            parse_kafka_opt("security.protocol=SSL").unwrap(),
+            ("security.protocol".into(), "SSL".into())
+        );
+        assert!(parse_kafka_opt("novalue").is_err());
+        assert!(parse_kafka_opt("=x").is_err());
+    }
+
+    #[test]
+    fn extras_override_defaults() {
+        let mut k = KafkaSettings::new("127.0.0.1:9");
+        k.extra.push(("linger.ms".into(), "50".into()));
+        assert_eq!(k.producer_config("t", 10).get("linger.ms"), Some("50"));
+        assert_eq!(k.producer_config("t", 10).get("acks"), Some("all"));
+    }
+}

@@ -1,0 +1,219 @@
+//! The store: where a request is decided, exactly once.
+//!
+//! [`Store`] is the contract; [`redis::RedisStore`] is the production
+//! implementation (one Lua script, one round trip per batch) and
+//! [`memory::MemoryStore`] the in-process one used by `coupon-loadgen demo`.
+//! Both pass the same conformance suite (`core/tests/store_conformance.rs`).
+//!
+//! ## What a decision guarantees
+//! For each request of a batch, in the order given, atomically with respect to
+//! every other decision of the same event:
+//! 1. a request id decided before (in this generation of the event) gets the
+//!    *same* decision back, marked `replay`: redelivery is harmless;
+//! 2. a user already holding `per_user_limit` coupons gets `limit_reached`;
+//! 3. no stock left gets `sold_out`;
+//! 4. otherwise stock is decremented and the coupon recorded with its rank.
+//!
+//! Dedup records expire after the configured retention, which must be at
+//! least the requests topic's retention: a request redelivered after its
+//! record expired would be decided again (the per-user limit still stops a
+//! second coupon, but a `sold_out` could become `limit_reached`).
+
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::wire::DecisionResult;
+
+/// The largest stock an event may have.
+pub const MAX_STOCK: u32 = 10_000_000;
+
+/// Default lifetime of a dedup record: the requests topic's default retention.
+pub const DEFAULT_DEDUP_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What an admin sets when creating or resetting an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventSpec {
+    /// Coupons available, `0..=MAX_STOCK`.
+    pub stock: u32,
+    /// Coupons one user may hold, at least 1.
+    pub per_user_limit: u32,
+}
+
+impl EventSpec {
+    /// Checks the spec's bounds, saying what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.stock > MAX_STOCK {
+            return Err(format!("stock must be at most {MAX_STOCK}"));
+        }
+        if self.per_user_limit == 0 {
+            return Err("per_user_limit must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// An event as the store sees it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventState {
+    /// The event's id.
+    pub event_id: String,
+    /// Coupons at the start.
+    pub stock: u32,
+    /// Coupons one user may hold.
+    pub per_user_limit: u32,
+    /// Coupons not yet issued.
+    pub remaining: u32,
+    /// Incremented by every reset; dedup records of older generations are void.
+    pub generation: u64,
+}
+
+impl EventState {
+    /// Coupons issued so far.
+    pub fn issued(&self) -> u32 {
+        self.stock - self.remaining
+    }
+
+    /// True when nothing is left.
+    pub fn sold_out(&self) -> bool {
+        self.remaining == 0
+    }
+}
+
+/// One request to decide: its id and user (the event is the batch's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// The request's id, the dedup key.
+    pub request_id: Uuid,
+    /// The user the per-user limit applies to.
+    pub user_id: String,
+}
+
+/// Requests of one event, in arrival (partition) order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventBatch {
+    /// The event all requests belong to.
+    pub event_id: String,
+    /// The requests, decided in this order.
+    pub requests: Vec<Pending>,
+}
+
+/// The store's answer for one [`EventBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchVerdict {
+    /// The event does not exist: every request of the batch is poison.
+    UnknownEvent,
+    /// One decision per request, in the batch's order.
+    Decided(Vec<Decision>),
+}
+
+/// The decision for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// What was decided.
+    pub result: DecisionResult,
+    /// 1..=stock when issued.
+    pub issued_rank: Option<u32>,
+    /// When it was first decided, µs since the epoch.
+    pub decided_at: u64,
+    /// True when this restates an earlier decision of the same request.
+    pub replay: bool,
+}
+
+/// One issued coupon, as recorded in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coupon {
+    /// 1..=stock, in issue order.
+    pub rank: u32,
+    /// The request that won it.
+    pub request_id: Uuid,
+    /// The user who holds it.
+    pub user_id: String,
+}
+
+/// Everything the store holds about an event, for audits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// The event's counters.
+    pub state: EventState,
+    /// Every coupon issued in this generation, by rank.
+    pub coupons: Vec<Coupon>,
+    /// Coupons held per user, as the limit check sees them.
+    pub holders: Vec<(String, u32)>,
+}
+
+/// A store failure. Business outcomes are never errors; these are.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or failed transiently; retrying may help.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered something this build does not understand.
+    #[error("unexpected store reply: {0}")]
+    Protocol(String),
+    /// The request was invalid (a caller bug, not a transient state).
+    #[error("invalid store request: {0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// True when the same call may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// Where coupons are decided. Implementations must be safe to call from many
+/// processes at once: all atomicity lives in the store, none in the caller.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A short name for logs and reports (`redis`, `memory`).
+    fn kind(&self) -> &'static str;
+
+    /// Checks the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Creates the event, or resets it (new generation, full stock, no
+    /// holders). Returns the new state and whether it was created.
+    async fn put_event(
+        &self,
+        event_id: &str,
+        spec: EventSpec,
+    ) -> Result<(EventState, bool), StoreError>;
+
+    /// The event's state, if it exists.
+    async fn event(&self, event_id: &str) -> Result<Option<EventState>, StoreError>;
+
+    /// Decides every batch, atomically per batch, in one round trip.
+    async fn decide(
+        &self,
+        batches: &[EventBatch],
+        now_micros: u64,
+    ) -> Result<Vec<BatchVerdict>, StoreError>;
+
+    /// The decision recorded for a request, if any.
+    async fn decision(
+        &self,
+        event_id: &str,
+        request_id: Uuid,
+    ) -> Result<Option<Decision>, StoreError>;
+
+    /// The full ledger of an event, for audits.
+    async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError>;
+}
+
+/// Result codes shared by the Lua script and the Rust side.
+pub(crate) fn result_from_code(code: i64) -> Option<DecisionResult> {
+    match code {
+        1 => Some(DecisionResult::Issued),
+        2 => Some(DecisionResult::SoldOut),
+        3 => Some(DecisionResult::LimitReached),
+        4 => Some(DecisionResult::Duplicate),
+        _ => None,
+    }
+}

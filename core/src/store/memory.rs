@@ -1,0 +1,229 @@
+//! An in-process store with the same semantics as the Redis one, for the
+//! embedded demo and for tests that must not need a server. One mutex guards
+//! everything, which gives the same per-batch atomicity as a Lua script.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::{
+    BatchVerdict, Coupon, Decision, EventBatch, EventSpec, EventState, Ledger, Store, StoreError,
+};
+use crate::wire::DecisionResult;
+
+#[derive(Debug)]
+struct DedupRecord {
+    generation: u64,
+    user_id: String,
+    decision: Decision,
+    expires_at: u64,
+}
+
+#[derive(Debug, Default)]
+struct MemEvent {
+    state: Option<EventState>,
+    holders: HashMap<String, u32>,
+    coupons: BTreeMap<u32, (Uuid, String)>,
+    decided: HashMap<Uuid, DedupRecord>,
+    decided_since_sweep: usize,
+}
+
+impl MemEvent {
+    /// Drops expired dedup records once the map has doubled since the last
+    /// sweep, so memory stays proportional to what the retention keeps.
+    fn sweep(&mut self, now: u64) {
+        self.decided_since_sweep += 1;
+        if self.decided_since_sweep > self.decided.len().max(1024) {
+            self.decided.retain(|_, r| r.expires_at > now);
+            self.decided_since_sweep = 0;
+        }
+    }
+}
+
+/// A [`Store`] held in this process's memory.
+#[derive(Debug)]
+pub struct MemoryStore {
+    events: Mutex<HashMap<String, MemEvent>>,
+    retention_micros: u64,
+}
+
+impl MemoryStore {
+    /// An empty store whose dedup records live for `dedup_retention`.
+    pub fn new(dedup_retention: Duration) -> Self {
+        Self {
+            events: Mutex::new(HashMap::new()),
+            retention_micros: dedup_retention.as_micros() as u64,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, MemEvent>> {
+        // A panic while holding the lock cannot leave a half-made decision:
+        // every mutation below is a handful of infallible map writes.
+        self.events.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new(super::DEFAULT_DEDUP_RETENTION)
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn put_event(
+        &self,
+        event_id: &str,
+        spec: EventSpec,
+    ) -> Result<(EventState, bool), StoreError> {
+        spec.validate().map_err(StoreError::Invalid)?;
+        let mut events = self.lock();
+        let ev = events.entry(event_id.to_string()).or_default();
+        let created = ev.state.is_none();
+        let generation = ev.state.as_ref().map_or(0, |s| s.generation) + 1;
+        let state = EventState {
+            event_id: event_id.to_string(),
+            stock: spec.stock,
+            per_user_limit: spec.per_user_limit,
+            remaining: spec.stock,
+            generation,
+        };
+        ev.state = Some(state.clone());
+        ev.holders.clear();
+        ev.coupons.clear();
+        Ok((state, created))
+    }
+
+    async fn event(&self, event_id: &str) -> Result<Option<EventState>, StoreError> {
+        Ok(self.lock().get(event_id).and_then(|e| e.state.clone()))
+    }
+
+    async fn decide(
+        &self,
+        batches: &[EventBatch],
+        now: u64,
+    ) -> Result<Vec<BatchVerdict>, StoreError> {
+        let mut events = self.lock();
+        let mut verdicts = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let Some(ev) = events.get_mut(&batch.event_id).filter(|e| e.state.is_some()) else {
+                verdicts.push(BatchVerdict::UnknownEvent);
+                continue;
+            };
+            let mut decisions = Vec::with_capacity(batch.requests.len());
+            for p in &batch.requests {
+                let state = ev.state.as_mut().expect("filtered above");
+                let earlier = ev
+                    .decided
+                    .get(&p.request_id)
+                    .filter(|r| r.generation == state.generation && r.expires_at > now);
+                if let Some(r) = earlier {
+                    decisions.push(if r.user_id == p.user_id {
+                        Decision {
+                            replay: true,
+                            ..r.decision
+                        }
+                    } else {
+                        Decision {
+                            result: DecisionResult::Duplicate,
+                            issued_rank: None,
+                            decided_at: now,
+                            replay: false,
+                        }
+                    });
+                    continue;
+                }
+                let held = ev.holders.get(&p.user_id).copied().unwrap_or(0);
+                let (result, issued_rank) = if held >= state.per_user_limit {
+                    (DecisionResult::LimitReached, None)
+                } else if state.remaining == 0 {
+                    (DecisionResult::SoldOut, None)
+                } else {
+                    state.remaining -= 1;
+                    let rank = state.stock - state.remaining;
+                    *ev.holders.entry(p.user_id.clone()).or_default() += 1;
+                    ev.coupons.insert(rank, (p.request_id, p.user_id.clone()));
+                    (DecisionResult::Issued, Some(rank))
+                };
+                let decision = Decision {
+                    result,
+                    issued_rank,
+                    decided_at: now,
+                    replay: false,
+                };
+                let generation = state.generation;
+                ev.decided.insert(
+                    p.request_id,
+                    DedupRecord {
+                        generation,
+                        user_id: p.user_id.clone(),
+                        decision,
+                        expires_at: now.saturating_add(self.retention_micros),
+                    },
+                );
+                ev.sweep(now);
+                decisions.push(decision);
+            }
+            verdicts.push(BatchVerdict::Decided(decisions));
+        }
+        Ok(verdicts)
+    }
+
+    async fn decision(
+        &self,
+        event_id: &str,
+        request_id: Uuid,
+    ) -> Result<Option<Decision>, StoreError> {
+        let now = crate::wire::now_micros();
+        let events = self.lock();
+        let Some(ev) = events.get(event_id) else {
+            return Ok(None);
+        };
+        let generation = ev.state.as_ref().map_or(0, |s| s.generation);
+        Ok(ev
+            .decided
+            .get(&request_id)
+            .filter(|r| r.generation == generation && r.expires_at > now)
+            .map(|r| Decision {
+                replay: true,
+                ..r.decision
+            }))
+    }
+
+    async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError> {
+        let events = self.lock();
+        let Some((ev, state)) = events
+            .get(event_id)
+            .and_then(|e| e.state.clone().map(|s| (e, s)))
+        else {
+            return Ok(None);
+        };
+        let mut holders: Vec<(String, u32)> =
+            ev.holders.iter().map(|(u, n)| (u.clone(), *n)).collect();
+        holders.sort();
+        Ok(Some(Ledger {
+            state,
+            coupons: ev
+                .coupons
+                .iter()
+                .map(|(rank, (request_id, user_id))| Coupon {
+                    rank: *rank,
+                    request_id: *request_id,
+                    user_id: user_id.clone(),
+                })
+                .collect(),
+            holders,
+        }))
+    }
+}

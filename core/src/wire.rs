@@ -1,0 +1,389 @@
+//! The wire format: what the api writes to `coupon.requests` and what the issuer
+//! writes to `coupon.outcomes`.
+//!
+//! Records are versioned JSON (`"v": 1`) and carry a *zero payload*: ids and
+//! timestamps only. Anything else a consumer needs (stock, the user's profile)
+//! is looked up by id, so a record never carries stale state and stays small
+//! (a request is ~150 bytes) when a hundred thousand of them arrive at once.
+//!
+//! Parsing never panics: a record that cannot be used is a [`Poison`] value
+//! with the reason it goes to the dead-letter queue.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The only wire version this build writes and reads.
+pub const WIRE_VERSION: u32 = 1;
+
+/// A record larger than this is poison: a real request is ~150 bytes, so
+/// anything this large was not written by the api.
+pub const MAX_RECORD_BYTES: usize = 4096;
+
+/// Longest accepted event id, in bytes.
+pub const MAX_EVENT_ID_LEN: usize = 64;
+
+/// Longest accepted user id, in bytes.
+pub const MAX_USER_ID_LEN: usize = 128;
+
+/// Microseconds since the Unix epoch, the unit of every timestamp on the wire.
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// One request to issue a coupon, as accepted by the api.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssueRequest {
+    /// Wire version, always [`WIRE_VERSION`] when written by this build.
+    pub v: u32,
+    /// The request's identity: a UUID v7 (so ids sort by time), or the client's
+    /// `Idempotency-Key`. Deduplication in the store is by this id.
+    pub request_id: Uuid,
+    /// The drop this request takes part in.
+    pub event_id: String,
+    /// Who asked; the per-user limit is enforced on this id.
+    pub user_id: String,
+    /// When the api accepted the request, µs since the epoch: arrival order.
+    pub accepted_at: u64,
+}
+
+impl IssueRequest {
+    /// A request of the current wire version.
+    pub fn new(request_id: Uuid, event_id: String, user_id: String, accepted_at: u64) -> Self {
+        Self {
+            v: WIRE_VERSION,
+            request_id,
+            event_id,
+            user_id,
+            accepted_at,
+        }
+    }
+
+    /// Serializes the record for the requests topic.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a request always serializes")
+    }
+
+    /// Parses and validates a record from the requests topic.
+    pub fn parse(bytes: &[u8]) -> Result<Self, Poison> {
+        if bytes.len() > MAX_RECORD_BYTES {
+            return Err(Poison::Oversized(bytes.len()));
+        }
+        match serde_json::from_slice::<IssueRequest>(bytes) {
+            Ok(req) if req.v != WIRE_VERSION => Err(Poison::UnknownVersion(req.v)),
+            Ok(req) => {
+                validate_event_id(&req.event_id).map_err(Poison::InvalidField)?;
+                validate_user_id(&req.user_id).map_err(Poison::InvalidField)?;
+                Ok(req)
+            }
+            Err(err) => Err(classify_parse_error(bytes, err)),
+        }
+    }
+}
+
+/// A record that failed to parse because of its shape may still be a newer
+/// version we do not know: look at `v` alone before calling it malformed.
+fn classify_parse_error(bytes: &[u8], err: serde_json::Error) -> Poison {
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        v: u32,
+    }
+    match serde_json::from_slice::<VersionOnly>(bytes) {
+        Ok(VersionOnly { v }) if v != WIRE_VERSION => Poison::UnknownVersion(v),
+        _ => Poison::Malformed(err.to_string()),
+    }
+}
+
+/// Why a record on the requests topic cannot be decided; it goes to the DLQ
+/// with this reason and the pipeline moves on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Poison {
+    /// Larger than [`MAX_RECORD_BYTES`].
+    Oversized(usize),
+    /// Not JSON, or JSON without the fields of a request.
+    Malformed(String),
+    /// A `v` this build does not know.
+    UnknownVersion(u32),
+    /// A field is present but unusable (empty id, control characters, too long).
+    InvalidField(String),
+    /// The event does not exist in the store.
+    UnknownEvent(String),
+}
+
+impl Poison {
+    /// A short stable code for the `x-dlq-reason` header and metrics labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Poison::Oversized(_) => "oversized",
+            Poison::Malformed(_) => "malformed",
+            Poison::UnknownVersion(_) => "unknown_version",
+            Poison::InvalidField(_) => "invalid_field",
+            Poison::UnknownEvent(_) => "unknown_event",
+        }
+    }
+}
+
+impl fmt::Display for Poison {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Poison::Oversized(n) => write!(f, "record of {n} bytes exceeds {MAX_RECORD_BYTES}"),
+            Poison::Malformed(e) => write!(f, "malformed record: {e}"),
+            Poison::UnknownVersion(v) => write!(f, "unknown wire version {v}"),
+            Poison::InvalidField(e) => write!(f, "invalid field: {e}"),
+            Poison::UnknownEvent(e) => write!(f, "unknown event {e:?}"),
+        }
+    }
+}
+
+/// Checks an event id: 1 to 64 bytes of `[A-Za-z0-9._-]`, so it is safe in a
+/// URL path, a Kafka key and a Redis hash tag (`{` and `}` are excluded).
+pub fn validate_event_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_EVENT_ID_LEN {
+        return Err(format!(
+            "event_id must be 1 to {MAX_EVENT_ID_LEN} bytes, got {}",
+            id.len()
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "event_id may contain only letters, digits, '.', '_' and '-', found {c:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a user id: 1 to 128 bytes of printable Unicode (no control
+/// characters), so it is safe in logs, Kafka keys and Redis hash fields.
+pub fn validate_user_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_USER_ID_LEN {
+        return Err(format!(
+            "user_id must be 1 to {MAX_USER_ID_LEN} bytes, got {}",
+            id.len()
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("user_id must not contain control characters".into());
+    }
+    Ok(())
+}
+
+/// What the store decided for one request. A business outcome, not an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionResult {
+    /// A coupon was issued; `issued_rank` says which of the stock it was.
+    Issued,
+    /// No stock was left when the request was decided.
+    SoldOut,
+    /// The user already holds `per_user_limit` coupons of this event.
+    LimitReached,
+    /// The request id was already used by a different request (an
+    /// `Idempotency-Key` reused for another user); nothing was issued and the
+    /// earlier request's decision stands.
+    Duplicate,
+}
+
+impl DecisionResult {
+    /// All results, in a stable order (for reports and metrics).
+    pub const ALL: [DecisionResult; 4] = [
+        DecisionResult::Issued,
+        DecisionResult::SoldOut,
+        DecisionResult::LimitReached,
+        DecisionResult::Duplicate,
+    ];
+
+    /// The snake_case name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionResult::Issued => "issued",
+            DecisionResult::SoldOut => "sold_out",
+            DecisionResult::LimitReached => "limit_reached",
+            DecisionResult::Duplicate => "duplicate",
+        }
+    }
+}
+
+impl fmt::Display for DecisionResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The decision for one request, as published on `coupon.outcomes`.
+///
+/// A redelivered request yields an outcome with the same `result`,
+/// `issued_rank` and `decided_at` as the first one (`replay` is then true), so
+/// readers may keep the first outcome per `request_id` and ignore the rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Wire version.
+    pub v: u32,
+    /// The request decided.
+    pub request_id: Uuid,
+    /// Its event.
+    pub event_id: String,
+    /// Its user.
+    pub user_id: String,
+    /// What was decided.
+    pub result: DecisionResult,
+    /// 1..=stock for an issued coupon, absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_rank: Option<u32>,
+    /// Partition of the request record that was decided.
+    pub partition: i32,
+    /// Offset of the request record that was decided.
+    pub offset: i64,
+    /// When the store first decided the request, µs since the epoch.
+    pub decided_at: u64,
+    /// True when this outcome restates an earlier decision (a redelivery).
+    #[serde(default)]
+    pub replay: bool,
+    /// The request's `accepted_at`, copied so a reader of outcomes alone can
+    /// compare arrival and decision order.
+    pub accepted_at: u64,
+}
+
+impl Outcome {
+    /// Serializes the record for the outcomes topic.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an outcome always serializes")
+    }
+
+    /// Parses a record from the outcomes topic.
+    pub fn parse(bytes: &[u8]) -> Result<Self, Poison> {
+        match serde_json::from_slice::<Outcome>(bytes) {
+            Ok(o) if o.v != WIRE_VERSION => Err(Poison::UnknownVersion(o.v)),
+            Ok(o) => Ok(o),
+            Err(err) => Err(classify_parse_error(bytes, err)),
+        }
+    }
+}
+
+/// Names of the headers on a dead-letter record.
+pub mod dlq_headers {
+    /// Stable reason code, see [`super::Poison::code`].
+    pub const REASON: &str = "x-dlq-reason";
+    /// Human-readable detail.
+    pub const DETAIL: &str = "x-dlq-detail";
+    /// Topic the record was read from.
+    pub const ORIGINAL_TOPIC: &str = "x-original-topic";
+    /// Partition the record was read from.
+    pub const ORIGINAL_PARTITION: &str = "x-original-partition";
+    /// Offset the record was read from.
+    pub const ORIGINAL_OFFSET: &str = "x-original-offset";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> IssueRequest {
+        IssueRequest::new(
+            Uuid::now_v7(),
+            "drop-1".into(),
+            "user-42".into(),
+            1_700_000_000_000_000,
+        )
+    }
+
+    #[test]
+    fn request_round_trips() {
+        let req = request();
+        assert_eq!(IssueRequest::parse(&req.to_bytes()).unwrap(), req);
+    }
+
+    #[test]
+    fn request_is_zero_payload_and_small() {
+        let bytes = request().to_bytes();
+        assert!(bytes.len() < 200, "{} bytes", bytes.len());
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let mut keys: Vec<_> = json.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["accepted_at", "event_id", "request_id", "user_id", "v"]
+        );
+    }
+
+    #[test]
+    fn outcome_round_trips_with_and_without_rank() {
+        let mut o = Outcome {
+            v: WIRE_VERSION,
+            request_id: Uuid::now_v7(),
+            event_id: "e".into(),
+            user_id: "u".into(),
+            result: DecisionResult::Issued,
+            issued_rank: Some(7),
+            partition: 3,
+            offset: 99,
+            decided_at: 5,
+            replay: false,
+            accepted_at: 4,
+        };
+        assert_eq!(Outcome::parse(&o.to_bytes()).unwrap(), o);
+        o.result = DecisionResult::SoldOut;
+        o.issued_rank = None;
+        let bytes = o.to_bytes();
+        assert!(!String::from_utf8_lossy(&bytes).contains("issued_rank"));
+        assert_eq!(Outcome::parse(&bytes).unwrap(), o);
+        assert!(String::from_utf8_lossy(&bytes).contains("\"sold_out\""));
+    }
+
+    #[test]
+    fn poison_is_classified() {
+        assert!(matches!(
+            IssueRequest::parse(b"not json"),
+            Err(Poison::Malformed(_))
+        ));
+        assert!(matches!(
+            IssueRequest::parse(b"{\"v\":1}"),
+            Err(Poison::Malformed(_))
+        ));
+        assert_eq!(
+            IssueRequest::parse(b"{\"v\":2,\"something\":\"else\"}"),
+            Err(Poison::UnknownVersion(2))
+        );
+        let mut req = request();
+        req.v = 9;
+        assert_eq!(
+            IssueRequest::parse(&req.to_bytes()),
+            Err(Poison::UnknownVersion(9))
+        );
+        assert!(matches!(
+            IssueRequest::parse(&vec![b' '; MAX_RECORD_BYTES + 1]),
+            Err(Poison::Oversized(_))
+        ));
+        let mut req = request();
+        req.user_id = "a\u{0}b".into();
+        assert!(matches!(
+            IssueRequest::parse(&req.to_bytes()),
+            Err(Poison::InvalidField(_))
+        ));
+        let mut req = request();
+        req.event_id = "{slot}".into();
+        assert!(matches!(
+            IssueRequest::parse(&req.to_bytes()),
+            Err(Poison::InvalidField(_))
+        ));
+    }
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(validate_event_id("spring-sale_2026.v2").is_ok());
+        assert!(validate_event_id("").is_err());
+        assert!(validate_event_id(&"x".repeat(65)).is_err());
+        assert!(validate_event_id("a/b").is_err());
+        assert!(validate_user_id("김철수").is_ok());
+        assert!(validate_user_id("").is_err());
+        assert!(validate_user_id("a\nb").is_err());
+        assert!(validate_user_id(&"x".repeat(129)).is_err());
+    }
+}

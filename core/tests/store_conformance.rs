@@ -1,0 +1,399 @@
+//! One conformance suite, run against every store: the Redis store (against a
+//! real redis-server at `REDIS_URL`, default `redis://127.0.0.1:6379`) and the
+//! in-memory store. Each test uses fresh random event ids, so tests run in
+//! parallel against one server without seeing each other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use couponrush_core::store::memory::MemoryStore;
+use couponrush_core::store::redis::{RedisStore, MAX_REQUESTS_PER_CALL};
+use couponrush_core::store::{BatchVerdict, Decision, EventBatch, EventSpec, Pending, Store};
+use couponrush_core::wire::{now_micros, DecisionResult};
+use uuid::Uuid;
+
+use DecisionResult::*;
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn redis_store(retention: Duration) -> Arc<dyn Store> {
+    Arc::new(RedisStore::connect(&redis_url(), retention).await.unwrap_or_else(|e| {
+        panic!("these tests need a real Redis ({e}); run scripts/dev-up or set REDIS_URL")
+    }))
+}
+
+async fn memory_store(retention: Duration) -> Arc<dyn Store> {
+    Arc::new(MemoryStore::new(retention))
+}
+
+fn new_event() -> String {
+    format!("t-{}", Uuid::new_v4().simple())
+}
+
+fn pending(user: &str) -> Pending {
+    Pending {
+        request_id: Uuid::now_v7(),
+        user_id: user.to_string(),
+    }
+}
+
+async fn decide(store: &dyn Store, event: &str, reqs: &[Pending]) -> Vec<Decision> {
+    let batch = EventBatch {
+        event_id: event.to_string(),
+        requests: reqs.to_vec(),
+    };
+    match store.decide(&[batch], now_micros()).await.unwrap().remove(0) {
+        BatchVerdict::Decided(d) => d,
+        BatchVerdict::UnknownEvent => panic!("event {event} unknown"),
+    }
+}
+
+fn results(ds: &[Decision]) -> Vec<(DecisionResult, Option<u32>)> {
+    ds.iter().map(|d| (d.result, d.issued_rank)).collect()
+}
+
+async fn first_delivery_issues_in_arrival_order(store: Arc<dyn Store>) {
+    let ev = new_event();
+    let (state, created) = store
+        .put_event(&ev, EventSpec { stock: 2, per_user_limit: 1 })
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(state.remaining, 2);
+    let reqs = [pending("a"), pending("b"), pending("c")];
+    let ds = decide(&*store, &ev, &reqs).await;
+    assert_eq!(
+        results(&ds),
+        [(Issued, Some(1)), (Issued, Some(2)), (SoldOut, None)]
+    );
+    assert!(ds.iter().all(|d| !d.replay));
+    let state = store.event(&ev).await.unwrap().unwrap();
+    assert_eq!((state.remaining, state.issued()), (0, 2));
+    assert!(state.sold_out());
+}
+
+async fn replay_of_every_result_is_the_same_decision(store: Arc<dyn Store>) {
+    let ev = new_event();
+    store
+        .put_event(&ev, EventSpec { stock: 1, per_user_limit: 1 })
+        .await
+        .unwrap();
+    let win = pending("a");
+    let limit = pending("a");
+    let sold = pending("b");
+    let first = decide(&*store, &ev, &[win.clone(), limit.clone(), sold.clone()]).await;
+    assert_eq!(
+        results(&first),
+        [(Issued, Some(1)), (LimitReached, None), (SoldOut, None)]
+    );
+    // Redelivered in another order, later: each gets its own first decision back.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let again = decide(&*store, &ev, &[sold.clone(), win.clone(), limit.clone()]).await;
+    assert_eq!(
+        results(&again),
+        [(SoldOut, None), (Issued, Some(1)), (LimitReached, None)]
+    );
+    assert!(again.iter().all(|d| d.replay));
+    assert_eq!(again[1].decided_at, first[0].decided_at);
+    assert_eq!(again[0].decided_at, first[2].decided_at);
+    let ledger = store.ledger(&ev).await.unwrap().unwrap();
+    assert_eq!(ledger.coupons.len(), 1);
+    assert_eq!(ledger.coupons[0].request_id, win.request_id);
+    assert_eq!(ledger.holders, vec![("a".to_string(), 1)]);
+}
+
+async fn the_same_request_twice_in_one_batch_is_decided_once(store: Arc<dyn Store>) {
+    let ev = new_event();
+    store
+        .put_event(&ev, EventSpec { stock: 5, per_user_limit: 3 })
+        .await
+        .unwrap();
+    let r = pending("a");
+    let ds = decide(&*store, &ev, &[r.clone(), r.clone(), r]).await;
+    assert_eq!(
+        results(&ds),
+        [(Issued, Some(1)), (Issued, Some(1)), (Issued, Some(1))]
+    );
+    assert_eq!((ds[0].replay, ds[1].replay, ds[2].replay), (false, true, true));
+    assert_eq!(store.event(&ev).await.unwrap().unwrap().remaining, 4);
+}
+
+async fn per_user_limit_counts_coupons_held(store: Arc<dyn Store>) {
+    let ev = new_event();
+    store
+        .put_event(&ev, EventSpec { stock: 10, per_user_limit: 2 })
+        .await
+        .unwrap();
+    let ds = decide(
+        &*store,
+        &ev,
+        &[pending("a"), pending("a"), pending("b"), pending("a")],
+    )
+    .await;
+    assert_eq!(
+        results(&ds),
+        [
+            (Issued, Some(1)),
+            (Issued, Some(2)),
+            (Issued, Some(3)),
+            (LimitReached, None)
+        ]
+    );
+    let ledger = store.ledger(&ev).await.unwrap().unwrap();
+    assert_eq!(
+        ledger.holders,
+        vec![("a".to_string(), 2), ("b".to_string(), 1)]
+    );
+}
+
+async fn limit_is_checked_before_stock(store: Arc<dyn Store>) {
+    let ev = new_event();
+    store
+        .put_event(&ev, EventSpec { stock: 1, per_user_limit: 1 })
+        .await
+        .unwrap();
+    let ds = decide(&*store, &ev, &[pending("a"), pending("a")]).await;
+    assert_eq!(results(&ds), [(Issued, Some(1)), (LimitReached, None)]);
+}
+
+async fn zero_stock_sells_nothing(store: Arc<dyn Store>) {
+    let ev = new_event();
+    store
+        .put_event(&ev, EventSpec { stock: 0, per_user_limit: 1 })
+        .await
+        .unwrap();
+    let ds = decide(&*store, &ev, &[pending("a")]).await;
+    assert_eq!(results(&ds), [(SoldOut, None)]);
+}
+
+async fn last_unit_goes_to_exactly_one_of_concurrent_batches(store: Arc<dyn Store>) {
+    let ev = new_event();
+    store
+        .put_event(&ev, EventSpec { stock: 1, per_user_limit: 1 })
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            let ev = ev.clone();
+            tokio::spawn(async move {
+                let reqs: Vec<Pending> = (0..8).map(|j| pending(&format!("u{i}-{j}"))).collect();
+                decide(&*store, &ev, &reqs).await
+            })
+        })
+        .collect();
+    let mut issued = 0;
+    for t in tasks {
+        issued += t
+            .await
+            .unwrap()
+            .iter()
+            .filter(|d| d.result == Issued)
+            .count();
+    }
+    assert_eq!(issued, 1);
+    let ledger = store.ledger(&ev).await.unwrap().unwrap();
+    assert_eq!(ledger.coupons.len(), 1);
+    assert_eq!(ledger.state.remaining, 0);
+}
+
+async fn unknown_event_is_reported_not_decided(store: Arc<dyn Store>) {
+    let known = new_event();
+    store
+        .put_event(&known, EventSpec { stock: 1, per_user_limit: 1 })
+        .await
+        .unwrap();
+    let batches = [
+        EventBatch {
+            event_id: new_event(),
+            requests: vec![pending("a")],
+        },
+        EventBatch {
+            event_id: known.clone(),
+            requests: vec![pending("a")],
+        },
+    ];
+    let verdicts = store.decide(&batches, now_micros()).await.unwrap();
+    assert_eq!(verdicts[0], BatchVerdict::UnknownEvent);
+    assert!(matches!(&verdicts[1], BatchVerdict::Decided(d) if d[0].result == Issued));
+    assert!(store.event(&batches[0].event_id).await.unwrap().is_none());
+}
+
+async fn a_request_id_reused_by_another_user_is_a_duplicate(store: Arc<dyn Store>) {
+    let ev = new_event();
+    store
+        .put_event(&ev, EventSpec { stock: 5, per_user_limit: 1 })
+        .await
+        .unwrap();
+    let original = pending("a");
+    let forged = Pending {
+        request_id: original.request_id,
+        user_id: "mallory".into(),
+    };
+    let ds = decide(&*store, &ev, &[original.clone(), forged]).await;
+    assert_eq!(results(&ds), [(Issued, Some(1)), (Duplicate, None)]);
+    let ledger = store.ledger(&ev).await.unwrap().unwrap();
+    assert_eq!(ledger.coupons.len(), 1);
+    // The original's decision stands and is what a status lookup sees.
+    let d = store
+        .decision(&ev, original.request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((d.result, d.issued_rank), (Issued, Some(1)));
+}
+
+async fn reset_voids_earlier_decisions(store: Arc<dyn Store>) {
+    let ev = new_event();
+    store
+        .put_event(&ev, EventSpec { stock: 1, per_user_limit: 1 })
+        .await
+        .unwrap();
+    let r = pending("a");
+    decide(&*store, &ev, &[r.clone()]).await;
+    let (state, created) = store
+        .put_event(&ev, EventSpec { stock: 3, per_user_limit: 1 })
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!((state.remaining, state.stock), (3, 3));
+    assert!(store.decision(&ev, r.request_id).await.unwrap().is_none());
+    let ds = decide(&*store, &ev, &[r]).await;
+    assert_eq!(results(&ds), [(Issued, Some(1))]);
+    assert!(!ds[0].replay);
+    assert_eq!(store.ledger(&ev).await.unwrap().unwrap().coupons.len(), 1);
+}
+
+async fn status_lookup_sees_decisions_only(store: Arc<dyn Store>) {
+    let ev = new_event();
+    store
+        .put_event(&ev, EventSpec { stock: 1, per_user_limit: 1 })
+        .await
+        .unwrap();
+    let a = pending("a");
+    assert!(store.decision(&ev, a.request_id).await.unwrap().is_none());
+    decide(&*store, &ev, &[a.clone(), pending("b")]).await;
+    let d = store.decision(&ev, a.request_id).await.unwrap().unwrap();
+    assert_eq!((d.result, d.issued_rank), (Issued, Some(1)));
+    assert!(store
+        .decision(&new_event(), a.request_id)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+async fn batches_larger_than_one_script_call_stay_in_order(store: Arc<dyn Store>) {
+    let ev = new_event();
+    let n = MAX_REQUESTS_PER_CALL * 2 + 37;
+    let stock = MAX_REQUESTS_PER_CALL as u32 + 5;
+    store
+        .put_event(&ev, EventSpec { stock, per_user_limit: 1 })
+        .await
+        .unwrap();
+    let reqs: Vec<Pending> = (0..n).map(|i| pending(&format!("u{i}"))).collect();
+    let ds = decide(&*store, &ev, &reqs).await;
+    assert_eq!(ds.len(), n);
+    for (i, d) in ds.iter().enumerate() {
+        if i < stock as usize {
+            assert_eq!((d.result, d.issued_rank), (Issued, Some(i as u32 + 1)));
+        } else {
+            assert_eq!(d.result, SoldOut, "request {i}");
+        }
+    }
+    let ledger = store.ledger(&ev).await.unwrap().unwrap();
+    assert_eq!(ledger.coupons.len(), stock as usize);
+    assert!(ledger
+        .coupons
+        .iter()
+        .zip(&reqs)
+        .all(|(c, r)| c.request_id == r.request_id && c.user_id == r.user_id));
+}
+
+async fn dedup_records_expire_after_retention(store: Arc<dyn Store>) {
+    let ev = new_event();
+    store
+        .put_event(&ev, EventSpec { stock: 5, per_user_limit: 5 })
+        .await
+        .unwrap();
+    let r = pending("a");
+    decide(&*store, &ev, &[r.clone()]).await;
+    assert!(decide(&*store, &ev, &[r.clone()]).await[0].replay);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(store.decision(&ev, r.request_id).await.unwrap().is_none());
+    let ds = decide(&*store, &ev, &[r]).await;
+    assert_eq!(results(&ds), [(Issued, Some(2))]);
+    assert!(!ds[0].replay);
+}
+
+async fn invalid_specs_are_refused(store: Arc<dyn Store>) {
+    let ev = new_event();
+    assert!(store
+        .put_event(&ev, EventSpec { stock: 1, per_user_limit: 0 })
+        .await
+        .is_err());
+    assert!(store.event(&ev).await.unwrap().is_none());
+}
+
+async fn user_ids_with_separators_round_trip(store: Arc<dyn Store>) {
+    let ev = new_event();
+    store
+        .put_event(&ev, EventSpec { stock: 2, per_user_limit: 1 })
+        .await
+        .unwrap();
+    let odd = pending("a|b|c 김 {x}");
+    let ds = decide(&*store, &ev, &[odd.clone()]).await;
+    assert_eq!(results(&ds), [(Issued, Some(1))]);
+    let again = decide(&*store, &ev, &[odd.clone()]).await;
+    assert!(again[0].replay, "a '|' in the user id must not break dedup");
+    let ledger = store.ledger(&ev).await.unwrap().unwrap();
+    assert_eq!(ledger.coupons[0].user_id, odd.user_id);
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::redis_store(super::retention(stringify!($name))).await).await
+                }
+            )*
+        }
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::memory_store(super::retention(stringify!($name))).await).await
+                }
+            )*
+        }
+    };
+}
+
+fn retention(test: &str) -> Duration {
+    if test == "dedup_records_expire_after_retention" {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(3600)
+    }
+}
+
+conformance!(
+    first_delivery_issues_in_arrival_order,
+    replay_of_every_result_is_the_same_decision,
+    the_same_request_twice_in_one_batch_is_decided_once,
+    per_user_limit_counts_coupons_held,
+    limit_is_checked_before_stock,
+    zero_stock_sells_nothing,
+    last_unit_goes_to_exactly_one_of_concurrent_batches,
+    unknown_event_is_reported_not_decided,
+    a_request_id_reused_by_another_user_is_a_duplicate,
+    reset_voids_earlier_decisions,
+    status_lookup_sees_decisions_only,
+    batches_larger_than_one_script_call_stay_in_order,
+    dedup_records_expire_after_retention,
+    invalid_specs_are_refused,
+    user_ids_with_separators_round_trip,
+);
