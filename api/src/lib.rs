@@ -1,1 +1,380 @@
+//! # couponrush-api
+//!
+//! Accepts coupon requests over HTTP, gives each a UUID, produces it to
+//! `coupon.requests` on the partition the chosen [`Partitioner`] picks, and
+//! answers `202 Accepted` once the broker has acknowledged the record.
+//!
+//! ## Guarantees
+//! - **Accepted means durable.** `202` is sent only after the idempotent,
+//!   `acks=all` producer's acknowledgement; anything else is a 503 telling the
+//!   client to retry (with the same `Idempotency-Key`, which makes the retry
+//!   the same request: same request id, never a second coupon).
+//! - **Bounded.** In-flight issue requests are capped (`--max-in-flight`) and
+//!   librdkafka's queue is capped (`--producer-queue`); past either, a 503
+//!   with `Retry-After`. Bodies over [`MAX_BODY_BYTES`] are a 413.
+//! - **Bad input is a 4xx** with a JSON body saying what was wrong.
+//!
+//! # Layout
+//! - [`Cli`] (the flags) → [`Config`] (plain settings) → [`Api::bind`] →
+//!   [`Api::serve`].
+//! - [`app`]: the [`axum::Router`], shared by `main` and tests.
+//! - [`routes`]: handlers; [`error`]: the one error type; [`producer`]: the
+//!   request producer; [`events`]: the cache of known events.
 
+pub mod error;
+pub mod events;
+pub mod producer;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::Router;
+use clap::Parser;
+use couponrush_core::cli::{parse_duration, KafkaArgs, LogArgs, StoreArgs, TopicArgs};
+use couponrush_core::kafka::{ensure_topics, KafkaSettings, TopicError};
+use couponrush_core::store::redis::RedisStore;
+use couponrush_core::store::{Store, StoreError};
+use couponrush_core::{Partitioner, Topics};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+
+use crate::error::AppError;
+use crate::events::EventCache;
+use crate::producer::RequestProducer;
+
+/// Largest request body accepted; a real one is ~30 bytes.
+pub const MAX_BODY_BYTES: usize = 1024;
+
+/// `coupon-api`: the HTTP front of a coupon drop.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "coupon-api", version, about)]
+pub struct Cli {
+    /// Address to listen on. A non-loopback address requires --admin-token.
+    #[arg(long, env = "API_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub topics: TopicArgs,
+    /// How requests are keyed and spread over partitions: event (strict order,
+    /// one partition), user, spread (even, soft order) or buckets:K.
+    #[arg(long, env = "PARTITIONER", default_value = "spread")]
+    pub partitioner: Partitioner,
+    /// Create the topics with this many request partitions if they are missing.
+    #[arg(long, env = "TOPIC_PARTITIONS")]
+    pub topic_partitions: Option<i32>,
+    /// Replication factor for topics this process creates (3 on a real cluster).
+    #[arg(long, env = "REPLICATION_FACTOR", default_value_t = 1)]
+    pub replication_factor: i32,
+    /// Bearer token for admin routes (PUT /v1/events/..).
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Issue requests in flight at once; beyond this, 503 with Retry-After.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 20_000)]
+    pub max_in_flight: usize,
+    /// Records librdkafka may queue locally; beyond this, 503 with Retry-After.
+    #[arg(long, env = "PRODUCER_QUEUE", default_value_t = 100_000)]
+    pub producer_queue: usize,
+    /// How long to wait for the broker's acknowledgement before answering 503.
+    #[arg(long, env = "PRODUCE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub produce_timeout: Duration,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub log: LogArgs,
+}
+
+impl Cli {
+    /// The plain settings these flags describe.
+    pub fn config(&self) -> Config {
+        Config {
+            listen: self.listen,
+            kafka: self.kafka.settings(),
+            topics: self.topics.topics(),
+            partitioner: self.partitioner,
+            topic_partitions: self.topic_partitions,
+            replication_factor: self.replication_factor,
+            admin_token: self.admin_token.clone().filter(|t| !t.is_empty()),
+            max_in_flight: self.max_in_flight.max(1),
+            producer_queue: self.producer_queue.max(1),
+            produce_timeout: self.produce_timeout,
+        }
+    }
+}
+
+/// Everything the api needs besides its store.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// The Kafka cluster.
+    pub kafka: KafkaSettings,
+    /// Topic names.
+    pub topics: Topics,
+    /// Partitioning strategy.
+    pub partitioner: Partitioner,
+    /// Create missing topics with this many request partitions.
+    pub topic_partitions: Option<i32>,
+    /// Replication factor of created topics.
+    pub replication_factor: i32,
+    /// Admin bearer token.
+    pub admin_token: Option<String>,
+    /// In-flight issue requests.
+    pub max_in_flight: usize,
+    /// librdkafka queue bound.
+    pub producer_queue: usize,
+    /// Broker acknowledgement timeout.
+    pub produce_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults for a local broker and the given address, for tests and the demo.
+    pub fn local(brokers: &str) -> Self {
+        Cli::parse_from(["coupon-api", "--brokers", brokers, "--listen", "127.0.0.1:0"]).config()
+    }
+}
+
+/// Why the api could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Refused configuration.
+    #[error("{0}")]
+    Config(String),
+    /// The store is unreachable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Topic setup failed.
+    #[error(transparent)]
+    Topics(#[from] TopicError),
+    /// The producer could not be created.
+    #[error("cannot create the Kafka producer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Shared state of the handlers.
+pub struct AppState {
+    /// Where decisions live (read-only here, but for admin writes).
+    pub store: Arc<dyn Store>,
+    /// Known events.
+    pub events: EventCache,
+    /// The request producer.
+    pub producer: Arc<RequestProducer>,
+    /// Admin token, if any.
+    pub admin_token: Option<String>,
+    /// Permits for issue requests in flight.
+    pub in_flight: Semaphore,
+    /// Size of `in_flight`.
+    pub max_in_flight: usize,
+    /// Broker acknowledgement timeout.
+    pub produce_timeout: Duration,
+    /// The Prometheus handle, when this process's recorder is ours.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// The router: every route, the body limit, overload shedding and metrics.
+pub fn app(state: Arc<AppState>) -> Router {
+    // Beyond the issue path's own in-flight bound, every route together may
+    // hold at most this many requests; the rest are shed with a 503.
+    let max_concurrent = state.max_in_flight.saturating_mul(2).max(64);
+    Router::new()
+        .route(
+            "/v1/events/{event_id}",
+            get(routes::get_event).put(routes::put_event),
+        )
+        .route("/v1/events/{event_id}/issue", post(routes::issue))
+        .route(
+            "/v1/events/{event_id}/requests/{request_id}",
+            get(routes::event_request_status),
+        )
+        .route("/v1/requests/{request_id}", get(routes::request_status))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(record_metrics))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                    metrics::counter!("couponrush_api_shed_total", "reason" => "concurrency")
+                        .increment(1);
+                    AppError::Overloaded("too many concurrent requests; retry after a second".into())
+                }))
+                .load_shed()
+                .concurrency_limit(max_concurrent),
+        )
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                tracing::error!("a handler panicked");
+                AppError::Unavailable("internal fault; retry shortly".into()).into_response()
+            },
+        ))
+        .with_state(state)
+}
+
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let resp = next.run(req).await;
+    metrics::counter!(
+        "couponrush_api_requests_total",
+        "route" => route,
+        "status" => resp.status().as_u16().to_string()
+    )
+    .increment(1);
+    resp
+}
+
+/// A bound, ready-to-serve api.
+pub struct Api {
+    listener: TcpListener,
+    state: Arc<AppState>,
+}
+
+impl Api {
+    /// Checks the configuration, creates missing topics, connects the
+    /// producer and binds the listener.
+    pub async fn bind(
+        config: Config,
+        store: Arc<dyn Store>,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Self, StartError> {
+        if config.admin_token.is_none() && !config.listen.ip().is_loopback() {
+            return Err(StartError::Config(format!(
+                "refusing to listen on {} without an admin token: anyone could reset events; \
+                 set ADMIN_TOKEN or --admin-token, or listen on 127.0.0.1",
+                config.listen
+            )));
+        }
+        if let Some(n) = config.topic_partitions {
+            if n < 1 {
+                return Err(StartError::Config("--topic-partitions must be at least 1".into()));
+            }
+            let specs = config.topics.specs(n, config.replication_factor);
+            let created = ensure_topics(&config.kafka, &specs, Duration::from_secs(10)).await?;
+            if !created.is_empty() {
+                tracing::info!(topics = ?created, partitions = n, "created topics");
+            }
+        }
+        let kafka = config.kafka.clone();
+        let topic = config.topics.requests.clone();
+        let partitions = tokio::task::spawn_blocking(move || {
+            couponrush_core::kafka::partition_counts(&kafka, &[&topic], Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| StartError::Config(e.to_string()))??[&config.topics.requests];
+        let mut kafka = config.kafka.clone();
+        // Give up on a record when the client gives up on its HTTP answer.
+        kafka.extra.insert(
+            0,
+            (
+                "message.timeout.ms".into(),
+                config.produce_timeout.as_millis().max(1000).to_string(),
+            ),
+        );
+        let producer = Arc::new(RequestProducer::new(
+            &kafka,
+            config.topics.requests.clone(),
+            config.partitioner,
+            partitions,
+            config.producer_queue,
+        )?);
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        tracing::info!(
+            listen = %listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?,
+            partitioner = %config.partitioner,
+            partitions,
+            store = store.kind(),
+            "api ready"
+        );
+        let state = Arc::new(AppState {
+            events: EventCache::new(store.clone()),
+            store,
+            producer,
+            admin_token: config.admin_token,
+            in_flight: Semaphore::new(config.max_in_flight),
+            max_in_flight: config.max_in_flight,
+            produce_timeout: config.produce_timeout,
+            metrics,
+        });
+        Ok(Api { listener, state })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The handlers' state (tests inspect it).
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown`, then drains open requests and flushes the
+    /// producer so every `202` already sent stays true.
+    pub async fn serve(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let producer = self.state.producer.clone();
+        tokio::spawn(
+            producer
+                .clone()
+                .watch_partitions(Duration::from_secs(10), shutdown.child_token()),
+        );
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let result = axum::serve(listener, app(self.state))
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::warn!("producer flush at shutdown did not complete");
+        }
+        tracing::info!("api stopped");
+        result
+    }
+}
+
+/// Runs the api as `coupon-api` does: Redis store, metrics, until `shutdown`.
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), StartError> {
+    let metrics = couponrush_core::telemetry::install_metrics(None).map_err(StartError::Config)?;
+    let store = RedisStore::connect(&cli.store.redis_url, cli.store.dedup_retention).await?;
+    let api = Api::bind(cli.config(), Arc::new(store), metrics).await?;
+    let addr = api.local_addr();
+    api.serve(shutdown)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}

@@ -12,8 +12,10 @@
 //!   Redis implementation (one Lua script) and an in-memory one.
 //! - [`kafka`]: shared client settings (idempotent, `acks=all`) and topic
 //!   administration.
+//! - [`cli`]: flags every binary shares (`--brokers`, `--redis`, topics).
 //! - [`telemetry`]: logs, Prometheus metrics and the shutdown signal.
 
+pub mod cli;
 pub mod kafka;
 pub mod partitioner;
 pub mod store;

@@ -203,6 +203,13 @@ pub trait Store: Send + Sync + 'static {
         request_id: Uuid,
     ) -> Result<Option<Decision>, StoreError>;
 
+    /// The decision recorded for a request whose event is not known to the
+    /// caller: looks through every event (there are few).
+    async fn find_decision(
+        &self,
+        request_id: Uuid,
+    ) -> Result<Option<(String, Decision)>, StoreError>;
+
     /// The full ledger of an event, for audits.
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError>;
 }

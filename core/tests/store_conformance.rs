@@ -252,7 +252,7 @@ async fn reset_voids_earlier_decisions(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let r = pending("a");
-    decide(&*store, &ev, &[r.clone()]).await;
+    decide(&*store, &ev, std::slice::from_ref(&r)).await;
     let (state, created) = store
         .put_event(&ev, EventSpec { stock: 3, per_user_limit: 1 })
         .await
@@ -282,6 +282,9 @@ async fn status_lookup_sees_decisions_only(store: Arc<dyn Store>) {
         .await
         .unwrap()
         .is_none());
+    let (found_in, d) = store.find_decision(a.request_id).await.unwrap().unwrap();
+    assert_eq!((found_in.as_str(), d.result), (ev.as_str(), Issued));
+    assert!(store.find_decision(Uuid::now_v7()).await.unwrap().is_none());
 }
 
 async fn batches_larger_than_one_script_call_stay_in_order(store: Arc<dyn Store>) {
@@ -318,8 +321,8 @@ async fn dedup_records_expire_after_retention(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let r = pending("a");
-    decide(&*store, &ev, &[r.clone()]).await;
-    assert!(decide(&*store, &ev, &[r.clone()]).await[0].replay);
+    decide(&*store, &ev, std::slice::from_ref(&r)).await;
+    assert!(decide(&*store, &ev, std::slice::from_ref(&r)).await[0].replay);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert!(store.decision(&ev, r.request_id).await.unwrap().is_none());
     let ds = decide(&*store, &ev, &[r]).await;
@@ -343,9 +346,9 @@ async fn user_ids_with_separators_round_trip(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let odd = pending("a|b|c 김 {x}");
-    let ds = decide(&*store, &ev, &[odd.clone()]).await;
+    let ds = decide(&*store, &ev, std::slice::from_ref(&odd)).await;
     assert_eq!(results(&ds), [(Issued, Some(1))]);
-    let again = decide(&*store, &ev, &[odd.clone()]).await;
+    let again = decide(&*store, &ev, std::slice::from_ref(&odd)).await;
     assert!(again[0].replay, "a '|' in the user id must not break dedup");
     let ledger = store.ledger(&ev).await.unwrap().unwrap();
     assert_eq!(ledger.coupons[0].user_id, odd.user_id);

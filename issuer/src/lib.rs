@@ -1,1 +1,248 @@
+//! # couponrush-issuer
+//!
+//! Reads `coupon.requests` as a member of a consumer group, decides each
+//! request in the store, publishes the decision to `coupon.outcomes` (poison to
+//! the DLQ) and commits offsets by hand. Scale out by running more issuers:
+//! Kafka gives each partition to exactly one member of the group.
+//!
+//! ## Delivery semantics
+//! **At-least-once from Kafka, exactly-once in effect.** Kafka may deliver a
+//! request more than once: after a crash (offsets of decided records not yet
+//! committed), after a rebalance (a partition moves before its last commit),
+//! or when a client retried with the same `Idempotency-Key`. Every delivery is
+//! decided by the store's script, which dedups by request id: the first
+//! delivery decides, every later one gets the *same* decision back
+//! (`replay: true`) and changes nothing. So a redelivery can never issue a
+//! second coupon or take a second unit of stock.
+//!
+//! **Why an offset is committed only after its effect is durable.** The
+//! order per batch is decide → publish and await every broker ack → commit.
+//! Committing earlier (auto-commit) could skip a record whose decision never
+//! reached the store or whose outcome never reached the log: a request
+//! accepted with `202` would be lost. Committing later only costs replays.
+//!
+//! **The catch.** Exactly-once holds while the dedup record exists: the
+//! store's dedup retention must cover the requests topic's retention.
+//!
+//! # Layout
+//! - [`Cli`] → [`Config`] → [`run_issuer`] (any [`Store`]) or [`run`] (Redis,
+//!   metrics: what `coupon-issuer` does).
+//! - [`consumer`]: the consume loop, commits and rebalance callbacks.
+//! - [`batch`]: parsing and grouping a batch, mapping verdicts back (pure).
+//! - [`publish`]: outcomes and dead letters, acknowledged.
 
+pub mod batch;
+pub mod consumer;
+pub mod publish;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use couponrush_core::cli::{parse_duration, KafkaArgs, LogArgs, StoreArgs, TopicArgs};
+use couponrush_core::kafka::KafkaSettings;
+use couponrush_core::store::redis::RedisStore;
+use couponrush_core::store::{Store, StoreError};
+use couponrush_core::Topics;
+use rdkafka::consumer::CommitMode;
+use rdkafka::error::KafkaError;
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::{create_consumer, Worker};
+use crate::publish::Publisher;
+
+/// How offsets are committed after each batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CommitArg {
+    /// Wait for the broker to store the offsets (slower, exact).
+    Sync,
+    /// Send and go on; a failed commit only means replays after a crash.
+    Async,
+}
+
+/// `coupon-issuer`: decides coupon requests, one consumer-group member.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "coupon-issuer", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub topics: TopicArgs,
+    /// Consumer group; every issuer of one deployment uses the same.
+    #[arg(long, env = "ISSUER_GROUP", default_value = "coupon-issuer")]
+    pub group_id: String,
+    /// Most records decided per batch (one store round trip per batch).
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 2000)]
+    pub batch_size: usize,
+    /// How long to wait for a batch to fill once its first record arrived.
+    #[arg(long, env = "BATCH_LINGER", default_value = "5ms", value_parser = parse_duration)]
+    pub batch_linger: Duration,
+    /// Offset commit after each batch: sync or async (revoke and shutdown always commit sync).
+    #[arg(long, env = "COMMIT_MODE", value_enum, default_value = "sync")]
+    pub commit: CommitArg,
+    /// Partition assignment strategy: range, roundrobin or cooperative-sticky.
+    #[arg(long, env = "ASSIGNMENT_STRATEGY", default_value = "range,roundrobin")]
+    pub assignment: String,
+    /// How long the group waits for a silent member before moving its partitions.
+    #[arg(long, env = "SESSION_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub session_timeout: Duration,
+    /// Longest pause between retries of a failing store or broker.
+    #[arg(long, env = "MAX_BACKOFF", default_value = "2s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+    /// Serve Prometheus /metrics on this address.
+    #[arg(long, env = "METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Client id (defaults to coupon-issuer-<pid>).
+    #[arg(long, env = "ISSUER_ID")]
+    pub client_id: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub log: LogArgs,
+}
+
+impl Cli {
+    /// The plain settings these flags describe.
+    pub fn config(&self) -> Config {
+        Config {
+            kafka: self.kafka.settings(),
+            topics: self.topics.topics(),
+            group_id: self.group_id.clone(),
+            client_id: self
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("coupon-issuer-{}", std::process::id())),
+            batch_size: self.batch_size.max(1),
+            batch_linger: self.batch_linger,
+            commit: match self.commit {
+                CommitArg::Sync => CommitMode::Sync,
+                CommitArg::Async => CommitMode::Async,
+            },
+            assignment: self.assignment.clone(),
+            session_timeout: self.session_timeout,
+            max_backoff: self.max_backoff,
+            publish_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything an issuer needs besides its store.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The Kafka cluster.
+    pub kafka: KafkaSettings,
+    /// Topic names.
+    pub topics: Topics,
+    /// Consumer group id.
+    pub group_id: String,
+    /// Client id of this member.
+    pub client_id: String,
+    /// Most records per batch.
+    pub batch_size: usize,
+    /// Batch fill wait.
+    pub batch_linger: Duration,
+    /// Commit mode after each batch.
+    pub commit: CommitMode,
+    /// `partition.assignment.strategy`.
+    pub assignment: String,
+    /// `session.timeout.ms`.
+    pub session_timeout: Duration,
+    /// Longest retry pause.
+    pub max_backoff: Duration,
+    /// librdkafka `message.timeout.ms` for outcomes: after it, a publish
+    /// fails and the batch is decided again (as replays) and republished.
+    pub publish_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults for a broker at `brokers`, for tests and the demo.
+    pub fn local(brokers: &str) -> Self {
+        Cli::parse_from(["coupon-issuer", "--brokers", brokers]).config()
+    }
+}
+
+/// What one issuer did before it stopped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    /// Batches completed.
+    pub batches: u64,
+    /// Outcomes published (replays included).
+    pub decided: u64,
+    /// Outcomes that restated an earlier decision.
+    pub replays: u64,
+    /// First-time `issued` decisions.
+    pub issued: u64,
+    /// Records sent to the DLQ.
+    pub dead: u64,
+}
+
+/// Why an issuer stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum IssuerError {
+    /// A Kafka client could not be created or subscribed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The store is unreachable at start-up.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Metrics could not be served.
+    #[error("metrics: {0}")]
+    Metrics(String),
+    /// The consume thread panicked.
+    #[error("the consume loop panicked")]
+    Panicked,
+}
+
+/// Runs one issuer over `store` until `shutdown`. The loop runs on its own
+/// thread (librdkafka callbacks block); store and broker calls run on the
+/// current tokio runtime.
+pub async fn run_issuer(
+    config: Config,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) -> Result<Totals, IssuerError> {
+    let (consumer, shared) = create_consumer(&config)?;
+    let publisher = Publisher::new(
+        &config.kafka,
+        config.topics.clone(),
+        &config.client_id,
+        config.publish_timeout,
+    )?;
+    let worker = Worker {
+        consumer,
+        shared,
+        store,
+        publisher,
+        rt: tokio::runtime::Handle::current(),
+        config,
+        shutdown,
+        carry: Vec::new(),
+        totals: Totals::default(),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("issuer-consume".into())
+        .spawn(move || {
+            let _ = tx.send(worker.run());
+        })
+        .map_err(|_| IssuerError::Panicked)?;
+    match rx.await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(IssuerError::Panicked),
+    }
+}
+
+/// Runs the issuer as `coupon-issuer` does: Redis store, metrics.
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<Totals, IssuerError> {
+    if cli.metrics_listen.is_some() {
+        couponrush_core::telemetry::install_metrics(cli.metrics_listen)
+            .map_err(IssuerError::Metrics)?;
+    }
+    let store = RedisStore::connect(&cli.store.redis_url, cli.store.dedup_retention).await?;
+    run_issuer(cli.config(), Arc::new(store), shutdown).await
+}

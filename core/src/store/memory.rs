@@ -201,6 +201,19 @@ impl Store for MemoryStore {
             }))
     }
 
+    async fn find_decision(
+        &self,
+        request_id: Uuid,
+    ) -> Result<Option<(String, Decision)>, StoreError> {
+        let ids: Vec<String> = self.lock().keys().cloned().collect();
+        for id in ids {
+            if let Some(d) = self.decision(&id, request_id).await? {
+                return Ok(Some((id, d)));
+            }
+        }
+        Ok(None)
+    }
+
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError> {
         let events = self.lock();
         let Some((ev, state)) = events

@@ -322,6 +322,36 @@ impl Store for RedisStore {
         })
     }
 
+    async fn find_decision(
+        &self,
+        request_id: Uuid,
+    ) -> Result<Option<(String, Decision)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let events: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(EVENTS_KEY)
+            .query_async(&mut conn)
+            .await
+            .map_err(map_err)?;
+        for chunk in events.chunks(256) {
+            let mut pipe = redis::pipe();
+            for ev in chunk {
+                pipe.cmd("HGET").arg(event_key(ev)).arg("generation");
+                pipe.cmd("GET").arg(request_key(ev, &request_id));
+            }
+            let replies: Vec<Option<String>> =
+                pipe.query_async(&mut conn).await.map_err(map_err)?;
+            for (ev, pair) in chunk.iter().zip(replies.chunks_exact(2)) {
+                if let (Some(g), Some(r)) = (&pair[0], &pair[1]) {
+                    let g = g.parse().unwrap_or(0);
+                    if let Some(d) = parse_decision(r, g) {
+                        return Ok(Some((ev.clone(), d)));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError> {
         let mut conn = self.conn.clone();
         let (fields, coupons, holders): (

@@ -1,0 +1,82 @@
+//! Command-line flags shared by every binary, so `--brokers`, `--redis` and
+//! the topic names mean the same thing everywhere. Each flag also reads an
+//! environment variable (shown in `--help`); binaries flatten these groups
+//! into their own CLI and turn them into plain settings structs.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::kafka::{parse_kafka_opt, KafkaSettings};
+use crate::topics::Topics;
+
+/// Parses a human duration: `250ms`, `10s`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e}: use e.g. 250ms, 10s, 5m, 7d"))
+}
+
+/// Where the Kafka cluster is.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(long = "brokers", env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Extra librdkafka property, key=value; repeat the flag, or separate with ';' in the env var.
+    #[arg(long = "kafka-opt", env = "KAFKA_OPTS", value_delimiter = ';', value_parser = parse_kafka_opt)]
+    pub kafka_opt: Vec<(String, String)>,
+}
+
+impl KafkaArgs {
+    /// The settings these flags describe.
+    pub fn settings(&self) -> KafkaSettings {
+        KafkaSettings {
+            brokers: self.brokers.clone(),
+            extra: self.kafka_opt.clone(),
+        }
+    }
+}
+
+/// Topic names.
+#[derive(Debug, Clone, Args)]
+pub struct TopicArgs {
+    /// Topic the api writes requests to.
+    #[arg(long, env = "REQUESTS_TOPIC", default_value = crate::topics::REQUESTS)]
+    pub requests_topic: String,
+    /// Topic the issuers write decisions to (the durable ledger).
+    #[arg(long, env = "OUTCOMES_TOPIC", default_value = crate::topics::OUTCOMES)]
+    pub outcomes_topic: String,
+    /// Dead-letter topic for records that cannot be decided.
+    #[arg(long, env = "DLQ_TOPIC", default_value = crate::topics::DLQ)]
+    pub dlq_topic: String,
+}
+
+impl TopicArgs {
+    /// The topic names these flags describe.
+    pub fn topics(&self) -> Topics {
+        Topics {
+            requests: self.requests_topic.clone(),
+            outcomes: self.outcomes_topic.clone(),
+            dlq: self.dlq_topic.clone(),
+        }
+    }
+}
+
+/// Where the store is.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Redis URL of the coupon store.
+    #[arg(long = "redis", env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// How long a decided request id is remembered for deduplication; keep it
+    /// at least as long as the requests topic's retention (7d by default).
+    #[arg(long, env = "DEDUP_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub dedup_retention: Duration,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log JSON lines instead of text (the filter is RUST_LOG, default info).
+    #[arg(long, env = "LOG_JSON")]
+    pub log_json: bool,
+}

@@ -1,0 +1,398 @@
+//! The consume loop: one thread, one group member, batches decided in
+//! partition order.
+//!
+//! Each turn of the loop: read a batch (up to `batch_size` records, or what
+//! arrives within `batch_linger`), decide it in the store (one round trip),
+//! publish its outcomes and dead letters and wait for every ack, then commit
+//! the batch's offsets (`--commit sync|async`). Nothing is committed that is
+//! not decided *and* published.
+//!
+//! A failing store or broker is retried with backoff while the partitions are
+//! paused and the loop keeps polling, so the issuer stays in its group and
+//! keeps answering rebalances; a retry re-decides the whole batch, which the
+//! store turns into replays of the same decisions.
+//!
+//! On revoke (a rebalance) the offsets of everything already done for the
+//! revoked partitions are committed synchronously before another member can
+//! take them. On shutdown the current batch is finished, offsets are committed
+//! synchronously, and closing the consumer leaves the group.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use couponrush_core::store::Store;
+use couponrush_core::wire::now_micros;
+use couponrush_core::DecisionResult;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{next_offsets, Disposition, Plan, Received};
+use crate::publish::Publisher;
+use crate::{Config, Totals};
+
+type Tp = (String, i32);
+
+/// State shared between the loop and librdkafka's callbacks (which run on
+/// the loop's thread, inside `poll`).
+#[derive(Default)]
+pub struct Shared {
+    assigned: Mutex<HashSet<Tp>>,
+    /// Per partition, the next offset to commit: all below is done.
+    done: Mutex<HashMap<Tp, i64>>,
+    /// Set while retrying: partitions assigned meanwhile are paused too.
+    paused: AtomicBool,
+    rebalances: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn commit_list(&self, only: Option<&HashSet<Tp>>) -> TopicPartitionList {
+        let done = lock(&self.done);
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in done.iter() {
+            if only.is_none_or(|o| o.contains(&(topic.clone(), *partition))) {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+            }
+        }
+        tpl
+    }
+}
+
+/// librdkafka callbacks of an issuer.
+pub struct IssuerContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for IssuerContext {
+    fn stats(&self, stats: Statistics) {
+        for topic in stats.topics.values() {
+            for p in topic.partitions.values() {
+                if p.partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(
+                        "couponrush_issuer_consumer_lag",
+                        "topic" => topic.topic.clone(),
+                        "partition" => p.partition.to_string()
+                    )
+                    .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for IssuerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let revoked: HashSet<Tp> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                let commit = self.shared.commit_list(Some(&revoked));
+                if commit.count() > 0 {
+                    match consumer.commit(&commit, CommitMode::Sync) {
+                        Ok(()) => metrics::counter!("couponrush_issuer_commits_total", "mode" => "revoke").increment(1),
+                        Err(e) => {
+                            metrics::counter!("couponrush_issuer_commit_failures_total").increment(1);
+                            tracing::warn!(error = %e, "commit on revoke failed; the new owner will redeliver (decided as replays)");
+                        }
+                    }
+                }
+                let mut assigned = lock(&self.shared.assigned);
+                let mut done = lock(&self.shared.done);
+                for tp in &revoked {
+                    assigned.remove(tp);
+                    done.remove(tp);
+                }
+                tracing::info!(revoked = revoked.len(), "partitions revoked");
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.shared.rebalances.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("couponrush_issuer_rebalances_total").increment(1);
+            let mut assigned = lock(&self.shared.assigned);
+            for e in tpl.elements() {
+                assigned.insert((e.topic().to_string(), e.partition()));
+            }
+            let mut partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            partitions.sort_unstable();
+            tracing::info!(?partitions, "partitions assigned");
+            if self.shared.paused.load(Ordering::Relaxed) {
+                let _ = consumer.pause(tpl);
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            metrics::counter!("couponrush_issuer_commit_failures_total").increment(1);
+            tracing::debug!(error = %e, "commit failed");
+        }
+    }
+}
+
+/// Creates the group consumer.
+pub fn create_consumer(config: &Config) -> KafkaResult<(BaseConsumer<IssuerContext>, Arc<Shared>)> {
+    let shared = Arc::new(Shared::default());
+    let mut cfg = config.kafka.client_config(&config.client_id);
+    cfg.set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
+        .set("heartbeat.interval.ms", (config.session_timeout.as_millis() / 4).max(100).to_string())
+        .set("partition.assignment.strategy", &config.assignment)
+        .set("queued.max.messages.kbytes", "16384")
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in &config.kafka.extra {
+        cfg.set(k, v);
+    }
+    let consumer = cfg.create_with_context(IssuerContext {
+        shared: shared.clone(),
+    })?;
+    Ok((consumer, shared))
+}
+
+/// The consume loop's state.
+pub struct Worker {
+    pub(crate) consumer: BaseConsumer<IssuerContext>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) publisher: Publisher,
+    pub(crate) rt: Handle,
+    pub(crate) config: Config,
+    pub(crate) shutdown: CancellationToken,
+    /// Records read while retrying (from partitions assigned mid-retry),
+    /// processed first in the next batch. Bounded by librdkafka's prefetch.
+    pub(crate) carry: Vec<Received>,
+    pub(crate) totals: Totals,
+}
+
+impl Worker {
+    /// Runs until shutdown; returns what it did.
+    pub fn run(mut self) -> KafkaResult<Totals> {
+        self.consumer.subscribe(&[&self.config.topics.requests])?;
+        tracing::info!(group = %self.config.group_id, topic = %self.config.topics.requests, "issuer joined");
+        while !self.shutdown.is_cancelled() {
+            let batch = self.collect();
+            if batch.is_empty() {
+                continue;
+            }
+            if !self.process(&batch) {
+                break;
+            }
+            self.commit(&batch);
+        }
+        // Finish: everything done is committed synchronously, then closing the
+        // consumer (on drop) leaves the group so partitions move at once.
+        let commit = self.shared.commit_list(None);
+        if commit.count() > 0 {
+            if let Err(e) = self.consumer.commit(&commit, CommitMode::Sync) {
+                tracing::warn!(error = %e, "final commit failed; those records will be redelivered (as replays)");
+            }
+        }
+        if let Err(e) = self.publisher.flush(Duration::from_secs(5)) {
+            tracing::warn!(error = %e, "flush at shutdown failed");
+        }
+        self.consumer.unsubscribe();
+        tracing::info!(decided = self.totals.decided, dead = self.totals.dead, "issuer stopped");
+        Ok(self.totals)
+    }
+
+    fn collect(&mut self) -> Vec<Received> {
+        let max = self.config.batch_size;
+        let mut batch = std::mem::take(&mut self.carry);
+        let mut deadline = (!batch.is_empty()).then(|| Instant::now() + self.config.batch_linger);
+        while batch.len() < max {
+            let timeout = match deadline {
+                None => Duration::from_millis(100),
+                Some(d) => d.saturating_duration_since(Instant::now()),
+            };
+            match self.consumer.poll(timeout) {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    metrics::counter!("couponrush_issuer_consumer_errors_total").increment(1);
+                    if deadline.is_none() {
+                        break;
+                    }
+                }
+                Some(Ok(m)) => {
+                    batch.push(Received {
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    });
+                    if deadline.is_none() {
+                        deadline = Some(Instant::now() + self.config.batch_linger);
+                    }
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+        }
+        batch
+    }
+
+    /// Decides and publishes `batch`, retrying until it succeeds. Returns
+    /// false if shutdown came first (the batch is then left uncommitted).
+    fn process(&mut self, batch: &[Received]) -> bool {
+        let plan = Plan::new(batch);
+        let mut attempt: u32 = 0;
+        loop {
+            if attempt > 0 && self.shutdown.is_cancelled() {
+                tracing::info!("shutdown while retrying; the batch stays uncommitted and will be redelivered");
+                return false;
+            }
+            let started = Instant::now();
+            let verdicts = if plan.batches.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.rt
+                    .block_on(self.store.decide(&plan.batches, now_micros()))
+            };
+            let verdicts = match verdicts {
+                Ok(v) => v,
+                Err(e) => {
+                    metrics::counter!("couponrush_issuer_store_errors_total").increment(1);
+                    tracing::warn!(error = %e, attempt, "store failed; pausing and retrying");
+                    self.backoff(&mut attempt);
+                    continue;
+                }
+            };
+            metrics::histogram!("couponrush_issuer_store_seconds").record(started.elapsed());
+            let dispositions = plan.resolve(batch, &verdicts);
+            match self
+                .rt
+                .block_on(self.publisher.publish(batch, &dispositions))
+            {
+                Ok(published) => {
+                    if attempt > 0 {
+                        self.set_paused(false);
+                        tracing::info!(attempt, "recovered");
+                    }
+                    self.account(batch, &dispositions, published.dead);
+                    return true;
+                }
+                Err(e) => {
+                    metrics::counter!("couponrush_issuer_publish_errors_total").increment(1);
+                    tracing::warn!(error = %e, attempt, "publishing failed; pausing, then deciding again (replays) and republishing");
+                    self.backoff(&mut attempt);
+                }
+            }
+        }
+    }
+
+    fn account(&mut self, batch: &[Received], dispositions: &[Disposition], dead: usize) {
+        metrics::counter!("couponrush_issuer_batches_total").increment(1);
+        metrics::histogram!("couponrush_issuer_batch_size").record(batch.len() as f64);
+        for d in dispositions {
+            match d {
+                Disposition::Decided(o) => {
+                    let result = o.result.as_str();
+                    let replay = if o.replay { "true" } else { "false" };
+                    metrics::counter!("couponrush_issuer_decisions_total", "result" => result, "replay" => replay).increment(1);
+                    self.totals.decided += 1;
+                    if o.result == DecisionResult::Issued && !o.replay {
+                        self.totals.issued += 1;
+                    }
+                    if o.replay {
+                        self.totals.replays += 1;
+                    }
+                }
+                Disposition::Dead(p) => {
+                    metrics::counter!("couponrush_issuer_dlq_total", "reason" => p.code()).increment(1);
+                    tracing::warn!(reason = p.code(), detail = %p, "record sent to the DLQ");
+                }
+            }
+        }
+        self.totals.dead += dead as u64;
+        self.totals.batches += 1;
+    }
+
+    /// Pauses every assigned partition and waits, polling so rebalances are
+    /// still served. Records that arrive anyway are carried to the next batch.
+    fn backoff(&mut self, attempt: &mut u32) {
+        self.set_paused(true);
+        let wait = Duration::from_millis(50 * 2u64.pow((*attempt).min(5))).min(self.config.max_backoff);
+        *attempt += 1;
+        let until = Instant::now() + wait;
+        while Instant::now() < until && !self.shutdown.is_cancelled() {
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(20)) {
+                self.carry.push(Received {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                });
+                if let Ok(a) = self.consumer.assignment() {
+                    let _ = self.consumer.pause(&a);
+                }
+            }
+        }
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.shared.paused.store(paused, Ordering::Relaxed);
+        if let Ok(a) = self.consumer.assignment() {
+            let _ = if paused {
+                self.consumer.pause(&a)
+            } else {
+                self.consumer.resume(&a)
+            };
+        }
+    }
+
+    fn commit(&mut self, batch: &[Received]) {
+        let next = next_offsets(batch);
+        let mut tpl = TopicPartitionList::new();
+        {
+            let assigned = lock(&self.shared.assigned);
+            let mut done = lock(&self.shared.done);
+            for (tp, offset) in next {
+                if !assigned.contains(&tp) {
+                    continue; // revoked meanwhile: its new owner redelivers (replays)
+                }
+                let e = done.entry(tp.clone()).or_insert(offset);
+                *e = (*e).max(offset);
+                let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(*e));
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        let mode = self.config.commit;
+        match self.consumer.commit(&tpl, mode) {
+            Ok(()) => {
+                let label = if matches!(mode, CommitMode::Sync) { "sync" } else { "async" };
+                metrics::counter!("couponrush_issuer_commits_total", "mode" => label).increment(1);
+            }
+            Err(e) => {
+                metrics::counter!("couponrush_issuer_commit_failures_total").increment(1);
+                tracing::warn!(error = %e, "commit failed; the records will be redelivered and decided as replays");
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! `coupon-issuer`: parse the flags, set up logging, run until ctrl-c or SIGTERM.
+
+use clap::Parser;
+use couponrush_core::telemetry::{init_tracing, shutdown_signal};
+use couponrush_issuer::Cli;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log.log_json);
+    couponrush_issuer::run(cli, shutdown_signal()).await?;
+    Ok(())
+}
