@@ -75,7 +75,13 @@ mod tests {
         let cache = EventCache::new(store.clone());
         assert!(!cache.exists("e").await.unwrap());
         store
-            .put_event("e", EventSpec { stock: 1, per_user_limit: 1 })
+            .put_event(
+                "e",
+                EventSpec {
+                    stock: 1,
+                    per_user_limit: 1,
+                },
+            )
             .await
             .unwrap();
         // Still remembered as missing until the short TTL passes...

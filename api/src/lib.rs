@@ -145,7 +145,14 @@ pub struct Config {
 impl Config {
     /// Defaults for a local broker and the given address, for tests and the demo.
     pub fn local(brokers: &str) -> Self {
-        Cli::parse_from(["coupon-api", "--brokers", brokers, "--listen", "127.0.0.1:0"]).config()
+        Cli::parse_from([
+            "coupon-api",
+            "--brokers",
+            brokers,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .config()
     }
 }
 
@@ -222,7 +229,9 @@ pub fn app(state: Arc<AppState>) -> Router {
                 .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
                     metrics::counter!("couponrush_api_shed_total", "reason" => "concurrency")
                         .increment(1);
-                    AppError::Overloaded("too many concurrent requests; retry after a second".into())
+                    AppError::Overloaded(
+                        "too many concurrent requests; retry after a second".into(),
+                    )
                 }))
                 .load_shed()
                 .concurrency_limit(max_concurrent),
@@ -275,7 +284,9 @@ impl Api {
         }
         if let Some(n) = config.topic_partitions {
             if n < 1 {
-                return Err(StartError::Config("--topic-partitions must be at least 1".into()));
+                return Err(StartError::Config(
+                    "--topic-partitions must be at least 1".into(),
+                ));
             }
             let specs = config.topics.specs(n, config.replication_factor);
             let created = ensure_topics(&config.kafka, &specs, Duration::from_secs(10)).await?;
@@ -306,12 +317,13 @@ impl Api {
             partitions,
             config.producer_queue,
         )?);
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         tracing::info!(
             listen = %listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?,
             partitioner = %config.partitioner,
@@ -359,7 +371,8 @@ impl Api {
         let result = axum::serve(listener, app(self.state))
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;
-        let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+        let flushed =
+            tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::warn!("producer flush at shutdown did not complete");
         }

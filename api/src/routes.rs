@@ -140,7 +140,13 @@ pub async fn put_event(
         .await
         .map_err(store_unavailable)?;
     state.events.remember(&event_id, true);
-    tracing::info!(event_id, stock = spec.stock, per_user_limit = spec.per_user_limit, created, "event put");
+    tracing::info!(
+        event_id,
+        stock = spec.stock,
+        per_user_limit = spec.per_user_limit,
+        created,
+        "event put"
+    );
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -155,7 +161,12 @@ pub async fn get_event(
     Path(event_id): Path<String>,
 ) -> Result<Json<EventView>, AppError> {
     event_path(&event_id)?;
-    match state.store.event(&event_id).await.map_err(store_unavailable)? {
+    match state
+        .store
+        .event(&event_id)
+        .await
+        .map_err(store_unavailable)?
+    {
         Some(ev) => Ok(Json(ev.into())),
         None => Err(AppError::NotFound(format!("no event {event_id:?}"))),
     }
@@ -207,7 +218,12 @@ pub async fn issue(
     event_path(&event_id)?;
     validate_user_id(&body.user_id).map_err(AppError::Unprocessable)?;
     let request_id = idempotency_key(&headers)?.unwrap_or_else(Uuid::now_v7);
-    if !state.events.exists(&event_id).await.map_err(store_unavailable)? {
+    if !state
+        .events
+        .exists(&event_id)
+        .await
+        .map_err(store_unavailable)?
+    {
         return Err(AppError::NotFound(format!(
             "no event {event_id:?}; create it with PUT /v1/events/{event_id}"
         )));
@@ -391,8 +407,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             h.render(),
         )
             .into_response(),
-        None => AppError::NotFound("metrics are served by another component of this process".into())
-            .into_response(),
+        None => {
+            AppError::NotFound("metrics are served by another component of this process".into())
+                .into_response()
+        }
     }
 }
 

@@ -19,7 +19,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, comma-separated.
-    #[arg(long = "brokers", env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long = "brokers",
+        env = "KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
     pub brokers: String,
     /// Extra librdkafka property, key=value; repeat the flag, or separate with ';' in the env var.
     #[arg(long = "kafka-opt", env = "KAFKA_OPTS", value_delimiter = ';', value_parser = parse_kafka_opt)]
@@ -65,7 +69,11 @@ impl TopicArgs {
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
     /// Redis URL of the coupon store.
-    #[arg(long = "redis", env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long = "redis",
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
     /// How long a decided request id is remembered for deduplication; keep it
     /// at least as long as the requests topic's retention (7d by default).

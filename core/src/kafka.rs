@@ -86,7 +86,9 @@ pub fn parse_kafka_opt(s: &str) -> Result<(String, String), String> {
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
     /// The admin client could not be created or the broker did not answer.
-    #[error("cannot administer topics on {brokers}: {source} (is the broker up? see scripts/dev-up)")]
+    #[error(
+        "cannot administer topics on {brokers}: {source} (is the broker up? see scripts/dev-up)"
+    )]
     Admin {
         /// The brokers tried.
         brokers: String,
@@ -124,7 +126,11 @@ pub async fn ensure_topics(
     let new_topics: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|s| {
-            let mut t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(s.replication));
+            let mut t = NewTopic::new(
+                &s.name,
+                s.partitions,
+                TopicReplication::Fixed(s.replication),
+            );
             for (k, v) in &s.configs {
                 t = t.set(k, v);
             }
@@ -166,10 +172,7 @@ pub async fn delete_topics(
     let opts = AdminOptions::new()
         .request_timeout(Some(timeout))
         .operation_timeout(Some(timeout));
-    let results = admin
-        .delete_topics(names, &opts)
-        .await
-        .map_err(admin_err)?;
+    let results = admin.delete_topics(names, &opts).await.map_err(admin_err)?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}

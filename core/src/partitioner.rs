@@ -225,7 +225,9 @@ mod tests {
     fn buckets_use_exactly_k_consecutive_partitions() {
         let p = Partitioner::Buckets(3);
         let home = (positive_murmur2(b"drop") % 8) as i32;
-        let parts: Vec<i32> = (0..6).map(|s| p.partition(&req("drop", "u"), s, 8)).collect();
+        let parts: Vec<i32> = (0..6)
+            .map(|s| p.partition(&req("drop", "u"), s, 8))
+            .collect();
         let expected: Vec<i32> = (0..6).map(|s| (home + s % 3) % 8).collect();
         assert_eq!(parts, expected);
         assert_eq!(p.key(&req("drop", "u"), 4), "drop#1");

@@ -137,6 +137,9 @@ mod tests {
             assert!(keys.contains(&"retention.ms"), "{}", spec.name);
             assert!(keys.contains(&"retention.bytes"), "{}", spec.name);
         }
-        assert_eq!(specs[1].configs[1].1, "-1", "the ledger is never cut by size");
+        assert_eq!(
+            specs[1].configs[1].1, "-1",
+            "the ledger is never cut by size"
+        );
     }
 }

@@ -19,9 +19,13 @@ fn redis_url() -> String {
 }
 
 async fn redis_store(retention: Duration) -> Arc<dyn Store> {
-    Arc::new(RedisStore::connect(&redis_url(), retention).await.unwrap_or_else(|e| {
-        panic!("these tests need a real Redis ({e}); run scripts/dev-up or set REDIS_URL")
-    }))
+    Arc::new(
+        RedisStore::connect(&redis_url(), retention)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("these tests need a real Redis ({e}); run scripts/dev-up or set REDIS_URL")
+            }),
+    )
 }
 
 async fn memory_store(retention: Duration) -> Arc<dyn Store> {
@@ -44,7 +48,12 @@ async fn decide(store: &dyn Store, event: &str, reqs: &[Pending]) -> Vec<Decisio
         event_id: event.to_string(),
         requests: reqs.to_vec(),
     };
-    match store.decide(&[batch], now_micros()).await.unwrap().remove(0) {
+    match store
+        .decide(&[batch], now_micros())
+        .await
+        .unwrap()
+        .remove(0)
+    {
         BatchVerdict::Decided(d) => d,
         BatchVerdict::UnknownEvent => panic!("event {event} unknown"),
     }
@@ -57,7 +66,13 @@ fn results(ds: &[Decision]) -> Vec<(DecisionResult, Option<u32>)> {
 async fn first_delivery_issues_in_arrival_order(store: Arc<dyn Store>) {
     let ev = new_event();
     let (state, created) = store
-        .put_event(&ev, EventSpec { stock: 2, per_user_limit: 1 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 2,
+                per_user_limit: 1,
+            },
+        )
         .await
         .unwrap();
     assert!(created);
@@ -77,7 +92,13 @@ async fn first_delivery_issues_in_arrival_order(store: Arc<dyn Store>) {
 async fn replay_of_every_result_is_the_same_decision(store: Arc<dyn Store>) {
     let ev = new_event();
     store
-        .put_event(&ev, EventSpec { stock: 1, per_user_limit: 1 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 1,
+                per_user_limit: 1,
+            },
+        )
         .await
         .unwrap();
     let win = pending("a");
@@ -107,7 +128,13 @@ async fn replay_of_every_result_is_the_same_decision(store: Arc<dyn Store>) {
 async fn the_same_request_twice_in_one_batch_is_decided_once(store: Arc<dyn Store>) {
     let ev = new_event();
     store
-        .put_event(&ev, EventSpec { stock: 5, per_user_limit: 3 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 5,
+                per_user_limit: 3,
+            },
+        )
         .await
         .unwrap();
     let r = pending("a");
@@ -116,14 +143,23 @@ async fn the_same_request_twice_in_one_batch_is_decided_once(store: Arc<dyn Stor
         results(&ds),
         [(Issued, Some(1)), (Issued, Some(1)), (Issued, Some(1))]
     );
-    assert_eq!((ds[0].replay, ds[1].replay, ds[2].replay), (false, true, true));
+    assert_eq!(
+        (ds[0].replay, ds[1].replay, ds[2].replay),
+        (false, true, true)
+    );
     assert_eq!(store.event(&ev).await.unwrap().unwrap().remaining, 4);
 }
 
 async fn per_user_limit_counts_coupons_held(store: Arc<dyn Store>) {
     let ev = new_event();
     store
-        .put_event(&ev, EventSpec { stock: 10, per_user_limit: 2 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 10,
+                per_user_limit: 2,
+            },
+        )
         .await
         .unwrap();
     let ds = decide(
@@ -151,7 +187,13 @@ async fn per_user_limit_counts_coupons_held(store: Arc<dyn Store>) {
 async fn limit_is_checked_before_stock(store: Arc<dyn Store>) {
     let ev = new_event();
     store
-        .put_event(&ev, EventSpec { stock: 1, per_user_limit: 1 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 1,
+                per_user_limit: 1,
+            },
+        )
         .await
         .unwrap();
     let ds = decide(&*store, &ev, &[pending("a"), pending("a")]).await;
@@ -161,7 +203,13 @@ async fn limit_is_checked_before_stock(store: Arc<dyn Store>) {
 async fn zero_stock_sells_nothing(store: Arc<dyn Store>) {
     let ev = new_event();
     store
-        .put_event(&ev, EventSpec { stock: 0, per_user_limit: 1 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 0,
+                per_user_limit: 1,
+            },
+        )
         .await
         .unwrap();
     let ds = decide(&*store, &ev, &[pending("a")]).await;
@@ -171,7 +219,13 @@ async fn zero_stock_sells_nothing(store: Arc<dyn Store>) {
 async fn last_unit_goes_to_exactly_one_of_concurrent_batches(store: Arc<dyn Store>) {
     let ev = new_event();
     store
-        .put_event(&ev, EventSpec { stock: 1, per_user_limit: 1 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 1,
+                per_user_limit: 1,
+            },
+        )
         .await
         .unwrap();
     let tasks: Vec<_> = (0..16)
@@ -202,7 +256,13 @@ async fn last_unit_goes_to_exactly_one_of_concurrent_batches(store: Arc<dyn Stor
 async fn unknown_event_is_reported_not_decided(store: Arc<dyn Store>) {
     let known = new_event();
     store
-        .put_event(&known, EventSpec { stock: 1, per_user_limit: 1 })
+        .put_event(
+            &known,
+            EventSpec {
+                stock: 1,
+                per_user_limit: 1,
+            },
+        )
         .await
         .unwrap();
     let batches = [
@@ -224,7 +284,13 @@ async fn unknown_event_is_reported_not_decided(store: Arc<dyn Store>) {
 async fn a_request_id_reused_by_another_user_is_a_duplicate(store: Arc<dyn Store>) {
     let ev = new_event();
     store
-        .put_event(&ev, EventSpec { stock: 5, per_user_limit: 1 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 5,
+                per_user_limit: 1,
+            },
+        )
         .await
         .unwrap();
     let original = pending("a");
@@ -248,13 +314,25 @@ async fn a_request_id_reused_by_another_user_is_a_duplicate(store: Arc<dyn Store
 async fn reset_voids_earlier_decisions(store: Arc<dyn Store>) {
     let ev = new_event();
     store
-        .put_event(&ev, EventSpec { stock: 1, per_user_limit: 1 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 1,
+                per_user_limit: 1,
+            },
+        )
         .await
         .unwrap();
     let r = pending("a");
     decide(&*store, &ev, std::slice::from_ref(&r)).await;
     let (state, created) = store
-        .put_event(&ev, EventSpec { stock: 3, per_user_limit: 1 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 3,
+                per_user_limit: 1,
+            },
+        )
         .await
         .unwrap();
     assert!(!created);
@@ -269,7 +347,13 @@ async fn reset_voids_earlier_decisions(store: Arc<dyn Store>) {
 async fn status_lookup_sees_decisions_only(store: Arc<dyn Store>) {
     let ev = new_event();
     store
-        .put_event(&ev, EventSpec { stock: 1, per_user_limit: 1 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 1,
+                per_user_limit: 1,
+            },
+        )
         .await
         .unwrap();
     let a = pending("a");
@@ -292,7 +376,13 @@ async fn batches_larger_than_one_script_call_stay_in_order(store: Arc<dyn Store>
     let n = MAX_REQUESTS_PER_CALL * 2 + 37;
     let stock = MAX_REQUESTS_PER_CALL as u32 + 5;
     store
-        .put_event(&ev, EventSpec { stock, per_user_limit: 1 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock,
+                per_user_limit: 1,
+            },
+        )
         .await
         .unwrap();
     let reqs: Vec<Pending> = (0..n).map(|i| pending(&format!("u{i}"))).collect();
@@ -317,7 +407,13 @@ async fn batches_larger_than_one_script_call_stay_in_order(store: Arc<dyn Store>
 async fn dedup_records_expire_after_retention(store: Arc<dyn Store>) {
     let ev = new_event();
     store
-        .put_event(&ev, EventSpec { stock: 5, per_user_limit: 5 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 5,
+                per_user_limit: 5,
+            },
+        )
         .await
         .unwrap();
     let r = pending("a");
@@ -333,7 +429,13 @@ async fn dedup_records_expire_after_retention(store: Arc<dyn Store>) {
 async fn invalid_specs_are_refused(store: Arc<dyn Store>) {
     let ev = new_event();
     assert!(store
-        .put_event(&ev, EventSpec { stock: 1, per_user_limit: 0 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 1,
+                per_user_limit: 0
+            }
+        )
         .await
         .is_err());
     assert!(store.event(&ev).await.unwrap().is_none());
@@ -342,7 +444,13 @@ async fn invalid_specs_are_refused(store: Arc<dyn Store>) {
 async fn user_ids_with_separators_round_trip(store: Arc<dyn Store>) {
     let ev = new_event();
     store
-        .put_event(&ev, EventSpec { stock: 2, per_user_limit: 1 })
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 2,
+                per_user_limit: 1,
+            },
+        )
         .await
         .unwrap();
     let odd = pending("a|b|c 김 {x}");

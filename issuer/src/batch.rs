@@ -219,7 +219,12 @@ mod tests {
 
     #[test]
     fn commits_one_past_the_highest_offset_per_partition() {
-        let records = vec![rec(0, 5, b""), rec(1, 2, b""), rec(0, 9, b""), rec(0, 7, b"")];
+        let records = vec![
+            rec(0, 5, b""),
+            rec(1, 2, b""),
+            rec(0, 9, b""),
+            rec(0, 7, b""),
+        ];
         let next = next_offsets(&records);
         assert_eq!(next[&("t".to_string(), 0)], 10);
         assert_eq!(next[&("t".to_string(), 1)], 3);

@@ -103,9 +103,13 @@ impl ConsumerContext for IssuerContext {
                 let commit = self.shared.commit_list(Some(&revoked));
                 if commit.count() > 0 {
                     match consumer.commit(&commit, CommitMode::Sync) {
-                        Ok(()) => metrics::counter!("couponrush_issuer_commits_total", "mode" => "revoke").increment(1),
+                        Ok(()) => {
+                            metrics::counter!("couponrush_issuer_commits_total", "mode" => "revoke")
+                                .increment(1)
+                        }
                         Err(e) => {
-                            metrics::counter!("couponrush_issuer_commit_failures_total").increment(1);
+                            metrics::counter!("couponrush_issuer_commit_failures_total")
+                                .increment(1);
                             tracing::warn!(error = %e, "commit on revoke failed; the new owner will redeliver (decided as replays)");
                         }
                     }
@@ -157,8 +161,16 @@ pub fn create_consumer(config: &Config) -> KafkaResult<(BaseConsumer<IssuerConte
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
-        .set("heartbeat.interval.ms", (config.session_timeout.as_millis() / 4).max(100).to_string())
+        .set(
+            "session.timeout.ms",
+            config.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (config.session_timeout.as_millis() / 4)
+                .max(100)
+                .to_string(),
+        )
         .set("partition.assignment.strategy", &config.assignment)
         .set("queued.max.messages.kbytes", "16384")
         .set("statistics.interval.ms", "5000");
@@ -213,7 +225,11 @@ impl Worker {
             tracing::warn!(error = %e, "flush at shutdown failed");
         }
         self.consumer.unsubscribe();
-        tracing::info!(decided = self.totals.decided, dead = self.totals.dead, "issuer stopped");
+        tracing::info!(
+            decided = self.totals.decided,
+            dead = self.totals.dead,
+            "issuer stopped"
+        );
         Ok(self.totals)
     }
 
@@ -262,7 +278,9 @@ impl Worker {
         let mut attempt: u32 = 0;
         loop {
             if attempt > 0 && self.shutdown.is_cancelled() {
-                tracing::info!("shutdown while retrying; the batch stays uncommitted and will be redelivered");
+                tracing::info!(
+                    "shutdown while retrying; the batch stays uncommitted and will be redelivered"
+                );
                 return false;
             }
             let started = Instant::now();
@@ -322,7 +340,8 @@ impl Worker {
                     }
                 }
                 Disposition::Dead(p) => {
-                    metrics::counter!("couponrush_issuer_dlq_total", "reason" => p.code()).increment(1);
+                    metrics::counter!("couponrush_issuer_dlq_total", "reason" => p.code())
+                        .increment(1);
                     tracing::warn!(reason = p.code(), detail = %p, "record sent to the DLQ");
                 }
             }
@@ -335,7 +354,8 @@ impl Worker {
     /// still served. Records that arrive anyway are carried to the next batch.
     fn backoff(&mut self, attempt: &mut u32) {
         self.set_paused(true);
-        let wait = Duration::from_millis(50 * 2u64.pow((*attempt).min(5))).min(self.config.max_backoff);
+        let wait =
+            Duration::from_millis(50 * 2u64.pow((*attempt).min(5))).min(self.config.max_backoff);
         *attempt += 1;
         let until = Instant::now() + wait;
         while Instant::now() < until && !self.shutdown.is_cancelled() {
@@ -386,7 +406,11 @@ impl Worker {
         let mode = self.config.commit;
         match self.consumer.commit(&tpl, mode) {
             Ok(()) => {
-                let label = if matches!(mode, CommitMode::Sync) { "sync" } else { "async" };
+                let label = if matches!(mode, CommitMode::Sync) {
+                    "sync"
+                } else {
+                    "async"
+                };
                 metrics::counter!("couponrush_issuer_commits_total", "mode" => label).increment(1);
             }
             Err(e) => {

@@ -46,7 +46,10 @@ impl Publisher {
         message_timeout: Duration,
     ) -> Result<Self, KafkaError> {
         let mut cfg = kafka.producer_config(client_id, QUEUE_MESSAGES);
-        cfg.set("message.timeout.ms", message_timeout.as_millis().to_string());
+        cfg.set(
+            "message.timeout.ms",
+            message_timeout.as_millis().to_string(),
+        );
         for (k, v) in &kafka.extra {
             cfg.set(k, v);
         }

@@ -117,7 +117,10 @@ impl Store for MemoryStore {
         let mut events = self.lock();
         let mut verdicts = Vec::with_capacity(batches.len());
         for batch in batches {
-            let Some(ev) = events.get_mut(&batch.event_id).filter(|e| e.state.is_some()) else {
+            let Some(ev) = events
+                .get_mut(&batch.event_id)
+                .filter(|e| e.state.is_some())
+            else {
                 verdicts.push(BatchVerdict::UnknownEvent);
                 continue;
             };

@@ -134,9 +134,14 @@ fn map_err(e: RedisError) -> StoreError {
     }
 }
 
-fn parse_state(event_id: &str, fields: &[Option<String>]) -> Result<Option<EventState>, StoreError> {
+fn parse_state(
+    event_id: &str,
+    fields: &[Option<String>],
+) -> Result<Option<EventState>, StoreError> {
     let [stock, remaining, limit, generation] = fields else {
-        return Err(StoreError::Protocol("event hash reply of wrong length".into()));
+        return Err(StoreError::Protocol(
+            "event hash reply of wrong length".into(),
+        ));
     };
     let Some(stock) = stock else {
         return Ok(None);
@@ -259,7 +264,10 @@ impl Store for RedisStore {
             }
         }
         if pipe.is_empty() {
-            return Ok(batches.iter().map(|_| BatchVerdict::Decided(vec![])).collect());
+            return Ok(batches
+                .iter()
+                .map(|_| BatchVerdict::Decided(vec![]))
+                .collect());
         }
         let replies: Vec<Vec<i64>> = self.query_scripts(&pipe).await?;
         let mut replies = replies.into_iter();

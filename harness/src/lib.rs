@@ -1,0 +1,475 @@
+//! # couponrush-harness
+//!
+//! Real components on free loopback ports, for integration tests, the chaos
+//! suite and the embedded demo. Nothing here is a mock of Redis or Kafka:
+//!
+//! - [`Tansu`]: a Kafka-protocol broker (the pinned `tansu` binary that
+//!   `scripts/dev-up` installs), in memory or on sqlite (survives SIGKILL).
+//! - [`RedisServer`]: a private `redis-server`, for tests that stop, kill or
+//!   wipe it; most tests share the one at `REDIS_URL` instead.
+//! - [`MockKafka`]: librdkafka's in-process mock cluster (several brokers,
+//!   replication, fault injection), owned by a thread of its own so it can be
+//!   shared and driven from any task.
+//! - [`Proc`]: one of our binaries (or any program) as a child process that
+//!   can be sent SIGTERM or SIGKILL.
+//!
+//! Every child is killed when its handle is dropped, so a failing test leaves
+//! nothing running.
+
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+/// The pinned tansu version (keep in step with `scripts/dev-up`).
+pub const TANSU_VERSION: &str = "0.6.0";
+
+/// A free TCP port on 127.0.0.1 (free when asked; bind it soon).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("the loopback interface accepts binds")
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("nothing listens on 127.0.0.1:{port} after {timeout:?}"),
+            ));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The shared Redis of the dev and CI machines (`REDIS_URL`).
+pub fn shared_redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Where the tansu binary is: `TANSU_BIN`, else the cache `scripts/dev-up` fills.
+pub fn tansu_binary() -> io::Result<PathBuf> {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let cache = std::env::var("COUPONRUSH_CACHE")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| Path::new(&h).join(".cache/couponrush")))
+        .map_err(|_| io::Error::other("neither COUPONRUSH_CACHE nor HOME is set"))?;
+    let bin = cache.join(format!("tansu-{TANSU_VERSION}/bin/tansu"));
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "no tansu at {}; run scripts/dev-up --install-only (or set TANSU_BIN)",
+                bin.display()
+            ),
+        ))
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr going to `log` (or inherited).
+    pub fn spawn(name: &str, mut cmd: Command, log: Option<&Path>) -> io::Result<Self> {
+        match log {
+            Some(path) => {
+                let f = std::fs::File::create(path)?;
+                cmd.stdout(f.try_clone()?).stderr(f);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+            }
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {name}: {e}")))?;
+        Ok(Self {
+            name: name.to_string(),
+            child: Some(child),
+        })
+    }
+
+    /// The child's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True while the child has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILL: no chance to commit, flush or leave the group.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            tracing::info!(name = %self.name, "killed");
+        }
+    }
+
+    /// SIGTERM, then waits up to `timeout` for a clean exit (SIGKILL after).
+    /// Returns the exit code of a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(name = %self.name, "did not stop after SIGTERM; killing");
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How tansu stores its log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TansuStorage {
+    /// In memory: fastest, lost with the process.
+    Memory,
+    /// In a sqlite file: survives SIGKILL and restart.
+    Sqlite(PathBuf),
+}
+
+/// A tansu broker on a free loopback port.
+pub struct Tansu {
+    port: u16,
+    storage: TansuStorage,
+    log: Option<PathBuf>,
+    proc: Proc,
+}
+
+impl Tansu {
+    /// Starts tansu with `storage` on a free port and waits until it accepts
+    /// connections. `log` receives its output.
+    pub fn start(storage: TansuStorage, log: Option<PathBuf>) -> io::Result<Self> {
+        let port = free_port();
+        let proc = Self::spawn(port, &storage, log.as_deref())?;
+        Ok(Self {
+            port,
+            storage,
+            log,
+            proc,
+        })
+    }
+
+    fn spawn(port: u16, storage: &TansuStorage, log: Option<&Path>) -> io::Result<Proc> {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let engine = match storage {
+            TansuStorage::Memory => "memory://tansu/".to_string(),
+            TansuStorage::Sqlite(p) => format!("sqlite://{}", p.display()),
+        };
+        let mut cmd = Command::new(tansu_binary()?);
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", &engine]);
+        let proc = Proc::spawn("tansu", cmd, log)?;
+        wait_for_port(port, Duration::from_secs(20))?;
+        Ok(proc)
+    }
+
+    /// `bootstrap.servers` for this broker.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL the broker.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts the broker again on the same port and storage.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.proc.kill();
+        self.proc = Self::spawn(self.port, &self.storage, self.log.as_deref())?;
+        Ok(())
+    }
+}
+
+/// A private redis-server on a free loopback port.
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    appendonly: bool,
+    proc: Proc,
+}
+
+impl RedisServer {
+    /// Starts redis-server in `dir` (its AOF lives there when `appendonly`).
+    pub fn start(dir: &Path, appendonly: bool) -> io::Result<Self> {
+        let port = free_port();
+        std::fs::create_dir_all(dir)?;
+        let proc = Self::spawn(port, dir, appendonly)?;
+        Ok(Self {
+            port,
+            dir: dir.to_path_buf(),
+            appendonly,
+            proc,
+        })
+    }
+
+    fn spawn(port: u16, dir: &Path, appendonly: bool) -> io::Result<Proc> {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", if appendonly { "yes" } else { "no" }])
+        .args(["--appendfsync", "always"])
+        .arg("--dir")
+        .arg(dir);
+        let proc = Proc::spawn("redis-server", cmd, Some(&dir.join("redis.log")))?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        Ok(proc)
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL the server.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts it again on the same port; with `wipe`, its files are deleted
+    /// first, so it comes back empty (a lost store).
+    pub fn restart(&mut self, wipe: bool) -> io::Result<()> {
+        self.proc.kill();
+        if wipe {
+            for entry in std::fs::read_dir(&self.dir)? {
+                let p = entry?.path();
+                if p.file_name().is_some_and(|n| n != "redis.log") {
+                    if p.is_dir() {
+                        std::fs::remove_dir_all(&p)?;
+                    } else {
+                        std::fs::remove_file(&p)?;
+                    }
+                }
+            }
+        }
+        self.proc = Self::spawn(self.port, &self.dir, self.appendonly)?;
+        Ok(())
+    }
+}
+
+/// A fault to inject into the mock cluster.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Disconnect a broker and refuse new connections.
+    BrokerDown(i32),
+    /// Let it accept connections again.
+    BrokerUp(i32),
+    /// Move a partition's leadership to a broker.
+    Leader {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// New leader.
+        broker: i32,
+    },
+    /// The next requests of this kind fail with these errors, in order.
+    RequestErrors(RDKafkaApiKey, Vec<RDKafkaRespErr>),
+    /// Add round-trip delay to a broker (-1: all).
+    Rtt(i32, Duration),
+}
+
+enum MockCmd {
+    CreateTopic(String, i32, i32, mpsc::Sender<Result<(), String>>),
+    Fault(Fault, mpsc::Sender<Result<(), String>>),
+}
+
+/// librdkafka's mock cluster, owned by its own thread.
+pub struct MockKafka {
+    bootstrap: String,
+    tx: Option<mpsc::Sender<MockCmd>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl MockKafka {
+    /// Starts a mock cluster of `brokers` brokers.
+    pub fn start(brokers: i32) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<MockCmd>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
+        let thread = thread::Builder::new()
+            .name("mock-kafka".into())
+            .spawn(move || {
+                let cluster = match MockCluster::new(brokers) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                // Runs until every sender is dropped.
+                for cmd in rx {
+                    match cmd {
+                        MockCmd::CreateTopic(name, partitions, replication, reply) => {
+                            let r = cluster
+                                .create_topic(&name, partitions, replication)
+                                .map_err(|e| e.to_string());
+                            let _ = reply.send(r);
+                        }
+                        MockCmd::Fault(fault, reply) => {
+                            let r = match fault {
+                                Fault::BrokerDown(b) => cluster.broker_down(b),
+                                Fault::BrokerUp(b) => cluster.broker_up(b),
+                                Fault::Leader {
+                                    topic,
+                                    partition,
+                                    broker,
+                                } => cluster.partition_leader(&topic, partition, Some(broker)),
+                                Fault::RequestErrors(key, errs) => {
+                                    cluster.request_errors(key, &errs);
+                                    Ok(())
+                                }
+                                Fault::Rtt(b, d) => cluster.broker_round_trip_time(b, d),
+                            };
+                            let _ = reply.send(r.map_err(|e| e.to_string()));
+                        }
+                    }
+                }
+            })?;
+        let bootstrap = ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("mock cluster thread died"))?
+            .map_err(io::Error::other)?;
+        Ok(Self {
+            bootstrap,
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// `bootstrap.servers` of the mock cluster.
+    pub fn brokers(&self) -> String {
+        self.bootstrap.clone()
+    }
+
+    fn call(
+        &self,
+        make: impl FnOnce(mpsc::Sender<Result<(), String>>) -> MockCmd,
+    ) -> io::Result<()> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.tx
+            .as_ref()
+            .expect("present until drop")
+            .send(make(reply_tx))
+            .map_err(|_| io::Error::other("mock cluster thread died"))?;
+        reply_rx
+            .recv()
+            .map_err(|_| io::Error::other("mock cluster thread died"))?
+            .map_err(io::Error::other)
+    }
+
+    /// Creates a topic (the mock cluster does not implement CreateTopics).
+    pub fn create_topic(&self, name: &str, partitions: i32, replication: i32) -> io::Result<()> {
+        self.call(|r| MockCmd::CreateTopic(name.to_string(), partitions, replication, r))
+    }
+
+    /// Injects a fault.
+    pub fn inject(&self, fault: Fault) -> io::Result<()> {
+        self.call(|r| MockCmd::Fault(fault, r))
+    }
+}
+
+impl Drop for MockKafka {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mock_cluster_creates_topics_and_takes_faults() {
+        let mock = MockKafka::start(3).unwrap();
+        assert!(mock.brokers().contains("127.0.0.1") || mock.brokers().contains("localhost"));
+        mock.create_topic("t", 4, 3).unwrap();
+        mock.inject(Fault::BrokerDown(2)).unwrap();
+        mock.inject(Fault::BrokerUp(2)).unwrap();
+        mock.inject(Fault::Leader {
+            topic: "t".into(),
+            partition: 0,
+            broker: 2,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn free_ports_are_bindable() {
+        let p = free_port();
+        TcpListener::bind(("127.0.0.1", p)).unwrap();
+    }
+
+    #[test]
+    fn killed_processes_stop() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let mut p = Proc::spawn("sleep", cmd, None).unwrap();
+        assert!(p.is_running());
+        p.kill();
+        assert!(!p.is_running());
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let mut p = Proc::spawn("sleep", cmd, None).unwrap();
+        // sleep dies of SIGTERM (no exit code) well within the timeout.
+        assert_eq!(p.terminate(Duration::from_secs(5)), None);
+        assert!(!p.is_running());
+    }
+}
