@@ -123,6 +123,10 @@ pub struct Decision {
     pub decided_at: u64,
     /// True when this restates an earlier decision of the same request.
     pub replay: bool,
+    /// The event's decision sequence number (1, 2, 3... in the order the
+    /// store decided; 0 for a `duplicate`). Exact decision order, for the
+    /// load generator's ordering-skew figures.
+    pub seq: u64,
 }
 
 /// One issued coupon, as recorded in the store.

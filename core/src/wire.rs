@@ -246,6 +246,10 @@ pub struct Outcome {
     /// True when this outcome restates an earlier decision (a redelivery).
     #[serde(default)]
     pub replay: bool,
+    /// The event's decision sequence number: the exact order the store
+    /// decided in (0 for `duplicate`).
+    #[serde(default)]
+    pub decision_seq: u64,
     /// The request's `accepted_at`, copied so a reader of outcomes alone can
     /// compare arrival and decision order.
     pub accepted_at: u64,
@@ -326,6 +330,7 @@ mod tests {
             offset: 99,
             decided_at: 5,
             replay: false,
+            decision_seq: 1,
             accepted_at: 4,
         };
         assert_eq!(Outcome::parse(&o.to_bytes()).unwrap(), o);

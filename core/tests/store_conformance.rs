@@ -84,6 +84,10 @@ async fn first_delivery_issues_in_arrival_order(store: Arc<dyn Store>) {
         [(Issued, Some(1)), (Issued, Some(2)), (SoldOut, None)]
     );
     assert!(ds.iter().all(|d| !d.replay));
+    let seqs: Vec<u64> = ds.iter().map(|d| d.seq).collect();
+    assert_eq!(seqs, [1, 2, 3], "decision order is numbered");
+    let more = decide(&*store, &ev, &[pending("d")]).await;
+    assert_eq!(more[0].seq, 4, "numbering continues across calls");
     let state = store.event(&ev).await.unwrap().unwrap();
     assert_eq!((state.remaining, state.issued()), (0, 2));
     assert!(state.sold_out());
@@ -117,6 +121,12 @@ async fn replay_of_every_result_is_the_same_decision(store: Arc<dyn Store>) {
         [(SoldOut, None), (Issued, Some(1)), (LimitReached, None)]
     );
     assert!(again.iter().all(|d| d.replay));
+    let seqs: Vec<u64> = again.iter().map(|d| d.seq).collect();
+    assert_eq!(
+        seqs,
+        [first[2].seq, first[0].seq, first[1].seq],
+        "replays keep their number"
+    );
     assert_eq!(again[1].decided_at, first[0].decided_at);
     assert_eq!(again[0].decided_at, first[2].decided_at);
     let ledger = store.ledger(&ev).await.unwrap().unwrap();
@@ -300,6 +310,7 @@ async fn a_request_id_reused_by_another_user_is_a_duplicate(store: Arc<dyn Store
     };
     let ds = decide(&*store, &ev, &[original.clone(), forged]).await;
     assert_eq!(results(&ds), [(Issued, Some(1)), (Duplicate, None)]);
+    assert_eq!(ds[1].seq, 0, "a duplicate decides nothing");
     let ledger = store.ledger(&ev).await.unwrap().unwrap();
     assert_eq!(ledger.coupons.len(), 1);
     // The original's decision stands and is what a status lookup sees.
@@ -341,6 +352,7 @@ async fn reset_voids_earlier_decisions(store: Arc<dyn Store>) {
     let ds = decide(&*store, &ev, &[r]).await;
     assert_eq!(results(&ds), [(Issued, Some(1))]);
     assert!(!ds[0].replay);
+    assert_eq!(ds[0].seq, 1, "a reset restarts the numbering");
     assert_eq!(store.ledger(&ev).await.unwrap().unwrap().coupons.len(), 1);
 }
 

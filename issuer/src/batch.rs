@@ -120,6 +120,7 @@ impl Plan {
                             offset: rec.offset,
                             decided_at: d.decided_at,
                             replay: d.replay,
+                            decision_seq: d.seq,
                             accepted_at: request.accepted_at,
                         })
                     }
@@ -166,6 +167,7 @@ mod tests {
             issued_rank: rank,
             decided_at: 99,
             replay: false,
+            seq: 1,
         }
     }
 

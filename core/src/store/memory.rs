@@ -29,6 +29,7 @@ struct MemEvent {
     coupons: BTreeMap<u32, (Uuid, String)>,
     decided: HashMap<Uuid, DedupRecord>,
     decided_since_sweep: usize,
+    seq: u64,
 }
 
 impl MemEvent {
@@ -102,6 +103,7 @@ impl Store for MemoryStore {
         ev.state = Some(state.clone());
         ev.holders.clear();
         ev.coupons.clear();
+        ev.seq = 0;
         Ok((state, created))
     }
 
@@ -143,6 +145,7 @@ impl Store for MemoryStore {
                             issued_rank: None,
                             decided_at: now,
                             replay: false,
+                            seq: 0,
                         }
                     });
                     continue;
@@ -159,11 +162,13 @@ impl Store for MemoryStore {
                     ev.coupons.insert(rank, (p.request_id, p.user_id.clone()));
                     (DecisionResult::Issued, Some(rank))
                 };
+                ev.seq += 1;
                 let decision = Decision {
                     result,
                     issued_rank,
                     decided_at: now,
                     replay: false,
+                    seq: ev.seq,
                 };
                 let generation = state.generation;
                 ev.decided.insert(

@@ -7,7 +7,7 @@
 //!
 //! | key                       | type   | holds |
 //! |---------------------------|--------|-------|
-//! | `cr:{E}:event`            | hash   | stock, remaining, per_user_limit, generation |
+//! | `cr:{E}:event`            | hash   | stock, remaining, per_user_limit, generation, seq |
 //! | `cr:{E}:holders`          | hash   | user id → coupons held |
 //! | `cr:{E}:coupons`          | hash   | rank → request id ‖ user id |
 //! | `cr:{E}:req:<request id>` | string | the decision, expiring after the dedup retention |
@@ -33,7 +33,7 @@ pub const DECIDE_LUA: &str = include_str!("decide.lua");
 const PUT_EVENT_LUA: &str = r"
 local existed = redis.call('EXISTS', KEYS[1])
 local generation = redis.call('HINCRBY', KEYS[1], 'generation', 1)
-redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'remaining', ARGV[1], 'per_user_limit', ARGV[2])
+redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'remaining', ARGV[1], 'per_user_limit', ARGV[2], 'seq', 0)
 redis.call('DEL', KEYS[2], KEYS[3])
 return {existed, generation}
 ";
@@ -161,13 +161,14 @@ fn parse_state(
     }))
 }
 
-/// Parses a dedup record `generation|code|rank|decided_at|user_id`.
+/// Parses a dedup record `generation|code|rank|decided_at|seq|user_id`.
 fn parse_decision(record: &str, generation: u64) -> Option<Decision> {
-    let mut parts = record.splitn(5, '|');
+    let mut parts = record.splitn(6, '|');
     let g: u64 = parts.next()?.parse().ok()?;
     let code: i64 = parts.next()?.parse().ok()?;
     let rank: u32 = parts.next()?.parse().ok()?;
     let at: u64 = parts.next()?.parse().ok()?;
+    let seq: u64 = parts.next()?.parse().ok()?;
     if g != generation {
         return None;
     }
@@ -177,6 +178,7 @@ fn parse_decision(record: &str, generation: u64) -> Option<Decision> {
         issued_rank: (result == DecisionResult::Issued).then_some(rank),
         decided_at: at,
         replay: true,
+        seq,
     })
 }
 
@@ -283,13 +285,13 @@ impl Store for RedisStore {
                     unknown = true;
                     continue;
                 }
-                if reply.len() % 4 != 0 {
+                if reply.len() % 5 != 0 {
                     return Err(StoreError::Protocol(format!(
                         "decide reply of {} integers",
                         reply.len()
                     )));
                 }
-                for d in reply.chunks_exact(4) {
+                for d in reply.chunks_exact(5) {
                     let result = result_from_code(d[0])
                         .ok_or_else(|| StoreError::Protocol(format!("result code {}", d[0])))?;
                     decisions.push(Decision {
@@ -297,6 +299,7 @@ impl Store for RedisStore {
                         issued_rank: (result == DecisionResult::Issued).then_some(d[1] as u32),
                         decided_at: d[2] as u64,
                         replay: d[3] == 1,
+                        seq: d[4] as u64,
                     });
                 }
             }
