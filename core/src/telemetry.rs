@@ -17,8 +17,13 @@ pub const DEFAULT_LOG_FILTER: &str = "info,rdkafka=warn,librdkafka=warn,hyper=wa
 /// Installs the global tracing subscriber (text, or JSON lines when `json`).
 /// Safe to call more than once: later calls are ignored.
 pub fn init_tracing(json: bool) {
+    init_tracing_with(json, DEFAULT_LOG_FILTER);
+}
+
+/// Like [`init_tracing`], with another filter when `RUST_LOG` is unset.
+pub fn init_tracing_with(json: bool, default_filter: &str) {
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

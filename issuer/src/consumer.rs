@@ -18,7 +18,7 @@
 //! synchronously, and closing the consumer leaves the group.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,9 +47,11 @@ pub struct Shared {
     assigned: Mutex<HashSet<Tp>>,
     /// Per partition, the next offset to commit: all below is done.
     done: Mutex<HashMap<Tp, i64>>,
+    /// Per partition, the offset the broker confirmed committed.
+    committed: Mutex<HashMap<Tp, i64>>,
     /// Set while retrying: partitions assigned meanwhile are paused too.
     paused: AtomicBool,
-    rebalances: AtomicU64,
+    probe: crate::Probe,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -57,15 +59,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn commit_list(&self, only: Option<&HashSet<Tp>>) -> TopicPartitionList {
+    /// Offsets done but not yet confirmed committed (of `only`, if given).
+    fn uncommitted(&self, only: Option<&HashSet<Tp>>) -> TopicPartitionList {
         let done = lock(&self.done);
+        let committed = lock(&self.committed);
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), offset) in done.iter() {
-            if only.is_none_or(|o| o.contains(&(topic.clone(), *partition))) {
-                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+        for (tp, offset) in done.iter() {
+            let confirmed = committed.get(tp).is_some_and(|c| c >= offset);
+            if !confirmed && only.is_none_or(|o| o.contains(tp)) {
+                let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(*offset));
             }
         }
         tpl
+    }
+
+    /// Records offsets the broker confirmed.
+    fn confirm(&self, tpl: &TopicPartitionList) {
+        let mut committed = lock(&self.committed);
+        for e in tpl.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                let c = committed
+                    .entry((e.topic().to_string(), e.partition()))
+                    .or_insert(o);
+                *c = (*c).max(o);
+            }
+        }
     }
 }
 
@@ -100,10 +118,11 @@ impl ConsumerContext for IssuerContext {
                     .iter()
                     .map(|e| (e.topic().to_string(), e.partition()))
                     .collect();
-                let commit = self.shared.commit_list(Some(&revoked));
+                let commit = self.shared.uncommitted(Some(&revoked));
                 if commit.count() > 0 {
                     match consumer.commit(&commit, CommitMode::Sync) {
                         Ok(()) => {
+                            self.shared.confirm(&commit);
                             metrics::counter!("couponrush_issuer_commits_total", "mode" => "revoke")
                                 .increment(1)
                         }
@@ -116,10 +135,13 @@ impl ConsumerContext for IssuerContext {
                 }
                 let mut assigned = lock(&self.shared.assigned);
                 let mut done = lock(&self.shared.done);
+                let mut committed = lock(&self.shared.committed);
                 for tp in &revoked {
                     assigned.remove(tp);
                     done.remove(tp);
+                    committed.remove(tp);
                 }
+                self.shared.probe.set_assigned(assigned.len());
                 tracing::info!(revoked = revoked.len(), "partitions revoked");
             }
             Rebalance::Assign(_) => {}
@@ -129,12 +151,12 @@ impl ConsumerContext for IssuerContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            self.shared.rebalances.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("couponrush_issuer_rebalances_total").increment(1);
             let mut assigned = lock(&self.shared.assigned);
             for e in tpl.elements() {
                 assigned.insert((e.topic().to_string(), e.partition()));
             }
+            self.shared.probe.set_assigned(assigned.len());
             let mut partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             partitions.sort_unstable();
             tracing::info!(?partitions, "partitions assigned");
@@ -144,17 +166,26 @@ impl ConsumerContext for IssuerContext {
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            metrics::counter!("couponrush_issuer_commit_failures_total").increment(1);
-            tracing::debug!(error = %e, "commit failed");
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => self.shared.confirm(offsets),
+            Err(e) => {
+                metrics::counter!("couponrush_issuer_commit_failures_total").increment(1);
+                tracing::debug!(error = %e, "commit failed");
+            }
         }
     }
 }
 
 /// Creates the group consumer.
-pub fn create_consumer(config: &Config) -> KafkaResult<(BaseConsumer<IssuerContext>, Arc<Shared>)> {
-    let shared = Arc::new(Shared::default());
+pub fn create_consumer(
+    config: &Config,
+    probe: crate::Probe,
+) -> KafkaResult<(BaseConsumer<IssuerContext>, Arc<Shared>)> {
+    let shared = Arc::new(Shared {
+        probe,
+        ..Shared::default()
+    });
     let mut cfg = config.kafka.client_config(&config.client_id);
     cfg.set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
@@ -215,10 +246,13 @@ impl Worker {
         }
         // Finish: everything done is committed synchronously, then closing the
         // consumer (on drop) leaves the group so partitions move at once.
-        let commit = self.shared.commit_list(None);
+        let commit = self.shared.uncommitted(None);
         if commit.count() > 0 {
-            if let Err(e) = self.consumer.commit(&commit, CommitMode::Sync) {
-                tracing::warn!(error = %e, "final commit failed; those records will be redelivered (as replays)");
+            match self.consumer.commit(&commit, CommitMode::Sync) {
+                Ok(()) => self.shared.confirm(&commit),
+                Err(e) => {
+                    tracing::warn!(error = %e, "final commit failed; those records will be redelivered (as replays)")
+                }
             }
         }
         if let Err(e) = self.publisher.flush(Duration::from_secs(5)) {
@@ -406,6 +440,9 @@ impl Worker {
         let mode = self.config.commit;
         match self.consumer.commit(&tpl, mode) {
             Ok(()) => {
+                if matches!(mode, CommitMode::Sync) {
+                    self.shared.confirm(&tpl);
+                }
                 let label = if matches!(mode, CommitMode::Sync) {
                     "sync"
                 } else {

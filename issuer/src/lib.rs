@@ -36,6 +36,7 @@ pub mod consumer;
 pub mod publish;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -198,6 +199,24 @@ pub enum IssuerError {
     Panicked,
 }
 
+/// A live view of a running issuer (for embedded deployments and tests).
+#[derive(Debug, Clone, Default)]
+pub struct Probe {
+    assigned: Arc<AtomicUsize>,
+}
+
+impl Probe {
+    /// Partitions assigned to the issuer right now.
+    pub fn assigned(&self) -> usize {
+        self.assigned.load(Ordering::Relaxed)
+    }
+
+    fn set_assigned(&self, n: usize) {
+        self.assigned.store(n, Ordering::Relaxed);
+        metrics::gauge!("couponrush_issuer_assigned_partitions").set(n as f64);
+    }
+}
+
 /// Runs one issuer over `store` until `shutdown`. The loop runs on its own
 /// thread (librdkafka callbacks block); store and broker calls run on the
 /// current tokio runtime.
@@ -206,7 +225,17 @@ pub async fn run_issuer(
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
 ) -> Result<Totals, IssuerError> {
-    let (consumer, shared) = create_consumer(&config)?;
+    run_issuer_probed(config, store, shutdown, Probe::default()).await
+}
+
+/// [`run_issuer`], reporting through `probe`.
+pub async fn run_issuer_probed(
+    config: Config,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    probe: Probe,
+) -> Result<Totals, IssuerError> {
+    let (consumer, shared) = create_consumer(&config, probe)?;
     let publisher = Publisher::new(
         &config.kafka,
         config.topics.clone(),

@@ -1,1 +1,438 @@
+//! # couponrush-loadgen
+//!
+//! The measuring instrument of couponrush: it offers load to a coupon drop
+//! and measures what a first-come drop is judged by, including what no other
+//! load tool measures: whether the winners were really the first (ordering
+//! skew, fairness), and whether anything was oversold, issued twice, lost or
+//! invented (the audit, cross-checked between the outcome stream and the
+//! store). It exits non-zero when a correctness figure is not zero.
+//!
+//! # Layout
+//! - [`Cli`]: the subcommands `run`, `demo`, `sweep`, `merge`, `bare`,
+//!   `bench-issuer`; [`main`] dispatches them.
+//! - [`run`]: one drop end to end; [`drive`]: the load models and targets
+//!   (HTTP, or Kafka directly); [`population`]: users and retries;
+//!   [`observe`]: the outcome watcher.
+//! - [`measure`]: latency histograms, ordering skew, the audit (pure
+//!   functions, unit-tested on hand-made data).
+//! - [`report`]: figures, text, JSON, merges; [`chart`]: SVG charts.
+//! - [`deploy`]: api + issuers in-process over an embedded or real Kafka, for
+//!   [`demo`], [`sweep`] and [`bench`].
 
+pub mod bench;
+pub mod chart;
+pub mod demo;
+pub mod deploy;
+pub mod drive;
+pub mod measure;
+pub mod observe;
+pub mod population;
+pub mod report;
+pub mod run;
+pub mod sweep;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use couponrush_api::producer::RequestProducer;
+use couponrush_core::cli::{parse_duration, KafkaArgs, LogArgs, TopicArgs};
+use couponrush_core::kafka::partition_counts;
+use couponrush_core::store::redis::RedisStore;
+use couponrush_core::store::{Store, DEFAULT_DEDUP_RETENTION};
+use couponrush_core::Partitioner;
+use tokio_util::sync::CancellationToken;
+
+use crate::drive::{LoadModel, Plan};
+use crate::measure::audit::EventTerms;
+use crate::population::{Population, UserDist};
+use crate::report::Report;
+use crate::run::{run_drop, Drop, Via};
+
+/// `coupon-loadgen`: load-test a coupon drop and audit it.
+#[derive(Debug, Parser)]
+#[command(name = "coupon-loadgen", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub log: LogArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Drive one drop against a running api (or Kafka directly) and audit it.
+    Run(RunArgs),
+    /// A whole drop with nothing installed: embedded Kafka, api, issuers, store.
+    Demo(demo::DemoArgs),
+    /// Run the same drop over partition counts, issuer counts and partitioners.
+    Sweep(sweep::SweepArgs),
+    /// Merge the JSON reports of several load generators of one drop.
+    Merge(MergeArgs),
+    /// A bare HTTP server answering like the api but doing nothing (a benchmark ceiling).
+    Bare(bench::BareArgs),
+    /// Measure issuer throughput from a pre-filled requests topic.
+    BenchIssuer(bench::BenchIssuerArgs),
+}
+
+/// How much load, shaped how.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Open loop: this many requests per second (latency corrected for coordinated omission).
+    #[arg(long, env = "LOADGEN_RATE", conflicts_with_all = ["concurrency", "burst"])]
+    pub rate: Option<f64>,
+    /// Closed loop: this many requests in flight.
+    #[arg(long, env = "LOADGEN_CONCURRENCY", conflicts_with = "burst")]
+    pub concurrency: Option<usize>,
+    /// Release N requests at one instant (the doors open). The default model.
+    #[arg(long, env = "LOADGEN_BURST")]
+    pub burst: Option<u64>,
+    /// Logical requests to send at most (retries not counted).
+    #[arg(long, env = "LOADGEN_REQUESTS")]
+    pub requests: Option<u64>,
+    /// Stop sending after this long, whatever the count.
+    #[arg(long, env = "LOADGEN_DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Connections (workers) for rate and burst.
+    #[arg(long, env = "LOADGEN_CONNECTIONS", default_value_t = 256)]
+    pub connections: usize,
+    /// Distinct users.
+    #[arg(long, env = "LOADGEN_USERS")]
+    pub users: Option<u64>,
+    /// User distribution: uniform or zipf:S.
+    #[arg(long, env = "LOADGEN_USER_DIST", default_value = "uniform")]
+    pub user_dist: UserDist,
+    /// Fraction of requests re-sent with the same Idempotency-Key (half at once).
+    #[arg(long, env = "LOADGEN_RETRY_RATIO")]
+    pub retry_ratio: Option<f64>,
+    /// Seed of every random choice.
+    #[arg(long, env = "LOADGEN_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// Wait at most this long after the load for the last decisions.
+    #[arg(long, env = "LOADGEN_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// Defaults a subcommand gives to the optional load flags.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadDefaults {
+    /// Requests.
+    pub requests: u64,
+    /// Users.
+    pub users: u64,
+    /// Retry ratio.
+    pub retry_ratio: f64,
+}
+
+impl LoadArgs {
+    /// The load plan for `event`.
+    pub fn plan(&self, event_id: &str, d: LoadDefaults) -> Result<Plan, String> {
+        let (model, requests) = match (self.rate, self.concurrency, self.burst) {
+            (Some(r), _, _) if !(r > 0.0 && r.is_finite()) => {
+                return Err("--rate must be a positive number".into())
+            }
+            (Some(r), _, _) => (LoadModel::Rate(r), self.requests.unwrap_or(d.requests)),
+            (_, Some(0), _) => return Err("--concurrency must be at least 1".into()),
+            (_, Some(c), _) => (
+                LoadModel::Concurrency(c),
+                self.requests.unwrap_or(d.requests),
+            ),
+            (_, _, Some(n)) => (LoadModel::Burst, n),
+            _ => (LoadModel::Burst, self.requests.unwrap_or(d.requests)),
+        };
+        let retry = self.retry_ratio.unwrap_or(d.retry_ratio);
+        if !(0.0..=1.0).contains(&retry) {
+            return Err("--retry-ratio must be between 0 and 1".into());
+        }
+        Ok(Plan {
+            event_id: event_id.to_string(),
+            model,
+            requests,
+            duration: self.duration,
+            connections: self.connections.max(1),
+            population: Population::new(
+                self.users.unwrap_or(d.users),
+                self.user_dist,
+                retry,
+                self.seed,
+            ),
+        })
+    }
+
+    /// A one-line description of `plan`, for reports.
+    pub fn describe(plan: &Plan) -> String {
+        let p = &plan.population;
+        format!(
+            "{} of {} requests from {} {} users, {:.0}% retried with the same key, {} connections, at most {:?}",
+            plan.model,
+            plan.requests,
+            p.users(),
+            p.dist(),
+            p.retry_ratio() * 100.0,
+            plan.connections,
+            plan.duration
+        )
+    }
+}
+
+/// The event to drop.
+#[derive(Debug, Clone, Args)]
+pub struct EventArgs {
+    /// Event id (default: drop-<unix seconds>, a fresh one per run).
+    #[arg(long, env = "LOADGEN_EVENT")]
+    pub event: Option<String>,
+    /// Coupons available.
+    #[arg(long, env = "LOADGEN_STOCK")]
+    pub stock: Option<u32>,
+    /// Coupons one user may hold.
+    #[arg(long, env = "LOADGEN_PER_USER_LIMIT", default_value_t = 1)]
+    pub per_user_limit: u32,
+    /// Do not create or reset the event (it exists; e.g. the second of several generators).
+    #[arg(long, env = "LOADGEN_NO_SETUP")]
+    pub no_setup: bool,
+}
+
+impl EventArgs {
+    /// The event id to use.
+    pub fn event_id(&self) -> String {
+        self.event
+            .clone()
+            .unwrap_or_else(|| format!("drop-{}", couponrush_core::wire::now_micros() / 1000))
+    }
+}
+
+/// Where the report goes.
+#[derive(Debug, Clone, Args)]
+pub struct OutputArgs {
+    /// Write the JSON report here.
+    #[arg(long, env = "LOADGEN_JSON")]
+    pub json: Option<PathBuf>,
+    /// Write an SVG chart here.
+    #[arg(long, env = "LOADGEN_CHART")]
+    pub chart: Option<PathBuf>,
+    /// Leave the raw per-request data out of the JSON (smaller; merges become approximate).
+    #[arg(long, env = "LOADGEN_NO_RAW")]
+    pub no_raw: bool,
+    /// No progress bar.
+    #[arg(long, env = "LOADGEN_QUIET")]
+    pub quiet: bool,
+}
+
+impl OutputArgs {
+    /// Prints the summary and writes the files.
+    pub fn emit(&self, report: &Report) -> Result<(), String> {
+        println!("{}", report.text());
+        if let Some(path) = &self.json {
+            let json = serde_json::to_vec_pretty(report).map_err(|e| e.to_string())?;
+            std::fs::write(path, json)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            println!("report written to {}", path.display());
+        }
+        if let Some(path) = &self.chart {
+            std::fs::write(path, chart::drop_chart(report))
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            println!("chart written to {}", path.display());
+        }
+        Ok(())
+    }
+}
+
+/// `coupon-loadgen run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// The api's base URL.
+    #[arg(long, env = "LOADGEN_TARGET", default_value = "http://127.0.0.1:8080")]
+    pub target: String,
+    /// Produce requests straight to Kafka (as the api would), bypassing HTTP.
+    #[arg(long, env = "LOADGEN_DIRECT")]
+    pub direct: bool,
+    /// With --direct: the partitioning strategy.
+    #[arg(long, env = "PARTITIONER", default_value = "spread")]
+    pub partitioner: Partitioner,
+    /// Admin token for setting up the event.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Redis URL of the store, to audit it (and to set up the event with --direct).
+    #[arg(long = "redis", env = "LOADGEN_REDIS_URL")]
+    pub redis: Option<String>,
+    /// Per-request HTTP timeout.
+    #[arg(long, env = "LOADGEN_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub topics: TopicArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub event: EventArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub load: LoadArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub output: OutputArgs,
+}
+
+/// `coupon-loadgen merge`.
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// JSON reports of one drop, from several load generators.
+    #[arg(required = true, num_args = 2..)]
+    pub reports: Vec<PathBuf>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub output: OutputArgs,
+}
+
+/// How a subcommand ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every correctness figure is zero (or nothing was judged).
+    Pass,
+    /// A correctness figure is not zero.
+    Fail,
+}
+
+/// Opens the Redis store at `url`.
+pub async fn redis_store(url: &str) -> Result<Arc<dyn Store>, String> {
+    Ok(Arc::new(
+        RedisStore::connect(url, DEFAULT_DEDUP_RETENTION)
+            .await
+            .map_err(|e| e.to_string())?,
+    ))
+}
+
+/// Runs `coupon-loadgen run`.
+pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, String> {
+    let event = args.event.event_id();
+    let plan = args.load.plan(
+        &event,
+        LoadDefaults {
+            requests: 10_000,
+            users: 10_000,
+            retry_ratio: 0.0,
+        },
+    )?;
+    let store = match &args.redis {
+        Some(url) => Some(redis_store(url).await?),
+        None => None,
+    };
+    let kafka = args.kafka.settings();
+    let topics = args.topics.topics();
+    let via = if args.direct {
+        let (k, t) = (kafka.clone(), topics.requests.clone());
+        let partitions = tokio::task::spawn_blocking(move || {
+            partition_counts(&k, &[&t], Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?[&topics.requests];
+        Via::Direct {
+            producer: Arc::new(
+                RequestProducer::new(
+                    &kafka,
+                    topics.requests.clone(),
+                    args.partitioner,
+                    partitions,
+                    500_000,
+                )
+                .map_err(|e| e.to_string())?,
+            ),
+        }
+    } else {
+        Via::Http {
+            endpoint: drive::http::Endpoint::parse(&args.target).await?,
+            admin_token: args.admin_token.clone(),
+            timeout: args.request_timeout,
+        }
+    };
+    let config = serde_json::json!({
+        "command": "run",
+        "target": if args.direct { format!("kafka {} (direct, {})", kafka.brokers, args.partitioner) } else { args.target.clone() },
+        "load": LoadArgs::describe(&plan),
+        "event": event,
+        "stock": args.event.stock.unwrap_or(1000),
+        "per_user_limit": args.event.per_user_limit,
+        "topics": topics,
+        "seed": args.load.seed,
+    });
+    let drop = Drop {
+        via,
+        kafka,
+        topics,
+        store,
+        setup: !args.event.no_setup,
+        terms: EventTerms {
+            stock: args.event.stock.unwrap_or(1000),
+            per_user_limit: args.event.per_user_limit,
+        },
+        plan,
+        drain_timeout: args.load.drain_timeout,
+        progress: !args.output.quiet,
+        keep_raw: !args.output.no_raw,
+        config,
+    };
+    run_drop(drop, cancel).await
+}
+
+/// Runs `coupon-loadgen merge`.
+pub fn merge(args: &MergeArgs) -> Result<Report, String> {
+    let reports: Vec<Report> = args
+        .reports
+        .iter()
+        .map(|p| {
+            let bytes =
+                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            let r: Report = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{} is not a couponrush report: {e}", p.display()))?;
+            if r.schema != report::SCHEMA {
+                return Err(format!(
+                    "{}: schema {} is not {}",
+                    p.display(),
+                    r.schema,
+                    report::SCHEMA
+                ));
+            }
+            Ok(r)
+        })
+        .collect::<Result<_, String>>()?;
+    if reports.iter().all(|r| r.raw.is_some()) {
+        Ok(Report::build(report::merge_facts(&reports)?, true))
+    } else {
+        report::merge_summaries(&reports)
+    }
+}
+
+/// Dispatches a parsed command line; the exit verdict or a message for the user.
+pub async fn main(cli: Cli, cancel: CancellationToken) -> Result<Verdict, String> {
+    let judged = |r: &Report| {
+        if r.passed {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        }
+    };
+    match cli.command {
+        Command::Run(args) => {
+            let output = args.output.clone();
+            let report = run(args, cancel).await?;
+            output.emit(&report)?;
+            Ok(judged(&report))
+        }
+        Command::Demo(args) => demo::demo(args, cancel).await,
+        Command::Sweep(args) => sweep::sweep(args, cancel).await,
+        Command::Merge(args) => {
+            let report = merge(&args)?;
+            args.output.emit(&report)?;
+            Ok(judged(&report))
+        }
+        Command::Bare(args) => bench::bare(args, cancel).await.map(|_| Verdict::Pass),
+        Command::BenchIssuer(args) => bench::bench_issuer(args, cancel).await,
+    }
+}

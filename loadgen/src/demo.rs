@@ -1,0 +1,127 @@
+//! `coupon-loadgen demo`: the main job on a fresh machine. A whole drop with
+//! nothing installed but Rust: librdkafka's mock cluster (3 brokers,
+//! replication factor 3) in this process, the api and the issuers as tasks,
+//! and a store (Redis with `--redis`, else the in-memory store, which passes
+//! the same conformance suite). Prints the report and writes a chart.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use couponrush_core::store::memory::MemoryStore;
+use couponrush_core::store::Store;
+use couponrush_core::Partitioner;
+use tokio_util::sync::CancellationToken;
+
+use crate::deploy::{Deployment, KafkaChoice, Spec};
+use crate::drive::http::Endpoint;
+use crate::measure::audit::EventTerms;
+use crate::run::{run_drop, Drop, Via};
+use crate::{redis_store, LoadArgs, LoadDefaults, OutputArgs, Verdict};
+
+/// `coupon-loadgen demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Use the Redis at this URL as the store (default: in-memory).
+    #[arg(long = "redis", env = "DEMO_REDIS_URL")]
+    pub redis: Option<String>,
+    /// Request partitions.
+    #[arg(long, env = "DEMO_PARTITIONS", default_value_t = 8)]
+    pub partitions: i32,
+    /// Issuer instances.
+    #[arg(long, env = "DEMO_ISSUERS", default_value_t = 2)]
+    pub issuers: usize,
+    /// Partitioning strategy: event, user, spread or buckets:K.
+    #[arg(long, env = "PARTITIONER", default_value = "spread")]
+    pub partitioner: Partitioner,
+    /// Coupons in the drop.
+    #[arg(long, env = "DEMO_STOCK", default_value_t = 1000)]
+    pub stock: u32,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub load: LoadArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub output: OutputArgs,
+}
+
+/// Runs the demo.
+pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdict, String> {
+    let store: Arc<dyn Store> = match &args.redis {
+        Some(url) => redis_store(url).await?,
+        None => Arc::new(MemoryStore::default()),
+    };
+    let store_kind = store.kind();
+    println!(
+        "couponrush demo: embedded Kafka (mock cluster, 3 brokers, replication 3), {} partitions, \
+         {} issuers, partitioner {}, {store_kind} store",
+        args.partitions, args.issuers, args.partitioner
+    );
+    let deployment = Deployment::start(Spec {
+        kafka: KafkaChoice::Embedded(3),
+        store: store.clone(),
+        partitions: args.partitions,
+        issuers: args.issuers,
+        partitioner: args.partitioner,
+        batch_size: 2000,
+        with_api: true,
+        start_issuers: true,
+    })
+    .await?;
+    let api = deployment.api.ok_or("the api did not start")?;
+    if !deployment.wait_assigned(Duration::from_secs(60)).await {
+        return Err("the issuers did not get every partition within 60s".into());
+    }
+    let event = format!("demo-{}", couponrush_core::wire::now_micros() / 1000);
+    let plan = args.load.plan(
+        &event,
+        LoadDefaults {
+            requests: 20_000,
+            users: 15_000,
+            retry_ratio: 0.05,
+        },
+    )?;
+    if args.output.chart.is_none() {
+        args.output.chart = Some(PathBuf::from("couponrush-demo.svg"));
+    }
+    let config = serde_json::json!({
+        "command": "demo",
+        "kafka": "embedded mock cluster, 3 brokers, replication 3",
+        "store": store_kind,
+        "partitions": args.partitions,
+        "issuers": args.issuers,
+        "partitioner": args.partitioner,
+        "load": crate::LoadArgs::describe(&plan),
+        "stock": args.stock,
+    });
+    let drop = Drop {
+        via: Via::Http {
+            endpoint: Endpoint::parse(&format!("http://{api}")).await?,
+            admin_token: None,
+            timeout: Duration::from_secs(30),
+        },
+        kafka: deployment.kafka.clone(),
+        topics: deployment.topics.clone(),
+        store: Some(store),
+        setup: true,
+        terms: EventTerms {
+            stock: args.stock,
+            per_user_limit: 1,
+        },
+        plan,
+        drain_timeout: args.load.drain_timeout,
+        progress: !args.output.quiet,
+        keep_raw: !args.output.no_raw,
+        config,
+    };
+    let report = run_drop(drop, cancel).await;
+    deployment.stop().await;
+    let report = report?;
+    args.output.emit(&report)?;
+    Ok(if report.passed {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    })
+}

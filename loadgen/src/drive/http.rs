@@ -1,0 +1,246 @@
+//! The api as a target: one HTTP/1.1 keep-alive connection per worker,
+//! reconnected after an error. Also the admin calls that set up an event.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+use super::{Sent, Target, TargetFactory};
+
+/// Where the api is.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Resolved address.
+    pub addr: SocketAddr,
+    /// `host:port` for the Host header.
+    pub authority: String,
+}
+
+impl Endpoint {
+    /// Parses `http://host:port` (https is not supported: put a TLS proxy in front).
+    pub async fn parse(url: &str) -> Result<Self, String> {
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| format!("--target {url:?} is not a URL: {e}"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(format!("--target {url:?}: only http:// is supported"));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("--target {url:?} has no host"))?
+            .to_string();
+        let with_port = if uri.port().is_some() {
+            authority.clone()
+        } else {
+            format!("{authority}:80")
+        };
+        let addr = tokio::net::lookup_host(&with_port)
+            .await
+            .map_err(|e| format!("cannot resolve {with_port}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{with_port} resolves to nothing"))?;
+        Ok(Self { addr, authority })
+    }
+}
+
+/// One connection to the api.
+pub struct HttpTarget {
+    endpoint: Endpoint,
+    timeout: Duration,
+    sender: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl HttpTarget {
+    async fn connection(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, String> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let stream = TcpStream::connect(self.endpoint.addr)
+                .await
+                .map_err(|_| "connect".to_string())?;
+            let _ = stream.set_nodelay(true);
+            let (sender, conn) = http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|_| "connect".to_string())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            self.sender = Some(sender);
+        }
+        Ok(self.sender.as_mut().expect("set above"))
+    }
+
+    /// Sends one request; returns the status and body.
+    pub async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let authority = self.endpoint.authority.clone();
+        let timeout = self.timeout;
+        let sender = self.connection().await?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", authority)
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
+        let exchange = async {
+            sender.ready().await.map_err(|_| "io".to_string())?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|_| "io".to_string())?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|_| "io".to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                self.sender = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.sender = None;
+                Err("timeout".into())
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct AcceptedBody {
+    accepted_at: u64,
+}
+
+impl Target for HttpTarget {
+    async fn send(&mut self, event: &str, user: &str, key: Uuid) -> Sent {
+        let body = serde_json::to_vec(&serde_json::json!({ "user_id": user })).expect("serialises");
+        let path = format!("/v1/events/{event}/issue");
+        match self
+            .call(
+                Method::POST,
+                &path,
+                &[("idempotency-key", key.to_string())],
+                Bytes::from(body),
+            )
+            .await
+        {
+            Ok((StatusCode::ACCEPTED, body)) => match serde_json::from_slice::<AcceptedBody>(&body)
+            {
+                Ok(b) => Sent::Accepted {
+                    accepted_at: b.accepted_at,
+                },
+                Err(_) => Sent::Failed("202_unparsable".into()),
+            },
+            Ok((status, _)) => Sent::Failed(status.as_u16().to_string()),
+            Err(kind) => Sent::Failed(kind),
+        }
+    }
+}
+
+/// Makes [`HttpTarget`]s for one endpoint.
+pub struct HttpFactory {
+    /// The api.
+    pub endpoint: Endpoint,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+impl TargetFactory for HttpFactory {
+    type T = HttpTarget;
+    fn make(&self) -> HttpTarget {
+        HttpTarget {
+            endpoint: self.endpoint.clone(),
+            timeout: self.timeout,
+            sender: None,
+        }
+    }
+}
+
+/// The event as the api describes it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EventInfo {
+    /// Coupons at the start.
+    pub stock: u32,
+    /// Coupons per user.
+    pub per_user_limit: u32,
+}
+
+/// Creates or resets `event` through the api's admin route.
+pub async fn put_event(
+    endpoint: &Endpoint,
+    event: &str,
+    stock: u32,
+    per_user_limit: u32,
+    admin_token: Option<&str>,
+) -> Result<EventInfo, String> {
+    let mut t = HttpFactory {
+        endpoint: endpoint.clone(),
+        timeout: Duration::from_secs(10),
+    }
+    .make();
+    let mut headers = Vec::new();
+    if let Some(token) = admin_token {
+        headers.push(("authorization", format!("Bearer {token}")));
+    }
+    let body = serde_json::json!({ "stock": stock, "per_user_limit": per_user_limit });
+    let (status, body) = t
+        .call(
+            Method::PUT,
+            &format!("/v1/events/{event}"),
+            &headers,
+            Bytes::from(body.to_string()),
+        )
+        .await
+        .map_err(|e| format!("cannot reach the api at {}: {e}", endpoint.authority))?;
+    if !status.is_success() {
+        return Err(format!(
+            "setting up event {event} failed: {status} {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("unexpected event body: {e}"))
+}
+
+/// Reads `event` through the api.
+pub async fn get_event(endpoint: &Endpoint, event: &str) -> Result<EventInfo, String> {
+    let mut t = HttpFactory {
+        endpoint: endpoint.clone(),
+        timeout: Duration::from_secs(10),
+    }
+    .make();
+    let (status, body) = t
+        .call(
+            Method::GET,
+            &format!("/v1/events/{event}"),
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .map_err(|e| format!("cannot reach the api at {}: {e}", endpoint.authority))?;
+    if status != StatusCode::OK {
+        return Err(format!(
+            "event {event}: {status} {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("unexpected event body: {e}"))
+}

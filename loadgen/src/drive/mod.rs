@@ -1,0 +1,405 @@
+//! Offering load: the three load models over any [`Target`].
+//!
+//! - **rate** (open loop): request i is *intended* at `start + i / R`; a
+//!   worker that is late sends at once, and latency is measured from the
+//!   intended time, so a stalled server cannot hide its stall by slowing the
+//!   generator down (coordinated omission). The uncorrected figure, from the
+//!   actual send, is kept beside it.
+//! - **concurrency** (closed loop): C workers, each sending as soon as its
+//!   previous request is answered.
+//! - **burst**: every request is intended at the same instant, the doors
+//!   opening; `connections` workers push them through as fast as they can.
+//!
+//! Every run is bounded by a request count and a duration and stops by itself
+//! (or on the cancellation token). Workers keep their own histograms and
+//! counts and merge them at the end: nothing is shared on the hot path but
+//! two atomic counters for the progress bar.
+
+pub mod direct;
+pub mod http;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use couponrush_core::wire::now_micros;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::measure::latency;
+use crate::population::{Population, Retry};
+
+/// How load is offered.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "model", content = "value")]
+pub enum LoadModel {
+    /// Open loop at this many requests per second.
+    Rate(f64),
+    /// Closed loop with this many requests in flight.
+    Concurrency(usize),
+    /// All requests released at one instant.
+    Burst,
+}
+
+impl fmt::Display for LoadModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadModel::Rate(r) => write!(f, "rate {r}/s"),
+            LoadModel::Concurrency(c) => write!(f, "concurrency {c}"),
+            LoadModel::Burst => f.write_str("burst"),
+        }
+    }
+}
+
+/// The answer to one send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sent {
+    /// Accepted (`202`), with the api's accept timestamp.
+    Accepted {
+        /// µs since the epoch.
+        accepted_at: u64,
+    },
+    /// Not accepted; the kind (`503`, `timeout`, `connect`...) is counted.
+    Failed(String),
+}
+
+/// Something requests can be sent to: one connection's worth.
+pub trait Target: Send + 'static {
+    /// Sends one issue request for `user` with id `key` to `event`.
+    fn send(
+        &mut self,
+        event: &str,
+        user: &str,
+        key: Uuid,
+    ) -> impl std::future::Future<Output = Sent> + Send;
+}
+
+/// Makes targets, one per worker (and one more per worker for concurrent retries).
+pub trait TargetFactory: Send + Sync + 'static {
+    /// The target type.
+    type T: Target;
+    /// A new target.
+    fn make(&self) -> Self::T;
+}
+
+/// What to offer.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The event.
+    pub event_id: String,
+    /// The load model.
+    pub model: LoadModel,
+    /// Logical requests to send at most (retries not counted).
+    pub requests: u64,
+    /// Stop sending after this long.
+    pub duration: Duration,
+    /// Workers for rate and burst (for concurrency, the concurrency).
+    pub connections: usize,
+    /// Users and retries.
+    pub population: Population,
+}
+
+/// One accepted request, as the load generator saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acceptance {
+    /// Its user.
+    pub user_id: String,
+    /// The api's accept time of the first `202` (arrival order).
+    pub accepted_at: u64,
+    /// When the load generator intended to send it (µs since the epoch).
+    pub intended_at: u64,
+}
+
+/// What the driver measured.
+#[derive(Debug)]
+pub struct Driven {
+    /// When sending started, µs since the epoch.
+    pub started_at: u64,
+    /// When the last answer came, µs since the epoch.
+    pub finished_at: u64,
+    /// Sends, retries included.
+    pub sends: u64,
+    /// Logical requests started.
+    pub requests: u64,
+    /// Accepted requests by id.
+    pub accepted: HashMap<Uuid, Acceptance>,
+    /// Answers by kind (`202`, `503`, `timeout`...).
+    pub answers: BTreeMap<String, u64>,
+    /// Accept latency from the intended send time (corrected).
+    pub accept: Histogram<u64>,
+    /// Accept latency from the actual send time (uncorrected).
+    pub accept_uncorrected: Histogram<u64>,
+}
+
+/// Live counters for the progress bar.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Sends completed.
+    pub sent: AtomicU64,
+    /// `202`s received.
+    pub accepted: AtomicU64,
+}
+
+struct WorkerOut {
+    sends: u64,
+    requests: u64,
+    accepted: Vec<(Uuid, Acceptance)>,
+    answers: BTreeMap<String, u64>,
+    accept: Histogram<u64>,
+    accept_uncorrected: Histogram<u64>,
+}
+
+/// Drives `plan` against targets from `factory` until done, `plan.duration`
+/// passes, or `cancel`.
+pub async fn drive<F: TargetFactory>(
+    factory: Arc<F>,
+    plan: Plan,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Driven {
+    let workers = match plan.model {
+        LoadModel::Concurrency(c) => c,
+        LoadModel::Rate(_) | LoadModel::Burst => plan.connections,
+    }
+    .clamp(1, plan.requests.max(1) as usize);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let start_micros = now_micros();
+    let plan = Arc::new(plan);
+    let mut tasks = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let factory = factory.clone();
+        let plan = plan.clone();
+        let next = next.clone();
+        let progress = progress.clone();
+        let cancel = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            worker(
+                &*factory,
+                &plan,
+                &next,
+                start,
+                start_micros,
+                &progress,
+                &cancel,
+            )
+            .await
+        }));
+    }
+    let mut driven = Driven {
+        started_at: start_micros,
+        finished_at: start_micros,
+        sends: 0,
+        requests: 0,
+        accepted: HashMap::new(),
+        answers: BTreeMap::new(),
+        accept: latency::histogram(),
+        accept_uncorrected: latency::histogram(),
+    };
+    for t in tasks {
+        let Ok(out) = t.await else { continue };
+        driven.sends += out.sends;
+        driven.requests += out.requests;
+        for (k, v) in out.answers {
+            *driven.answers.entry(k).or_default() += v;
+        }
+        let _ = driven.accept.add(&out.accept);
+        let _ = driven.accept_uncorrected.add(&out.accept_uncorrected);
+        for (id, a) in out.accepted {
+            driven
+                .accepted
+                .entry(id)
+                .and_modify(|e| e.accepted_at = e.accepted_at.min(a.accepted_at))
+                .or_insert(a);
+        }
+    }
+    driven.finished_at = now_micros();
+    driven
+}
+
+async fn worker<F: TargetFactory>(
+    factory: &F,
+    plan: &Plan,
+    next: &AtomicU64,
+    start: Instant,
+    start_micros: u64,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> WorkerOut {
+    let mut out = WorkerOut {
+        sends: 0,
+        requests: 0,
+        accepted: Vec::new(),
+        answers: BTreeMap::new(),
+        accept: latency::histogram(),
+        accept_uncorrected: latency::histogram(),
+    };
+    let mut target = factory.make();
+    let mut twin: Option<F::T> = None;
+    let deadline = start + plan.duration;
+    loop {
+        let index = next.fetch_add(1, Ordering::Relaxed);
+        if index >= plan.requests || Instant::now() >= deadline || cancel.is_cancelled() {
+            break;
+        }
+        let intended = match plan.model {
+            LoadModel::Rate(r) => start + Duration::from_secs_f64(index as f64 / r),
+            LoadModel::Burst => start,
+            LoadModel::Concurrency(_) => Instant::now(),
+        };
+        if intended > deadline {
+            break;
+        }
+        if intended > Instant::now() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(intended) => {}
+                _ = cancel.cancelled() => break,
+            }
+        }
+        let intended_at = start_micros + intended.duration_since(start).as_micros() as u64;
+        let user = plan.population.user(index);
+        let key = Uuid::now_v7();
+        out.requests += 1;
+        let sends: Vec<(Sent, Instant)> = match plan.population.retry(index) {
+            Retry::None => vec![timed(&mut target, &plan.event_id, &user, key).await],
+            Retry::Sequential => {
+                let a = timed(&mut target, &plan.event_id, &user, key).await;
+                let b = timed(&mut target, &plan.event_id, &user, key).await;
+                vec![a, b]
+            }
+            Retry::Concurrent => {
+                let t2 = twin.get_or_insert_with(|| factory.make());
+                let (a, b) = tokio::join!(
+                    timed(&mut target, &plan.event_id, &user, key),
+                    timed(t2, &plan.event_id, &user, key)
+                );
+                vec![a, b]
+            }
+        };
+        for (sent, sent_at) in sends {
+            out.sends += 1;
+            let done = Instant::now();
+            latency::record(
+                &mut out.accept,
+                done.duration_since(intended).as_micros() as u64,
+            );
+            latency::record(
+                &mut out.accept_uncorrected,
+                done.duration_since(sent_at).as_micros() as u64,
+            );
+            progress.sent.fetch_add(1, Ordering::Relaxed);
+            match sent {
+                Sent::Accepted { accepted_at } => {
+                    progress.accepted.fetch_add(1, Ordering::Relaxed);
+                    *out.answers.entry("202".into()).or_default() += 1;
+                    out.accepted.push((
+                        key,
+                        Acceptance {
+                            user_id: user.clone(),
+                            accepted_at,
+                            intended_at,
+                        },
+                    ));
+                }
+                Sent::Failed(kind) => *out.answers.entry(kind).or_default() += 1,
+            }
+        }
+    }
+    out
+}
+
+async fn timed<T: Target>(target: &mut T, event: &str, user: &str, key: Uuid) -> (Sent, Instant) {
+    let sent_at = Instant::now();
+    (target.send(event, user, key).await, sent_at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::population::UserDist;
+    use std::sync::Mutex;
+
+    /// Accepts everything after `delay`, recording the keys it saw.
+    struct Fake {
+        delay: Duration,
+        seen: Arc<Mutex<Vec<Uuid>>>,
+    }
+    impl Target for Fake {
+        async fn send(&mut self, _event: &str, _user: &str, key: Uuid) -> Sent {
+            tokio::time::sleep(self.delay).await;
+            self.seen.lock().unwrap().push(key);
+            Sent::Accepted {
+                accepted_at: now_micros(),
+            }
+        }
+    }
+    struct FakeFactory(Duration, Arc<Mutex<Vec<Uuid>>>);
+    impl TargetFactory for FakeFactory {
+        type T = Fake;
+        fn make(&self) -> Fake {
+            Fake {
+                delay: self.0,
+                seen: self.1.clone(),
+            }
+        }
+    }
+
+    fn plan(model: LoadModel, requests: u64, retry: f64) -> Plan {
+        Plan {
+            event_id: "e".into(),
+            model,
+            requests,
+            duration: Duration::from_secs(30),
+            connections: 8,
+            population: Population::new(50, UserDist::Uniform, retry, 9),
+        }
+    }
+
+    #[tokio::test]
+    async fn sends_exactly_the_planned_requests_and_retries_reuse_the_key() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let factory = Arc::new(FakeFactory(Duration::from_millis(1), seen.clone()));
+        let d = drive(
+            factory,
+            plan(LoadModel::Concurrency(4), 200, 0.5),
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(d.requests, 200);
+        assert_eq!(d.accepted.len(), 200, "retries are the same request");
+        assert!(d.sends > 250 && d.sends < 350, "{} sends", d.sends);
+        assert_eq!(seen.lock().unwrap().len() as u64, d.sends);
+        assert_eq!(d.answers["202"], d.sends);
+        assert_eq!(d.accept.len(), d.sends);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_latency_is_measured_from_the_intended_time() {
+        // 100/s for 1 s, but each answer takes 50 ms on 1 worker: the worker
+        // falls behind and the corrected latency grows, the uncorrected does not.
+        let factory = Arc::new(FakeFactory(Duration::from_millis(50), Arc::default()));
+        let mut p = plan(LoadModel::Rate(100.0), 100, 0.0);
+        p.connections = 1;
+        let d = drive(factory, p, Arc::default(), CancellationToken::new()).await;
+        assert_eq!(d.requests, 100);
+        let corrected = latency::summary(&d.accept);
+        let uncorrected = latency::summary(&d.accept_uncorrected);
+        assert!(uncorrected.max < 60.0, "{uncorrected:?}");
+        assert!(corrected.max > 4000.0, "{corrected:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_stops_at_its_duration() {
+        let factory = Arc::new(FakeFactory(Duration::from_millis(10), Arc::default()));
+        let mut p = plan(LoadModel::Concurrency(1), u64::MAX, 0.0);
+        p.duration = Duration::from_secs(1);
+        let d = drive(factory, p, Arc::default(), CancellationToken::new()).await;
+        assert!(d.requests <= 101 && d.requests >= 90, "{}", d.requests);
+    }
+}

@@ -1,0 +1,696 @@
+//! The report of one drop: built from raw facts, printed for humans, written
+//! as JSON for machines (schema `couponrush.report/v1`, documented in
+//! docs/REPORT.md).
+//!
+//! The same [`Report::build`] serves a fresh run and a merge of several runs,
+//! so a merged report is computed exactly like a single one.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+
+use couponrush_core::store::Ledger;
+use couponrush_core::{DecisionResult, Outcome};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::drive::Acceptance;
+use crate::measure::audit::{audit, EventTerms, StoreFigures};
+use crate::measure::latency::{self, LatencySummary};
+use crate::measure::skew::{skew, Ordered, Skew};
+use crate::observe::Observed;
+
+/// The schema name written into every report.
+pub const SCHEMA: &str = "couponrush.report/v1";
+
+/// Everything measured in a run, before any figure is computed.
+pub struct Facts {
+    /// The run's settings, as given.
+    pub config: serde_json::Value,
+    /// Event id.
+    pub event_id: String,
+    /// Stock and per-user limit.
+    pub terms: EventTerms,
+    /// When sending started (µs since the epoch).
+    pub started_at: u64,
+    /// When sending ended.
+    pub load_finished_at: u64,
+    /// When draining ended.
+    pub finished_at: u64,
+    /// Logical requests.
+    pub requests: u64,
+    /// Sends, retries included.
+    pub sends: u64,
+    /// Answers by kind.
+    pub answers: BTreeMap<String, u64>,
+    /// Accepted requests.
+    pub accepted: HashMap<Uuid, Acceptance>,
+    /// Outcomes of the event, in read order.
+    pub outcomes: Vec<Observed>,
+    /// DLQ records by reason.
+    pub dlq: BTreeMap<String, u64>,
+    /// The store's ledger of the event, when audited.
+    pub ledger: Option<Ledger>,
+    /// Accept latency from the intended time.
+    pub accept: Histogram<u64>,
+    /// Accept latency from the actual send.
+    pub accept_uncorrected: Histogram<u64>,
+    /// Remarks for the reader.
+    pub notes: Vec<String>,
+}
+
+/// Rates over the run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Throughput {
+    /// Accepted requests per second of load.
+    pub accepted_per_s: f64,
+    /// First decisions per second, from the start to the last decision.
+    pub decided_per_s: f64,
+    /// Coupons per second, from the start to the last coupon.
+    pub issued_per_s: f64,
+    /// Time from the start until the last coupon was observed issued.
+    pub sold_out_after_ms: Option<f64>,
+    /// Per-second counts.
+    pub series: Vec<Second>,
+}
+
+/// Counts within one second of the run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Second {
+    /// Seconds since the start.
+    pub t: u64,
+    /// Requests accepted in this second.
+    pub accepted: u64,
+    /// Requests first decided (observed) in this second.
+    pub decided: u64,
+    /// Coupons issued (observed) in this second.
+    pub issued: u64,
+}
+
+/// Latency summaries.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latencies {
+    /// HTTP accept latency, from the intended send time.
+    pub accept: LatencySummary,
+    /// HTTP accept latency, from the actual send time.
+    pub accept_uncorrected: LatencySummary,
+    /// Intended send → outcome observed.
+    pub e2e: LatencySummary,
+}
+
+/// Serialised HDR histograms (V2 + deflate, base64), for exact merges.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Histograms {
+    /// Accept, corrected.
+    pub accept: String,
+    /// Accept, uncorrected.
+    pub accept_uncorrected: String,
+    /// End to end.
+    pub e2e: String,
+}
+
+/// One accepted request, raw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawAccept {
+    /// Request id.
+    pub request_id: Uuid,
+    /// How it was accepted.
+    #[serde(flatten)]
+    pub acceptance: Acceptance,
+}
+
+/// One outcome record, raw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawOutcome {
+    /// The record.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// When it was observed.
+    pub observed_at: u64,
+}
+
+/// The raw facts, so merges can recompute every figure exactly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Raw {
+    /// Accepted requests.
+    pub accepted: Vec<RawAccept>,
+    /// Outcome records.
+    pub outcomes: Vec<RawOutcome>,
+    /// The store's coupons, when audited.
+    pub ledger: Option<Ledger>,
+}
+
+/// The report of one drop (or a merge of several).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Always [`SCHEMA`].
+    pub schema: String,
+    /// The settings of the run.
+    pub config: serde_json::Value,
+    /// Event id.
+    pub event_id: String,
+    /// Coupons available.
+    pub stock: u32,
+    /// Coupons per user.
+    pub per_user_limit: u32,
+    /// Start, µs since the epoch.
+    pub started_at: u64,
+    /// Seconds of load.
+    pub load_seconds: f64,
+    /// Seconds spent waiting for the last decisions.
+    pub drain_seconds: f64,
+    /// Logical requests.
+    pub requests: u64,
+    /// Sends (retries included).
+    pub sends: u64,
+    /// Answers by kind.
+    pub answers: BTreeMap<String, u64>,
+    /// Distinct requests accepted.
+    pub accepted: u64,
+    /// Distinct requests decided.
+    pub decided: u64,
+    /// Distinct requests issued a coupon.
+    pub issued: u64,
+    /// Outcome records restating an earlier decision.
+    pub replays: u64,
+    /// First decisions by result.
+    pub results: BTreeMap<String, u64>,
+    /// Coupons beyond stock.
+    pub oversold: u64,
+    /// Requests issued twice plus coupons beyond a user's limit.
+    pub double_issued: u64,
+    /// Accepted, never decided.
+    pub lost: u64,
+    /// Decided or issued, never accepted.
+    pub phantom: u64,
+    /// Replays that disagree with the first decision.
+    pub inconsistent_replays: u64,
+    /// Outcomes and store disagree on who holds a coupon.
+    pub ledger_mismatch: u64,
+    /// DLQ records during the run.
+    pub dlq: u64,
+    /// DLQ records by reason.
+    pub dlq_reasons: BTreeMap<String, u64>,
+    /// The store's figures, when audited.
+    pub store: Option<StoreFigures>,
+    /// Rates.
+    pub throughput: Throughput,
+    /// Latencies in milliseconds.
+    pub latency_ms: Latencies,
+    /// Ordering skew.
+    pub skew: Skew,
+    /// False when the skew could not be recomputed exactly (a merge without raw data).
+    pub skew_exact: bool,
+    /// The histograms, serialised.
+    pub histograms: Histograms,
+    /// True when every correctness figure is zero.
+    pub passed: bool,
+    /// Remarks.
+    pub notes: Vec<String>,
+    /// Raw facts (absent with --no-raw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<Raw>,
+}
+
+impl Report {
+    /// Computes every figure from `facts`; keeps the raw facts if `keep_raw`.
+    pub fn build(facts: Facts, keep_raw: bool) -> Report {
+        let outcomes: Vec<Outcome> = facts.outcomes.iter().map(|o| o.outcome.clone()).collect();
+        let users: HashMap<Uuid, String> = facts
+            .accepted
+            .iter()
+            .map(|(id, a)| (*id, a.user_id.clone()))
+            .collect();
+        let a = audit(facts.terms, &users, &outcomes, facts.ledger.as_ref());
+
+        // First decision per request, with when it was observed.
+        let mut first: HashMap<Uuid, &Observed> = HashMap::new();
+        for o in &facts.outcomes {
+            first.entry(o.outcome.request_id).or_insert(o);
+        }
+        let mut e2e = latency::histogram();
+        let mut ordered = Vec::with_capacity(first.len());
+        for (id, o) in &first {
+            if let Some(acc) = facts.accepted.get(id) {
+                latency::record(&mut e2e, o.observed_at.saturating_sub(acc.intended_at));
+                ordered.push(Ordered {
+                    accepted_at: acc.accepted_at,
+                    request_id: *id,
+                    decision_seq: o.outcome.decision_seq,
+                    result: o.outcome.result,
+                });
+            }
+        }
+        let skew = skew(&ordered, facts.terms.stock);
+
+        let secs = |t: u64| t.saturating_sub(facts.started_at) as f64 / 1e6;
+        let load_seconds = secs(facts.load_finished_at).max(1e-6);
+        let last_decided = first.values().map(|o| o.observed_at).max();
+        let last_issued = first
+            .values()
+            .filter(|o| o.outcome.result == DecisionResult::Issued)
+            .map(|o| o.observed_at)
+            .max();
+        let per_s = |n: u64, until: Option<u64>| match until {
+            Some(t) if secs(t) > 0.0 => n as f64 / secs(t),
+            _ => 0.0,
+        };
+        let mut series: BTreeMap<u64, Second> = BTreeMap::new();
+        let mut bump = |t: u64, f: fn(&mut Second)| {
+            let s = t.saturating_sub(facts.started_at) / 1_000_000;
+            f(series.entry(s).or_insert_with(|| Second {
+                t: s,
+                ..Second::default()
+            }));
+        };
+        for acc in facts.accepted.values() {
+            bump(acc.accepted_at, |s| s.accepted += 1);
+        }
+        for o in first.values() {
+            bump(o.observed_at, |s| s.decided += 1);
+            if o.outcome.result == DecisionResult::Issued {
+                bump(o.observed_at, |s| s.issued += 1);
+            }
+        }
+        let throughput = Throughput {
+            accepted_per_s: a.accepted as f64 / load_seconds,
+            decided_per_s: per_s(a.decided, last_decided),
+            issued_per_s: per_s(a.issued, last_issued),
+            sold_out_after_ms: (a.issued >= u64::from(facts.terms.stock) && a.issued > 0)
+                .then(|| last_issued.map(|t| secs(t) * 1000.0))
+                .flatten(),
+            series: series.into_values().collect(),
+        };
+
+        let passed = a.failures() == 0;
+        let raw = keep_raw.then(|| Raw {
+            accepted: facts
+                .accepted
+                .iter()
+                .map(|(id, acc)| RawAccept {
+                    request_id: *id,
+                    acceptance: acc.clone(),
+                })
+                .collect(),
+            outcomes: facts
+                .outcomes
+                .iter()
+                .map(|o| RawOutcome {
+                    outcome: o.outcome.clone(),
+                    observed_at: o.observed_at,
+                })
+                .collect(),
+            ledger: facts.ledger.clone(),
+        });
+        Report {
+            schema: SCHEMA.into(),
+            config: facts.config,
+            event_id: facts.event_id,
+            stock: facts.terms.stock,
+            per_user_limit: facts.terms.per_user_limit,
+            started_at: facts.started_at,
+            load_seconds,
+            drain_seconds: facts.finished_at.saturating_sub(facts.load_finished_at) as f64 / 1e6,
+            requests: facts.requests,
+            sends: facts.sends,
+            answers: facts.answers,
+            accepted: a.accepted,
+            decided: a.decided,
+            issued: a.issued,
+            replays: a.replays,
+            results: a.results.clone(),
+            oversold: a.oversold,
+            double_issued: a.double_issued,
+            lost: a.lost,
+            phantom: a.phantom,
+            inconsistent_replays: a.inconsistent_replays,
+            ledger_mismatch: a.ledger_mismatch,
+            dlq: facts.dlq.values().sum(),
+            dlq_reasons: facts.dlq,
+            store: a.store.clone(),
+            throughput,
+            latency_ms: Latencies {
+                accept: latency::summary(&facts.accept),
+                accept_uncorrected: latency::summary(&facts.accept_uncorrected),
+                e2e: latency::summary(&e2e),
+            },
+            skew,
+            skew_exact: true,
+            histograms: Histograms {
+                accept: latency::encode(&facts.accept),
+                accept_uncorrected: latency::encode(&facts.accept_uncorrected),
+                e2e: latency::encode(&e2e),
+            },
+            passed,
+            notes: facts.notes,
+            raw,
+        }
+    }
+
+    /// Sum of the figures that must be zero (the DLQ is reported, not judged:
+    /// poison may be deliberate).
+    pub fn failures(&self) -> u64 {
+        self.oversold
+            + self.double_issued
+            + self.lost
+            + self.phantom
+            + self.inconsistent_replays
+            + self.ledger_mismatch
+            + self
+                .store
+                .as_ref()
+                .map_or(0, |s| u64::from(s.counter_mismatch))
+    }
+
+    /// The human summary.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let n = |x: u64| group(x);
+        let _ = writeln!(
+            s,
+            "couponrush drop report: event {}, stock {}, per-user limit {}",
+            self.event_id,
+            n(u64::from(self.stock)),
+            self.per_user_limit
+        );
+        if let Some(load) = self.config.get("load").and_then(|v| v.as_str()) {
+            let _ = writeln!(s, "  load         {load}");
+        }
+        let failed: u64 = self
+            .answers
+            .iter()
+            .filter(|(k, _)| k.as_str() != "202")
+            .map(|(_, v)| v)
+            .sum();
+        let _ = writeln!(
+            s,
+            "  requests     {} sent as {} sends; accepted {}, not accepted {}{}",
+            n(self.requests),
+            n(self.sends),
+            n(self.accepted),
+            n(failed),
+            if failed > 0 {
+                format!(
+                    " {:?}",
+                    self.answers
+                        .iter()
+                        .filter(|(k, _)| k.as_str() != "202")
+                        .collect::<Vec<_>>()
+                )
+            } else {
+                String::new()
+            }
+        );
+        let results: Vec<String> = self
+            .results
+            .iter()
+            .map(|(k, v)| format!("{k} {}", n(*v)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  decided      {} ({}); replays {}",
+            n(self.decided),
+            results.join(", "),
+            n(self.replays)
+        );
+        let sold = self
+            .throughput
+            .sold_out_after_ms
+            .map(|ms| format!("; sold out after {ms:.0} ms"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "  throughput   accepted {:.0}/s, decided {:.0}/s, issued {:.0}/s{sold}",
+            self.throughput.accepted_per_s,
+            self.throughput.decided_per_s,
+            self.throughput.issued_per_s
+        );
+        let _ = writeln!(
+            s,
+            "  latency ms       {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "p50", "p90", "p99", "p99.9", "p99.99", "max"
+        );
+        for (name, l) in [
+            ("accept", &self.latency_ms.accept),
+            ("  uncorrected", &self.latency_ms.accept_uncorrected),
+            ("end-to-end", &self.latency_ms.e2e),
+        ] {
+            let _ = writeln!(
+                s,
+                "    {name:<13}{:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                l.p50, l.p90, l.p99, l.p999, l.p9999, l.max
+            );
+        }
+        let k = &self.skew;
+        let _ = writeln!(
+            s,
+            "  ordering     {:.3}% of {} pairs inverted; displacement p50 {}, p99 {}, max {}{}",
+            k.inversion_ratio * 100.0,
+            n(k.pairs),
+            n(k.displacement_p50),
+            n(k.displacement_p99),
+            n(k.displacement_max),
+            if self.skew_exact {
+                ""
+            } else {
+                " (approximate: merged without raw data)"
+            }
+        );
+        let _ = writeln!(
+            s,
+            "  fairness     late winners {}, early losers {}",
+            n(k.late_winners),
+            n(k.early_losers)
+        );
+        let _ = writeln!(
+            s,
+            "  correctness  oversold {}, double issued {}, lost {}, phantom {}, inconsistent replays {}, ledger mismatch {}",
+            self.oversold, self.double_issued, self.lost, self.phantom, self.inconsistent_replays, self.ledger_mismatch
+        );
+        let _ = writeln!(s, "  DLQ          {} {:?}", self.dlq, self.dlq_reasons);
+        match &self.store {
+            Some(st) => {
+                let _ = writeln!(
+                    s,
+                    "  store        {} coupons, {} remaining, {} holders{}",
+                    n(st.coupons),
+                    n(st.remaining),
+                    n(st.holders),
+                    if st.counter_mismatch {
+                        " (COUNTERS DISAGREE)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "  store        not audited (pass --redis to audit the store)"
+                );
+            }
+        }
+        for note in &self.notes {
+            let _ = writeln!(s, "  note         {note}");
+        }
+        let _ = writeln!(
+            s,
+            "  verdict      {}",
+            if self.passed {
+                "PASS"
+            } else {
+                "FAIL: a correctness figure is not zero"
+            }
+        );
+        s
+    }
+}
+
+/// `12345` → `12,345`.
+pub fn group(x: u64) -> String {
+    let digits = x.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Rebuilds the facts of several reports that carry raw data, so they can be
+/// merged exactly. Outcomes seen by several load generators (the same record,
+/// same partition and offset) count once.
+pub fn merge_facts(reports: &[Report]) -> Result<Facts, String> {
+    let first = reports.first().ok_or("nothing to merge")?;
+    let mut accepted: HashMap<Uuid, Acceptance> = HashMap::new();
+    let mut outcomes: Vec<Observed> = Vec::new();
+    let mut seen: HashSet<(i32, i64, Uuid, bool)> = HashSet::new();
+    let mut ledger: Option<Ledger> = None;
+    let mut ledger_at = 0u64;
+    let mut accept = latency::histogram();
+    let mut accept_uncorrected = latency::histogram();
+    let mut answers: BTreeMap<String, u64> = BTreeMap::new();
+    let mut dlq: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut requests, mut sends) = (0, 0);
+    let (mut started, mut load_end, mut end) = (u64::MAX, 0, 0);
+    for r in reports {
+        if r.event_id != first.event_id || r.stock != first.stock {
+            return Err(format!(
+                "cannot merge: {} (stock {}) and {} (stock {}) are different drops",
+                first.event_id, first.stock, r.event_id, r.stock
+            ));
+        }
+        let raw = r.raw.as_ref().ok_or("no raw data")?;
+        for a in &raw.accepted {
+            accepted
+                .entry(a.request_id)
+                .and_modify(|e| e.accepted_at = e.accepted_at.min(a.acceptance.accepted_at))
+                .or_insert_with(|| a.acceptance.clone());
+        }
+        for o in &raw.outcomes {
+            let key = (
+                o.outcome.partition,
+                o.outcome.offset,
+                o.outcome.request_id,
+                o.outcome.replay,
+            );
+            if seen.insert(key) {
+                outcomes.push(Observed {
+                    outcome: o.outcome.clone(),
+                    observed_at: o.observed_at,
+                });
+            }
+        }
+        // The latest audit of the store is the most complete.
+        let audited_at = r.started_at + ((r.load_seconds + r.drain_seconds) * 1e6) as u64;
+        if raw.ledger.is_some() && audited_at >= ledger_at {
+            ledger = raw.ledger.clone();
+            ledger_at = audited_at;
+        }
+        accept
+            .add(latency::decode(&r.histograms.accept)?)
+            .map_err(|e| e.to_string())?;
+        accept_uncorrected
+            .add(latency::decode(&r.histograms.accept_uncorrected)?)
+            .map_err(|e| e.to_string())?;
+        for (k, v) in &r.answers {
+            *answers.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &r.dlq_reasons {
+            let e = dlq.entry(k.clone()).or_default();
+            *e = (*e).max(*v); // every generator sees the same DLQ
+        }
+        requests += r.requests;
+        sends += r.sends;
+        started = started.min(r.started_at);
+        load_end = load_end.max(r.started_at + (r.load_seconds * 1e6) as u64);
+        end = end.max(r.started_at + ((r.load_seconds + r.drain_seconds) * 1e6) as u64);
+    }
+    outcomes.sort_by_key(|o| o.observed_at);
+    Ok(Facts {
+        config: serde_json::json!({ "merged": reports.iter().map(|r| r.config.clone()).collect::<Vec<_>>() }),
+        event_id: first.event_id.clone(),
+        terms: EventTerms {
+            stock: first.stock,
+            per_user_limit: first.per_user_limit,
+        },
+        started_at: started,
+        load_finished_at: load_end,
+        finished_at: end,
+        requests,
+        sends,
+        answers,
+        accepted,
+        outcomes,
+        dlq,
+        ledger,
+        accept,
+        accept_uncorrected,
+        notes: vec![format!(
+            "merged from {} reports, exactly (raw data)",
+            reports.len()
+        )],
+    })
+}
+
+/// Merges reports without raw data. Exact: histograms, sends, answers,
+/// accepted and lost (each generator's own requests). Event-wide figures
+/// (decided, issued, oversold, double issued...) are seen alike by every
+/// generator and taken as the largest. Not recomputable: the skew, and
+/// `phantom`, since each generator counts the others' requests as phantom;
+/// the smallest value is reported, an upper bound. The notes say so.
+pub fn merge_summaries(reports: &[Report]) -> Result<Report, String> {
+    let mut merged = reports.first().ok_or("nothing to merge")?.clone();
+    let mut accept = latency::decode(&merged.histograms.accept)?;
+    let mut uncorrected = latency::decode(&merged.histograms.accept_uncorrected)?;
+    let mut e2e = latency::decode(&merged.histograms.e2e)?;
+    for r in &reports[1..] {
+        if r.event_id != merged.event_id || r.stock != merged.stock {
+            return Err(format!(
+                "cannot merge: {} and {} are different drops",
+                merged.event_id, r.event_id
+            ));
+        }
+        accept
+            .add(latency::decode(&r.histograms.accept)?)
+            .map_err(|e| e.to_string())?;
+        uncorrected
+            .add(latency::decode(&r.histograms.accept_uncorrected)?)
+            .map_err(|e| e.to_string())?;
+        e2e.add(latency::decode(&r.histograms.e2e)?)
+            .map_err(|e| e.to_string())?;
+        merged.requests += r.requests;
+        merged.sends += r.sends;
+        merged.accepted += r.accepted;
+        merged.lost += r.lost;
+        for (k, v) in &r.answers {
+            *merged.answers.entry(k.clone()).or_default() += v;
+        }
+        merged.throughput.accepted_per_s += r.throughput.accepted_per_s;
+        merged.load_seconds = merged.load_seconds.max(r.load_seconds);
+        merged.decided = merged.decided.max(r.decided);
+        merged.issued = merged.issued.max(r.issued);
+        merged.replays = merged.replays.max(r.replays);
+        merged.oversold = merged.oversold.max(r.oversold);
+        merged.double_issued = merged.double_issued.max(r.double_issued);
+        merged.inconsistent_replays = merged.inconsistent_replays.max(r.inconsistent_replays);
+        merged.ledger_mismatch = merged.ledger_mismatch.max(r.ledger_mismatch);
+        merged.dlq = merged.dlq.max(r.dlq);
+        merged.phantom = merged.phantom.min(r.phantom);
+    }
+    merged.latency_ms = Latencies {
+        accept: latency::summary(&accept),
+        accept_uncorrected: latency::summary(&uncorrected),
+        e2e: latency::summary(&e2e),
+    };
+    merged.histograms = Histograms {
+        accept: latency::encode(&accept),
+        accept_uncorrected: latency::encode(&uncorrected),
+        e2e: latency::encode(&e2e),
+    };
+    merged.skew_exact = false;
+    merged.raw = None;
+    merged.config = serde_json::json!({ "merged": reports.iter().map(|r| r.config.clone()).collect::<Vec<_>>() });
+    merged.notes.push(format!(
+        "merged from {} reports without raw data: latencies, sends, accepted and lost are exact; \
+         the skew is the first report's; phantom is an upper bound",
+        reports.len()
+    ));
+    merged.passed = merged.failures() == 0;
+    Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_grouped() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(999), "999");
+        assert_eq!(group(1000), "1,000");
+        assert_eq!(group(1234567), "1,234,567");
+    }
+}

@@ -1,0 +1,256 @@
+//! One drop, start to finish: set up the event, start watching outcomes,
+//! offer the load, wait for the last decisions, audit the store, report.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use couponrush_api::producer::RequestProducer;
+use couponrush_core::kafka::KafkaSettings;
+use couponrush_core::store::{EventSpec, Store};
+use couponrush_core::wire::now_micros;
+use couponrush_core::Topics;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+use crate::drive::direct::DirectFactory;
+use crate::drive::http::{self, Endpoint, HttpFactory};
+use crate::drive::{drive, Driven, Plan, Progress};
+use crate::measure::audit::EventTerms;
+use crate::observe::Observer;
+use crate::report::{Facts, Report};
+
+/// How requests reach the system.
+pub enum Via {
+    /// Over HTTP to the api.
+    Http {
+        /// The api.
+        endpoint: Endpoint,
+        /// Admin token for the event setup.
+        admin_token: Option<String>,
+        /// Per-request timeout.
+        timeout: Duration,
+    },
+    /// Produced straight to the requests topic.
+    Direct {
+        /// The producer (with its partitioner).
+        producer: Arc<RequestProducer>,
+    },
+}
+
+/// One drop to run.
+pub struct Drop {
+    /// Where requests go.
+    pub via: Via,
+    /// Kafka, for watching outcomes.
+    pub kafka: KafkaSettings,
+    /// Topic names.
+    pub topics: Topics,
+    /// The store, for the audit (and the setup with `Via::Direct`).
+    pub store: Option<Arc<dyn Store>>,
+    /// Create or reset the event first (false: it exists; several generators).
+    pub setup: bool,
+    /// Stock and limit to set up.
+    pub terms: EventTerms,
+    /// The load.
+    pub plan: Plan,
+    /// How long to wait for the last decisions after the load.
+    pub drain_timeout: Duration,
+    /// Show a progress bar.
+    pub progress: bool,
+    /// Keep raw data in the report.
+    pub keep_raw: bool,
+    /// The settings, for the report.
+    pub config: serde_json::Value,
+}
+
+/// Runs `drop` and reports; `cancel` stops the load early (the drain and
+/// audit still run).
+pub async fn run_drop(drop: Drop, cancel: CancellationToken) -> Result<Report, String> {
+    let event = drop.plan.event_id.clone();
+    let terms = setup(&drop).await?;
+
+    let observer = {
+        let (kafka, topics, event) = (drop.kafka.clone(), drop.topics.clone(), event.clone());
+        tokio::task::spawn_blocking(move || Observer::start(&kafka, &topics, &event))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| {
+                format!(
+                    "cannot watch {} on {}: {e}",
+                    drop.topics.outcomes, drop.kafka.brokers
+                )
+            })?
+    };
+    let observer = Arc::new(observer);
+
+    let progress = Arc::new(Progress::default());
+    let bar = drop
+        .progress
+        .then(|| progress_bar(progress.clone(), observer.clone(), drop.plan.requests));
+    let driven: Driven = match &drop.via {
+        Via::Http {
+            endpoint, timeout, ..
+        } => {
+            let factory = Arc::new(HttpFactory {
+                endpoint: endpoint.clone(),
+                timeout: *timeout,
+            });
+            drive(factory, drop.plan.clone(), progress.clone(), cancel.clone()).await
+        }
+        Via::Direct { producer } => {
+            let factory = Arc::new(DirectFactory {
+                producer: producer.clone(),
+            });
+            drive(factory, drop.plan.clone(), progress.clone(), cancel.clone()).await
+        }
+    };
+    let load_finished_at = now_micros();
+    let ids: HashSet<_> = driven.accepted.keys().copied().collect();
+    let undecided = observer.wait_for(&ids, drop.drain_timeout).await;
+    // A little longer, so late replays of the last batches are seen too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if let Some((bar, task)) = bar {
+        task.abort();
+        bar.finish_and_clear();
+    }
+    let finished_at = now_micros();
+    let observations = Arc::try_unwrap(observer)
+        .map_err(|_| "observer still shared".to_string())?
+        .finish();
+
+    let mut notes = Vec::new();
+    if undecided > 0 {
+        notes.push(format!(
+            "{undecided} accepted requests were still undecided after the {:?} drain (counted as lost)",
+            drop.drain_timeout
+        ));
+    }
+    if observations.unparsable > 0 {
+        notes.push(format!(
+            "{} outcome records did not parse",
+            observations.unparsable
+        ));
+    }
+    let ledger = match &drop.store {
+        Some(store) => store
+            .ledger(&event)
+            .await
+            .map_err(|e| format!("cannot audit the store: {e}"))?,
+        None => None,
+    };
+    let facts = Facts {
+        config: drop.config,
+        event_id: event,
+        terms,
+        started_at: driven.started_at,
+        load_finished_at,
+        finished_at,
+        requests: driven.requests,
+        sends: driven.sends,
+        answers: driven.answers,
+        accepted: driven.accepted,
+        outcomes: observations.outcomes,
+        dlq: observations.dlq,
+        ledger,
+        accept: driven.accept,
+        accept_uncorrected: driven.accept_uncorrected,
+        notes,
+    };
+    Ok(Report::build(facts, drop.keep_raw))
+}
+
+async fn setup(drop: &Drop) -> Result<EventTerms, String> {
+    let event = &drop.plan.event_id;
+    let spec = EventSpec {
+        stock: drop.terms.stock,
+        per_user_limit: drop.terms.per_user_limit,
+    };
+    match (&drop.via, drop.setup, &drop.store) {
+        (
+            Via::Http {
+                endpoint,
+                admin_token,
+                ..
+            },
+            true,
+            _,
+        ) => {
+            let e = http::put_event(
+                endpoint,
+                event,
+                spec.stock,
+                spec.per_user_limit,
+                admin_token.as_deref(),
+            )
+            .await?;
+            Ok(EventTerms {
+                stock: e.stock,
+                per_user_limit: e.per_user_limit,
+            })
+        }
+        (Via::Http { endpoint, .. }, false, _) => {
+            let e = http::get_event(endpoint, event).await?;
+            Ok(EventTerms {
+                stock: e.stock,
+                per_user_limit: e.per_user_limit,
+            })
+        }
+        (Via::Direct { .. }, true, Some(store)) => {
+            store
+                .put_event(event, spec)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(drop.terms)
+        }
+        (Via::Direct { .. }, false, Some(store)) => {
+            let e = store
+                .event(event)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("event {event} does not exist"))?;
+            Ok(EventTerms {
+                stock: e.stock,
+                per_user_limit: e.per_user_limit,
+            })
+        }
+        (Via::Direct { .. }, _, None) => {
+            Err("--direct needs --redis to set up and audit the event".into())
+        }
+    }
+}
+
+fn progress_bar(
+    progress: Arc<Progress>,
+    observer: Arc<Observer>,
+    total: u64,
+) -> (ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = if total == u64::MAX {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let b = bar.clone();
+    let task = tokio::spawn(async move {
+        let (mut last_acc, mut last_dec) = (0u64, 0u64);
+        let tick = Duration::from_millis(500);
+        loop {
+            tokio::time::sleep(tick).await;
+            let acc = progress.accepted.load(Ordering::Relaxed);
+            let dec = observer.decided();
+            b.set_position(progress.sent.load(Ordering::Relaxed).min(total));
+            b.set_message(format!(
+                "accepted {acc} ({:.0}/s), decided {dec} ({:.0}/s)",
+                (acc - last_acc) as f64 / tick.as_secs_f64(),
+                (dec.saturating_sub(last_dec)) as f64 / tick.as_secs_f64()
+            ));
+            (last_acc, last_dec) = (acc, dec);
+        }
+    });
+    (bar, task)
+}

@@ -1,0 +1,355 @@
+//! `coupon-loadgen sweep`: the same drop over partition counts, issuer
+//! counts and partitioners, each point on fresh topics and a fresh group, to
+//! choose a partition count. Writes a table, JSON and an SVG chart of issued/s
+//! and ordering skew against partitions: the seed's trade-off, measured (one
+//! partition keeps strict order at one issuer's speed; more partitions buy
+//! throughput with soft order).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use couponrush_core::cli::KafkaArgs;
+use couponrush_core::store::memory::MemoryStore;
+use couponrush_core::store::Store;
+use couponrush_core::Partitioner;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::chart::{document, Panel, Series};
+use crate::deploy::{Deployment, KafkaChoice, Spec};
+use crate::drive::http::Endpoint;
+use crate::measure::audit::EventTerms;
+use crate::run::{run_drop, Drop, Via};
+use crate::{redis_store, LoadArgs, LoadDefaults, Verdict};
+
+/// `coupon-loadgen sweep`.
+#[derive(Debug, Clone, Args)]
+pub struct SweepArgs {
+    /// Partition counts to try.
+    #[arg(
+        long,
+        env = "SWEEP_PARTITIONS",
+        value_delimiter = ',',
+        default_value = "1,2,4,8"
+    )]
+    pub partitions: Vec<i32>,
+    /// Issuer counts to try.
+    #[arg(
+        long,
+        env = "SWEEP_ISSUERS",
+        value_delimiter = ',',
+        default_value = "1,2"
+    )]
+    pub issuers: Vec<usize>,
+    /// Partitioners to try.
+    #[arg(
+        long = "partitioner",
+        env = "SWEEP_PARTITIONERS",
+        value_delimiter = ',',
+        default_value = "event,spread"
+    )]
+    pub partitioners: Vec<Partitioner>,
+    /// Use these Kafka brokers (default: an embedded mock cluster per point).
+    #[arg(long = "brokers", env = "SWEEP_BROKERS")]
+    pub brokers: Option<String>,
+    /// Use the Redis at this URL as the store (default: in-memory).
+    #[arg(long = "redis", env = "SWEEP_REDIS_URL")]
+    pub redis: Option<String>,
+    /// Coupons per drop.
+    #[arg(long, env = "SWEEP_STOCK", default_value_t = 1000)]
+    pub stock: u32,
+    /// Runs per point; the point reports the median.
+    #[arg(long, env = "SWEEP_REPEAT", default_value_t = 1)]
+    pub repeat: usize,
+    /// Directory for sweep.json, sweep.svg and sweep.txt.
+    #[arg(long, env = "SWEEP_OUT", default_value = "sweep-out")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub load: LoadArgs,
+}
+
+/// One measured point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Point {
+    /// Request partitions.
+    pub partitions: i32,
+    /// Issuers.
+    pub issuers: usize,
+    /// Strategy.
+    pub partitioner: Partitioner,
+    /// Median coupons per second.
+    pub issued_per_s: f64,
+    /// Median first decisions per second.
+    pub decided_per_s: f64,
+    /// Median accepted per second.
+    pub accepted_per_s: f64,
+    /// Median inversion ratio.
+    pub inversion_ratio: f64,
+    /// Median p99 displacement.
+    pub displacement_p99: u64,
+    /// Median late winners.
+    pub late_winners: u64,
+    /// Median end-to-end p99, ms.
+    pub e2e_p99_ms: f64,
+    /// Sum of correctness failures over the runs (must be 0).
+    pub failures: u64,
+    /// Runs measured.
+    pub runs: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs the sweep.
+pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict, String> {
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let store: Arc<dyn Store> = match &args.redis {
+        Some(url) => redis_store(url).await?,
+        None => Arc::new(MemoryStore::default()),
+    };
+    let mut points = Vec::new();
+    let total = args.partitions.len() * args.issuers.len() * args.partitioners.len();
+    for &partitioner in &args.partitioners {
+        for &issuers in &args.issuers {
+            for &partitions in &args.partitions {
+                if cancel.is_cancelled() {
+                    return Err("cancelled".into());
+                }
+                let mut runs = Vec::new();
+                for _ in 0..args.repeat.max(1) {
+                    runs.push(
+                        point_run(
+                            &args,
+                            store.clone(),
+                            partitions,
+                            issuers,
+                            partitioner,
+                            &cancel,
+                        )
+                        .await?,
+                    );
+                }
+                let med =
+                    |f: fn(&crate::report::Report) -> f64| median(runs.iter().map(f).collect());
+                let p = Point {
+                    partitions,
+                    issuers,
+                    partitioner,
+                    issued_per_s: med(|r| r.throughput.issued_per_s),
+                    decided_per_s: med(|r| r.throughput.decided_per_s),
+                    accepted_per_s: med(|r| r.throughput.accepted_per_s),
+                    inversion_ratio: med(|r| r.skew.inversion_ratio),
+                    displacement_p99: med(|r| r.skew.displacement_p99 as f64) as u64,
+                    late_winners: med(|r| r.skew.late_winners as f64) as u64,
+                    e2e_p99_ms: med(|r| r.latency_ms.e2e.p99),
+                    failures: runs.iter().map(|r| r.failures()).sum(),
+                    runs: runs.len(),
+                };
+                eprintln!(
+                    "[{}/{total}] {partitioner} p={partitions} issuers={issuers}: issued {:.0}/s, decided {:.0}/s, inversions {:.4}",
+                    points.len() + 1,
+                    p.issued_per_s,
+                    p.decided_per_s,
+                    p.inversion_ratio
+                );
+                points.push(p);
+            }
+        }
+    }
+    let table = table(&points);
+    println!("{table}");
+    let json = serde_json::to_vec_pretty(&serde_json::json!({
+        "schema": "couponrush.sweep/v1",
+        "load": format!("{:?}", args.load),
+        "stock": args.stock,
+        "kafka": args.brokers.clone().unwrap_or_else(|| "embedded mock cluster (3 brokers)".into()),
+        "store": store.kind(),
+        "points": points,
+    }))
+    .map_err(|e| e.to_string())?;
+    let write = |name: &str, bytes: &[u8]| {
+        let path = args.out.join(name);
+        std::fs::write(&path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    write("sweep.json", &json)?;
+    write("sweep.txt", table.as_bytes())?;
+    write("sweep.svg", sweep_chart(&points).as_bytes())?;
+    println!(
+        "wrote sweep.json, sweep.txt and sweep.svg to {}",
+        args.out.display()
+    );
+    Ok(if points.iter().all(|p| p.failures == 0) {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    })
+}
+
+async fn point_run(
+    args: &SweepArgs,
+    store: Arc<dyn Store>,
+    partitions: i32,
+    issuers: usize,
+    partitioner: Partitioner,
+    cancel: &CancellationToken,
+) -> Result<crate::report::Report, String> {
+    let kafka = match &args.brokers {
+        Some(b) => KafkaChoice::External(
+            KafkaArgs {
+                brokers: b.clone(),
+                kafka_opt: Vec::new(),
+            }
+            .settings(),
+        ),
+        None => KafkaChoice::Embedded(3),
+    };
+    let deployment = Deployment::start(Spec {
+        kafka,
+        store: store.clone(),
+        partitions,
+        issuers,
+        partitioner,
+        batch_size: 2000,
+        with_api: true,
+        start_issuers: true,
+    })
+    .await?;
+    // Let the group form before the doors open, so every point measures
+    // deciding, not joining.
+    if !deployment.wait_assigned(Duration::from_secs(60)).await {
+        return Err("the issuers did not get every partition within 60s".into());
+    }
+    let event = format!("sweep-{}", uuid::Uuid::new_v4().simple());
+    let plan = args.load.plan(
+        &event,
+        LoadDefaults {
+            requests: 20_000,
+            users: 20_000,
+            retry_ratio: 0.0,
+        },
+    )?;
+    let api = deployment.api.ok_or("the api did not start")?;
+    let drop = Drop {
+        via: Via::Http {
+            endpoint: Endpoint::parse(&format!("http://{api}")).await?,
+            admin_token: None,
+            timeout: Duration::from_secs(30),
+        },
+        kafka: deployment.kafka.clone(),
+        topics: deployment.topics.clone(),
+        store: Some(store),
+        setup: true,
+        terms: EventTerms {
+            stock: args.stock,
+            per_user_limit: 1,
+        },
+        plan,
+        drain_timeout: args.load.drain_timeout,
+        progress: false,
+        keep_raw: false,
+        config: serde_json::json!({ "partitions": partitions, "issuers": issuers, "partitioner": partitioner }),
+    };
+    let report = run_drop(drop, cancel.clone()).await;
+    deployment.stop().await;
+    report
+}
+
+/// The sweep as a text table.
+pub fn table(points: &[Point]) -> String {
+    let mut s = format!(
+        "{:<12} {:>10} {:>7} {:>11} {:>11} {:>11} {:>10} {:>8} {:>8} {:>9} {:>8}\n",
+        "partitioner",
+        "partitions",
+        "issuers",
+        "issued/s",
+        "decided/s",
+        "accepted/s",
+        "inversions",
+        "disp p99",
+        "late win",
+        "e2e p99ms",
+        "failures"
+    );
+    for p in points {
+        s.push_str(&format!(
+            "{:<12} {:>10} {:>7} {:>11.0} {:>11.0} {:>11.0} {:>10.4} {:>8} {:>8} {:>9.1} {:>8}\n",
+            p.partitioner.to_string(),
+            p.partitions,
+            p.issuers,
+            p.issued_per_s,
+            p.decided_per_s,
+            p.accepted_per_s,
+            p.inversion_ratio,
+            p.displacement_p99,
+            p.late_winners,
+            p.e2e_p99_ms,
+            p.failures
+        ));
+    }
+    s
+}
+
+/// Three panels against partitions, one line per partitioner and issuer
+/// count: coupons issued per second, requests decided per second, and the
+/// inversion ratio.
+pub fn sweep_chart(points: &[Point]) -> String {
+    let mut keys: Vec<(String, usize)> = points
+        .iter()
+        .map(|p| (p.partitioner.to_string(), p.issuers))
+        .collect();
+    keys.dedup();
+    keys.sort();
+    keys.dedup();
+    let series = |f: fn(&Point) -> f64| -> Vec<Series> {
+        keys.iter()
+            .map(|(name, issuers)| Series {
+                name: format!(
+                    "{name}, {issuers} issuer{}",
+                    if *issuers == 1 { "" } else { "s" }
+                ),
+                points: points
+                    .iter()
+                    .filter(|p| p.partitioner.to_string() == *name && p.issuers == *issuers)
+                    .map(|p| (p.partitions as f64, f(p)))
+                    .collect(),
+            })
+            .collect()
+    };
+    document(
+        &[
+            Panel {
+                title: "Coupons issued per second (stock / time to sell out)".into(),
+                x_label: "partitions of coupon.requests".into(),
+                y_label: "issued / s".into(),
+                series: series(|p| p.issued_per_s),
+                scatter: false,
+                x_log2: true,
+            },
+            Panel {
+                title: "Throughput: requests decided per second".into(),
+                x_label: "partitions of coupon.requests".into(),
+                y_label: "decided / s".into(),
+                series: series(|p| p.decided_per_s),
+                scatter: false,
+                x_log2: true,
+            },
+            Panel {
+                title: "Ordering skew: fraction of request pairs decided out of arrival order"
+                    .into(),
+                x_label: "partitions of coupon.requests".into(),
+                y_label: "inversion ratio".into(),
+                series: series(|p| p.inversion_ratio),
+                scatter: false,
+                x_log2: true,
+            },
+        ],
+        960.0,
+        360.0,
+    )
+}
