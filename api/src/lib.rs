@@ -40,6 +40,7 @@ use axum::Router;
 use clap::Parser;
 use couponrush_core::cli::{parse_duration, KafkaArgs, LogArgs, StoreArgs, TopicArgs};
 use couponrush_core::kafka::{ensure_topics, KafkaSettings, TopicError};
+use couponrush_core::recovery::Recovery;
 use couponrush_core::store::redis::RedisStore;
 use couponrush_core::store::{Store, StoreError};
 use couponrush_core::{Partitioner, Topics};
@@ -94,6 +95,10 @@ pub struct Cli {
     /// How long to wait for the broker's acknowledgement before answering 503.
     #[arg(long, env = "PRODUCE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub produce_timeout: Duration,
+    /// When the store lost its state: wait this long for in-flight outcomes
+    /// before rebuilding it from the log (as the issuers do).
+    #[arg(long, env = "RECOVERY_FENCE", default_value = "15s", value_parser = parse_duration)]
+    pub recovery_fence: Duration,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub log: LogArgs,
@@ -113,6 +118,8 @@ impl Cli {
             max_in_flight: self.max_in_flight.max(1),
             producer_queue: self.producer_queue.max(1),
             produce_timeout: self.produce_timeout,
+            recovery_fence: self.recovery_fence,
+            dedup_retention: self.store.dedup_retention,
         }
     }
 }
@@ -140,6 +147,10 @@ pub struct Config {
     pub producer_queue: usize,
     /// Broker acknowledgement timeout.
     pub produce_timeout: Duration,
+    /// Wait before rebuilding a lost store (see `couponrush_core::recovery`).
+    pub recovery_fence: Duration,
+    /// Lifetime of dedup records restored by a recovery.
+    pub dedup_retention: Duration,
 }
 
 impl Config {
@@ -197,6 +208,8 @@ pub struct AppState {
     pub max_in_flight: usize,
     /// Broker acknowledgement timeout.
     pub produce_timeout: Duration,
+    /// Where event definitions are written.
+    pub events_topic: String,
     /// The Prometheus handle, when this process's recorder is ours.
     pub metrics: Option<PrometheusHandle>,
 }
@@ -265,6 +278,7 @@ async fn record_metrics(req: Request, next: Next) -> Response {
 pub struct Api {
     listener: TcpListener,
     state: Arc<AppState>,
+    recovery: Option<Recovery>,
 }
 
 impl Api {
@@ -331,6 +345,14 @@ impl Api {
             store = store.kind(),
             "api ready"
         );
+        let recovery = Recovery {
+            kafka: config.kafka.clone(),
+            topics: config.topics.clone(),
+            store: store.clone(),
+            fence: config.recovery_fence,
+            retention: config.dedup_retention,
+            owner: format!("coupon-api-{}", std::process::id()),
+        };
         let state = Arc::new(AppState {
             events: EventCache::new(store.clone()),
             store,
@@ -339,9 +361,14 @@ impl Api {
             in_flight: Semaphore::new(config.max_in_flight),
             max_in_flight: config.max_in_flight,
             produce_timeout: config.produce_timeout,
+            events_topic: config.topics.events.clone(),
             metrics,
         });
-        Ok(Api { listener, state })
+        Ok(Api {
+            listener,
+            state,
+            recovery: Some(recovery),
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -359,6 +386,15 @@ impl Api {
     /// Serves until `shutdown`, then drains open requests and flushes the
     /// producer so every `202` already sent stays true.
     pub async fn serve(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        if let Some(recovery) = self.recovery {
+            // Accepting requests needs only the broker; admin writes wait for
+            // a store with an epoch (initialised, or rebuilt from the log).
+            tokio::spawn(async move {
+                if let Err(e) = recovery.ensure_ready(Duration::from_secs(3600)).await {
+                    tracing::warn!(error = %e, "the store is not ready");
+                }
+            });
+        }
         let producer = self.state.producer.clone();
         tokio::spawn(
             producer

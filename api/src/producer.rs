@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use couponrush_core::kafka::KafkaSettings;
+use couponrush_core::wire::EventRecord;
 use couponrush_core::{IssueRequest, Partitioner};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -142,6 +143,30 @@ impl RequestProducer {
             let me = self.clone();
             let _ = tokio::task::spawn_blocking(move || me.probe(Duration::from_secs(2))).await;
             metrics::gauge!("couponrush_api_producer_queue").set(self.queue_depth() as f64);
+        }
+    }
+
+    /// Writes an event definition to the events topic (key: the event id)
+    /// and waits for the acknowledgement.
+    pub async fn publish_event(
+        &self,
+        topic: &str,
+        record: &EventRecord,
+    ) -> Result<(), ProduceError> {
+        let payload = record.to_bytes();
+        let rec = FutureRecord::to(topic)
+            .key(record.event_id.as_bytes())
+            .payload(payload.as_slice());
+        match self.producer.send_result(rec) {
+            Ok(d) => match d.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(ProduceError::Broker(e)),
+                Err(_) => Err(ProduceError::Broker(KafkaError::Canceled)),
+            },
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(ProduceError::QueueFull)
+            }
+            Err((e, _)) => Err(ProduceError::Broker(e)),
         }
     }
 

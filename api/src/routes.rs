@@ -18,7 +18,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use couponrush_core::store::{Decision, EventSpec, EventState, StoreError};
-use couponrush_core::wire::{now_micros, validate_event_id, validate_user_id};
+use couponrush_core::wire::{
+    now_micros, validate_event_id, validate_user_id, EventRecord, WIRE_VERSION,
+};
 use couponrush_core::IssueRequest;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -68,9 +70,66 @@ fn event_path(event_id: &str) -> Result<(), AppError> {
     validate_event_id(event_id).map_err(|m| AppError::bad_request("invalid_event_id", m))
 }
 
+fn recovering() -> AppError {
+    AppError::Unavailable(
+        "the coupon store is being rebuilt from the log after losing its state; retry shortly"
+            .into(),
+    )
+}
+
+/// Whether the event exists; an unknown event while the store has no epoch
+/// is the store recovering, not a client mistake.
+async fn known_event(state: &AppState, event_id: &str) -> Result<bool, AppError> {
+    if state
+        .events
+        .exists(event_id)
+        .await
+        .map_err(store_unavailable)?
+    {
+        return Ok(true);
+    }
+    match state.store.epoch().await.map_err(store_unavailable)? {
+        Some(_) => Ok(false),
+        None => Err(recovering()),
+    }
+}
+
 fn store_unavailable(e: StoreError) -> AppError {
     tracing::warn!(error = %e, "store call failed");
     AppError::Unavailable("the coupon store is unavailable; retry shortly".into())
+}
+
+/// Why an event could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateEventError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The definition did not reach the log.
+    #[error(transparent)]
+    Log(#[from] ProduceError),
+}
+
+/// Creates or resets an event durably: in the store, then its definition in
+/// the events topic (acknowledged), so a lost store can be rebuilt with it.
+pub async fn create_event(
+    store: &dyn couponrush_core::Store,
+    producer: &crate::producer::RequestProducer,
+    events_topic: &str,
+    event_id: &str,
+    spec: EventSpec,
+) -> Result<(EventState, bool), CreateEventError> {
+    let (ev, created) = store.put_event(event_id, spec).await?;
+    let record = EventRecord {
+        v: WIRE_VERSION,
+        event_id: event_id.to_string(),
+        stock: ev.stock,
+        per_user_limit: ev.per_user_limit,
+        generation: ev.generation,
+        written_at: now_micros(),
+    };
+    producer.publish_event(events_topic, &record).await?;
+    Ok((ev, created))
 }
 
 /// Body of `PUT /v1/events/{event_id}`.
@@ -134,11 +193,33 @@ pub async fn put_event(
         per_user_limit: body.per_user_limit,
     };
     spec.validate().map_err(AppError::Unprocessable)?;
-    let (ev, created) = state
+    if state
         .store
-        .put_event(&event_id, spec)
+        .epoch()
         .await
-        .map_err(store_unavailable)?;
+        .map_err(store_unavailable)?
+        .is_none()
+    {
+        return Err(recovering());
+    }
+    let (ev, created) = create_event(
+        &*state.store,
+        &state.producer,
+        &state.events_topic,
+        &event_id,
+        spec,
+    )
+    .await
+    .map_err(|e| match e {
+        CreateEventError::Store(e) => store_unavailable(e),
+        CreateEventError::Log(e) => {
+            tracing::warn!(error = %e, event_id, "event definition not acknowledged by the broker");
+            AppError::Unavailable(
+                "the event is stored but its definition did not reach the log; retry the PUT"
+                    .into(),
+            )
+        }
+    })?;
     state.events.remember(&event_id, true);
     tracing::info!(
         event_id,
@@ -218,12 +299,7 @@ pub async fn issue(
     event_path(&event_id)?;
     validate_user_id(&body.user_id).map_err(AppError::Unprocessable)?;
     let request_id = idempotency_key(&headers)?.unwrap_or_else(Uuid::now_v7);
-    if !state
-        .events
-        .exists(&event_id)
-        .await
-        .map_err(store_unavailable)?
-    {
+    if !known_event(&state, &event_id).await? {
         return Err(AppError::NotFound(format!(
             "no event {event_id:?}; create it with PUT /v1/events/{event_id}"
         )));
@@ -298,8 +374,10 @@ pub struct DecisionView {
     pub decided_at: u64,
 }
 
+/// Only confirmed decisions are shown: an unconfirmed one is not yet in the
+/// log and would not survive the loss of the store.
 fn status_view(request_id: Uuid, found: Option<(String, Decision)>) -> Json<RequestStatus> {
-    Json(match found {
+    Json(match found.filter(|(_, d)| d.confirmed) {
         Some((event_id, decision)) => RequestStatus {
             request_id,
             status: "decided".into(),

@@ -52,6 +52,9 @@ pub struct TopicArgs {
     /// Dead-letter topic for records that cannot be decided.
     #[arg(long, env = "DLQ_TOPIC", default_value = crate::topics::DLQ)]
     pub dlq_topic: String,
+    /// Compacted topic of event definitions (for rebuilding a lost store).
+    #[arg(long, env = "EVENTS_TOPIC", default_value = crate::topics::EVENTS)]
+    pub events_topic: String,
 }
 
 impl TopicArgs {
@@ -61,6 +64,7 @@ impl TopicArgs {
             requests: self.requests_topic.clone(),
             outcomes: self.outcomes_topic.clone(),
             dlq: self.dlq_topic.clone(),
+            events: self.events_topic.clone(),
         }
     }
 }

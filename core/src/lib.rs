@@ -13,11 +13,13 @@
 //! - [`kafka`]: shared client settings (idempotent, `acks=all`) and topic
 //!   administration.
 //! - [`cli`]: flags every binary shares (`--brokers`, `--redis`, topics).
+//! - [`recovery`]: rebuilding a lost store from the events and outcomes topics.
 //! - [`telemetry`]: logs, Prometheus metrics and the shutdown signal.
 
 pub mod cli;
 pub mod kafka;
 pub mod partitioner;
+pub mod recovery;
 pub mod store;
 pub mod telemetry;
 pub mod topics;

@@ -59,7 +59,7 @@ impl EventSpec {
 }
 
 /// An event as the store sees it now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct EventState {
     /// The event's id.
     pub event_id: String,
@@ -106,10 +106,16 @@ pub struct EventBatch {
 /// The store's answer for one [`EventBatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchVerdict {
-    /// The event does not exist: every request of the batch is poison.
+    /// The event does not exist: every request of the batch is poison (or,
+    /// if the store lost its state, waits for the recovery).
     UnknownEvent,
     /// One decision per request, in the batch's order.
-    Decided(Vec<Decision>),
+    Decided {
+        /// The event's generation the decisions belong to.
+        generation: u64,
+        /// The decisions.
+        decisions: Vec<Decision>,
+    },
 }
 
 /// The decision for one request.
@@ -127,6 +133,46 @@ pub struct Decision {
     /// store decided; 0 for a `duplicate`). Exact decision order, for the
     /// load generator's ordering-skew figures.
     pub seq: u64,
+    /// True once the issuer confirmed the decision's outcome is in the log
+    /// (see [`Store::confirm`]); only confirmed decisions are shown to
+    /// clients, because only they survive the loss of the store.
+    #[serde(default)]
+    pub confirmed: bool,
+}
+
+/// Requests of one event whose outcomes the broker acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmation {
+    /// The event.
+    pub event_id: String,
+    /// The requests.
+    pub request_ids: Vec<Uuid>,
+}
+
+/// One decision to restore, rebuilt from the outcomes log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredDecision {
+    /// The request.
+    pub request_id: Uuid,
+    /// Its user.
+    pub user_id: String,
+    /// The decision (restored as confirmed: it is in the log).
+    pub decision: Decision,
+}
+
+/// An event's whole state, rebuilt from the events and outcomes topics.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EventSnapshot {
+    /// Counters (remaining = stock − coupons).
+    pub state: EventState,
+    /// The last decision sequence number used.
+    pub seq: u64,
+    /// Coupons held per user.
+    pub holders: Vec<(String, u32)>,
+    /// Coupons by rank.
+    pub coupons: Vec<Coupon>,
+    /// Every decision of the generation.
+    pub decided: Vec<RestoredDecision>,
 }
 
 /// One issued coupon, as recorded in the store.
@@ -216,6 +262,32 @@ pub trait Store: Send + Sync + 'static {
 
     /// The full ledger of an event, for audits.
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError>;
+
+    /// Marks decisions confirmed: their outcomes are acknowledged by the
+    /// broker. Idempotent; one round trip for the whole batch.
+    async fn confirm(&self, batches: &[Confirmation]) -> Result<(), StoreError>;
+
+    /// The store's epoch marker: `None` means the store lost its state (or
+    /// never had any) and must be recovered before anything is decided.
+    async fn epoch(&self) -> Result<Option<String>, StoreError>;
+
+    /// Writes the epoch marker (the last step of a recovery).
+    async fn set_epoch(&self, epoch: &str) -> Result<(), StoreError>;
+
+    /// Takes the recovery lock for `owner` for at most `ttl`; false if
+    /// someone else holds it.
+    async fn try_lock_recovery(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Releases the recovery lock if `owner` holds it.
+    async fn unlock_recovery(&self, owner: &str) -> Result<(), StoreError>;
+
+    /// Replaces an event's whole state with `snapshot`; dedup records get
+    /// `retention` to live.
+    async fn restore(
+        &self,
+        snapshot: &EventSnapshot,
+        retention: Duration,
+    ) -> Result<(), StoreError>;
 }
 
 /// Result codes shared by the Lua script and the Rust side.

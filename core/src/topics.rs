@@ -5,6 +5,8 @@
 //! the store keeps its dedup records, see `dedup_retention`); the outcomes topic
 //! is the durable ledger the store can be rebuilt from, so it keeps decisions
 //! at least as long; the DLQ keeps poison long enough for a human to look.
+//! The events topic is compacted: it keeps the latest definition of every
+//! event forever, and is the other half of what a lost store is rebuilt from.
 
 use std::time::Duration;
 
@@ -16,6 +18,8 @@ pub const REQUESTS: &str = "coupon.requests";
 pub const OUTCOMES: &str = "coupon.outcomes";
 /// Default name of the dead-letter topic.
 pub const DLQ: &str = "coupon.requests.dlq";
+/// Default name of the event definitions topic (compacted: latest per event).
+pub const EVENTS: &str = "coupon.events";
 
 /// The topic names one deployment uses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +30,9 @@ pub struct Topics {
     pub outcomes: String,
     /// Where issuers write records they cannot decide.
     pub dlq: String,
+    /// Where the api writes event definitions (stock, limit, generation), so
+    /// a lost store can be rebuilt together with the outcomes.
+    pub events: String,
 }
 
 impl Default for Topics {
@@ -34,6 +41,7 @@ impl Default for Topics {
             requests: REQUESTS.into(),
             outcomes: OUTCOMES.into(),
             dlq: DLQ.into(),
+            events: EVENTS.into(),
         }
     }
 }
@@ -118,6 +126,15 @@ impl Topics {
                 replication,
                 configs: DLQ_RETENTION.configs(),
             },
+            TopicSpec {
+                name: self.events.clone(),
+                partitions: 1,
+                replication,
+                configs: vec![
+                    ("cleanup.policy".into(), "compact".into()),
+                    ("retention.ms".into(), "-1".into()),
+                ],
+            },
         ]
     }
 }
@@ -129,9 +146,13 @@ mod tests {
     #[test]
     fn every_topic_gets_explicit_retention() {
         let specs = Topics::default().specs(8, 3);
-        assert_eq!(specs.len(), 3);
+        assert_eq!(specs.len(), 4);
         assert_eq!(specs[0].partitions, 8);
-        for spec in &specs {
+        assert_eq!(
+            specs[3].configs[0],
+            ("cleanup.policy".into(), "compact".into())
+        );
+        for spec in &specs[..3] {
             assert_eq!(spec.replication, 3);
             let keys: Vec<&str> = spec.configs.iter().map(|(k, _)| k.as_str()).collect();
             assert!(keys.contains(&"retention.ms"), "{}", spec.name);

@@ -253,6 +253,10 @@ pub struct Outcome {
     /// The request's `accepted_at`, copied so a reader of outcomes alone can
     /// compare arrival and decision order.
     pub accepted_at: u64,
+    /// The event's generation the decision belongs to (a reset starts a new
+    /// one); a lost store is rebuilt from the outcomes of the latest one.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl Outcome {
@@ -266,6 +270,40 @@ impl Outcome {
         match serde_json::from_slice::<Outcome>(bytes) {
             Ok(o) if o.v != WIRE_VERSION => Err(Poison::UnknownVersion(o.v)),
             Ok(o) => Ok(o),
+            Err(err) => Err(classify_parse_error(bytes, err)),
+        }
+    }
+}
+
+/// An event's definition, as written to the events topic (key: the event
+/// id) every time an admin creates or resets it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Wire version.
+    pub v: u32,
+    /// The event.
+    pub event_id: String,
+    /// Coupons at the start.
+    pub stock: u32,
+    /// Coupons one user may hold.
+    pub per_user_limit: u32,
+    /// The generation this definition starts.
+    pub generation: u64,
+    /// When it was written, µs since the epoch.
+    pub written_at: u64,
+}
+
+impl EventRecord {
+    /// Serializes the record.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an event record always serializes")
+    }
+
+    /// Parses a record of the events topic.
+    pub fn parse(bytes: &[u8]) -> Result<Self, Poison> {
+        match serde_json::from_slice::<EventRecord>(bytes) {
+            Ok(e) if e.v != WIRE_VERSION => Err(Poison::UnknownVersion(e.v)),
+            Ok(e) => Ok(e),
             Err(err) => Err(classify_parse_error(bytes, err)),
         }
     }
@@ -332,6 +370,7 @@ mod tests {
             replay: false,
             decision_seq: 1,
             accepted_at: 4,
+            generation: 2,
         };
         assert_eq!(Outcome::parse(&o.to_bytes()).unwrap(), o);
         o.result = DecisionResult::SoldOut;
@@ -340,6 +379,20 @@ mod tests {
         assert!(!String::from_utf8_lossy(&bytes).contains("issued_rank"));
         assert_eq!(Outcome::parse(&bytes).unwrap(), o);
         assert!(String::from_utf8_lossy(&bytes).contains("\"sold_out\""));
+    }
+
+    #[test]
+    fn event_record_round_trips() {
+        let e = EventRecord {
+            v: WIRE_VERSION,
+            event_id: "drop".into(),
+            stock: 10,
+            per_user_limit: 1,
+            generation: 3,
+            written_at: 9,
+        };
+        assert_eq!(EventRecord::parse(&e.to_bytes()).unwrap(), e);
+        assert!(EventRecord::parse(b"{}").is_err());
     }
 
     #[test]

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use couponrush_core::store::memory::MemoryStore;
 use couponrush_core::store::redis::{RedisStore, MAX_REQUESTS_PER_CALL};
-use couponrush_core::store::{BatchVerdict, Decision, EventBatch, EventSpec, Pending, Store};
+use couponrush_core::store::{
+    BatchVerdict, Confirmation, Coupon, Decision, EventBatch, EventSnapshot, EventSpec, EventState,
+    Pending, RestoredDecision, Store,
+};
 use couponrush_core::wire::{now_micros, DecisionResult};
 use uuid::Uuid;
 
@@ -54,7 +57,7 @@ async fn decide(store: &dyn Store, event: &str, reqs: &[Pending]) -> Vec<Decisio
         .unwrap()
         .remove(0)
     {
-        BatchVerdict::Decided(d) => d,
+        BatchVerdict::Decided { decisions, .. } => decisions,
         BatchVerdict::UnknownEvent => panic!("event {event} unknown"),
     }
 }
@@ -287,7 +290,9 @@ async fn unknown_event_is_reported_not_decided(store: Arc<dyn Store>) {
     ];
     let verdicts = store.decide(&batches, now_micros()).await.unwrap();
     assert_eq!(verdicts[0], BatchVerdict::UnknownEvent);
-    assert!(matches!(&verdicts[1], BatchVerdict::Decided(d) if d[0].result == Issued));
+    assert!(
+        matches!(&verdicts[1], BatchVerdict::Decided { generation: 1, decisions } if decisions[0].result == Issued)
+    );
     assert!(store.event(&batches[0].event_id).await.unwrap().is_none());
 }
 
@@ -474,6 +479,201 @@ async fn user_ids_with_separators_round_trip(store: Arc<dyn Store>) {
     assert_eq!(ledger.coupons[0].user_id, odd.user_id);
 }
 
+async fn only_confirmed_decisions_are_marked_confirmed(store: Arc<dyn Store>) {
+    let ev = new_event();
+    store
+        .put_event(
+            &ev,
+            EventSpec {
+                stock: 2,
+                per_user_limit: 1,
+            },
+        )
+        .await
+        .unwrap();
+    let (a, b) = (pending("a"), pending("b"));
+    decide(&*store, &ev, &[a.clone(), b.clone()]).await;
+    assert!(
+        !store
+            .decision(&ev, a.request_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .confirmed
+    );
+    store
+        .confirm(&[Confirmation {
+            event_id: ev.clone(),
+            request_ids: vec![a.request_id, Uuid::now_v7()],
+        }])
+        .await
+        .unwrap();
+    assert!(
+        store
+            .decision(&ev, a.request_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .confirmed
+    );
+    assert!(
+        !store
+            .decision(&ev, b.request_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .confirmed
+    );
+    // Confirming twice changes nothing; a replay of a confirmed decision stays one.
+    store
+        .confirm(&[Confirmation {
+            event_id: ev.clone(),
+            request_ids: vec![a.request_id],
+        }])
+        .await
+        .unwrap();
+    let again = decide(&*store, &ev, std::slice::from_ref(&a)).await;
+    assert_eq!(
+        (again[0].result, again[0].issued_rank, again[0].replay),
+        (Issued, Some(1), true)
+    );
+    assert_eq!(store.event(&ev).await.unwrap().unwrap().remaining, 0);
+}
+
+async fn a_restored_event_continues_where_the_ledger_left_off(store: Arc<dyn Store>) {
+    let ev = new_event();
+    let winner = pending("a");
+    let loser = pending("b");
+    let decided_at = now_micros();
+    let issued = Decision {
+        result: Issued,
+        issued_rank: Some(1),
+        decided_at,
+        replay: true,
+        seq: 1,
+        confirmed: true,
+    };
+    let snapshot = EventSnapshot {
+        state: EventState {
+            event_id: ev.clone(),
+            stock: 2,
+            per_user_limit: 1,
+            remaining: 1,
+            generation: 7,
+        },
+        seq: 2,
+        holders: vec![("a".into(), 1)],
+        coupons: vec![Coupon {
+            rank: 1,
+            request_id: winner.request_id,
+            user_id: "a".into(),
+        }],
+        decided: vec![
+            RestoredDecision {
+                request_id: winner.request_id,
+                user_id: "a".into(),
+                decision: issued,
+            },
+            RestoredDecision {
+                request_id: loser.request_id,
+                user_id: "b".into(),
+                decision: Decision {
+                    result: LimitReached,
+                    issued_rank: None,
+                    seq: 2,
+                    ..issued
+                },
+            },
+        ],
+    };
+    store
+        .restore(&snapshot, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.decision(&ev, winner.request_id).await.unwrap(),
+        Some(issued)
+    );
+    let ds = decide(
+        &*store,
+        &ev,
+        &[
+            winner.clone(),
+            loser,
+            pending("a"),
+            pending("c"),
+            pending("d"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        results(&ds),
+        [
+            (Issued, Some(1)),
+            (LimitReached, None),
+            (LimitReached, None),
+            (Issued, Some(2)),
+            (SoldOut, None)
+        ]
+    );
+    assert_eq!(
+        ds[0].decided_at, decided_at,
+        "the restored decision is replayed as it was"
+    );
+    assert_eq!(
+        ds[3].seq, 4,
+        "numbering continues after the restored sequence"
+    );
+    let ledger = store.ledger(&ev).await.unwrap().unwrap();
+    assert_eq!(ledger.state.generation, 7);
+    assert_eq!(ledger.coupons.len(), 2);
+}
+
+async fn the_recovery_lock_has_one_holder(store: Arc<dyn Store>) {
+    if store.kind() == "memory" {
+        // One process, one store: nothing to coordinate.
+        assert!(store.epoch().await.unwrap().is_some());
+        return;
+    }
+    let owner = format!("t-{}", Uuid::new_v4());
+    // Other tests may recover concurrently on the shared server: wait our turn.
+    let mut got = false;
+    for _ in 0..100 {
+        if store
+            .try_lock_recovery(&owner, Duration::from_secs(5))
+            .await
+            .unwrap()
+        {
+            got = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(got);
+    assert!(!store
+        .try_lock_recovery("someone-else", Duration::from_secs(5))
+        .await
+        .unwrap());
+    store.unlock_recovery("someone-else").await.unwrap();
+    assert!(!store
+        .try_lock_recovery("someone-else", Duration::from_secs(5))
+        .await
+        .unwrap());
+    store.unlock_recovery(&owner).await.unwrap();
+    assert!(store
+        .try_lock_recovery("someone-else", Duration::from_millis(50))
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert!(
+        store
+            .try_lock_recovery(&owner, Duration::from_millis(10))
+            .await
+            .unwrap(),
+        "locks expire"
+    );
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod redis {
@@ -519,4 +719,7 @@ conformance!(
     dedup_records_expire_after_retention,
     invalid_specs_are_refused,
     user_ids_with_separators_round_trip,
+    only_confirmed_decisions_are_marked_confirmed,
+    a_restored_event_continues_where_the_ledger_left_off,
+    the_recovery_lock_has_one_holder,
 );

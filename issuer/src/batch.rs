@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use couponrush_core::store::{BatchVerdict, EventBatch, Pending};
+use couponrush_core::store::{BatchVerdict, Confirmation, EventBatch, Pending};
 use couponrush_core::wire::{Outcome, Poison, WIRE_VERSION};
 use couponrush_core::IssueRequest;
 
@@ -107,8 +107,11 @@ impl Plan {
                     BatchVerdict::UnknownEvent => {
                         Disposition::Dead(Poison::UnknownEvent(request.event_id.clone()))
                     }
-                    BatchVerdict::Decided(ds) => {
-                        let d = ds[*position];
+                    BatchVerdict::Decided {
+                        generation,
+                        decisions,
+                    } => {
+                        let d = decisions[*position];
                         Disposition::Decided(Outcome {
                             v: WIRE_VERSION,
                             request_id: request.request_id,
@@ -122,12 +125,34 @@ impl Plan {
                             replay: d.replay,
                             decision_seq: d.seq,
                             accepted_at: request.accepted_at,
+                            generation: *generation,
                         })
                     }
                 },
             })
             .collect()
     }
+}
+
+/// The decisions to mark confirmed once their outcomes are acknowledged:
+/// every decided request but `duplicate`s (whose id belongs to another
+/// request, whose own outcome confirms it).
+pub fn confirmations(dispositions: &[Disposition]) -> Vec<Confirmation> {
+    let mut by_event: HashMap<&str, Vec<uuid::Uuid>> = HashMap::new();
+    for d in dispositions {
+        if let Disposition::Decided(o) = d {
+            if o.result != couponrush_core::DecisionResult::Duplicate {
+                by_event.entry(&o.event_id).or_default().push(o.request_id);
+            }
+        }
+    }
+    by_event
+        .into_iter()
+        .map(|(event_id, request_ids)| Confirmation {
+            event_id: event_id.to_string(),
+            request_ids,
+        })
+        .collect()
 }
 
 /// The offset to commit per partition: one past the highest offset seen.
@@ -168,6 +193,7 @@ mod tests {
             decided_at: 99,
             replay: false,
             seq: 1,
+            confirmed: false,
         }
     }
 
@@ -192,10 +218,13 @@ mod tests {
         assert_eq!(plan.pending(), 3);
 
         let verdicts = [
-            BatchVerdict::Decided(vec![
-                decided(DecisionResult::Issued, Some(1)),
-                decided(DecisionResult::SoldOut, None),
-            ]),
+            BatchVerdict::Decided {
+                generation: 3,
+                decisions: vec![
+                    decided(DecisionResult::Issued, Some(1)),
+                    decided(DecisionResult::SoldOut, None),
+                ],
+            },
             BatchVerdict::UnknownEvent,
         ];
         let out = plan.resolve(&records, &verdicts);
@@ -205,10 +234,14 @@ mod tests {
                 assert_eq!((o.partition, o.offset), (0, 5));
                 assert_eq!(o.issued_rank, Some(1));
                 assert_eq!(o.accepted_at, 10);
+                assert_eq!(o.generation, 3);
             }
             other => panic!("{other:?}"),
         }
         assert_eq!(out[1], Disposition::Dead(Poison::UnknownEvent("b".into())));
+        let confirm = confirmations(&out);
+        assert_eq!(confirm.len(), 1);
+        assert_eq!(confirm[0].request_ids, [a1.request_id, a2.request_id]);
         assert!(matches!(out[2], Disposition::Dead(Poison::Malformed(_))));
         match &out[3] {
             Disposition::Decided(o) => {

@@ -22,7 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use couponrush_core::store::Store;
+use couponrush_core::recovery::Recovery;
+use couponrush_core::store::{BatchVerdict, Store};
 use couponrush_core::wire::now_micros;
 use couponrush_core::DecisionResult;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -34,7 +35,7 @@ use rdkafka::ClientContext;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{next_offsets, Disposition, Plan, Received};
+use crate::batch::{confirmations, next_offsets, Disposition, Plan, Received};
 use crate::publish::Publisher;
 use crate::{Config, Totals};
 
@@ -220,6 +221,7 @@ pub struct Worker {
     pub(crate) shared: Arc<Shared>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) publisher: Publisher,
+    pub(crate) recovery: Recovery,
     pub(crate) rt: Handle,
     pub(crate) config: Config,
     pub(crate) shutdown: CancellationToken,
@@ -334,12 +336,22 @@ impl Worker {
                 }
             };
             metrics::histogram!("couponrush_issuer_store_seconds").record(started.elapsed());
+            if verdicts
+                .iter()
+                .any(|v| matches!(v, BatchVerdict::UnknownEvent))
+                && self.store_lost(&mut attempt)
+            {
+                continue;
+            }
             let dispositions = plan.resolve(batch, &verdicts);
             match self
                 .rt
                 .block_on(self.publisher.publish(batch, &dispositions))
             {
                 Ok(published) => {
+                    if !self.confirm(&dispositions, &mut attempt) {
+                        return false;
+                    }
                     if attempt > 0 {
                         self.set_paused(false);
                         tracing::info!(attempt, "recovered");
@@ -351,6 +363,65 @@ impl Worker {
                     metrics::counter!("couponrush_issuer_publish_errors_total").increment(1);
                     tracing::warn!(error = %e, attempt, "publishing failed; pausing, then deciding again (replays) and republishing");
                     self.backoff(&mut attempt);
+                }
+            }
+        }
+    }
+
+    /// An event was unknown: a real unknown event (poison) if the store has
+    /// its epoch, else the store lost its state and is recovered from the
+    /// log first. True when the batch must be decided again.
+    fn store_lost(&mut self, attempt: &mut u32) -> bool {
+        match self.rt.block_on(self.store.epoch()) {
+            Ok(Some(_)) => false,
+            Ok(None) => {
+                metrics::counter!("couponrush_issuer_store_losses_total").increment(1);
+                tracing::warn!(
+                    "the store has no epoch: it lost its state; recovering before deciding"
+                );
+                self.set_paused(true);
+                match self
+                    .rt
+                    .block_on(self.recovery.ensure_ready(Duration::from_secs(3600)))
+                {
+                    Ok(Some(r)) => tracing::warn!(
+                        events = r.events,
+                        decisions = r.decisions,
+                        "this issuer recovered the store"
+                    ),
+                    Ok(None) => tracing::info!("the store was recovered by another process"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "recovery failed; retrying");
+                        self.backoff(attempt);
+                    }
+                }
+                *attempt = (*attempt).max(1);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store failed; pausing and retrying");
+                self.backoff(attempt);
+                true
+            }
+        }
+    }
+
+    /// Marks the batch's decisions confirmed (their outcomes are in the log),
+    /// retrying a failing store. False if shutdown came first.
+    fn confirm(&mut self, dispositions: &[Disposition], attempt: &mut u32) -> bool {
+        let confirm = confirmations(dispositions);
+        if confirm.is_empty() {
+            return true;
+        }
+        loop {
+            match self.rt.block_on(self.store.confirm(&confirm)) {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "confirming decisions failed; retrying");
+                    if self.shutdown.is_cancelled() {
+                        return false;
+                    }
+                    self.backoff(attempt);
                 }
             }
         }

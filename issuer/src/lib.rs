@@ -43,6 +43,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use couponrush_core::cli::{parse_duration, KafkaArgs, LogArgs, StoreArgs, TopicArgs};
 use couponrush_core::kafka::KafkaSettings;
+use couponrush_core::recovery::Recovery;
 use couponrush_core::store::redis::RedisStore;
 use couponrush_core::store::{Store, StoreError};
 use couponrush_core::Topics;
@@ -96,6 +97,14 @@ pub struct Cli {
     /// Longest pause between retries of a failing store or broker.
     #[arg(long, env = "MAX_BACKOFF", default_value = "2s", value_parser = parse_duration)]
     pub max_backoff: Duration,
+    /// How long outcomes may take to reach the log: a publish that takes
+    /// longer fails, and the batch is decided again (as replays).
+    #[arg(long, env = "PUBLISH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub publish_timeout: Duration,
+    /// When the store lost its state: wait this long for in-flight outcomes
+    /// before rebuilding it from the log. Must exceed --publish-timeout.
+    #[arg(long, env = "RECOVERY_FENCE", default_value = "15s", value_parser = parse_duration)]
+    pub recovery_fence: Duration,
     /// Serve Prometheus /metrics on this address.
     #[arg(long, env = "METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -127,7 +136,9 @@ impl Cli {
             assignment: self.assignment.clone(),
             session_timeout: self.session_timeout,
             max_backoff: self.max_backoff,
-            publish_timeout: Duration::from_secs(10),
+            publish_timeout: self.publish_timeout,
+            recovery_fence: self.recovery_fence,
+            dedup_retention: self.store.dedup_retention,
         }
     }
 }
@@ -158,6 +169,10 @@ pub struct Config {
     /// librdkafka `message.timeout.ms` for outcomes: after it, a publish
     /// fails and the batch is decided again (as replays) and republished.
     pub publish_timeout: Duration,
+    /// Wait before rebuilding a lost store (see `couponrush_core::recovery`).
+    pub recovery_fence: Duration,
+    /// Lifetime of dedup records restored by a recovery.
+    pub dedup_retention: Duration,
 }
 
 impl Config {
@@ -197,6 +212,12 @@ pub enum IssuerError {
     /// The consume thread panicked.
     #[error("the consume loop panicked")]
     Panicked,
+    /// The store could not be made ready.
+    #[error(transparent)]
+    Recovery(#[from] couponrush_core::recovery::RecoveryError),
+    /// Refused configuration.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// A live view of a running issuer (for embedded deployments and tests).
@@ -235,6 +256,22 @@ pub async fn run_issuer_probed(
     shutdown: CancellationToken,
     probe: Probe,
 ) -> Result<Totals, IssuerError> {
+    if config.recovery_fence <= config.publish_timeout {
+        return Err(IssuerError::Config(format!(
+            "--recovery-fence ({:?}) must exceed --publish-timeout ({:?}): the fence waits for outcomes still in flight",
+            config.recovery_fence, config.publish_timeout
+        )));
+    }
+    let recovery = Recovery {
+        kafka: config.kafka.clone(),
+        topics: config.topics.clone(),
+        store: store.clone(),
+        fence: config.recovery_fence,
+        retention: config.dedup_retention,
+        owner: config.client_id.clone(),
+    };
+    // A store without its epoch is recovered (or initialised) before any decision.
+    recovery.ensure_ready(Duration::from_secs(3600)).await?;
     let (consumer, shared) = create_consumer(&config, probe)?;
     let publisher = Publisher::new(
         &config.kafka,
@@ -247,6 +284,7 @@ pub async fn run_issuer_probed(
         shared,
         store,
         publisher,
+        recovery,
         rt: tokio::runtime::Handle::current(),
         config,
         shutdown,

@@ -158,6 +158,18 @@ pub async fn bench_issuer(
         )
         .map_err(|e| e.to_string())?,
     );
+    couponrush_api::routes::create_event(
+        &*store,
+        &producer,
+        &deployment.topics.events,
+        &event,
+        EventSpec {
+            stock,
+            per_user_limit: 1,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let fill_started = Instant::now();
     let filled = drive(
         Arc::new(DirectFactory { producer }),

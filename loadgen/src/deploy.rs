@@ -90,6 +90,7 @@ impl Deployment {
                     requests: format!("coupon.requests.{run}"),
                     outcomes: format!("coupon.outcomes.{run}"),
                     dlq: format!("coupon.requests.dlq.{run}"),
+                    events: format!("coupon.events.{run}"),
                 };
                 ensure_topics(
                     &kafka,

@@ -3,12 +3,14 @@
 -- KEYS[1]  cr:{E}:event    hash: stock, remaining, per_user_limit, generation, seq
 -- KEYS[2]  cr:{E}:holders  hash: user_id -> coupons held
 -- KEYS[3]  cr:{E}:coupons  hash: rank -> request_id .. user_id (request_id is 36 chars)
--- KEYS[3+i] cr:{E}:req:<request_id_i>  string: generation|code|rank|decided_at|seq|user_id
+-- KEYS[3+i] cr:{E}:req:<request_id_i>  string: generation|code|rank|decided_at|seq|user_id,
+--           prefixed with '!' once the issuer confirmed the outcome is in the log
 -- ARGV[1]  now, microseconds since the epoch
 -- ARGV[2]  dedup record lifetime, seconds
 -- ARGV[2+2i], ARGV[3+2i]  request_id_i, user_id_i, in arrival order
 --
--- Returns {-1} when the event does not exist, else five integers per request:
+-- Returns {-1} when the event does not exist, else the event's generation
+-- followed by five integers per request:
 -- code (1 issued, 2 sold_out, 3 limit_reached, 4 duplicate), rank (0 unless
 -- issued), decided_at, replay (1 when an earlier decision is restated), seq
 -- (the event's decision sequence number: 1, 2, 3... in the order the store
@@ -31,7 +33,7 @@ local seq = tonumber(meta[5] or '0')
 local now = ARGV[1]
 local ttl = ARGV[2]
 local n = (#ARGV - 2) / 2
-local out = {}
+local out = {tonumber(generation)}
 local fresh = false
 
 for i = 1, n do
@@ -41,7 +43,7 @@ for i = 1, n do
   local code, rank, at, replay, dseq
   local prev = redis.call('GET', dedup_key)
   if prev then
-    local g, c, r, a, q, u = string.match(prev, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+    local g, c, r, a, q, u = string.match(prev, '^!?([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
     if g == generation then
       if u == user_id then
         code, rank, at, replay, dseq = tonumber(c), tonumber(r), tonumber(a), 1, tonumber(q)

@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{
-    BatchVerdict, Coupon, Decision, EventBatch, EventSpec, EventState, Ledger, Store, StoreError,
+    BatchVerdict, Confirmation, Coupon, Decision, EventBatch, EventSnapshot, EventSpec, EventState,
+    Ledger, Store, StoreError,
 };
 use crate::wire::DecisionResult;
 
@@ -146,6 +147,7 @@ impl Store for MemoryStore {
                             decided_at: now,
                             replay: false,
                             seq: 0,
+                            confirmed: false,
                         }
                     });
                     continue;
@@ -169,6 +171,7 @@ impl Store for MemoryStore {
                     decided_at: now,
                     replay: false,
                     seq: ev.seq,
+                    confirmed: false,
                 };
                 let generation = state.generation;
                 ev.decided.insert(
@@ -183,7 +186,11 @@ impl Store for MemoryStore {
                 ev.sweep(now);
                 decisions.push(decision);
             }
-            verdicts.push(BatchVerdict::Decided(decisions));
+            let generation = ev.state.as_ref().map_or(0, |s| s.generation);
+            verdicts.push(BatchVerdict::Decided {
+                generation,
+                decisions,
+            });
         }
         Ok(verdicts)
     }
@@ -220,6 +227,69 @@ impl Store for MemoryStore {
             }
         }
         Ok(None)
+    }
+
+    async fn confirm(&self, batches: &[Confirmation]) -> Result<(), StoreError> {
+        let mut events = self.lock();
+        for b in batches {
+            if let Some(ev) = events.get_mut(&b.event_id) {
+                for id in &b.request_ids {
+                    if let Some(r) = ev.decided.get_mut(id) {
+                        r.decision.confirmed = true;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An in-process store cannot lose its state and live on: its epoch is
+    /// always set.
+    async fn epoch(&self) -> Result<Option<String>, StoreError> {
+        Ok(Some("memory".into()))
+    }
+
+    async fn set_epoch(&self, _epoch: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn try_lock_recovery(&self, _owner: &str, _ttl: Duration) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    async fn unlock_recovery(&self, _owner: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn restore(&self, snap: &EventSnapshot, retention: Duration) -> Result<(), StoreError> {
+        let now = crate::wire::now_micros();
+        let expires_at = now.saturating_add(retention.as_micros() as u64);
+        let mut events = self.lock();
+        let ev = events.entry(snap.state.event_id.clone()).or_default();
+        ev.state = Some(snap.state.clone());
+        ev.seq = snap.seq;
+        ev.holders = snap.holders.iter().cloned().collect();
+        ev.coupons = snap
+            .coupons
+            .iter()
+            .map(|c| (c.rank, (c.request_id, c.user_id.clone())))
+            .collect();
+        ev.decided = snap
+            .decided
+            .iter()
+            .map(|d| {
+                (
+                    d.request_id,
+                    DedupRecord {
+                        generation: snap.state.generation,
+                        user_id: d.user_id.clone(),
+                        decision: d.decision,
+                        expires_at,
+                    },
+                )
+            })
+            .collect();
+        Ok(())
     }
 
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError> {

@@ -10,8 +10,10 @@
 //! | `cr:{E}:event`            | hash   | stock, remaining, per_user_limit, generation, seq |
 //! | `cr:{E}:holders`          | hash   | user id → coupons held |
 //! | `cr:{E}:coupons`          | hash   | rank → request id ‖ user id |
-//! | `cr:{E}:req:<request id>` | string | the decision, expiring after the dedup retention |
+//! | `cr:{E}:req:<request id>` | string | the decision (`!`-prefixed once confirmed), expiring after the dedup retention |
 //! | `cr:events`               | set    | every event id (for lookups by request id alone) |
+//! | `cr:epoch`                | string | the epoch marker; absent = state lost, recover first |
+//! | `cr:recovery`             | string | the recovery lock |
 
 use std::time::Duration;
 
@@ -21,8 +23,8 @@ use redis::{Pipeline, RedisError};
 use uuid::Uuid;
 
 use super::{
-    result_from_code, BatchVerdict, Coupon, Decision, EventBatch, EventSpec, EventState, Ledger,
-    Store, StoreError,
+    result_from_code, BatchVerdict, Confirmation, Coupon, Decision, EventBatch, EventSnapshot,
+    EventSpec, EventState, Ledger, Store, StoreError,
 };
 use crate::wire::DecisionResult;
 
@@ -38,12 +40,35 @@ redis.call('DEL', KEYS[2], KEYS[3])
 return {existed, generation}
 ";
 
+/// Marks dedup records confirmed (KEYS: dedup keys of one event).
+const CONFIRM_LUA: &str = r"
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v and string.sub(v, 1, 1) ~= '!' then
+    redis.call('SET', KEYS[i], '!' .. v, 'KEEPTTL')
+  end
+end
+return #KEYS
+";
+
+/// Releases the recovery lock only if the caller holds it.
+const UNLOCK_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
 /// Requests per script call: one call holds Redis for well under a
 /// millisecond, so other clients (the api's status lookups) are not starved.
 pub const MAX_REQUESTS_PER_CALL: usize = 512;
 
 /// The set of all event ids.
 const EVENTS_KEY: &str = "cr:events";
+/// The epoch marker.
+const EPOCH_KEY: &str = "cr:epoch";
+/// The recovery lock.
+const RECOVERY_KEY: &str = "cr:recovery";
 
 fn event_key(event: &str) -> String {
     format!("cr:{{{event}}}:event")
@@ -58,12 +83,58 @@ fn request_key(event: &str, request_id: &Uuid) -> String {
     format!("cr:{{{event}}}:req:{request_id}")
 }
 
+/// Encodes a dedup record as the script writes it.
+fn encode_record(generation: u64, d: &Decision, user_id: &str) -> String {
+    let code = match d.result {
+        DecisionResult::Issued => 1,
+        DecisionResult::SoldOut => 2,
+        DecisionResult::LimitReached => 3,
+        DecisionResult::Duplicate => 4,
+    };
+    format!(
+        "{}{generation}|{code}|{}|{}|{}|{user_id}",
+        if d.confirmed { "!" } else { "" },
+        d.issued_rank.unwrap_or(0),
+        d.decided_at,
+        d.seq
+    )
+}
+
+/// Parses a dedup record `[!]generation|code|rank|decided_at|seq|user_id`
+/// into its generation and decision (marked as a replay).
+fn parse_record(record: &str) -> Option<(u64, Decision)> {
+    let (confirmed, record) = match record.strip_prefix('!') {
+        Some(r) => (true, r),
+        None => (false, record),
+    };
+    let mut parts = record.splitn(6, '|');
+    let generation: u64 = parts.next()?.parse().ok()?;
+    let code: i64 = parts.next()?.parse().ok()?;
+    let rank: u32 = parts.next()?.parse().ok()?;
+    let decided_at: u64 = parts.next()?.parse().ok()?;
+    let seq: u64 = parts.next()?.parse().ok()?;
+    let result = result_from_code(code)?;
+    Some((
+        generation,
+        Decision {
+            result,
+            issued_rank: (result == DecisionResult::Issued).then_some(rank),
+            decided_at,
+            replay: true,
+            seq,
+            confirmed,
+        },
+    ))
+}
+
 /// A [`Store`] backed by one Redis server (or a Cluster-compatible proxy).
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
     decide_sha: String,
     put_sha: String,
+    confirm_sha: String,
+    unlock_sha: String,
     dedup_retention_secs: u64,
 }
 
@@ -80,10 +151,13 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| unavailable(url, e))?;
+        let sha = |s: &str| redis::Script::new(s).get_hash().to_string();
         let store = Self {
             conn,
-            decide_sha: redis::Script::new(DECIDE_LUA).get_hash().to_string(),
-            put_sha: redis::Script::new(PUT_EVENT_LUA).get_hash().to_string(),
+            decide_sha: sha(DECIDE_LUA),
+            put_sha: sha(PUT_EVENT_LUA),
+            confirm_sha: sha(CONFIRM_LUA),
+            unlock_sha: sha(UNLOCK_LUA),
             dedup_retention_secs: dedup_retention.as_secs().max(1),
         };
         store.load_scripts().await?;
@@ -93,9 +167,10 @@ impl RedisStore {
     async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
-        pipe.cmd("SCRIPT").arg("LOAD").arg(DECIDE_LUA);
-        pipe.cmd("SCRIPT").arg("LOAD").arg(PUT_EVENT_LUA);
-        let _: (String, String) = pipe.query_async(&mut conn).await.map_err(map_err)?;
+        for script in [DECIDE_LUA, PUT_EVENT_LUA, CONFIRM_LUA, UNLOCK_LUA] {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(script);
+        }
+        let _: Vec<String> = pipe.query_async(&mut conn).await.map_err(map_err)?;
         Ok(())
     }
 
@@ -114,6 +189,11 @@ impl RedisStore {
             }
             other => other.map_err(map_err),
         }
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        pipe.query_async(&mut conn).await.map_err(map_err)
     }
 }
 
@@ -134,6 +214,8 @@ fn map_err(e: RedisError) -> StoreError {
     }
 }
 
+const STATE_FIELDS: [&str; 4] = ["stock", "remaining", "per_user_limit", "generation"];
+
 fn parse_state(
     event_id: &str,
     fields: &[Option<String>],
@@ -143,9 +225,9 @@ fn parse_state(
             "event hash reply of wrong length".into(),
         ));
     };
-    let Some(stock) = stock else {
+    if stock.is_none() {
         return Ok(None);
-    };
+    }
     let num = |name: &str, v: &Option<String>| -> Result<u64, StoreError> {
         v.as_deref()
             .unwrap_or("0")
@@ -154,32 +236,16 @@ fn parse_state(
     };
     Ok(Some(EventState {
         event_id: event_id.to_string(),
-        stock: num("stock", &Some(stock.clone()))? as u32,
+        stock: num("stock", stock)? as u32,
         remaining: num("remaining", remaining)? as u32,
         per_user_limit: num("per_user_limit", limit)? as u32,
         generation: num("generation", generation)?,
     }))
 }
 
-/// Parses a dedup record `generation|code|rank|decided_at|seq|user_id`.
-fn parse_decision(record: &str, generation: u64) -> Option<Decision> {
-    let mut parts = record.splitn(6, '|');
-    let g: u64 = parts.next()?.parse().ok()?;
-    let code: i64 = parts.next()?.parse().ok()?;
-    let rank: u32 = parts.next()?.parse().ok()?;
-    let at: u64 = parts.next()?.parse().ok()?;
-    let seq: u64 = parts.next()?.parse().ok()?;
-    if g != generation {
-        return None;
-    }
-    let result = result_from_code(code)?;
-    Some(Decision {
-        result,
-        issued_rank: (result == DecisionResult::Issued).then_some(rank),
-        decided_at: at,
-        replay: true,
-        seq,
-    })
+/// The decision in `record` if it belongs to `generation`.
+fn current(record: &str, generation: u64) -> Option<Decision> {
+    parse_record(record).and_then(|(g, d)| (g == generation).then_some(d))
 }
 
 #[async_trait]
@@ -189,11 +255,7 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: String = redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .map_err(map_err)?;
+        let _: (String,) = self.query(redis::pipe().cmd("PING")).await?;
         Ok(())
     }
 
@@ -227,13 +289,14 @@ impl Store for RedisStore {
     }
 
     async fn event(&self, event_id: &str) -> Result<Option<EventState>, StoreError> {
-        let mut conn = self.conn.clone();
-        let fields: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(event_key(event_id))
-            .arg(&["stock", "remaining", "per_user_limit", "generation"])
-            .query_async(&mut conn)
-            .await
-            .map_err(map_err)?;
+        let (fields,): (Vec<Option<String>>,) = self
+            .query(
+                redis::pipe()
+                    .cmd("HMGET")
+                    .arg(event_key(event_id))
+                    .arg(&STATE_FIELDS),
+            )
+            .await?;
         parse_state(event_id, &fields)
     }
 
@@ -266,10 +329,7 @@ impl Store for RedisStore {
             }
         }
         if pipe.is_empty() {
-            return Ok(batches
-                .iter()
-                .map(|_| BatchVerdict::Decided(vec![]))
-                .collect());
+            return Ok(Vec::new());
         }
         let replies: Vec<Vec<i64>> = self.query_scripts(&pipe).await?;
         let mut replies = replies.into_iter();
@@ -277,36 +337,45 @@ impl Store for RedisStore {
         for (batch, chunks) in batches.iter().zip(chunks_per_batch) {
             let mut decisions = Vec::with_capacity(batch.requests.len());
             let mut unknown = false;
+            let mut generation = 0;
             for _ in 0..chunks {
                 let reply = replies
                     .next()
                     .ok_or_else(|| StoreError::Protocol("missing script reply".into()))?;
-                if reply.first() == Some(&-1) {
-                    unknown = true;
-                    continue;
-                }
-                if reply.len() % 5 != 0 {
-                    return Err(StoreError::Protocol(format!(
-                        "decide reply of {} integers",
-                        reply.len()
-                    )));
-                }
-                for d in reply.chunks_exact(5) {
-                    let result = result_from_code(d[0])
-                        .ok_or_else(|| StoreError::Protocol(format!("result code {}", d[0])))?;
-                    decisions.push(Decision {
-                        result,
-                        issued_rank: (result == DecisionResult::Issued).then_some(d[1] as u32),
-                        decided_at: d[2] as u64,
-                        replay: d[3] == 1,
-                        seq: d[4] as u64,
-                    });
+                match reply.split_first() {
+                    Some((-1, _)) => unknown = true,
+                    Some((g, rest)) if rest.len() % 5 == 0 => {
+                        generation = *g as u64;
+                        for d in rest.chunks_exact(5) {
+                            let result = result_from_code(d[0]).ok_or_else(|| {
+                                StoreError::Protocol(format!("result code {}", d[0]))
+                            })?;
+                            decisions.push(Decision {
+                                result,
+                                issued_rank: (result == DecisionResult::Issued)
+                                    .then_some(d[1] as u32),
+                                decided_at: d[2] as u64,
+                                replay: d[3] == 1,
+                                seq: d[4] as u64,
+                                confirmed: false,
+                            });
+                        }
+                    }
+                    _ => {
+                        return Err(StoreError::Protocol(format!(
+                            "decide reply of {} integers",
+                            reply.len()
+                        )))
+                    }
                 }
             }
             verdicts.push(if unknown {
                 BatchVerdict::UnknownEvent
             } else {
-                BatchVerdict::Decided(decisions)
+                BatchVerdict::Decided {
+                    generation,
+                    decisions,
+                }
             });
         }
         Ok(verdicts)
@@ -317,18 +386,18 @@ impl Store for RedisStore {
         event_id: &str,
         request_id: Uuid,
     ) -> Result<Option<Decision>, StoreError> {
-        let mut conn = self.conn.clone();
-        let (generation, record): (Option<u64>, Option<String>) = redis::pipe()
-            .cmd("HGET")
-            .arg(event_key(event_id))
-            .arg("generation")
-            .cmd("GET")
-            .arg(request_key(event_id, &request_id))
-            .query_async(&mut conn)
-            .await
-            .map_err(map_err)?;
+        let (generation, record): (Option<u64>, Option<String>) = self
+            .query(
+                redis::pipe()
+                    .cmd("HGET")
+                    .arg(event_key(event_id))
+                    .arg("generation")
+                    .cmd("GET")
+                    .arg(request_key(event_id, &request_id)),
+            )
+            .await?;
         Ok(match (generation, record) {
-            (Some(g), Some(r)) => parse_decision(&r, g),
+            (Some(g), Some(r)) => current(&r, g),
             _ => None,
         })
     }
@@ -337,24 +406,19 @@ impl Store for RedisStore {
         &self,
         request_id: Uuid,
     ) -> Result<Option<(String, Decision)>, StoreError> {
-        let mut conn = self.conn.clone();
-        let events: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(EVENTS_KEY)
-            .query_async(&mut conn)
-            .await
-            .map_err(map_err)?;
+        let (events,): (Vec<String>,) = self
+            .query(redis::pipe().cmd("SMEMBERS").arg(EVENTS_KEY))
+            .await?;
         for chunk in events.chunks(256) {
             let mut pipe = redis::pipe();
             for ev in chunk {
                 pipe.cmd("HGET").arg(event_key(ev)).arg("generation");
                 pipe.cmd("GET").arg(request_key(ev, &request_id));
             }
-            let replies: Vec<Option<String>> =
-                pipe.query_async(&mut conn).await.map_err(map_err)?;
+            let replies: Vec<Option<String>> = self.query(&pipe).await?;
             for (ev, pair) in chunk.iter().zip(replies.chunks_exact(2)) {
                 if let (Some(g), Some(r)) = (&pair[0], &pair[1]) {
-                    let g = g.parse().unwrap_or(0);
-                    if let Some(d) = parse_decision(r, g) {
+                    if let Some(d) = current(r, g.parse().unwrap_or(0)) {
                         return Ok(Some((ev.clone(), d)));
                     }
                 }
@@ -364,35 +428,33 @@ impl Store for RedisStore {
     }
 
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError> {
-        let mut conn = self.conn.clone();
         let (fields, coupons, holders): (
             Vec<Option<String>>,
             Vec<(u32, String)>,
             Vec<(String, u32)>,
-        ) = redis::pipe()
-            .atomic()
-            .cmd("HMGET")
-            .arg(event_key(event_id))
-            .arg(&["stock", "remaining", "per_user_limit", "generation"])
-            .cmd("HGETALL")
-            .arg(coupons_key(event_id))
-            .cmd("HGETALL")
-            .arg(holders_key(event_id))
-            .query_async(&mut conn)
-            .await
-            .map_err(map_err)?;
+        ) = self
+            .query(
+                redis::pipe()
+                    .atomic()
+                    .cmd("HMGET")
+                    .arg(event_key(event_id))
+                    .arg(&STATE_FIELDS)
+                    .cmd("HGETALL")
+                    .arg(coupons_key(event_id))
+                    .cmd("HGETALL")
+                    .arg(holders_key(event_id)),
+            )
+            .await?;
         let Some(state) = parse_state(event_id, &fields)? else {
             return Ok(None);
         };
         let mut coupons = coupons
             .into_iter()
             .map(|(rank, value)| {
-                let (id, user) = value.split_at_checked(36).ok_or_else(|| {
-                    StoreError::Protocol(format!("coupon {rank} of {event_id}: {value:?}"))
-                })?;
-                let request_id = Uuid::parse_str(id).map_err(|_| {
-                    StoreError::Protocol(format!("coupon {rank} of {event_id}: {value:?}"))
-                })?;
+                let bad =
+                    || StoreError::Protocol(format!("coupon {rank} of {event_id}: {value:?}"));
+                let (id, user) = value.split_at_checked(36).ok_or_else(bad)?;
+                let request_id = Uuid::parse_str(id).map_err(|_| bad())?;
                 Ok(Coupon {
                     rank,
                     request_id,
@@ -408,5 +470,165 @@ impl Store for RedisStore {
             coupons,
             holders,
         }))
+    }
+
+    async fn confirm(&self, batches: &[Confirmation]) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        for batch in batches {
+            for chunk in batch.request_ids.chunks(MAX_REQUESTS_PER_CALL) {
+                let cmd = pipe.cmd("EVALSHA").arg(&self.confirm_sha).arg(chunk.len());
+                for id in chunk {
+                    cmd.arg(request_key(&batch.event_id, id));
+                }
+                cmd.ignore();
+            }
+        }
+        if pipe.is_empty() {
+            return Ok(());
+        }
+        let () = self.query_scripts(&pipe).await?;
+        Ok(())
+    }
+
+    async fn epoch(&self) -> Result<Option<String>, StoreError> {
+        let (epoch,): (Option<String>,) =
+            self.query(redis::pipe().cmd("GET").arg(EPOCH_KEY)).await?;
+        Ok(epoch)
+    }
+
+    async fn set_epoch(&self, epoch: &str) -> Result<(), StoreError> {
+        let () = self
+            .query(redis::pipe().cmd("SET").arg(EPOCH_KEY).arg(epoch).ignore())
+            .await?;
+        Ok(())
+    }
+
+    async fn try_lock_recovery(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let (reply,): (Option<String>,) = self
+            .query(
+                redis::pipe()
+                    .cmd("SET")
+                    .arg(RECOVERY_KEY)
+                    .arg(owner)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64),
+            )
+            .await?;
+        Ok(reply.is_some())
+    }
+
+    async fn unlock_recovery(&self, owner: &str) -> Result<(), StoreError> {
+        let () = self
+            .query_scripts(
+                redis::pipe()
+                    .cmd("EVALSHA")
+                    .arg(&self.unlock_sha)
+                    .arg(1)
+                    .arg(RECOVERY_KEY)
+                    .arg(owner)
+                    .ignore(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn restore(&self, snap: &EventSnapshot, retention: Duration) -> Result<(), StoreError> {
+        let ev = &snap.state.event_id;
+        let ttl = retention.as_secs().max(1);
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL")
+            .arg(event_key(ev))
+            .arg(holders_key(ev))
+            .arg(coupons_key(ev))
+            .ignore();
+        for chunk in snap.holders.chunks(1000) {
+            let cmd = pipe.cmd("HSET").arg(holders_key(ev));
+            for (user, n) in chunk {
+                cmd.arg(user).arg(*n);
+            }
+            cmd.ignore();
+        }
+        for chunk in snap.coupons.chunks(1000) {
+            let cmd = pipe.cmd("HSET").arg(coupons_key(ev));
+            for c in chunk {
+                cmd.arg(c.rank)
+                    .arg(format!("{}{}", c.request_id, c.user_id));
+            }
+            cmd.ignore();
+        }
+        let () = self.query(&pipe).await?;
+        for chunk in snap.decided.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for d in chunk {
+                pipe.cmd("SET")
+                    .arg(request_key(ev, &d.request_id))
+                    .arg(encode_record(
+                        snap.state.generation,
+                        &d.decision,
+                        &d.user_id,
+                    ))
+                    .arg("EX")
+                    .arg(ttl)
+                    .ignore();
+            }
+            let () = self.query(&pipe).await?;
+        }
+        // The event hash last: until it exists, the event is unknown and
+        // nothing is decided against a half-restored state.
+        let s = &snap.state;
+        let () = self
+            .query(
+                redis::pipe()
+                    .cmd("HSET")
+                    .arg(event_key(ev))
+                    .arg("stock")
+                    .arg(s.stock)
+                    .arg("remaining")
+                    .arg(s.remaining)
+                    .arg("per_user_limit")
+                    .arg(s.per_user_limit)
+                    .arg("generation")
+                    .arg(s.generation)
+                    .arg("seq")
+                    .arg(snap.seq)
+                    .ignore()
+                    .cmd("SADD")
+                    .arg(EVENTS_KEY)
+                    .arg(ev)
+                    .ignore(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_with_separators_in_user_ids() {
+        let d = Decision {
+            result: DecisionResult::Issued,
+            issued_rank: Some(7),
+            decided_at: 123,
+            replay: true,
+            seq: 9,
+            confirmed: true,
+        };
+        let rec = encode_record(4, &d, "a|b|c");
+        assert!(rec.starts_with('!'));
+        assert_eq!(parse_record(&rec), Some((4, d)));
+        let unconfirmed = Decision {
+            confirmed: false,
+            ..d
+        };
+        assert_eq!(
+            parse_record(&encode_record(4, &unconfirmed, "u")),
+            Some((4, unconfirmed))
+        );
+        assert_eq!(current(&rec, 5), None, "another generation");
+        assert_eq!(parse_record("garbage"), None);
     }
 }

@@ -227,6 +227,7 @@ mod tests {
             replay: false,
             decision_seq: id as u64,
             accepted_at: 1,
+            generation: 1,
         }
     }
 

@@ -1,0 +1,404 @@
+//! Rebuilding a lost store from the log.
+//!
+//! The store (Redis) is fast but not the source of truth: the log is. Every
+//! event definition is on `coupon.events` (compacted) and every decision on
+//! `coupon.outcomes`. If the store comes back empty (a restart without
+//! persistence, a failover to an empty replica), its epoch marker is gone,
+//! every event is unknown, and nothing can be decided. The first process to
+//! notice takes the recovery lock and:
+//!
+//! 1. reads `coupon.events`: if it is empty, this is a fresh deployment, and
+//!    the marker is simply written;
+//! 2. waits out the **fence**: outcomes decided before the loss may still be
+//!    on their way to the log (an issuer publishing a batch it decided just
+//!    before). An outcome is enqueued right after its decision and librdkafka
+//!    gives up on it after `message.timeout.ms`, after which the issuer
+//!    decides the batch again rather than republish it; so after the fence no
+//!    decision taken against the lost state can still appear;
+//! 3. reads `coupon.outcomes` to its end and rebuilds, per event and for its
+//!    latest generation: the coupons by rank, the holders, every decided
+//!    request id (as confirmed: it is in the log), the decision sequence, and
+//!    the stock left;
+//! 4. restores each event, then writes a new epoch marker.
+//!
+//! Others wait for the marker. Decisions that never reached the log were
+//! never shown to anyone (the api shows only confirmed decisions), and their
+//! requests, never committed, are redelivered and decided again.
+//!
+//! The catch: an issuer frozen (not crashed) for longer than the fence
+//! between deciding and enqueueing its outcomes could publish a decision the
+//! rebuilt store does not know. Keep the fence above any pause you expect.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use uuid::Uuid;
+
+use crate::kafka::KafkaSettings;
+use crate::store::{
+    Coupon, Decision, EventSnapshot, EventState, RestoredDecision, Store, StoreError,
+};
+use crate::wire::{EventRecord, Outcome};
+use crate::{DecisionResult, Topics};
+
+/// Default fence: the outcome producers' message timeout plus a margin.
+pub const DEFAULT_FENCE: Duration = Duration::from_secs(15);
+
+/// Why the store could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The log could not be read.
+    #[error("cannot read the log: {0}")]
+    Kafka(#[from] KafkaError),
+    /// Someone else is recovering and did not finish in time.
+    #[error("the store is still being recovered by another process after {0:?}")]
+    Timeout(Duration),
+}
+
+/// What a recovery did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Events restored.
+    pub events: usize,
+    /// Outcome records read.
+    pub outcomes_read: u64,
+    /// Decisions restored.
+    pub decisions: usize,
+    /// Coupons restored.
+    pub coupons: usize,
+    /// Whether the fence was waited out.
+    pub fenced: bool,
+    /// How long it took.
+    pub took: Duration,
+}
+
+/// Makes a store ready to decide, recovering it from the log if it lost its
+/// state.
+pub struct Recovery {
+    /// The log.
+    pub kafka: KafkaSettings,
+    /// Its topics.
+    pub topics: Topics,
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// How long to wait for in-flight outcomes.
+    pub fence: Duration,
+    /// Dedup retention of restored records.
+    pub retention: Duration,
+    /// Who is asking (for the lock).
+    pub owner: String,
+}
+
+impl Recovery {
+    /// Returns once the store has an epoch: at once if it has one, after
+    /// recovering it if this caller gets the lock, or after someone else's
+    /// recovery. `Ok(Some(_))` when this caller recovered.
+    pub async fn ensure_ready(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<Recovered>, RecoveryError> {
+        let started = Instant::now();
+        loop {
+            if self.store.epoch().await?.is_some() {
+                return Ok(None);
+            }
+            let lock_ttl = self.fence + Duration::from_secs(300);
+            if self.store.try_lock_recovery(&self.owner, lock_ttl).await? {
+                let result = self.recover().await;
+                let _ = self.store.unlock_recovery(&self.owner).await;
+                return result.map(Some);
+            }
+            if started.elapsed() > timeout {
+                return Err(RecoveryError::Timeout(timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn recover(&self) -> Result<Recovered, RecoveryError> {
+        let started = Instant::now();
+        let (kafka, topic) = (self.kafka.clone(), self.topics.events.clone());
+        let events = tokio::task::spawn_blocking(move || read_events(&kafka, &topic))
+            .await
+            .map_err(|_| KafkaError::Canceled)??;
+        let mut report = Recovered::default();
+        if !events.is_empty() {
+            tracing::warn!(
+                events = events.len(),
+                fence = ?self.fence,
+                "the store lost its state; waiting out the fence, then rebuilding it from the log"
+            );
+            tokio::time::sleep(self.fence).await;
+            report.fenced = true;
+            let (kafka, topic) = (self.kafka.clone(), self.topics.outcomes.clone());
+            let (outcomes, read) =
+                tokio::task::spawn_blocking(move || read_outcomes(&kafka, &topic))
+                    .await
+                    .map_err(|_| KafkaError::Canceled)??;
+            report.outcomes_read = read;
+            for snapshot in rebuild(&events, &outcomes) {
+                report.events += 1;
+                report.decisions += snapshot.decided.len();
+                report.coupons += snapshot.coupons.len();
+                self.store.restore(&snapshot, self.retention).await?;
+            }
+        }
+        self.store.set_epoch(&Uuid::now_v7().to_string()).await?;
+        report.took = started.elapsed();
+        tracing::warn!(
+            events = report.events,
+            decisions = report.decisions,
+            coupons = report.coupons,
+            took = ?report.took,
+            "store recovered from the log"
+        );
+        Ok(report)
+    }
+}
+
+/// Rebuilds each event's state from its latest definition and the outcomes
+/// of that generation. Pure.
+pub fn rebuild(events: &HashMap<String, EventRecord>, outcomes: &[Outcome]) -> Vec<EventSnapshot> {
+    let mut by_event: HashMap<&str, Vec<&Outcome>> = HashMap::new();
+    for o in outcomes {
+        if let Some(e) = events.get(&o.event_id) {
+            if o.generation == e.generation && o.result != DecisionResult::Duplicate {
+                by_event.entry(&o.event_id).or_default().push(o);
+            }
+        }
+    }
+    let mut snapshots: Vec<EventSnapshot> = events
+        .values()
+        .map(|e| {
+            let mut first: HashMap<Uuid, &Outcome> = HashMap::new();
+            for o in by_event.get(e.event_id.as_str()).into_iter().flatten() {
+                first.entry(o.request_id).or_insert(o);
+            }
+            let mut coupons: Vec<Coupon> = Vec::new();
+            let mut holders: HashMap<String, u32> = HashMap::new();
+            let mut seq = 0;
+            let mut decided = Vec::with_capacity(first.len());
+            for o in first.values() {
+                seq = seq.max(o.decision_seq);
+                if o.result == DecisionResult::Issued {
+                    if let Some(rank) = o.issued_rank {
+                        coupons.push(Coupon {
+                            rank,
+                            request_id: o.request_id,
+                            user_id: o.user_id.clone(),
+                        });
+                        *holders.entry(o.user_id.clone()).or_default() += 1;
+                    }
+                }
+                decided.push(RestoredDecision {
+                    request_id: o.request_id,
+                    user_id: o.user_id.clone(),
+                    decision: Decision {
+                        result: o.result,
+                        issued_rank: o.issued_rank,
+                        decided_at: o.decided_at,
+                        replay: true,
+                        seq: o.decision_seq,
+                        confirmed: true,
+                    },
+                });
+            }
+            coupons.sort_by_key(|c| c.rank);
+            let mut holders: Vec<(String, u32)> = holders.into_iter().collect();
+            holders.sort();
+            EventSnapshot {
+                state: EventState {
+                    event_id: e.event_id.clone(),
+                    stock: e.stock,
+                    per_user_limit: e.per_user_limit,
+                    remaining: e.stock.saturating_sub(coupons.len() as u32),
+                    generation: e.generation,
+                },
+                seq,
+                holders,
+                coupons,
+                decided,
+            }
+        })
+        .collect();
+    snapshots.sort_by(|a, b| a.state.event_id.cmp(&b.state.event_id));
+    snapshots
+}
+
+/// Reads every record of `topic` from the beginning to the end it had when
+/// reading started. Blocking.
+pub fn read_topic(
+    kafka: &KafkaSettings,
+    topic: &str,
+    mut each: impl FnMut(&[u8]),
+) -> Result<u64, KafkaError> {
+    let consumer: BaseConsumer = kafka
+        .client_config("couponrush-recovery")
+        .set(
+            "group.id",
+            format!("couponrush-recovery-{}", Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let timeout = Duration::from_secs(10);
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+            if high > low {
+                ends.insert(p.id(), high);
+                tpl.add_partition_offset(topic, p.id(), Offset::Offset(low))?;
+            }
+        }
+    }
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    consumer.assign(&tpl)?;
+    let mut read = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !ends.is_empty() {
+        if Instant::now() > deadline {
+            return Err(KafkaError::Canceled);
+        }
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                read += 1;
+                each(m.payload().unwrap_or_default());
+                if ends
+                    .get(&m.partition())
+                    .is_some_and(|end| m.offset() + 1 >= *end)
+                {
+                    ends.remove(&m.partition());
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, topic, "reading the log"),
+            None => {}
+        }
+    }
+    Ok(read)
+}
+
+/// The latest definition of every event.
+pub fn read_events(
+    kafka: &KafkaSettings,
+    topic: &str,
+) -> Result<HashMap<String, EventRecord>, KafkaError> {
+    let mut events: HashMap<String, EventRecord> = HashMap::new();
+    read_topic(kafka, topic, |bytes| {
+        if let Ok(e) = EventRecord::parse(bytes) {
+            match events.get(&e.event_id) {
+                Some(old) if old.generation >= e.generation => {}
+                _ => {
+                    events.insert(e.event_id.clone(), e);
+                }
+            }
+        }
+    })?;
+    Ok(events)
+}
+
+/// Every parsable outcome, and how many records were read.
+pub fn read_outcomes(
+    kafka: &KafkaSettings,
+    topic: &str,
+) -> Result<(Vec<Outcome>, u64), KafkaError> {
+    let mut outcomes = Vec::new();
+    let read = read_topic(kafka, topic, |bytes| {
+        if let Ok(o) = Outcome::parse(bytes) {
+            outcomes.push(o);
+        }
+    })?;
+    Ok((outcomes, read))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::WIRE_VERSION;
+
+    fn event(id: &str, stock: u32, generation: u64) -> EventRecord {
+        EventRecord {
+            v: WIRE_VERSION,
+            event_id: id.into(),
+            stock,
+            per_user_limit: 1,
+            generation,
+            written_at: 0,
+        }
+    }
+
+    fn outcome(
+        event: &str,
+        generation: u64,
+        id: u128,
+        user: &str,
+        result: DecisionResult,
+        rank: Option<u32>,
+        seq: u64,
+    ) -> Outcome {
+        Outcome {
+            v: WIRE_VERSION,
+            request_id: Uuid::from_u128(id),
+            event_id: event.into(),
+            user_id: user.into(),
+            result,
+            issued_rank: rank,
+            partition: 0,
+            offset: 0,
+            decided_at: 100 + seq,
+            replay: false,
+            decision_seq: seq,
+            accepted_at: 1,
+            generation,
+        }
+    }
+
+    #[test]
+    fn rebuilds_the_latest_generation_from_first_decisions() {
+        use DecisionResult::*;
+        let events: HashMap<String, EventRecord> =
+            [("e".to_string(), event("e", 3, 2))].into_iter().collect();
+        let mut replay = outcome("e", 2, 1, "a", Issued, Some(1), 1);
+        replay.replay = true;
+        let outcomes = vec![
+            outcome("e", 1, 9, "z", Issued, Some(1), 1), // an older generation
+            outcome("e", 2, 1, "a", Issued, Some(1), 1),
+            outcome("e", 2, 2, "a", LimitReached, None, 2),
+            replay,
+            outcome("e", 2, 3, "b", Issued, Some(2), 3),
+            outcome("e", 2, 4, "c", Duplicate, None, 0),
+            outcome("other", 1, 5, "d", Issued, Some(1), 1), // no definition
+        ];
+        let snaps = rebuild(&events, &outcomes);
+        assert_eq!(snaps.len(), 1);
+        let s = &snaps[0];
+        assert_eq!(s.state.generation, 2);
+        assert_eq!(s.state.remaining, 1);
+        assert_eq!(s.seq, 3);
+        assert_eq!(s.coupons.iter().map(|c| c.rank).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(s.holders, vec![("a".into(), 1), ("b".into(), 1)]);
+        assert_eq!(s.decided.len(), 3, "first decisions only, no duplicate");
+        assert!(s.decided.iter().all(|d| d.decision.confirmed));
+    }
+
+    #[test]
+    fn an_event_without_outcomes_is_restored_full() {
+        let events: HashMap<String, EventRecord> =
+            [("e".to_string(), event("e", 5, 1))].into_iter().collect();
+        let snaps = rebuild(&events, &[]);
+        assert_eq!(snaps[0].state.remaining, 5);
+        assert!(snaps[0].coupons.is_empty());
+    }
+}
