@@ -63,6 +63,7 @@ impl AppError {
             AppError::Rejected { status, .. } => (
                 *status,
                 match status.as_u16() {
+                    408 => "request_timeout",
                     413 => "body_too_large",
                     415 => "unsupported_media_type",
                     422 => "invalid_body",
@@ -100,6 +101,17 @@ impl IntoResponse for AppError {
 
 impl From<JsonRejection> for AppError {
     fn from(r: JsonRejection) -> Self {
+        // A body that did not arrive in time (a slow or stalled client) is a
+        // 408, not a malformed body. axum only exposes it as text.
+        if r.body_text().contains("designated timeout") {
+            return AppError::Rejected {
+                status: StatusCode::REQUEST_TIMEOUT,
+                message: format!(
+                    "the request body did not arrive within {:?}",
+                    crate::CLIENT_TIMEOUT
+                ),
+            };
+        }
         let status = r.status();
         let message = match &r {
             JsonRejection::MissingJsonContentType(_) => {

@@ -35,7 +35,6 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use clap::Parser;
 use couponrush_core::cli::{parse_duration, KafkaArgs, LogArgs, StoreArgs, TopicArgs};
@@ -56,6 +55,10 @@ use crate::producer::RequestProducer;
 
 /// Largest request body accepted; a real one is ~30 bytes.
 pub const MAX_BODY_BYTES: usize = 1024;
+
+/// A client must send its request headers within this, and its body within
+/// this once the headers arrived (slow clients, slowloris): 408 otherwise.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `coupon-api`: the HTTP front of a coupon drop.
 #[derive(Debug, Clone, Parser)]
@@ -89,6 +92,9 @@ pub struct Cli {
     /// Issue requests in flight at once; beyond this, 503 with Retry-After.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 20_000)]
     pub max_in_flight: usize,
+    /// Open connections at most; the next connection waits to be accepted.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
     /// Records librdkafka may queue locally; beyond this, 503 with Retry-After.
     #[arg(long, env = "PRODUCER_QUEUE", default_value_t = 100_000)]
     pub producer_queue: usize,
@@ -116,6 +122,7 @@ impl Cli {
             replication_factor: self.replication_factor,
             admin_token: self.admin_token.clone().filter(|t| !t.is_empty()),
             max_in_flight: self.max_in_flight.max(1),
+            max_connections: self.max_connections.max(1),
             producer_queue: self.producer_queue.max(1),
             produce_timeout: self.produce_timeout,
             recovery_fence: self.recovery_fence,
@@ -143,6 +150,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// In-flight issue requests.
     pub max_in_flight: usize,
+    /// Open connections.
+    pub max_connections: usize,
     /// librdkafka queue bound.
     pub producer_queue: usize,
     /// Broker acknowledgement timeout.
@@ -236,6 +245,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            CLIENT_TIMEOUT,
+        ))
         .layer(middleware::from_fn(record_metrics))
         .layer(
             ServiceBuilder::new()
@@ -279,6 +291,7 @@ pub struct Api {
     listener: TcpListener,
     state: Arc<AppState>,
     recovery: Option<Recovery>,
+    max_connections: usize,
 }
 
 impl Api {
@@ -351,7 +364,7 @@ impl Api {
             store: store.clone(),
             fence: config.recovery_fence,
             retention: config.dedup_retention,
-            owner: format!("coupon-api-{}", std::process::id()),
+            owner: couponrush_core::telemetry::instance_id("coupon-api"),
         };
         let state = Arc::new(AppState {
             events: EventCache::new(store.clone()),
@@ -368,6 +381,7 @@ impl Api {
             listener,
             state,
             recovery: Some(recovery),
+            max_connections: config.max_connections,
         })
     }
 
@@ -401,19 +415,55 @@ impl Api {
                 .clone()
                 .watch_partitions(Duration::from_secs(10), shutdown.child_token()),
         );
-        let listener = self.listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let result = axum::serve(listener, app(self.state))
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
+        // Accept only with a connection permit in hand: backpressure by
+        // construction, a bounded number of connections whatever the clients do.
+        let permits = Arc::new(Semaphore::new(self.max_connections));
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let router = app(self.state);
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(CLIENT_TIMEOUT)
+            .keep_alive(true);
+        loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                _ = shutdown.cancelled() => break,
+            };
+            let stream = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let service = hyper_util::service::TowerToHyperService::new(router.clone());
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(permit);
+            });
+        }
+        drop(self.listener);
+        tokio::select! {
+            _ = graceful.shutdown() => {}
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                tracing::warn!("connections still open after 10s; closing them");
+            }
+        }
         let flushed =
             tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::warn!("producer flush at shutdown did not complete");
         }
         tracing::info!("api stopped");
-        result
+        Ok(())
     }
 }
 

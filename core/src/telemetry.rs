@@ -103,3 +103,17 @@ pub fn shutdown_signal() -> CancellationToken {
     });
     token
 }
+
+/// A name unique to this process among its replicas: `prefix-host-pid-xxxx`.
+/// Containers all run as pid 1, so the host name and a random suffix keep
+/// client ids and lock owners apart.
+pub fn instance_id(prefix: &str) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    format!("{prefix}-{host}-{}-{suffix}", std::process::id())
+}

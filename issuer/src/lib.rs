@@ -108,7 +108,7 @@ pub struct Cli {
     /// Serve Prometheus /metrics on this address.
     #[arg(long, env = "METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Client id (defaults to coupon-issuer-<pid>).
+    /// Client id (defaults to coupon-issuer-<host>-<pid>-<random>).
     #[arg(long, env = "ISSUER_ID")]
     pub client_id: Option<String>,
     #[command(flatten)]
@@ -126,7 +126,7 @@ impl Cli {
             client_id: self
                 .client_id
                 .clone()
-                .unwrap_or_else(|| format!("coupon-issuer-{}", std::process::id())),
+                .unwrap_or_else(|| couponrush_core::telemetry::instance_id("coupon-issuer")),
             batch_size: self.batch_size.max(1),
             batch_linger: self.batch_linger,
             commit: match self.commit {

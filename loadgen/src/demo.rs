@@ -114,6 +114,7 @@ pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdi
         progress: !args.output.quiet,
         keep_raw: !args.output.no_raw,
         config,
+        observe: true,
     };
     let report = run_drop(drop, cancel).await;
     deployment.stop().await;

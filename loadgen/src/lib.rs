@@ -182,12 +182,12 @@ impl LoadArgs {
 /// The event to drop.
 #[derive(Debug, Clone, Args)]
 pub struct EventArgs {
-    /// Event id (default: drop-<unix seconds>, a fresh one per run).
+    /// Event id (default: drop-<unix ms>, a fresh one per run).
     #[arg(long, env = "LOADGEN_EVENT")]
     pub event: Option<String>,
     /// Coupons available.
-    #[arg(long, env = "LOADGEN_STOCK")]
-    pub stock: Option<u32>,
+    #[arg(long, env = "LOADGEN_STOCK", default_value_t = 1000)]
+    pub stock: u32,
     /// Coupons one user may hold.
     #[arg(long, env = "LOADGEN_PER_USER_LIMIT", default_value_t = 1)]
     pub per_user_limit: u32,
@@ -262,6 +262,9 @@ pub struct RunArgs {
     /// Per-request HTTP timeout.
     #[arg(long, env = "LOADGEN_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// Offer load only: do not watch outcomes or audit (for pure HTTP benchmarks).
+    #[arg(long, env = "LOADGEN_NO_OBSERVE")]
+    pub no_observe: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub kafka: KafkaArgs,
@@ -357,7 +360,7 @@ pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, Str
         "target": if args.direct { format!("kafka {} (direct, {})", kafka.brokers, args.partitioner) } else { args.target.clone() },
         "load": LoadArgs::describe(&plan),
         "event": event,
-        "stock": args.event.stock.unwrap_or(1000),
+        "stock": args.event.stock,
         "per_user_limit": args.event.per_user_limit,
         "topics": topics,
         "seed": args.load.seed,
@@ -369,7 +372,7 @@ pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, Str
         store,
         setup: !args.event.no_setup,
         terms: EventTerms {
-            stock: args.event.stock.unwrap_or(1000),
+            stock: args.event.stock,
             per_user_limit: args.event.per_user_limit,
         },
         plan,
@@ -377,6 +380,7 @@ pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, Str
         progress: !args.output.quiet,
         keep_raw: !args.output.no_raw,
         config,
+        observe: !args.no_observe,
     };
     run_drop(drop, cancel).await
 }

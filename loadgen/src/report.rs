@@ -57,6 +57,8 @@ pub struct Facts {
     pub accept_uncorrected: Histogram<u64>,
     /// Remarks for the reader.
     pub notes: Vec<String>,
+    /// False when outcomes were not watched (load only): nothing is judged.
+    pub observed: bool,
 }
 
 /// Rates over the run.
@@ -203,8 +205,11 @@ pub struct Report {
     pub skew_exact: bool,
     /// The histograms, serialised.
     pub histograms: Histograms,
-    /// True when every correctness figure is zero.
+    /// True when every correctness figure is zero (or nothing was judged).
     pub passed: bool,
+    /// False for a load-only run (`--no-observe`): correctness not judged.
+    #[serde(default = "yes")]
+    pub observed: bool,
     /// Remarks.
     pub notes: Vec<String>,
     /// Raw facts (absent with --no-raw).
@@ -214,14 +219,21 @@ pub struct Report {
 
 impl Report {
     /// Computes every figure from `facts`; keeps the raw facts if `keep_raw`.
-    pub fn build(facts: Facts, keep_raw: bool) -> Report {
+    pub fn build(mut facts: Facts, keep_raw: bool) -> Report {
         let outcomes: Vec<Outcome> = facts.outcomes.iter().map(|o| o.outcome.clone()).collect();
         let users: HashMap<Uuid, String> = facts
             .accepted
             .iter()
             .map(|(id, a)| (*id, a.user_id.clone()))
             .collect();
-        let a = audit(facts.terms, &users, &outcomes, facts.ledger.as_ref());
+        let mut a = audit(facts.terms, &users, &outcomes, facts.ledger.as_ref());
+        if !facts.observed {
+            // Load only: nothing was watched, so nothing can be judged.
+            a.lost = 0;
+            facts.notes.push(
+                "load only (--no-observe): decisions not watched, correctness not judged".into(),
+            );
+        }
 
         // First decision per request, with when it was observed.
         let mut first: HashMap<Uuid, &Observed> = HashMap::new();
@@ -342,6 +354,7 @@ impl Report {
                 e2e: latency::encode(&e2e),
             },
             passed,
+            observed: facts.observed,
             notes: facts.notes,
             raw,
         }
@@ -506,6 +519,10 @@ impl Report {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// `12345` → `12,345`.
 pub fn group(x: u64) -> String {
     let digits = x.to_string();
@@ -612,6 +629,7 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, String> {
             "merged from {} reports, exactly (raw data)",
             reports.len()
         )],
+        observed: reports.iter().all(|r| r.observed),
     })
 }
 

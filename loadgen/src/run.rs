@@ -63,6 +63,8 @@ pub struct Drop {
     pub keep_raw: bool,
     /// The settings, for the report.
     pub config: serde_json::Value,
+    /// Watch outcomes and audit (false: offer load only, judge nothing).
+    pub observe: bool,
 }
 
 /// Runs `drop` and reports; `cancel` stops the load early (the drain and
@@ -71,19 +73,22 @@ pub async fn run_drop(drop: Drop, cancel: CancellationToken) -> Result<Report, S
     let event = drop.plan.event_id.clone();
     let terms = setup(&drop).await?;
 
-    let observer = {
+    let observer = if drop.observe {
         let (kafka, topics, event) = (drop.kafka.clone(), drop.topics.clone(), event.clone());
-        tokio::task::spawn_blocking(move || Observer::start(&kafka, &topics, &event))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| {
-                format!(
-                    "cannot watch {} on {}: {e}",
-                    drop.topics.outcomes, drop.kafka.brokers
-                )
-            })?
+        let observer =
+            tokio::task::spawn_blocking(move || Observer::start(&kafka, &topics, &event))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| {
+                    format!(
+                        "cannot watch {} on {}: {e}",
+                        drop.topics.outcomes, drop.kafka.brokers
+                    )
+                })?;
+        Some(Arc::new(observer))
+    } else {
+        None
     };
-    let observer = Arc::new(observer);
 
     let progress = Arc::new(Progress::default());
     let bar = drop
@@ -107,18 +112,24 @@ pub async fn run_drop(drop: Drop, cancel: CancellationToken) -> Result<Report, S
         }
     };
     let load_finished_at = now_micros();
-    let ids: HashSet<_> = driven.accepted.keys().copied().collect();
-    let undecided = observer.wait_for(&ids, drop.drain_timeout).await;
-    // A little longer, so late replays of the last batches are seen too.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut undecided = 0;
+    if let Some(observer) = &observer {
+        let ids: HashSet<_> = driven.accepted.keys().copied().collect();
+        undecided = observer.wait_for(&ids, drop.drain_timeout).await;
+        // A little longer, so late replays of the last batches are seen too.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     if let Some((bar, task)) = bar {
         task.abort();
         bar.finish_and_clear();
     }
     let finished_at = now_micros();
-    let observations = Arc::try_unwrap(observer)
-        .map_err(|_| "observer still shared".to_string())?
-        .finish();
+    let observations = match observer {
+        Some(o) => Arc::try_unwrap(o)
+            .map_err(|_| "observer still shared".to_string())?
+            .finish(),
+        None => Default::default(),
+    };
 
     let mut notes = Vec::new();
     if undecided > 0 {
@@ -134,11 +145,11 @@ pub async fn run_drop(drop: Drop, cancel: CancellationToken) -> Result<Report, S
         ));
     }
     let ledger = match &drop.store {
-        Some(store) => store
+        Some(store) if drop.observe => store
             .ledger(&event)
             .await
             .map_err(|e| format!("cannot audit the store: {e}"))?,
-        None => None,
+        _ => None,
     };
     let facts = Facts {
         config: drop.config,
@@ -157,6 +168,7 @@ pub async fn run_drop(drop: Drop, cancel: CancellationToken) -> Result<Report, S
         accept: driven.accept,
         accept_uncorrected: driven.accept_uncorrected,
         notes,
+        observed: drop.observe,
     };
     Ok(Report::build(facts, drop.keep_raw))
 }
@@ -223,7 +235,7 @@ async fn setup(drop: &Drop) -> Result<EventTerms, String> {
 
 fn progress_bar(
     progress: Arc<Progress>,
-    observer: Arc<Observer>,
+    observer: Option<Arc<Observer>>,
     total: u64,
 ) -> (ProgressBar, tokio::task::JoinHandle<()>) {
     let bar = if total == u64::MAX {
@@ -242,7 +254,7 @@ fn progress_bar(
         loop {
             tokio::time::sleep(tick).await;
             let acc = progress.accepted.load(Ordering::Relaxed);
-            let dec = observer.decided();
+            let dec = observer.as_ref().map_or(0, |o| o.decided());
             b.set_position(progress.sent.load(Ordering::Relaxed).min(total));
             b.set_message(format!(
                 "accepted {acc} ({:.0}/s), decided {dec} ({:.0}/s)",

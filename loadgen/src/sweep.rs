@@ -254,6 +254,7 @@ async fn point_run(
         progress: false,
         keep_raw: false,
         config: serde_json::json!({ "partitions": partitions, "issuers": issuers, "partitioner": partitioner }),
+        observe: true,
     };
     let report = run_drop(drop, cancel.clone()).await;
     deployment.stop().await;

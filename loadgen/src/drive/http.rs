@@ -56,6 +56,8 @@ pub struct HttpTarget {
     endpoint: Endpoint,
     timeout: Duration,
     sender: Option<SendRequest<Full<Bytes>>>,
+    /// `(event, path)` of the last send: every send of a run hits one event.
+    path: Option<(String, String)>,
 }
 
 impl HttpTarget {
@@ -125,30 +127,48 @@ impl HttpTarget {
     }
 }
 
-#[derive(Deserialize)]
-struct AcceptedBody {
-    accepted_at: u64,
+/// `accepted_at` from a `202` body, without a full JSON parse (the hot path
+/// of the generator: it must be cheaper than the server it measures).
+fn accepted_at(body: &[u8]) -> Option<u64> {
+    const FIELD: &[u8] = b"\"accepted_at\":";
+    let at = body.windows(FIELD.len()).position(|w| w == FIELD)? + FIELD.len();
+    let digits: &[u8] = &body[at..];
+    let digits = &digits[digits
+        .iter()
+        .take_while(|b| b.is_ascii_whitespace())
+        .count()..];
+    let end = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
 impl Target for HttpTarget {
     async fn send(&mut self, event: &str, user: &str, key: Uuid) -> Sent {
-        let body = serde_json::to_vec(&serde_json::json!({ "user_id": user })).expect("serialises");
-        let path = format!("/v1/events/{event}/issue");
+        let body = format!(
+            "{{\"user_id\":{}}}",
+            serde_json::to_string(user).expect("a string serialises")
+        );
+        if self.path.as_ref().is_none_or(|(e, _)| e != event) {
+            self.path = Some((event.to_string(), format!("/v1/events/{event}/issue")));
+        }
+        let path = self
+            .path
+            .as_ref()
+            .map(|(_, p)| p.clone())
+            .unwrap_or_default();
+        let mut buf = Uuid::encode_buffer();
+        let id = key.hyphenated().encode_lower(&mut buf).to_string();
         match self
             .call(
                 Method::POST,
                 &path,
-                &[("idempotency-key", key.to_string())],
+                &[("idempotency-key", id)],
                 Bytes::from(body),
             )
             .await
         {
-            Ok((StatusCode::ACCEPTED, body)) => match serde_json::from_slice::<AcceptedBody>(&body)
-            {
-                Ok(b) => Sent::Accepted {
-                    accepted_at: b.accepted_at,
-                },
-                Err(_) => Sent::Failed("202_unparsable".into()),
+            Ok((StatusCode::ACCEPTED, body)) => match accepted_at(&body) {
+                Some(accepted_at) => Sent::Accepted { accepted_at },
+                None => Sent::Failed("202_unparsable".into()),
             },
             Ok((status, _)) => Sent::Failed(status.as_u16().to_string()),
             Err(kind) => Sent::Failed(kind),
@@ -171,6 +191,7 @@ impl TargetFactory for HttpFactory {
             endpoint: self.endpoint.clone(),
             timeout: self.timeout,
             sender: None,
+            path: None,
         }
     }
 }
@@ -243,4 +264,18 @@ pub async fn get_event(endpoint: &Endpoint, event: &str) -> Result<EventInfo, St
         ));
     }
     serde_json::from_slice(&body).map_err(|e| format!("unexpected event body: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_at_is_read_from_a_202_body() {
+        let body = br#"{"request_id":"x","accepted_at":1795763447481825,"status_url":"/v1"}"#;
+        assert_eq!(accepted_at(body), Some(1_795_763_447_481_825));
+        assert_eq!(accepted_at(br#"{"accepted_at": 42}"#), Some(42));
+        assert_eq!(accepted_at(br#"{"request_id":"x"}"#), None);
+        assert_eq!(accepted_at(br#"{"accepted_at":"no"}"#), None);
+    }
 }
