@@ -140,13 +140,33 @@ pub struct Decision {
     pub confirmed: bool,
 }
 
-/// Requests of one event whose outcomes the broker acknowledged.
+/// Decisions of one event whose outcomes the broker acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Confirmation {
     /// The event.
     pub event_id: String,
-    /// The requests.
-    pub request_ids: Vec<Uuid>,
+    /// Each decision's request id and decision sequence number.
+    pub decisions: Vec<(Uuid, u64)>,
+}
+
+/// The longest run of sequence numbers one confirmation range covers, so a
+/// lookup only has to look this far back.
+pub const MAX_CONFIRM_RANGE: u64 = 512;
+
+/// Compresses sequence numbers into inclusive ranges of at most
+/// [`MAX_CONFIRM_RANGE`] numbers (zeros, which number nothing, are skipped).
+pub fn seq_ranges(seqs: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut seqs: Vec<u64> = seqs.into_iter().filter(|s| *s > 0).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for s in seqs {
+        match ranges.last_mut() {
+            Some((lo, hi)) if *hi + 1 == s && s - *lo < MAX_CONFIRM_RANGE => *hi = s,
+            _ => ranges.push((s, s)),
+        }
+    }
+    ranges
 }
 
 /// One decision to restore, rebuilt from the outcomes log.
@@ -288,6 +308,19 @@ pub trait Store: Send + Sync + 'static {
         snapshot: &EventSnapshot,
         retention: Duration,
     ) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers_compress_into_bounded_ranges() {
+        assert_eq!(seq_ranges([5, 3, 4, 9, 0, 10, 4]), vec![(3, 5), (9, 10)]);
+        assert_eq!(seq_ranges([]), vec![]);
+        let long = seq_ranges(1..=1200);
+        assert_eq!(long, vec![(1, 512), (513, 1024), (1025, 1200)]);
+    }
 }
 
 /// Result codes shared by the Lua script and the Rust side.

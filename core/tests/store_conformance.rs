@@ -492,7 +492,7 @@ async fn only_confirmed_decisions_are_marked_confirmed(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let (a, b) = (pending("a"), pending("b"));
-    decide(&*store, &ev, &[a.clone(), b.clone()]).await;
+    let ds = decide(&*store, &ev, &[a.clone(), b.clone()]).await;
     assert!(
         !store
             .decision(&ev, a.request_id)
@@ -504,7 +504,7 @@ async fn only_confirmed_decisions_are_marked_confirmed(store: Arc<dyn Store>) {
     store
         .confirm(&[Confirmation {
             event_id: ev.clone(),
-            request_ids: vec![a.request_id, Uuid::now_v7()],
+            decisions: vec![(a.request_id, ds[0].seq), (Uuid::now_v7(), 99)],
         }])
         .await
         .unwrap();
@@ -528,7 +528,7 @@ async fn only_confirmed_decisions_are_marked_confirmed(store: Arc<dyn Store>) {
     store
         .confirm(&[Confirmation {
             event_id: ev.clone(),
-            request_ids: vec![a.request_id],
+            decisions: vec![(a.request_id, ds[0].seq)],
         }])
         .await
         .unwrap();

@@ -138,19 +138,22 @@ impl Plan {
 /// every decided request but `duplicate`s (whose id belongs to another
 /// request, whose own outcome confirms it).
 pub fn confirmations(dispositions: &[Disposition]) -> Vec<Confirmation> {
-    let mut by_event: HashMap<&str, Vec<uuid::Uuid>> = HashMap::new();
+    let mut by_event: HashMap<&str, Vec<(uuid::Uuid, u64)>> = HashMap::new();
     for d in dispositions {
         if let Disposition::Decided(o) = d {
             if o.result != couponrush_core::DecisionResult::Duplicate {
-                by_event.entry(&o.event_id).or_default().push(o.request_id);
+                by_event
+                    .entry(&o.event_id)
+                    .or_default()
+                    .push((o.request_id, o.decision_seq));
             }
         }
     }
     by_event
         .into_iter()
-        .map(|(event_id, request_ids)| Confirmation {
+        .map(|(event_id, decisions)| Confirmation {
             event_id: event_id.to_string(),
-            request_ids,
+            decisions,
         })
         .collect()
 }
@@ -241,7 +244,10 @@ mod tests {
         assert_eq!(out[1], Disposition::Dead(Poison::UnknownEvent("b".into())));
         let confirm = confirmations(&out);
         assert_eq!(confirm.len(), 1);
-        assert_eq!(confirm[0].request_ids, [a1.request_id, a2.request_id]);
+        assert_eq!(
+            confirm[0].decisions,
+            [(a1.request_id, 1), (a2.request_id, 1)]
+        );
         assert!(matches!(out[2], Disposition::Dead(Poison::Malformed(_))));
         match &out[3] {
             Disposition::Decided(o) => {

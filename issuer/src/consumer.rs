@@ -215,12 +215,24 @@ pub fn create_consumer(
     Ok((consumer, shared))
 }
 
+type PublishTask =
+    tokio::task::JoinHandle<Result<crate::publish::Published, rdkafka::error::KafkaError>>;
+
+/// A decided batch whose outcomes are on their way to the broker.
+pub struct InFlight {
+    batch: Vec<Received>,
+    plan: Plan,
+    dispositions: Vec<Disposition>,
+    publish: PublishTask,
+    attempt: u32,
+}
+
 /// The consume loop's state.
 pub struct Worker {
     pub(crate) consumer: BaseConsumer<IssuerContext>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) publisher: Publisher,
+    pub(crate) publisher: Arc<Publisher>,
     pub(crate) recovery: Recovery,
     pub(crate) rt: Handle,
     pub(crate) config: Config,
@@ -236,17 +248,36 @@ impl Worker {
     pub fn run(mut self) -> KafkaResult<Totals> {
         self.consumer.subscribe(&[&self.config.topics.requests])?;
         tracing::info!(group = %self.config.group_id, topic = %self.config.topics.requests, "issuer joined");
+        // Two batches at most are in flight: while one batch's outcomes are on
+        // their way to the broker, the next is read and decided, and its
+        // outcomes enqueued at once. Batches complete (confirm, commit) in
+        // order, so a commit never covers a batch that is not done.
+        let mut in_flight: Option<InFlight> = None;
         while !self.shutdown.is_cancelled() {
             let batch = self.collect();
             if batch.is_empty() {
+                if let Some(prev) = in_flight.take() {
+                    if !self.complete(prev) {
+                        break;
+                    }
+                }
                 continue;
             }
-            if !self.process(&batch) {
+            let Some(decided) = self.decide(batch) else {
                 break;
+            };
+            if let Some(prev) = in_flight.replace(decided) {
+                if !self.complete(prev) {
+                    in_flight = None;
+                    break;
+                }
             }
-            self.commit(&batch);
         }
-        // Finish: everything done is committed synchronously, then closing the
+        if let Some(last) = in_flight.take() {
+            // Finish the batch in hand, unless shutdown came while retrying.
+            self.complete(last);
+        }
+        // Everything done is committed synchronously, then closing the
         // consumer (on drop) leaves the group so partitions move at once.
         let commit = self.shared.uncommitted(None);
         if commit.count() > 0 {
@@ -307,62 +338,109 @@ impl Worker {
         batch
     }
 
-    /// Decides and publishes `batch`, retrying until it succeeds. Returns
-    /// false if shutdown came first (the batch is then left uncommitted).
-    fn process(&mut self, batch: &[Received]) -> bool {
-        let plan = Plan::new(batch);
+    /// Decides `batch` (retrying a failing or recovering store) and enqueues
+    /// its outcomes at once. None if shutdown came first.
+    fn decide(&mut self, batch: Vec<Received>) -> Option<InFlight> {
+        let plan = Plan::new(&batch);
         let mut attempt: u32 = 0;
+        let dispositions = self.decide_plan(&plan, &batch, &mut attempt)?;
+        let publish = self.enqueue(&batch, &dispositions);
+        Some(InFlight {
+            batch,
+            plan,
+            dispositions,
+            publish,
+            attempt,
+        })
+    }
+
+    /// One store round trip for the whole batch, retried until it answers.
+    fn decide_plan(
+        &mut self,
+        plan: &Plan,
+        batch: &[Received],
+        attempt: &mut u32,
+    ) -> Option<Vec<Disposition>> {
         loop {
-            if attempt > 0 && self.shutdown.is_cancelled() {
+            if *attempt > 0 && self.shutdown.is_cancelled() {
                 tracing::info!(
                     "shutdown while retrying; the batch stays uncommitted and will be redelivered"
                 );
-                return false;
+                return None;
+            }
+            if plan.batches.is_empty() {
+                return Some(plan.resolve(batch, &[]));
             }
             let started = Instant::now();
-            let verdicts = if plan.batches.is_empty() {
-                Ok(Vec::new())
-            } else {
-                self.rt
-                    .block_on(self.store.decide(&plan.batches, now_micros()))
-            };
-            let verdicts = match verdicts {
-                Ok(v) => v,
-                Err(e) => {
-                    metrics::counter!("couponrush_issuer_store_errors_total").increment(1);
-                    tracing::warn!(error = %e, attempt, "store failed; pausing and retrying");
-                    self.backoff(&mut attempt);
-                    continue;
-                }
-            };
-            metrics::histogram!("couponrush_issuer_store_seconds").record(started.elapsed());
-            if verdicts
-                .iter()
-                .any(|v| matches!(v, BatchVerdict::UnknownEvent))
-                && self.store_lost(&mut attempt)
-            {
-                continue;
-            }
-            let dispositions = plan.resolve(batch, &verdicts);
             match self
                 .rt
-                .block_on(self.publisher.publish(batch, &dispositions))
+                .block_on(self.store.decide(&plan.batches, now_micros()))
             {
+                Ok(verdicts) => {
+                    metrics::histogram!("couponrush_issuer_store_seconds")
+                        .record(started.elapsed());
+                    if verdicts
+                        .iter()
+                        .any(|v| matches!(v, BatchVerdict::UnknownEvent))
+                        && self.store_lost(attempt)
+                    {
+                        continue;
+                    }
+                    return Some(plan.resolve(batch, &verdicts));
+                }
+                Err(e) => {
+                    metrics::counter!("couponrush_issuer_store_errors_total").increment(1);
+                    tracing::warn!(error = %e, attempt = *attempt, "store failed; pausing and retrying");
+                    self.backoff(attempt);
+                }
+            }
+        }
+    }
+
+    /// Enqueues a batch's outcomes and dead letters; the returned task
+    /// resolves when the broker acknowledged them all.
+    fn enqueue(&self, batch: &[Received], dispositions: &[Disposition]) -> PublishTask {
+        let (publisher, batch, dispositions) = (
+            self.publisher.clone(),
+            batch.to_vec(),
+            dispositions.to_vec(),
+        );
+        self.rt
+            .spawn(async move { publisher.publish(&batch, &dispositions).await })
+    }
+
+    /// Waits for a batch's outcomes; on failure decides it again (replays:
+    /// the same decisions) and republishes until acknowledged. Then marks
+    /// the decisions confirmed and commits. False if shutdown came first.
+    fn complete(&mut self, mut f: InFlight) -> bool {
+        loop {
+            let result = self
+                .rt
+                .block_on(&mut f.publish)
+                .unwrap_or(Err(rdkafka::error::KafkaError::Canceled));
+            match result {
                 Ok(published) => {
-                    if !self.confirm(&dispositions, &mut attempt) {
+                    if !self.confirm(&f.dispositions, &mut f.attempt) {
                         return false;
                     }
-                    if attempt > 0 {
+                    if f.attempt > 0 {
                         self.set_paused(false);
-                        tracing::info!(attempt, "recovered");
+                        tracing::info!(attempt = f.attempt, "recovered");
                     }
-                    self.account(batch, &dispositions, published.dead);
+                    self.account(&f.batch, &f.dispositions, published.dead);
+                    self.commit(&f.batch);
                     return true;
                 }
                 Err(e) => {
                     metrics::counter!("couponrush_issuer_publish_errors_total").increment(1);
-                    tracing::warn!(error = %e, attempt, "publishing failed; pausing, then deciding again (replays) and republishing");
-                    self.backoff(&mut attempt);
+                    tracing::warn!(error = %e, attempt = f.attempt, "publishing failed; pausing, then deciding again (replays) and republishing");
+                    self.backoff(&mut f.attempt);
+                    let Some(dispositions) = self.decide_plan(&f.plan, &f.batch, &mut f.attempt)
+                    else {
+                        return false;
+                    };
+                    f.publish = self.enqueue(&f.batch, &dispositions);
+                    f.dispositions = dispositions;
                 }
             }
         }

@@ -273,12 +273,12 @@ pub async fn run_issuer_probed(
     // A store without its epoch is recovered (or initialised) before any decision.
     recovery.ensure_ready(Duration::from_secs(3600)).await?;
     let (consumer, shared) = create_consumer(&config, probe)?;
-    let publisher = Publisher::new(
+    let publisher = Arc::new(Publisher::new(
         &config.kafka,
         config.topics.clone(),
         &config.client_id,
         config.publish_timeout,
-    )?;
+    )?);
     let worker = Worker {
         consumer,
         shared,

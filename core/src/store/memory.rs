@@ -233,8 +233,8 @@ impl Store for MemoryStore {
         let mut events = self.lock();
         for b in batches {
             if let Some(ev) = events.get_mut(&b.event_id) {
-                for id in &b.request_ids {
-                    if let Some(r) = ev.decided.get_mut(id) {
+                for (id, seq) in &b.decisions {
+                    if let Some(r) = ev.decided.get_mut(id).filter(|r| r.decision.seq == *seq) {
                         r.decision.confirmed = true;
                     }
                 }

@@ -10,7 +10,8 @@
 //! | `cr:{E}:event`            | hash   | stock, remaining, per_user_limit, generation, seq |
 //! | `cr:{E}:holders`          | hash   | user id → coupons held |
 //! | `cr:{E}:coupons`          | hash   | rank → request id ‖ user id |
-//! | `cr:{E}:req:<request id>` | string | the decision (`!`-prefixed once confirmed), expiring after the dedup retention |
+//! | `cr:{E}:req:<request id>` | string | the decision, expiring after the dedup retention |
+//! | `cr:{E}:confirmed`        | zset   | ranges `lo-hi` of decision numbers whose outcomes are in the log (score `lo`) |
 //! | `cr:events`               | set    | every event id (for lookups by request id alone) |
 //! | `cr:epoch`                | string | the epoch marker; absent = state lost, recover first |
 //! | `cr:recovery`             | string | the recovery lock |
@@ -23,32 +24,22 @@ use redis::{Pipeline, RedisError};
 use uuid::Uuid;
 
 use super::{
-    result_from_code, BatchVerdict, Confirmation, Coupon, Decision, EventBatch, EventSnapshot,
-    EventSpec, EventState, Ledger, Store, StoreError,
+    result_from_code, seq_ranges, BatchVerdict, Confirmation, Coupon, Decision, EventBatch,
+    EventSnapshot, EventSpec, EventState, Ledger, Store, StoreError, MAX_CONFIRM_RANGE,
 };
 use crate::wire::DecisionResult;
 
 /// The decide script, see its header for the contract.
 pub const DECIDE_LUA: &str = include_str!("decide.lua");
 
-/// Creates or resets an event: new generation, full stock, no holders.
+/// Creates or resets an event: new generation, full stock, no holders, the
+/// decision numbering (and its confirmations) restarted.
 const PUT_EVENT_LUA: &str = r"
 local existed = redis.call('EXISTS', KEYS[1])
 local generation = redis.call('HINCRBY', KEYS[1], 'generation', 1)
 redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'remaining', ARGV[1], 'per_user_limit', ARGV[2], 'seq', 0)
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 return {existed, generation}
-";
-
-/// Marks dedup records confirmed (KEYS: dedup keys of one event).
-const CONFIRM_LUA: &str = r"
-for i = 1, #KEYS do
-  local v = redis.call('GET', KEYS[i])
-  if v and string.sub(v, 1, 1) ~= '!' then
-    redis.call('SET', KEYS[i], '!' .. v, 'KEEPTTL')
-  end
-end
-return #KEYS
 ";
 
 /// Releases the recovery lock only if the caller holds it.
@@ -82,8 +73,12 @@ fn coupons_key(event: &str) -> String {
 fn request_key(event: &str, request_id: &Uuid) -> String {
     format!("cr:{{{event}}}:req:{request_id}")
 }
+fn confirmed_key(event: &str) -> String {
+    format!("cr:{{{event}}}:confirmed")
+}
 
-/// Encodes a dedup record as the script writes it.
+/// Encodes a dedup record as the script writes it (confirmation is kept
+/// apart, in the event's `confirmed` ranges).
 fn encode_record(generation: u64, d: &Decision, user_id: &str) -> String {
     let code = match d.result {
         DecisionResult::Issued => 1,
@@ -92,21 +87,16 @@ fn encode_record(generation: u64, d: &Decision, user_id: &str) -> String {
         DecisionResult::Duplicate => 4,
     };
     format!(
-        "{}{generation}|{code}|{}|{}|{}|{user_id}",
-        if d.confirmed { "!" } else { "" },
+        "{generation}|{code}|{}|{}|{}|{user_id}",
         d.issued_rank.unwrap_or(0),
         d.decided_at,
         d.seq
     )
 }
 
-/// Parses a dedup record `[!]generation|code|rank|decided_at|seq|user_id`
-/// into its generation and decision (marked as a replay).
+/// Parses a dedup record `generation|code|rank|decided_at|seq|user_id` into
+/// its generation and decision (marked as a replay, not yet confirmed).
 fn parse_record(record: &str) -> Option<(u64, Decision)> {
-    let (confirmed, record) = match record.strip_prefix('!') {
-        Some(r) => (true, r),
-        None => (false, record),
-    };
     let mut parts = record.splitn(6, '|');
     let generation: u64 = parts.next()?.parse().ok()?;
     let code: i64 = parts.next()?.parse().ok()?;
@@ -122,9 +112,18 @@ fn parse_record(record: &str) -> Option<(u64, Decision)> {
             decided_at,
             replay: true,
             seq,
-            confirmed,
+            confirmed: false,
         },
     ))
+}
+
+/// Whether `seq` falls in one of `ranges` (`lo-hi` members).
+fn covered(seq: u64, ranges: &[String]) -> bool {
+    ranges.iter().any(|r| {
+        r.split_once('-')
+            .and_then(|(lo, hi)| Some((lo.parse::<u64>().ok()?, hi.parse::<u64>().ok()?)))
+            .is_some_and(|(lo, hi)| lo <= seq && seq <= hi)
+    })
 }
 
 /// A [`Store`] backed by one Redis server (or a Cluster-compatible proxy).
@@ -133,7 +132,6 @@ pub struct RedisStore {
     conn: ConnectionManager,
     decide_sha: String,
     put_sha: String,
-    confirm_sha: String,
     unlock_sha: String,
     dedup_retention_secs: u64,
 }
@@ -156,7 +154,6 @@ impl RedisStore {
             conn,
             decide_sha: sha(DECIDE_LUA),
             put_sha: sha(PUT_EVENT_LUA),
-            confirm_sha: sha(CONFIRM_LUA),
             unlock_sha: sha(UNLOCK_LUA),
             dedup_retention_secs: dedup_retention.as_secs().max(1),
         };
@@ -167,7 +164,7 @@ impl RedisStore {
     async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
-        for script in [DECIDE_LUA, PUT_EVENT_LUA, CONFIRM_LUA, UNLOCK_LUA] {
+        for script in [DECIDE_LUA, PUT_EVENT_LUA, UNLOCK_LUA] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(script);
         }
         let _: Vec<String> = pipe.query_async(&mut conn).await.map_err(map_err)?;
@@ -194,6 +191,29 @@ impl RedisStore {
     async fn query<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         pipe.query_async(&mut conn).await.map_err(map_err)
+    }
+
+    /// Marks `d` confirmed if its number falls in a confirmed range (a range
+    /// spans at most MAX_CONFIRM_RANGE numbers, so only that far back).
+    async fn with_confirmation(
+        &self,
+        event_id: &str,
+        mut d: Decision,
+    ) -> Result<Decision, StoreError> {
+        if d.seq == 0 {
+            return Ok(d);
+        }
+        let (ranges,): (Vec<String>,) = self
+            .query(
+                redis::pipe()
+                    .cmd("ZRANGEBYSCORE")
+                    .arg(confirmed_key(event_id))
+                    .arg(d.seq.saturating_sub(MAX_CONFIRM_RANGE))
+                    .arg(d.seq),
+            )
+            .await?;
+        d.confirmed = covered(d.seq, &ranges);
+        Ok(d)
     }
 }
 
@@ -268,10 +288,11 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         pipe.cmd("EVALSHA")
             .arg(&self.put_sha)
-            .arg(3)
+            .arg(4)
             .arg(event_key(event_id))
             .arg(holders_key(event_id))
             .arg(coupons_key(event_id))
+            .arg(confirmed_key(event_id))
             .arg(spec.stock)
             .arg(spec.per_user_limit);
         pipe.cmd("SADD").arg(EVENTS_KEY).arg(event_id).ignore();
@@ -396,10 +417,13 @@ impl Store for RedisStore {
                     .arg(request_key(event_id, &request_id)),
             )
             .await?;
-        Ok(match (generation, record) {
-            (Some(g), Some(r)) => current(&r, g),
-            _ => None,
-        })
+        match (generation, record) {
+            (Some(g), Some(r)) => match current(&r, g) {
+                Some(d) => Ok(Some(self.with_confirmation(event_id, d).await?)),
+                None => Ok(None),
+            },
+            _ => Ok(None),
+        }
     }
 
     async fn find_decision(
@@ -419,7 +443,7 @@ impl Store for RedisStore {
             for (ev, pair) in chunk.iter().zip(replies.chunks_exact(2)) {
                 if let (Some(g), Some(r)) = (&pair[0], &pair[1]) {
                     if let Some(d) = current(r, g.parse().unwrap_or(0)) {
-                        return Ok(Some((ev.clone(), d)));
+                        return Ok(Some((ev.clone(), self.with_confirmation(ev, d).await?)));
                     }
                 }
             }
@@ -475,18 +499,20 @@ impl Store for RedisStore {
     async fn confirm(&self, batches: &[Confirmation]) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
         for batch in batches {
-            for chunk in batch.request_ids.chunks(MAX_REQUESTS_PER_CALL) {
-                let cmd = pipe.cmd("EVALSHA").arg(&self.confirm_sha).arg(chunk.len());
-                for id in chunk {
-                    cmd.arg(request_key(&batch.event_id, id));
-                }
-                cmd.ignore();
+            let ranges = seq_ranges(batch.decisions.iter().map(|(_, seq)| *seq));
+            if ranges.is_empty() {
+                continue;
             }
+            let cmd = pipe.cmd("ZADD").arg(confirmed_key(&batch.event_id));
+            for (lo, hi) in ranges {
+                cmd.arg(lo).arg(format!("{lo}-{hi}"));
+            }
+            cmd.ignore();
         }
         if pipe.is_empty() {
             return Ok(());
         }
-        let () = self.query_scripts(&pipe).await?;
+        let () = self.query(&pipe).await?;
         Ok(())
     }
 
@@ -541,7 +567,17 @@ impl Store for RedisStore {
             .arg(event_key(ev))
             .arg(holders_key(ev))
             .arg(coupons_key(ev))
+            .arg(confirmed_key(ev))
             .ignore();
+        // Every restored decision is in the log: confirmed.
+        let ranges = seq_ranges(snap.decided.iter().map(|d| d.decision.seq));
+        for chunk in ranges.chunks(1000) {
+            let cmd = pipe.cmd("ZADD").arg(confirmed_key(ev));
+            for (lo, hi) in chunk {
+                cmd.arg(*lo).arg(format!("{lo}-{hi}"));
+            }
+            cmd.ignore();
+        }
         for chunk in snap.holders.chunks(1000) {
             let cmd = pipe.cmd("HSET").arg(holders_key(ev));
             for (user, n) in chunk {
@@ -615,20 +651,27 @@ mod tests {
             decided_at: 123,
             replay: true,
             seq: 9,
-            confirmed: true,
+            confirmed: false,
         };
         let rec = encode_record(4, &d, "a|b|c");
-        assert!(rec.starts_with('!'));
         assert_eq!(parse_record(&rec), Some((4, d)));
-        let unconfirmed = Decision {
-            confirmed: false,
-            ..d
-        };
-        assert_eq!(
-            parse_record(&encode_record(4, &unconfirmed, "u")),
-            Some((4, unconfirmed))
-        );
         assert_eq!(current(&rec, 5), None, "another generation");
         assert_eq!(parse_record("garbage"), None);
+    }
+
+    #[test]
+    fn a_number_is_confirmed_only_inside_a_range() {
+        let ranges = vec![
+            "1-100".to_string(),
+            "50-50".to_string(),
+            "200-210".to_string(),
+        ];
+        assert!(
+            covered(70, &ranges),
+            "a later small range does not hide an earlier wide one"
+        );
+        assert!(covered(205, &ranges));
+        assert!(!covered(150, &ranges));
+        assert!(!covered(211, &["bad".to_string()]));
     }
 }
