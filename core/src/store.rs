@@ -310,6 +310,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 }
 
+/// Result codes shared by the Lua script and the Rust side.
+pub(crate) fn result_from_code(code: i64) -> Option<DecisionResult> {
+    match code {
+        1 => Some(DecisionResult::Issued),
+        2 => Some(DecisionResult::SoldOut),
+        3 => Some(DecisionResult::LimitReached),
+        4 => Some(DecisionResult::Duplicate),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,16 +331,5 @@ mod tests {
         assert_eq!(seq_ranges([]), vec![]);
         let long = seq_ranges(1..=1200);
         assert_eq!(long, vec![(1, 512), (513, 1024), (1025, 1200)]);
-    }
-}
-
-/// Result codes shared by the Lua script and the Rust side.
-pub(crate) fn result_from_code(code: i64) -> Option<DecisionResult> {
-    match code {
-        1 => Some(DecisionResult::Issued),
-        2 => Some(DecisionResult::SoldOut),
-        3 => Some(DecisionResult::LimitReached),
-        4 => Some(DecisionResult::Duplicate),
-        _ => None,
     }
 }
