@@ -4,6 +4,11 @@ use clap::Parser;
 use couponrush_api::Cli;
 use couponrush_core::telemetry::{init_tracing, shutdown_signal};
 
+// glibc malloc contends across the runtime and librdkafka threads; mimalloc
+// does not (measured in docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -7,6 +7,11 @@ use clap::Parser;
 use couponrush_core::telemetry::{init_tracing_with, shutdown_signal};
 use couponrush_loadgen::{Cli, Verdict};
 
+// glibc malloc contends across the runtime and librdkafka threads; mimalloc
+// does not (measured in docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
