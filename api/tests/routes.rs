@@ -1,0 +1,437 @@
+//! The api's contract, route by route, through `app().oneshot(..)` over
+//! librdkafka's mock cluster and the in-memory store: every client mistake
+//! is a 4xx with a JSON reason, overload is a 503 with `Retry-After`, admin
+//! routes need the token, and only confirmed decisions are shown.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use couponrush_api::{app, Api, AppState, Config};
+use couponrush_core::store::memory::MemoryStore;
+use couponrush_core::store::{BatchVerdict, Confirmation, EventBatch, EventSpec, Pending, Store};
+use couponrush_core::wire::now_micros;
+use couponrush_core::Topics;
+use couponrush_harness::MockKafka;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+use uuid::Uuid;
+
+struct Fixture {
+    router: Router,
+    state: Arc<AppState>,
+    store: Arc<dyn Store>,
+    _mock: MockKafka,
+}
+
+async fn fixture(admin_token: Option<&str>) -> Fixture {
+    let mock = MockKafka::start(1).unwrap();
+    for spec in Topics::default().specs(4, 1) {
+        mock.create_topic(&spec.name, spec.partitions, spec.replication)
+            .unwrap();
+    }
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    store
+        .put_event(
+            "drop",
+            EventSpec {
+                stock: 3,
+                per_user_limit: 1,
+            },
+        )
+        .await
+        .unwrap();
+    let mut config = Config::local(&mock.brokers());
+    config.admin_token = admin_token.map(str::to_string);
+    let api = Api::bind(config, store.clone(), None).await.unwrap();
+    let state = api.state();
+    Fixture {
+        router: app(state.clone()),
+        state,
+        store,
+        _mock: mock,
+    }
+}
+
+async fn call(
+    router: &Router,
+    method: Method,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Body>,
+) -> (StatusCode, Value, HeaderMap) {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = router
+        .clone()
+        .oneshot(req.body(body.into()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, json, headers)
+}
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+#[tokio::test]
+async fn every_client_mistake_is_a_4xx_with_a_json_reason() {
+    let f = fixture(None).await;
+    let big = format!("{{\"user_id\":\"{}\"}}", "x".repeat(2000));
+    let cases: Vec<(Method, &str, Vec<(&str, &str)>, String, u16)> = vec![
+        (
+            Method::POST,
+            "/v1/events/drop/issue",
+            vec![],
+            r#"{"user_id":"a"}"#.into(),
+            415,
+        ),
+        (
+            Method::POST,
+            "/v1/events/drop/issue",
+            vec![JSON],
+            "{not json".into(),
+            400,
+        ),
+        (
+            Method::POST,
+            "/v1/events/drop/issue",
+            vec![JSON],
+            r#"{"user_id":1}"#.into(),
+            422,
+        ),
+        (
+            Method::POST,
+            "/v1/events/drop/issue",
+            vec![JSON],
+            "{}".into(),
+            422,
+        ),
+        (
+            Method::POST,
+            "/v1/events/drop/issue",
+            vec![JSON],
+            r#"{"user_id":"a","stock":9}"#.into(),
+            422,
+        ),
+        (
+            Method::POST,
+            "/v1/events/drop/issue",
+            vec![JSON],
+            r#"{"user_id":""}"#.into(),
+            422,
+        ),
+        (
+            Method::POST,
+            "/v1/events/drop/issue",
+            vec![JSON],
+            "{\"user_id\":\"a\\u0000b\"}".into(),
+            422,
+        ),
+        (Method::POST, "/v1/events/drop/issue", vec![JSON], big, 413),
+        (
+            Method::POST,
+            "/v1/events/a%20b/issue",
+            vec![JSON],
+            r#"{"user_id":"a"}"#.into(),
+            400,
+        ),
+        (
+            Method::POST,
+            "/v1/events/%7Bslot%7D/issue",
+            vec![JSON],
+            r#"{"user_id":"a"}"#.into(),
+            400,
+        ),
+        (
+            Method::POST,
+            "/v1/events/drop/issue",
+            vec![JSON, ("idempotency-key", "not-a-uuid")],
+            r#"{"user_id":"a"}"#.into(),
+            400,
+        ),
+        (
+            Method::POST,
+            "/v1/events/nosuch/issue",
+            vec![JSON],
+            r#"{"user_id":"a"}"#.into(),
+            404,
+        ),
+        (Method::GET, "/v1/events/nosuch", vec![], String::new(), 404),
+        (
+            Method::GET,
+            "/v1/requests/not-a-uuid",
+            vec![],
+            String::new(),
+            400,
+        ),
+        (Method::GET, "/v1/nowhere", vec![], String::new(), 404),
+        (
+            Method::DELETE,
+            "/v1/events/drop",
+            vec![],
+            String::new(),
+            405,
+        ),
+        (
+            Method::GET,
+            "/v1/events/drop/issue",
+            vec![],
+            String::new(),
+            405,
+        ),
+        (
+            Method::PUT,
+            "/v1/events/new",
+            vec![JSON],
+            r#"{"stock":1,"per_user_limit":0}"#.into(),
+            422,
+        ),
+        (
+            Method::PUT,
+            "/v1/events/new",
+            vec![JSON],
+            r#"{"stock":-1}"#.into(),
+            422,
+        ),
+        (
+            Method::PUT,
+            "/v1/events/new",
+            vec![JSON],
+            r#"{"stock":99999999999}"#.into(),
+            422,
+        ),
+        (
+            Method::PUT,
+            "/v1/events/new",
+            vec![JSON],
+            r#"{"stock":10000001}"#.into(),
+            422,
+        ),
+    ];
+    for (method, uri, headers, body, expected) in cases {
+        let (status, json, _) = call(&f.router, method.clone(), uri, &headers, body.clone()).await;
+        assert_eq!(
+            status.as_u16(),
+            expected,
+            "{method} {uri} {body:.60}: {json}"
+        );
+        assert!(
+            json["error"].is_string(),
+            "{method} {uri}: no error code in {json}"
+        );
+        assert!(
+            json["message"].is_string(),
+            "{method} {uri}: no message in {json}"
+        );
+    }
+    // Nothing of the above touched the event.
+    assert_eq!(f.store.event("drop").await.unwrap().unwrap().remaining, 3);
+    assert!(f.store.event("new").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_is_the_same_request() {
+    let f = fixture(None).await;
+    let key = Uuid::now_v7().to_string();
+    let headers = [JSON, ("idempotency-key", key.as_str())];
+    let (s1, a, _) = call(
+        &f.router,
+        Method::POST,
+        "/v1/events/drop/issue",
+        &headers,
+        r#"{"user_id":"u"}"#,
+    )
+    .await;
+    let (s2, b, _) = call(
+        &f.router,
+        Method::POST,
+        "/v1/events/drop/issue",
+        &headers,
+        r#"{"user_id":"u"}"#,
+    )
+    .await;
+    assert_eq!((s1, s2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+    assert_eq!(a["request_id"], key.as_str());
+    assert_eq!(b["request_id"], key.as_str());
+    assert!(a["accepted_at"].as_u64().unwrap() > 0);
+    // Without a key, every request is new and gets a time-ordered UUID v7.
+    let (_, c, _) = call(
+        &f.router,
+        Method::POST,
+        "/v1/events/drop/issue",
+        &[JSON],
+        r#"{"user_id":"u"}"#,
+    )
+    .await;
+    let id = Uuid::parse_str(c["request_id"].as_str().unwrap()).unwrap();
+    assert_eq!(id.get_version_num(), 7);
+}
+
+#[tokio::test]
+async fn admin_routes_need_the_token_and_a_refusal_changes_nothing() {
+    let f = fixture(Some("s3cret")).await;
+    let body = r#"{"stock":100,"per_user_limit":5}"#;
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("s3cret"),
+        Some("Bearer s3cre"),
+    ] {
+        let mut headers = vec![JSON];
+        if let Some(a) = auth {
+            headers.push(("authorization", a));
+        }
+        let (status, json, h) =
+            call(&f.router, Method::PUT, "/v1/events/drop", &headers, body).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}: {json}");
+        assert_eq!(h["www-authenticate"], "Bearer");
+    }
+    let ev = f.store.event("drop").await.unwrap().unwrap();
+    assert_eq!(
+        (ev.stock, ev.remaining, ev.generation),
+        (3, 3, 1),
+        "unchanged"
+    );
+    let (status, json, _) = call(
+        &f.router,
+        Method::PUT,
+        "/v1/events/drop",
+        &[JSON, ("authorization", "Bearer s3cret")],
+        body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "a reset: {json}");
+    assert_eq!(json["stock"], 100);
+    assert_eq!(json["generation"], 2);
+    let (status, _, _) = call(
+        &f.router,
+        Method::PUT,
+        "/v1/events/fresh",
+        &[JSON, ("authorization", "Bearer s3cret")],
+        r#"{"stock":1}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn listening_beyond_loopback_without_a_token_is_refused() {
+    let mock = MockKafka::start(1).unwrap();
+    let mut config = Config::local(&mock.brokers());
+    config.listen = "0.0.0.0:0".parse().unwrap();
+    let err = Api::bind(config, Arc::new(MemoryStore::default()), None)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("ADMIN_TOKEN"), "{err}");
+}
+
+#[tokio::test]
+async fn overload_is_a_503_with_retry_after_and_nothing_accepted() {
+    let f = fixture(None).await;
+    // Hold every in-flight permit, as a stalled broker would.
+    let held = f
+        .state
+        .in_flight
+        .acquire_many(f.state.max_in_flight as u32)
+        .await
+        .unwrap();
+    let (status, json, headers) = call(
+        &f.router,
+        Method::POST,
+        "/v1/events/drop/issue",
+        &[JSON],
+        r#"{"user_id":"u"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+    assert_eq!(json["error"], "overloaded");
+    assert_eq!(headers["retry-after"], "1");
+    drop(held);
+    let (status, _, _) = call(
+        &f.router,
+        Method::POST,
+        "/v1/events/drop/issue",
+        &[JSON],
+        r#"{"user_id":"u"}"#,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "full service once the load drops"
+    );
+}
+
+#[tokio::test]
+async fn status_shows_a_decision_only_once_it_is_confirmed() {
+    let f = fixture(None).await;
+    let id = Uuid::now_v7();
+    let uri = format!("/v1/events/drop/requests/{id}");
+    let (_, json, _) = call(&f.router, Method::GET, &uri, &[], Body::empty()).await;
+    assert_eq!(json["status"], "pending");
+    let verdicts = f
+        .store
+        .decide(
+            &[EventBatch {
+                event_id: "drop".into(),
+                requests: vec![Pending {
+                    request_id: id,
+                    user_id: "u".into(),
+                }],
+            }],
+            now_micros(),
+        )
+        .await
+        .unwrap();
+    let BatchVerdict::Decided { decisions, .. } = &verdicts[0] else {
+        panic!("unknown event")
+    };
+    let (_, json, _) = call(&f.router, Method::GET, &uri, &[], Body::empty()).await;
+    assert_eq!(
+        json["status"], "pending",
+        "decided but its outcome is not in the log yet"
+    );
+    f.store
+        .confirm(&[Confirmation {
+            event_id: "drop".into(),
+            decisions: vec![(id, decisions[0].seq)],
+        }])
+        .await
+        .unwrap();
+    for uri in [uri.clone(), format!("/v1/requests/{id}")] {
+        let (status, json, _) = call(&f.router, Method::GET, &uri, &[], Body::empty()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json["status"], "decided", "{uri}");
+        assert_eq!(json["decision"]["result"], "issued");
+        assert_eq!(json["decision"]["issued_rank"], 1);
+    }
+}
+
+#[tokio::test]
+async fn events_read_back_with_their_counters_and_probes_answer() {
+    let f = fixture(None).await;
+    let (status, json, _) = call(
+        &f.router,
+        Method::GET,
+        "/v1/events/drop",
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["remaining"], 3);
+    assert_eq!(json["sold_out"], false);
+    let (status, _, _) = call(&f.router, Method::GET, "/healthz", &[], Body::empty()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, json, _) = call(&f.router, Method::GET, "/readyz", &[], Body::empty()).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["broker"], "ok");
+}
