@@ -80,11 +80,14 @@ async fn call(
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 
+/// method, uri, headers, body, expected status
+type Case<'a> = (Method, &'a str, Vec<(&'a str, &'a str)>, String, u16);
+
 #[tokio::test]
 async fn every_client_mistake_is_a_4xx_with_a_json_reason() {
     let f = fixture(None).await;
     let big = format!("{{\"user_id\":\"{}\"}}", "x".repeat(2000));
-    let cases: Vec<(Method, &str, Vec<(&str, &str)>, String, u16)> = vec![
+    let cases: Vec<Case> = vec![
         (
             Method::POST,
             "/v1/events/drop/issue",
