@@ -452,6 +452,9 @@ impl Api {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(CLIENT_TIMEOUT)
+            // A client may close its sending side once its request is out
+            // and still expect the answer.
+            .half_close(true)
             .keep_alive(true);
         loop {
             let permit = tokio::select! {

@@ -193,11 +193,23 @@ impl Tansu {
 
     fn spawn(port: u16, storage: &TansuStorage, log: Option<&Path>) -> io::Result<Proc> {
         let url = format!("tcp://127.0.0.1:{port}");
+        let mut cmd = Command::new(tansu_binary()?);
+        // tansu resolves a sqlite path against its working directory, even
+        // an absolute one: run it in the file's directory, name the file.
         let engine = match storage {
             TansuStorage::Memory => "memory://tansu/".to_string(),
-            TansuStorage::Sqlite(p) => format!("sqlite://{}", p.display()),
+            TansuStorage::Sqlite(p) => {
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)?;
+                    cmd.current_dir(dir);
+                }
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "tansu.db".into());
+                format!("sqlite://{name}")
+            }
         };
-        let mut cmd = Command::new(tansu_binary()?);
         cmd.args([
             "broker",
             "--listener-url",

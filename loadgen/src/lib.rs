@@ -8,8 +8,8 @@
 //! store). It exits non-zero when a correctness figure is not zero.
 //!
 //! # Layout
-//! - [`Cli`]: the subcommands `run`, `demo`, `sweep`, `merge`, `bare`,
-//!   `bench-issuer`; [`main`] dispatches them.
+//! - [`Cli`]: the subcommands `run`, `demo`, `sweep`, `merge`, `chaos`,
+//!   `bare`, `bench-issuer`; [`main`] dispatches them.
 //! - [`run`]: one drop end to end; [`drive`]: the load models and targets
 //!   (HTTP, or Kafka directly); [`population`]: users and retries;
 //!   [`observe`]: the outcome watcher.
@@ -18,8 +18,11 @@
 //! - [`report`]: figures, text, JSON, merges; [`chart`]: SVG charts.
 //! - [`deploy`]: api + issuers in-process over an embedded or real Kafka, for
 //!   [`demo`], [`sweep`] and [`bench`].
+//! - [`chaos`]: fault scenarios against real processes, with the figures
+//!   of docs/RELIABILITY.md.
 
 pub mod bench;
+pub mod chaos;
 pub mod chart;
 pub mod demo;
 pub mod deploy;
@@ -77,6 +80,8 @@ pub enum Command {
     Bare(bench::BareArgs),
     /// Measure issuer throughput from a pre-filled requests topic.
     BenchIssuer(bench::BenchIssuerArgs),
+    /// Fault scenarios against real processes: nothing lost, nothing doubled.
+    Chaos(chaos::ChaosArgs),
 }
 
 /// How much load, shaped how.
@@ -438,5 +443,6 @@ pub async fn main(cli: Cli, cancel: CancellationToken) -> Result<Verdict, String
         }
         Command::Bare(args) => bench::bare(args, cancel).await.map(|_| Verdict::Pass),
         Command::BenchIssuer(args) => bench::bench_issuer(args, cancel).await,
+        Command::Chaos(args) => chaos::chaos(args).await,
     }
 }

@@ -94,9 +94,13 @@ impl Observer {
             topics.outcomes.clone(),
             shared.clone(),
         );
+        // Some brokers report a stale end offset (tansu 0.6.0 reports the last
+        // batch's), so the reader may start a little before the run: DLQ
+        // records written before it (less a second of clock skew) are not ours.
+        let since_ms = (now_micros() / 1000).saturating_sub(1000) as i64;
         let thread = std::thread::Builder::new()
             .name("observer".into())
-            .spawn(move || read(consumer, &event, &outcomes_topic, &me))
+            .spawn(move || read(consumer, &event, &outcomes_topic, since_ms, &me))
             .map_err(|_| KafkaError::Canceled)?;
         Ok(Self {
             shared,
@@ -149,6 +153,7 @@ fn read(
     consumer: BaseConsumer,
     event: &str,
     outcomes_topic: &str,
+    since_ms: i64,
     shared: &Shared,
 ) -> Observations {
     let mut obs = Observations::default();
@@ -175,7 +180,7 @@ fn read(
                 Ok(_) => {}
                 Err(_) => obs.unparsable += 1,
             }
-        } else {
+        } else if m.timestamp().to_millis().is_none_or(|t| t >= since_ms) {
             let reason = m
                 .headers()
                 .and_then(|h| {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use couponrush_api::producer::RequestProducer;
 use couponrush_core::kafka::KafkaSettings;
-use couponrush_core::store::{EventSpec, Store};
+use couponrush_core::store::{EventSpec, Ledger, Store};
 use couponrush_core::wire::now_micros;
 use couponrush_core::Topics;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -145,10 +145,7 @@ pub async fn run_drop(drop: Drop, cancel: CancellationToken) -> Result<Report, S
         ));
     }
     let ledger = match &drop.store {
-        Some(store) if drop.observe => store
-            .ledger(&event)
-            .await
-            .map_err(|e| format!("cannot audit the store: {e}"))?,
+        Some(store) if drop.observe => audit_ledger(&**store, &event).await?,
         _ => None,
     };
     let facts = Facts {
@@ -171,6 +168,22 @@ pub async fn run_drop(drop: Drop, cancel: CancellationToken) -> Result<Report, S
         observed: drop.observe,
     };
     Ok(Report::build(facts, drop.keep_raw))
+}
+
+/// Reads the event's ledger, retrying a store that is reconnecting (a
+/// restarted Redis breaks the first call on the old connection).
+async fn audit_ledger(store: &dyn Store, event: &str) -> Result<Option<Ledger>, String> {
+    let mut attempt = 0;
+    loop {
+        match store.ledger(event).await {
+            Ok(l) => return Ok(l),
+            Err(e) if e.is_transient() && attempt < 10 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => return Err(format!("cannot audit the store: {e}")),
+        }
+    }
 }
 
 async fn setup(drop: &Drop) -> Result<EventTerms, String> {

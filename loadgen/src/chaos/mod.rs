@@ -1,0 +1,1219 @@
+//! `coupon-loadgen chaos`: nothing lost, nothing doubled, under faults.
+//!
+//! Each scenario runs against real processes (a broker, a private
+//! redis-server, `coupon-api` and `coupon-issuer` children) while a drop is
+//! offered, injects its fault at a seeded moment, and audits the drop with the
+//! same instrument as `run`. Scenarios repeat over seeds (different fault
+//! timings and populations). The table goes to docs/RELIABILITY.md.
+//!
+//! | scenario | fault |
+//! |---|---|
+//! | `kill9-issuer` | an issuer SIGKILLed mid-drop, restarted |
+//! | `scale-1-4-2` | issuers scaled 1 → 4 → 2 mid-drop (rebalances with batches in flight) |
+//! | `redis-lost` | Redis restarted empty mid-drop: rebuilt from the log |
+//! | `broker-kill` | tansu (sqlite) SIGKILLed and restarted mid-drop |
+//! | `mock-faults` | mock cluster: a broker down, leaders moved, produce/fetch/commit errors |
+//! | `poison` | poison records mixed into live traffic |
+//! | `client-retries` | 30% of requests re-sent with the same Idempotency-Key |
+//! | `api-fuzz` | hostile requests and slow clients |
+//! | `overload` | twice the capacity, then half |
+//! | `admin` | the admin routes without the token; the issue path cannot change stock |
+
+pub mod fuzz;
+pub mod rig;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use couponrush_core::kafka::KafkaSettings;
+use couponrush_core::store::redis::RedisStore;
+use couponrush_core::store::{Store, DEFAULT_DEDUP_RETENTION};
+use couponrush_core::wire::now_micros;
+use couponrush_core::{DecisionResult, IssueRequest};
+use couponrush_harness::Fault;
+use hyper::{Method, StatusCode};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::drive::http::{put_event, Endpoint, HttpFactory};
+use crate::drive::{LoadModel, Plan, TargetFactory};
+use crate::measure::audit::EventTerms;
+use crate::population::{Population, UserDist};
+use crate::report::Report;
+use crate::run::{run_drop, Drop, Via};
+use crate::Verdict;
+use rig::{Broker, Kafka, Rig, RigSpec};
+
+/// The scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// An issuer SIGKILLed mid-drop and restarted.
+    Kill9Issuer,
+    /// Issuers scaled 1 → 4 → 2 mid-drop.
+    #[value(name = "scale-1-4-2")]
+    Scale142,
+    /// Redis restarted mid-drop with its state lost.
+    RedisLost,
+    /// The broker SIGKILLed and restarted mid-drop.
+    BrokerKill,
+    /// librdkafka mock cluster faults.
+    MockFaults,
+    /// Poison records mixed into live traffic.
+    Poison,
+    /// Client retries with the same Idempotency-Key.
+    ClientRetries,
+    /// Hostile requests and slow clients.
+    ApiFuzz,
+    /// Twice the capacity, then half.
+    Overload,
+    /// Admin routes without the token.
+    Admin,
+}
+
+impl Scenario {
+    /// Every scenario, in the order they run.
+    pub const ALL: [Scenario; 10] = [
+        Scenario::Kill9Issuer,
+        Scenario::Scale142,
+        Scenario::RedisLost,
+        Scenario::BrokerKill,
+        Scenario::MockFaults,
+        Scenario::Poison,
+        Scenario::ClientRetries,
+        Scenario::ApiFuzz,
+        Scenario::Overload,
+        Scenario::Admin,
+    ];
+
+    /// The scenario's name on the command line.
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// How big each scenario is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Size {
+    /// Seconds per scenario: what CI runs.
+    Small,
+    /// The published figures.
+    Full,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    rate: f64,
+    seconds: f64,
+    stock: u32,
+    users: u64,
+    fuzz: u64,
+    slowloris: usize,
+    poison: u64,
+}
+
+impl Size {
+    fn dims(self) -> Dims {
+        match self {
+            Size::Small => Dims {
+                rate: 800.0,
+                seconds: 8.0,
+                stock: 2500,
+                users: 6000,
+                fuzz: 20_000,
+                slowloris: 100,
+                poison: 100,
+            },
+            Size::Full => Dims {
+                rate: 2000.0,
+                seconds: 20.0,
+                stock: 15_000,
+                users: 35_000,
+                fuzz: 100_000,
+                slowloris: 400,
+                poison: 500,
+            },
+        }
+    }
+}
+
+/// `coupon-loadgen chaos`.
+#[derive(Debug, Clone, Args)]
+pub struct ChaosArgs {
+    /// Scenarios to run (default: all).
+    #[arg(long = "scenario", env = "CHAOS_SCENARIOS", value_delimiter = ',')]
+    pub scenarios: Vec<Scenario>,
+    /// Runs per scenario, each with its own seed (fault timing, population).
+    #[arg(long, env = "CHAOS_SEEDS", default_value_t = 1)]
+    pub seeds: u64,
+    /// First seed.
+    #[arg(long, env = "CHAOS_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// small (CI) or full (the published figures).
+    #[arg(long, env = "CHAOS_SIZE", value_enum, default_value = "small")]
+    pub size: Size,
+    /// Write the table into this file, between its chaos-table markers.
+    #[arg(long, env = "CHAOS_OUT")]
+    pub out: Option<PathBuf>,
+    /// Scratch directory for logs and data.
+    #[arg(long, env = "CHAOS_DIR", default_value = "target/chaos")]
+    pub dir: PathBuf,
+}
+
+/// One run of one scenario.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Row {
+    /// Scenario name.
+    pub scenario: String,
+    /// Seed.
+    pub seed: u64,
+    /// When the fault began, seconds into the load.
+    pub fault_at_s: Option<f64>,
+    /// Requests sent (HTTP requests for fuzz).
+    pub requests: u64,
+    /// Accepted (202).
+    pub accepted: u64,
+    /// Coupons issued.
+    pub issued: u64,
+    /// Stock of the drop.
+    pub stock: u64,
+    /// Coupons beyond stock.
+    pub oversold: u64,
+    /// Double issues.
+    pub double_issued: u64,
+    /// Accepted, never decided.
+    pub lost: u64,
+    /// DLQ records.
+    pub dlq: u64,
+    /// The longest a request accepted around or after the fault waited for
+    /// its decision, seconds: how long the fault kept clients waiting.
+    pub recover_s: Option<f64>,
+    /// Whether every check held.
+    pub passed: bool,
+    /// What else was measured or went wrong.
+    pub notes: Vec<String>,
+}
+
+impl Row {
+    /// The row of a drop's report; the report itself is kept in `dir`.
+    fn from_report(scenario: Scenario, seed: u64, r: &Report, dir: &std::path::Path) -> Row {
+        if let Ok(json) = serde_json::to_vec(r) {
+            let _ = std::fs::write(dir.join("report.json"), json);
+        }
+        let mut notes = Vec::new();
+        if r.phantom + r.inconsistent_replays + r.ledger_mismatch > 0 {
+            notes.push(format!(
+                "phantom {}, inconsistent replays {}, ledger mismatch {}",
+                r.phantom, r.inconsistent_replays, r.ledger_mismatch
+            ));
+        }
+        notes.extend(r.notes.iter().cloned());
+        Row {
+            scenario: scenario.name(),
+            seed,
+            requests: r.requests,
+            accepted: r.accepted,
+            issued: r.issued,
+            stock: u64::from(r.stock),
+            oversold: r.oversold,
+            double_issued: r.double_issued,
+            lost: r.lost,
+            dlq: r.dlq,
+            passed: r.passed,
+            notes,
+            ..Row::default()
+        }
+    }
+
+    fn check(&mut self, ok: bool, what: impl Into<String>) {
+        if !ok {
+            self.passed = false;
+            self.notes.push(format!("FAILED: {}", what.into()));
+        }
+    }
+}
+
+/// Fraction in [0, 1) from a seed: where in the load the fault lands.
+fn fraction(seed: u64) -> f64 {
+    (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// How long the fault kept clients waiting: the longest time from
+/// acceptance to the decision being observed, over requests accepted from
+/// one second before the fault (µs) on.
+fn longest_wait(r: &Report, fault: u64) -> Option<f64> {
+    let raw = r.raw.as_ref()?;
+    let accepted: std::collections::HashMap<Uuid, u64> = raw
+        .accepted
+        .iter()
+        .map(|a| (a.request_id, a.acceptance.accepted_at))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    raw.outcomes
+        .iter()
+        .filter(|o| seen.insert(o.outcome.request_id))
+        .filter_map(|o| {
+            let at = *accepted.get(&o.outcome.request_id)?;
+            (at + 1_000_000 >= fault).then(|| o.observed_at.saturating_sub(at))
+        })
+        .max()
+        .map(|us| us as f64 / 1e6)
+}
+
+struct DropSpec {
+    retry_ratio: f64,
+    seed: u64,
+    admin_token: Option<String>,
+}
+
+/// Starts the audited drop as a task; returns its handle and the moment the
+/// load starts (µs).
+fn start_drop(
+    rig: &Rig,
+    dims: Dims,
+    spec: DropSpec,
+) -> (tokio::task::JoinHandle<Result<Report, String>>, u64) {
+    let (url, brokers, redis, topics) = (
+        rig.api_url(),
+        rig.brokers.clone(),
+        rig.redis.url(),
+        rig.topics.clone(),
+    );
+    let event = format!("chaos-{}", Uuid::new_v4().simple());
+    let started = now_micros();
+    let handle = tokio::spawn(async move {
+        let store: Arc<dyn Store> = Arc::new(
+            RedisStore::connect(&redis, DEFAULT_DEDUP_RETENTION)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+        let requests = (dims.rate * dims.seconds) as u64;
+        let drop = Drop {
+            via: Via::Http {
+                endpoint: Endpoint::parse(&url).await?,
+                admin_token: spec.admin_token,
+                timeout: Duration::from_secs(15),
+            },
+            kafka: KafkaSettings::new(brokers),
+            topics,
+            store: Some(store),
+            setup: true,
+            terms: EventTerms {
+                stock: dims.stock,
+                per_user_limit: 1,
+            },
+            plan: Plan {
+                event_id: event,
+                model: LoadModel::Rate(dims.rate),
+                requests,
+                duration: Duration::from_secs_f64(dims.seconds * 3.0),
+                connections: 256,
+                population: Population::new(
+                    dims.users,
+                    UserDist::Uniform,
+                    spec.retry_ratio,
+                    spec.seed,
+                ),
+            },
+            drain_timeout: Duration::from_secs(120),
+            progress: false,
+            keep_raw: true,
+            config: serde_json::json!({ "chaos": true }),
+            observe: true,
+        };
+        run_drop(drop, CancellationToken::new()).await
+    });
+    (handle, started)
+}
+
+async fn sleep_until_load(started: u64, seconds: f64) {
+    let at = started + (seconds * 1e6) as u64;
+    let now = now_micros();
+    if at > now {
+        tokio::time::sleep(Duration::from_micros(at - now)).await;
+    }
+}
+
+async fn rig(spec: RigSpec, dir: &std::path::Path) -> Result<Rig, String> {
+    let r = Rig::start(&spec, dir).await?;
+    // Let the group form before the doors open.
+    tokio::time::sleep(Duration::from_secs(if spec.broker == Broker::Mock {
+        5
+    } else {
+        3
+    }))
+    .await;
+    Ok(r)
+}
+
+fn spec(broker: Broker, issuers: usize) -> RigSpec {
+    RigSpec {
+        broker,
+        partitions: 8,
+        issuers,
+        api_args: Vec::new(),
+        redis_aof: false,
+    }
+}
+
+/// Runs one scenario once.
+pub async fn run_scenario(
+    scenario: Scenario,
+    seed: u64,
+    size: Size,
+    dir: &std::path::Path,
+) -> Result<Row, String> {
+    let dims = size.dims();
+    let dir = dir.join(format!("{}-{seed}", scenario.name()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let fault_at = dims.seconds * (0.25 + 0.35 * fraction(seed));
+    let plain = |seed| DropSpec {
+        retry_ratio: 0.02,
+        seed,
+        admin_token: None,
+    };
+    match scenario {
+        Scenario::Kill9Issuer => {
+            let mut rig = rig(spec(Broker::TansuMemory, 2), &dir).await?;
+            let (drop, started) = start_drop(&rig, dims, plain(seed));
+            sleep_until_load(started, fault_at).await;
+            let fault = now_micros();
+            rig.kill_issuer(0);
+            // tansu evicts a dead member only when another joins after its
+            // session expired (docs/RELIABILITY.md): restart after that.
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            rig.add_issuer()?;
+            let report = drop.await.map_err(|e| e.to_string())??;
+            let mut row = Row::from_report(scenario, seed, &report, &dir);
+            row.fault_at_s = Some(fault_at);
+            row.recover_s = longest_wait(&report, fault);
+            Ok(row)
+        }
+        Scenario::Scale142 => {
+            let mut rig = rig(spec(Broker::TansuMemory, 1), &dir).await?;
+            let (drop, started) = start_drop(&rig, dims, plain(seed));
+            sleep_until_load(started, fault_at * 0.6).await;
+            let fault = now_micros();
+            for _ in 0..3 {
+                rig.add_issuer()?;
+            }
+            sleep_until_load(started, fault_at * 0.6 + dims.seconds * 0.35).await;
+            let codes = [rig.stop_issuer(1), rig.stop_issuer(2)];
+            let report = drop.await.map_err(|e| e.to_string())??;
+            let mut row = Row::from_report(scenario, seed, &report, &dir);
+            row.fault_at_s = Some(fault_at * 0.6);
+            row.recover_s = longest_wait(&report, fault);
+            row.check(
+                codes.iter().all(|c| *c == Some(0)),
+                format!("scaled-down issuers exit cleanly: {codes:?}"),
+            );
+            row.check(rig.running_issuers() == 2, "two issuers left");
+            Ok(row)
+        }
+        Scenario::RedisLost => {
+            let mut rig = rig(spec(Broker::TansuMemory, 2), &dir).await?;
+            let endpoint = Endpoint::parse(&rig.api_url()).await?;
+            let probe_event = format!("probe-{}", Uuid::new_v4().simple());
+            put_event(&endpoint, &probe_event, 1_000_000, 1, None).await?;
+            let (drop, started) = start_drop(&rig, dims, plain(seed));
+            let stop = CancellationToken::new();
+            let probe = tokio::spawn(probe_statuses(
+                endpoint.clone(),
+                probe_event.clone(),
+                stop.clone(),
+            ));
+            sleep_until_load(started, fault_at).await;
+            let fault = now_micros();
+            rig.redis.kill();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            rig.redis.restart(true).map_err(|e| e.to_string())?;
+            let report = drop.await.map_err(|e| e.to_string())??;
+            stop.cancel();
+            let told = probe.await.map_err(|e| e.to_string())?;
+            let mut row = Row::from_report(scenario, seed, &report, &dir);
+            row.fault_at_s = Some(fault_at);
+            row.recover_s = longest_wait(&report, fault);
+            // Every client told `issued` by the status endpoint holds its coupon.
+            let store = RedisStore::connect(&rig.redis.url(), DEFAULT_DEDUP_RETENTION)
+                .await
+                .map_err(|e| e.to_string())?;
+            let ledger = store
+                .ledger(&probe_event)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("the probe event was not rebuilt")?;
+            let held: std::collections::HashSet<Uuid> =
+                ledger.coupons.iter().map(|c| c.request_id).collect();
+            let told_issued: Vec<Uuid> = told
+                .iter()
+                .filter(|(_, r)| *r == DecisionResult::Issued)
+                .map(|(id, _)| *id)
+                .collect();
+            let missing = told_issued.iter().filter(|id| !held.contains(id)).count();
+            row.notes.push(format!(
+                "{} status answers seen, {} told issued, {missing} of them without a coupon",
+                told.len(),
+                told_issued.len()
+            ));
+            row.check(missing == 0, "a client told issued holds the coupon");
+            row.check(!told_issued.is_empty(), "the probe saw decisions");
+            let losses = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("issuer"))
+                        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                        .filter(|log| log.contains("store recovered from the log"))
+                        .count()
+                })
+                .unwrap_or(0);
+            row.check(losses >= 1, "an issuer rebuilt the store from the log");
+            Ok(row)
+        }
+        Scenario::BrokerKill => {
+            let mut rig = rig(spec(Broker::TansuSqlite, 2), &dir).await?;
+            let (drop, started) = start_drop(&rig, dims, plain(seed));
+            sleep_until_load(started, fault_at).await;
+            let fault = now_micros();
+            if let Kafka::Tansu(t) = &mut rig.kafka {
+                t.kill();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                t.restart().map_err(|e| e.to_string())?;
+            }
+            let report = drop.await.map_err(|e| e.to_string())??;
+            let mut row = Row::from_report(scenario, seed, &report, &dir);
+            row.fault_at_s = Some(fault_at);
+            row.recover_s = longest_wait(&report, fault);
+            let refused: u64 = report
+                .answers
+                .iter()
+                .filter(|(k, _)| k.as_str() != "202")
+                .map(|(_, v)| v)
+                .sum();
+            row.notes.push(format!(
+                "{refused} sends refused while the broker was down (never accepted, so never lost)"
+            ));
+            Ok(row)
+        }
+        Scenario::MockFaults => {
+            let mut rig = rig(spec(Broker::Mock, 2), &dir).await?;
+            let (drop, started) = start_drop(&rig, dims, plain(seed));
+            let Kafka::Mock(mock) = &mut rig.kafka else {
+                unreachable!()
+            };
+            let step = dims.seconds / 6.0;
+            sleep_until_load(started, step).await;
+            let fault = now_micros();
+            let requests = rig.topics.requests.clone();
+            let inject = |f: Fault| mock.inject(f).map_err(|e| e.to_string());
+            inject(Fault::BrokerDown(1))?;
+            sleep_until_load(started, step * 2.0).await;
+            inject(Fault::BrokerUp(1))?;
+            for p in 0..8 {
+                inject(Fault::Leader {
+                    topic: requests.clone(),
+                    partition: p,
+                    broker: 2,
+                })?;
+            }
+            sleep_until_load(started, step * 3.0).await;
+            use RDKafkaRespErr::*;
+            inject(Fault::RequestErrors(
+                RDKafkaApiKey::Produce,
+                vec![RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 30],
+            ))?;
+            inject(Fault::RequestErrors(
+                RDKafkaApiKey::Fetch,
+                vec![RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 30],
+            ))?;
+            inject(Fault::RequestErrors(
+                RDKafkaApiKey::OffsetCommit,
+                vec![RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 10],
+            ))?;
+            sleep_until_load(started, step * 4.0).await;
+            for p in 0..8 {
+                inject(Fault::Leader {
+                    topic: requests.clone(),
+                    partition: p,
+                    broker: p % 3 + 1, // mock broker ids are 1..=3
+                })?;
+            }
+            let report = drop.await.map_err(|e| e.to_string())??;
+            let mut row = Row::from_report(scenario, seed, &report, &dir);
+            row.fault_at_s = Some(step);
+            row.recover_s = longest_wait(&report, fault);
+            Ok(row)
+        }
+        Scenario::Poison => {
+            let rig = rig(spec(Broker::TansuMemory, 2), &dir).await?;
+            let (drop, started) = start_drop(&rig, dims, plain(seed));
+            sleep_until_load(started, dims.seconds * 0.2).await;
+            let expected = poison(&rig, dims.poison, dims.seconds * 0.6).await?;
+            let report = drop.await.map_err(|e| e.to_string())??;
+            let mut row = Row::from_report(scenario, seed, &report, &dir);
+            row.notes
+                .push(format!("DLQ by reason {:?}", report.dlq_reasons));
+            row.check(
+                report.dlq_reasons == expected,
+                format!("the DLQ holds exactly the poison {expected:?}"),
+            );
+            Ok(row)
+        }
+        Scenario::ClientRetries => {
+            let rig = rig(spec(Broker::TansuMemory, 2), &dir).await?;
+            let (drop, _) = start_drop(
+                &rig,
+                dims,
+                DropSpec {
+                    retry_ratio: 0.3,
+                    seed,
+                    admin_token: None,
+                },
+            );
+            let report = drop.await.map_err(|e| e.to_string())??;
+            let mut row = Row::from_report(scenario, seed, &report, &dir);
+            row.notes.push(format!(
+                "{} sends for {} requests; {} replayed outcomes",
+                report.sends, report.requests, report.replays
+            ));
+            row.check(report.sends > report.requests, "retries were sent");
+            row.check(report.replays > 0, "retries were decided as replays");
+            row.check(
+                report.inconsistent_replays == 0,
+                "every replay carried the first decision",
+            );
+            Ok(row)
+        }
+        Scenario::ApiFuzz => api_fuzz(seed, dims, &dir).await,
+        Scenario::Overload => overload(seed, &dir).await,
+        Scenario::Admin => admin(seed, dims, &dir).await,
+    }
+}
+
+/// Issues a probe request every 100 ms and polls its status until decided;
+/// returns what the status endpoint told about each.
+async fn probe_statuses(
+    endpoint: Endpoint,
+    event: String,
+    stop: CancellationToken,
+) -> Vec<(Uuid, DecisionResult)> {
+    let factory = HttpFactory {
+        endpoint,
+        timeout: Duration::from_secs(5),
+    };
+    let mut http = factory.make();
+    let mut told = Vec::new();
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        n += 1;
+        let id = Uuid::now_v7();
+        let body = format!("{{\"user_id\":\"probe-{n}\"}}");
+        let accepted = matches!(
+            http.call(
+                Method::POST,
+                &format!("/v1/events/{event}/issue"),
+                &[("idempotency-key", id.to_string())],
+                body.into(),
+            )
+            .await,
+            Ok((StatusCode::ACCEPTED, _))
+        );
+        if accepted {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline && !stop.is_cancelled() {
+                if let Ok((StatusCode::OK, body)) = http
+                    .call(
+                        Method::GET,
+                        &format!("/v1/events/{event}/requests/{id}"),
+                        &[],
+                        Default::default(),
+                    )
+                    .await
+                {
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    if v["status"] == "decided" {
+                        if let Ok(r) = serde_json::from_value::<DecisionResult>(
+                            v["decision"]["result"].clone(),
+                        ) {
+                            told.push((id, r));
+                        }
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    told
+}
+
+/// Produces `count` poison records of five kinds over `seconds`; returns the
+/// DLQ reasons they must produce.
+async fn poison(rig: &Rig, count: u64, seconds: f64) -> Result<BTreeMap<String, u64>, String> {
+    let producer: FutureProducer = KafkaSettings::new(rig.brokers.clone())
+        .producer_config("chaos-poisoner", 10_000)
+        .create()
+        .map_err(|e| e.to_string())?;
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    let pause = Duration::from_secs_f64(seconds / count.max(1) as f64);
+    for i in 0..count {
+        let (reason, payload) = match i % 5 {
+            0 => ("malformed", format!("garbage {i}").into_bytes()),
+            1 => (
+                "unknown_version",
+                format!("{{\"v\":9,\"n\":{i}}}").into_bytes(),
+            ),
+            2 => (
+                "unknown_event",
+                IssueRequest::new(
+                    Uuid::now_v7(),
+                    format!("ghost-{i}"),
+                    "u".into(),
+                    now_micros(),
+                )
+                .to_bytes(),
+            ),
+            3 => (
+                "invalid_field",
+                IssueRequest::new(
+                    Uuid::now_v7(),
+                    "x".into(),
+                    format!("bad\u{7}{i}"),
+                    now_micros(),
+                )
+                .to_bytes(),
+            ),
+            _ => ("oversized", vec![b' '; 6000]),
+        };
+        *expected.entry(reason.to_string()).or_default() += 1;
+        producer
+            .send(
+                FutureRecord::<(), [u8]>::to(&rig.topics.requests)
+                    .payload(payload.as_slice())
+                    .partition((i % 8) as i32),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e.to_string())?;
+        tokio::time::sleep(pause).await;
+    }
+    Ok(expected)
+}
+
+async fn api_fuzz(seed: u64, dims: Dims, dir: &std::path::Path) -> Result<Row, String> {
+    let mut rig = rig(spec(Broker::TansuMemory, 1), dir).await?;
+    let endpoint = Endpoint::parse(&rig.api_url()).await?;
+    let event = format!("fuzz-{}", Uuid::new_v4().simple());
+    put_event(&endpoint, &event, 1_000_000, 1000, None).await?;
+    let rss_before = rig.api_rss_kib();
+    let started = Instant::now();
+    let report = fuzz::fuzz(
+        rig.api_addr,
+        &event,
+        seed,
+        dims.fuzz,
+        32,
+        Duration::from_secs(600),
+    )
+    .await;
+    let fuzz_secs = started.elapsed().as_secs_f64();
+    let closed = fuzz::slowloris(rig.api_addr, dims.slowloris, Duration::from_secs(10)).await;
+    let rss_after = rig.api_rss_kib();
+    let alive = rig.api_alive();
+    let (status, _) = HttpFactory {
+        endpoint,
+        timeout: Duration::from_secs(5),
+    }
+    .make()
+    .call(
+        Method::POST,
+        &format!("/v1/events/{event}/issue"),
+        &[],
+        "{\"user_id\":\"after-fuzz\"}".into(),
+    )
+    .await?;
+    let mut row = Row {
+        scenario: Scenario::ApiFuzz.name(),
+        seed,
+        requests: report.sent,
+        accepted: report.answers.get("202").copied().unwrap_or(0),
+        passed: true,
+        ..Row::default()
+    };
+    row.notes.push(format!(
+        "{} hostile requests in {fuzz_secs:.0}s, answers {:?}; {closed}/{} slow clients cut off; api RSS {} → {} MiB",
+        report.sent,
+        report.answers,
+        dims.slowloris,
+        rss_before / 1024,
+        rss_after / 1024
+    ));
+    row.check(report.sent == dims.fuzz, "every case was sent");
+    row.check(
+        report.server_errors == 0,
+        format!("no 5xx (examples: {:?})", report.examples),
+    );
+    row.check(alive, "the api is alive");
+    row.check(
+        closed == dims.slowloris,
+        "every slow client was cut off within 10s",
+    );
+    row.check(
+        rss_after < rss_before + 128 * 1024,
+        "memory stayed bounded (+128 MiB)",
+    );
+    row.check(
+        status == StatusCode::ACCEPTED,
+        format!("a good request still gets 202 (got {status})"),
+    );
+    Ok(row)
+}
+
+/// Where load-only offers go: the api, and Kafka for completeness.
+#[derive(Clone)]
+struct OfferTarget {
+    url: String,
+    brokers: String,
+    topics: couponrush_core::Topics,
+}
+
+impl OfferTarget {
+    fn of(rig: &Rig) -> Self {
+        Self {
+            url: rig.api_url(),
+            brokers: rig.brokers.clone(),
+            topics: rig.topics.clone(),
+        }
+    }
+
+    /// Offers load through the api without observing (accept side only).
+    async fn offer(
+        &self,
+        event: &str,
+        model: LoadModel,
+        requests: u64,
+        seconds: f64,
+        seed: u64,
+    ) -> Result<Report, String> {
+        let drop = Drop {
+            via: Via::Http {
+                endpoint: Endpoint::parse(&self.url).await?,
+                admin_token: None,
+                timeout: Duration::from_secs(15),
+            },
+            kafka: KafkaSettings::new(self.brokers.clone()),
+            topics: self.topics.clone(),
+            store: None,
+            setup: false,
+            terms: EventTerms {
+                stock: 0,
+                per_user_limit: 1,
+            },
+            plan: Plan {
+                event_id: event.to_string(),
+                model,
+                requests,
+                duration: Duration::from_secs_f64(seconds),
+                connections: 1024,
+                population: Population::new(1_000_000, UserDist::Uniform, 0.0, seed),
+            },
+            drain_timeout: Duration::ZERO,
+            progress: false,
+            keep_raw: false,
+            config: serde_json::json!({}),
+            observe: false,
+        };
+        run_drop(drop, CancellationToken::new()).await
+    }
+}
+
+async fn overload(seed: u64, dir: &std::path::Path) -> Result<Row, String> {
+    let mut s = spec(Broker::TansuMemory, 1);
+    s.api_args = vec![
+        "--max-in-flight".into(),
+        "256".into(),
+        "--producer-queue".into(),
+        "20000".into(),
+    ];
+    let mut rig = rig(s, dir).await?;
+    let endpoint = Endpoint::parse(&rig.api_url()).await?;
+    let event = format!("overload-{}", Uuid::new_v4().simple());
+    put_event(&endpoint, &event, 1_000_000, 1_000_000, None).await?;
+    let target = OfferTarget::of(&rig);
+    // Capacity: closed loop at the in-flight limit, the most the api admits.
+    let capacity = target
+        .offer(&event, LoadModel::Concurrency(256), u64::MAX, 4.0, seed)
+        .await?;
+    let cap = capacity.throughput.accepted_per_s.max(100.0);
+    let rss_before = rig.api_rss_kib();
+    // Twice the capacity, open loop; meanwhile look at one 503 closely.
+    let over = tokio::spawn({
+        let (target, event) = (target.clone(), event.clone());
+        async move {
+            target
+                .offer(
+                    &event,
+                    LoadModel::Rate(cap * 2.0),
+                    (cap * 2.0 * 6.0) as u64,
+                    6.0,
+                    seed,
+                )
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let retry_after = shed_has_retry_after(&endpoint, &event).await;
+    let over = over.await.map_err(|e| e.to_string())??;
+    let rss_peak = rig.api_rss_kib();
+    let after = target
+        .offer(
+            &event,
+            LoadModel::Rate(cap * 0.5),
+            (cap * 0.5 * 5.0) as u64,
+            5.0,
+            seed + 1,
+        )
+        .await?;
+    let shed = over.answers.get("503").copied().unwrap_or(0);
+    let other_errors: u64 = over
+        .answers
+        .iter()
+        .chain(after.answers.iter())
+        .filter(|(k, _)| k.as_str() != "202" && k.as_str() != "503")
+        .map(|(_, v)| v)
+        .sum();
+    let offered_after = after.requests as f64;
+    let mut row = Row {
+        scenario: Scenario::Overload.name(),
+        seed,
+        requests: capacity.requests + over.requests + after.requests,
+        accepted: capacity.accepted + over.accepted + after.accepted,
+        passed: true,
+        ..Row::default()
+    };
+    row.notes.push(format!(
+        "capacity {cap:.0}/s; at 2x: {} accepted/s, {shed} shed with 503; then at 0.5x: {:.0} accepted/s of {:.0} offered; api RSS {} → {} MiB",
+        over.throughput.accepted_per_s as u64,
+        after.throughput.accepted_per_s,
+        cap * 0.5,
+        rss_before / 1024,
+        rss_peak / 1024
+    ));
+    row.check(shed > 0, "overload was shed with 503");
+    row.check(retry_after, "a 503 carries Retry-After");
+    row.check(
+        other_errors == 0,
+        format!(
+            "nothing but 202 and 503 ({:?} / {:?})",
+            over.answers, after.answers
+        ),
+    );
+    row.check(
+        after.accepted as f64 >= offered_after * 0.95,
+        "full service once the load drops",
+    );
+    row.check(
+        rss_peak < rss_before + 256 * 1024,
+        "memory stayed bounded (+256 MiB)",
+    );
+    row.check(rig.api_alive(), "the api is alive");
+    Ok(row)
+}
+
+/// Sends requests until one is shed; true if that 503 carries Retry-After.
+async fn shed_has_retry_after(endpoint: &Endpoint, event: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        let Ok(mut s) = tokio::net::TcpStream::connect(endpoint.addr).await else {
+            continue;
+        };
+        let body = "{\"user_id\":\"probe\"}";
+        let req = format!(
+            "POST /v1/events/{event}/issue HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        if s.write_all(req.as_bytes()).await.is_err() {
+            continue;
+        }
+        let mut resp = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut resp)).await;
+        if resp.starts_with("HTTP/1.1 503") {
+            return resp.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n");
+        }
+    }
+    false
+}
+
+async fn admin(seed: u64, dims: Dims, dir: &std::path::Path) -> Result<Row, String> {
+    let token = "chaos-admin-token";
+    let mut s = spec(Broker::TansuMemory, 2);
+    s.api_args = vec!["--admin-token".into(), token.into()];
+    let rig = rig(s, dir).await?;
+    let endpoint = Endpoint::parse(&rig.api_url()).await?;
+    let event = format!("admin-{}", Uuid::new_v4().simple());
+    put_event(&endpoint, &event, dims.stock, 1, Some(token)).await?;
+    let mut http = HttpFactory {
+        endpoint: endpoint.clone(),
+        timeout: Duration::from_secs(5),
+    }
+    .make();
+    let mut row = Row {
+        scenario: Scenario::Admin.name(),
+        seed,
+        stock: u64::from(dims.stock),
+        passed: true,
+        ..Row::default()
+    };
+    let body = "{\"stock\":999999,\"per_user_limit\":99}";
+    for auth in [None, Some("Bearer wrong"), Some(token), Some("Bearer ")] {
+        let mut headers = Vec::new();
+        if let Some(a) = auth {
+            headers.push(("authorization", a.to_string()));
+        }
+        for path in [
+            format!("/v1/events/{event}"),
+            "/v1/events/brand-new".to_string(),
+        ] {
+            let (status, _) = http.call(Method::PUT, &path, &headers, body.into()).await?;
+            row.check(
+                status == StatusCode::UNAUTHORIZED,
+                format!("PUT {path} with {auth:?} is 401, got {status}"),
+            );
+        }
+    }
+    // Nothing on the issue path touches stock: extra fields are refused.
+    for b in [
+        "{\"user_id\":\"u\",\"stock\":0}",
+        "{\"user_id\":\"u\",\"remaining\":0}",
+        "{\"user_id\":\"u\",\"per_user_limit\":5}",
+    ] {
+        let (status, _) = http
+            .call(
+                Method::POST,
+                &format!("/v1/events/{event}/issue"),
+                &[],
+                b.into(),
+            )
+            .await?;
+        row.check(
+            status == StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{b} is 422, got {status}"),
+        );
+    }
+    let (status, view) = http
+        .call(
+            Method::GET,
+            &format!("/v1/events/{event}"),
+            &[],
+            Default::default(),
+        )
+        .await?;
+    let view: serde_json::Value = serde_json::from_slice(&view).unwrap_or_default();
+    row.check(
+        status == StatusCode::OK && view["stock"] == dims.stock && view["generation"] == 1,
+        format!("the event is unchanged: {view}"),
+    );
+    // A drop through the authenticated setup: stock moves only by decisions.
+    let (drop, _) = start_drop(
+        &rig,
+        Dims {
+            seconds: dims.seconds / 2.0,
+            ..dims
+        },
+        DropSpec {
+            retry_ratio: 0.05,
+            seed,
+            admin_token: Some(token.to_string()),
+        },
+    );
+    let report = drop.await.map_err(|e| e.to_string())??;
+    let mut drop_row = Row::from_report(Scenario::Admin, seed, &report, dir);
+    row.requests = drop_row.requests;
+    row.accepted = drop_row.accepted;
+    row.issued = drop_row.issued;
+    row.oversold = drop_row.oversold;
+    row.double_issued = drop_row.double_issued;
+    row.lost = drop_row.lost;
+    row.dlq = drop_row.dlq;
+    let store_ok = report
+        .store
+        .as_ref()
+        .is_some_and(|s| !s.counter_mismatch && s.coupons == report.issued);
+    row.check(report.passed, "the drop audits clean");
+    row.check(
+        store_ok,
+        "coupons + remaining = stock, coupons = issued decisions",
+    );
+    row.notes.append(&mut drop_row.notes);
+    Ok(row)
+}
+
+/// The table of rows, as markdown.
+pub fn table(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| scenario | seed | fault at | requests | accepted | issued / stock | oversold | double issued | lost | DLQ | longest wait | result |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.scenario,
+            r.seed,
+            r.fault_at_s.map_or("-".into(), |f| format!("{f:.1}s")),
+            r.requests,
+            r.accepted,
+            if r.stock > 0 {
+                format!("{} / {}", r.issued, r.stock)
+            } else {
+                "-".into()
+            },
+            r.oversold,
+            r.double_issued,
+            r.lost,
+            r.dlq,
+            r.recover_s.map_or("-".into(), |s| format!("{s:.1}s")),
+            if r.passed { "pass" } else { "**FAIL**" }
+        );
+    }
+    s
+}
+
+/// Runs the chosen scenarios over the seeds; writes the table.
+pub async fn chaos(args: ChaosArgs) -> Result<Verdict, String> {
+    let scenarios = if args.scenarios.is_empty() {
+        Scenario::ALL.to_vec()
+    } else {
+        args.scenarios.clone()
+    };
+    let mut rows = Vec::new();
+    for scenario in scenarios {
+        for seed in args.seed..args.seed + args.seeds.max(1) {
+            eprintln!("chaos: {} seed {seed} ({:?})", scenario.name(), args.size);
+            let row = match run_scenario(scenario, seed, args.size, &args.dir).await {
+                Ok(r) => r,
+                Err(e) => Row {
+                    scenario: scenario.name(),
+                    seed,
+                    passed: false,
+                    notes: vec![format!("FAILED to run: {e}")],
+                    ..Row::default()
+                },
+            };
+            eprintln!(
+                "chaos: {} seed {seed}: {} {}",
+                row.scenario,
+                if row.passed { "pass" } else { "FAIL" },
+                row.notes.join("; ")
+            );
+            rows.push(row);
+        }
+    }
+    let table = table(&rows);
+    println!("{table}");
+    for r in &rows {
+        if !r.notes.is_empty() {
+            println!("- {} (seed {}): {}", r.scenario, r.seed, r.notes.join("; "));
+        }
+    }
+    if let Some(path) = &args.out {
+        let mut notes = String::new();
+        for r in &rows {
+            if !r.notes.is_empty() {
+                let _ = writeln!(
+                    notes,
+                    "- `{}` seed {}: {}",
+                    r.scenario,
+                    r.seed,
+                    r.notes.join("; ")
+                );
+            }
+        }
+        let size = args
+            .size
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
+        let generated = format!(
+            "<!-- chaos-table -->\n`coupon-loadgen chaos --size {size} --seeds {}` on {}, {} cores:\n\n{table}\n{notes}<!-- /chaos-table -->",
+            args.seeds,
+            chrono_free_date(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        let doc = std::fs::read_to_string(path).unwrap_or_default();
+        let updated = match (
+            doc.find("<!-- chaos-table -->"),
+            doc.find("<!-- /chaos-table -->"),
+        ) {
+            (Some(a), Some(b)) => format!(
+                "{}{generated}{}",
+                &doc[..a],
+                &doc[b + "<!-- /chaos-table -->".len()..]
+            ),
+            _ => format!("{doc}\n{generated}\n"),
+        };
+        std::fs::write(path, updated)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("table written to {}", path.display());
+    }
+    Ok(if rows.iter().all(|r| r.passed) {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    })
+}
+
+/// Today's date (UTC) without a date crate.
+fn chrono_free_date() -> String {
+    let days = now_micros() / 86_400_000_000;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_moments_vary_with_the_seed_and_stay_in_range() {
+        let fs: Vec<f64> = (1..20).map(fraction).collect();
+        assert!(fs.iter().all(|f| (0.0..1.0).contains(f)));
+        let distinct: std::collections::HashSet<u64> =
+            fs.iter().map(|f| (f * 1000.0) as u64).collect();
+        assert!(distinct.len() > 15);
+    }
+
+    #[test]
+    fn every_scenario_has_a_distinct_name() {
+        let names: std::collections::HashSet<String> =
+            Scenario::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(names.len(), Scenario::ALL.len());
+        assert!(names.contains("scale-1-4-2"));
+        assert!(names.contains("kill9-issuer"));
+    }
+
+    #[test]
+    fn dates_are_civil() {
+        let d = chrono_free_date();
+        assert_eq!(d.len(), 10);
+        assert!(d.starts_with("20"));
+    }
+}
