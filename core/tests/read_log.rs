@@ -40,7 +40,7 @@ async fn reading_a_topic_sees_every_acknowledged_record() {
                             .payload(payload.as_str())
                             .partition((i % 8) as i32),
                     )
-                    .ok()
+                    .map_err(|(e, _)| e)
                     .expect("queued")
             })
             .collect();
