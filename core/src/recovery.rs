@@ -212,6 +212,9 @@ pub fn rebuild(events: &HashMap<String, EventRecord>, outcomes: &[Outcome]) -> V
                 });
             }
             coupons.sort_by_key(|c| c.rank);
+            let held: std::collections::HashSet<u32> = coupons.iter().map(|c| c.rank).collect();
+            let max_rank = coupons.last().map_or(0, |c| c.rank);
+            let free_ranks: Vec<u32> = (1..=max_rank).filter(|r| !held.contains(r)).collect();
             let mut holders: Vec<(String, u32)> = holders.into_iter().collect();
             holders.sort();
             EventSnapshot {
@@ -226,6 +229,7 @@ pub fn rebuild(events: &HashMap<String, EventRecord>, outcomes: &[Outcome]) -> V
                 holders,
                 coupons,
                 decided,
+                free_ranks,
             }
         })
         .collect();
@@ -395,6 +399,22 @@ mod tests {
         assert_eq!(s.holders, vec![("a".into(), 1), ("b".into(), 1)]);
         assert_eq!(s.decided.len(), 3, "first decisions only, no duplicate");
         assert!(s.decided.iter().all(|d| d.decision.confirmed));
+    }
+
+    #[test]
+    fn ranks_lost_with_the_store_are_left_free() {
+        use DecisionResult::*;
+        let events: HashMap<String, EventRecord> =
+            [("e".to_string(), event("e", 10, 1))].into_iter().collect();
+        // Rank 2's decision never reached the log (its issuer died before
+        // publishing); rank 3's did.
+        let outcomes = vec![
+            outcome("e", 1, 1, "a", Issued, Some(1), 1),
+            outcome("e", 1, 3, "c", Issued, Some(3), 3),
+        ];
+        let s = &rebuild(&events, &outcomes)[0];
+        assert_eq!(s.free_ranks, vec![2]);
+        assert_eq!(s.state.remaining, 8);
     }
 
     #[test]

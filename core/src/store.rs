@@ -193,6 +193,10 @@ pub struct EventSnapshot {
     pub coupons: Vec<Coupon>,
     /// Every decision of the generation.
     pub decided: Vec<RestoredDecision>,
+    /// Ranks below the highest issued that no coupon in the log holds: their
+    /// decisions were lost with the store. Given out first, so a rank is
+    /// never issued twice.
+    pub free_ranks: Vec<u32>,
 }
 
 /// One issued coupon, as recorded in the store.

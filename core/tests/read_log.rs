@@ -61,3 +61,122 @@ async fn reading_a_topic_sees_every_acknowledged_record() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_topic_after_a_stream_of_pipelined_batches_sees_them_all() {
+    let tansu =
+        Tansu::start(TansuStorage::Memory, None).expect("tansu: run scripts/dev-up --install-only");
+    let kafka = KafkaSettings::new(tansu.brokers());
+    let topic = "read-back-stream";
+    ensure_topics(
+        &kafka,
+        &[TopicSpec {
+            name: topic.into(),
+            partitions: 8,
+            replication: 1,
+            configs: vec![],
+        }],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let producer: FutureProducer = kafka.producer_config("t", 100_000).create().unwrap();
+    let mut pending = Vec::new();
+    let mut sent = 0u64;
+    for batch in 0..40u32 {
+        for i in 0..500u32 {
+            let payload = format!("{batch}-{i}");
+            let key = format!("k{batch}-{i}");
+            pending.push(
+                producer
+                    .send_result(
+                        FutureRecord::to(topic)
+                            .key(key.as_str())
+                            .payload(payload.as_str()),
+                    )
+                    .map_err(|(e, _)| e)
+                    .expect("queued"),
+            );
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for f in pending {
+        f.await.unwrap().unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (k, t) = (kafka.clone(), topic.to_string());
+    let read = tokio::task::spawn_blocking(move || read_topic(&k, &t, |_| {}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read, sent);
+}
+
+/// Pins a fault of the pinned broker that the issuer works around
+/// (`Worker::admit`): tansu 0.6.0, asked to fetch from an offset in the
+/// middle of a producer batch, answers with the *next* batch, passing over
+/// the rest of that one. If this test fails, tansu fixed it: good news, and
+/// the rewind becomes dead weight on tansu too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_resuming_mid_batch_skips_to_the_next_batch() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let tansu = Tansu::start(TansuStorage::Memory, None).expect("tansu");
+    let kafka = KafkaSettings::new(tansu.brokers());
+    let topic = "mid-batch";
+    ensure_topics(
+        &kafka,
+        &[TopicSpec {
+            name: topic.into(),
+            partitions: 1,
+            replication: 1,
+            configs: vec![],
+        }],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let producer: FutureProducer = kafka.producer_config("t", 100_000).create().unwrap();
+    for round in 0..2 {
+        let payloads: Vec<String> = (0..20).map(|i| format!("{round}-{i}")).collect();
+        let fs: Vec<_> = payloads
+            .iter()
+            .map(|p| {
+                producer
+                    .send_result(
+                        FutureRecord::<(), str>::to(topic)
+                            .payload(p.as_str())
+                            .partition(0),
+                    )
+                    .map_err(|(e, _)| e)
+                    .expect("queued")
+            })
+            .collect();
+        for f in fs {
+            f.await.unwrap().unwrap();
+        }
+    }
+    let k = kafka.clone();
+    let first = tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = k
+            .client_config("t")
+            .set("group.id", "mid")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("mid-batch", 0, Offset::Offset(10))
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        loop {
+            if let Some(Ok(m)) = c.poll(Duration::from_secs(1)) {
+                return m.offset();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(first, 20, "offsets 10..20 are passed over");
+}

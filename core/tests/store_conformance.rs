@@ -562,6 +562,7 @@ async fn a_restored_event_continues_where_the_ledger_left_off(store: Arc<dyn Sto
             generation: 7,
         },
         seq: 2,
+        free_ranks: vec![],
         holders: vec![("a".into(), 1)],
         coupons: vec![Coupon {
             rank: 1,
@@ -627,6 +628,52 @@ async fn a_restored_event_continues_where_the_ledger_left_off(store: Arc<dyn Sto
     let ledger = store.ledger(&ev).await.unwrap().unwrap();
     assert_eq!(ledger.state.generation, 7);
     assert_eq!(ledger.coupons.len(), 2);
+}
+
+async fn ranks_left_free_by_a_recovery_are_issued_first_and_never_twice(store: Arc<dyn Store>) {
+    let ev = new_event();
+    let (r1, r3) = (pending("a"), pending("c"));
+    let coupon = |rank, p: &Pending| Coupon {
+        rank,
+        request_id: p.request_id,
+        user_id: p.user_id.clone(),
+    };
+    let snapshot = EventSnapshot {
+        state: EventState {
+            event_id: ev.clone(),
+            stock: 5,
+            per_user_limit: 1,
+            remaining: 3,
+            generation: 1,
+        },
+        seq: 3,
+        holders: vec![("a".into(), 1), ("c".into(), 1)],
+        coupons: vec![coupon(1, &r1), coupon(3, &r3)],
+        decided: vec![],
+        free_ranks: vec![2],
+    };
+    store
+        .restore(&snapshot, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let ds = decide(
+        &*store,
+        &ev,
+        &[pending("x"), pending("y"), pending("z"), pending("w")],
+    )
+    .await;
+    assert_eq!(
+        results(&ds),
+        [
+            (Issued, Some(2)),
+            (Issued, Some(4)),
+            (Issued, Some(5)),
+            (SoldOut, None)
+        ]
+    );
+    let ledger = store.ledger(&ev).await.unwrap().unwrap();
+    let ranks: Vec<u32> = ledger.coupons.iter().map(|c| c.rank).collect();
+    assert_eq!(ranks, [1, 2, 3, 4, 5]);
 }
 
 async fn the_recovery_lock_has_one_holder(store: Arc<dyn Store>) {
@@ -722,4 +769,5 @@ conformance!(
     only_confirmed_decisions_are_marked_confirmed,
     a_restored_event_continues_where_the_ledger_left_off,
     the_recovery_lock_has_one_holder,
+    ranks_left_free_by_a_recovery_are_issued_first_and_never_twice,
 );

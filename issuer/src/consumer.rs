@@ -53,7 +53,23 @@ pub struct Shared {
     /// Set while retrying: partitions assigned meanwhile are paused too.
     paused: AtomicBool,
     probe: crate::Probe,
+    /// Per newly assigned partition, the committed offset its first record
+    /// must have (see [`Worker::admit`]).
+    resume: Mutex<HashMap<Tp, Resume>>,
 }
+
+/// Where a newly assigned partition must resume.
+#[derive(Debug, Clone, Copy)]
+struct Resume {
+    /// The committed offset: the first record expected.
+    expect: i64,
+    /// How far back the last rewind went (0: none yet).
+    rewind: i64,
+}
+
+/// First rewind when a broker resumes past the committed offset; doubled
+/// on each further skip.
+const REWIND: i64 = 1000;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -137,10 +153,12 @@ impl ConsumerContext for IssuerContext {
                 let mut assigned = lock(&self.shared.assigned);
                 let mut done = lock(&self.shared.done);
                 let mut committed = lock(&self.shared.committed);
+                let mut resume = lock(&self.shared.resume);
                 for tp in &revoked {
                     assigned.remove(tp);
                     done.remove(tp);
                     committed.remove(tp);
+                    resume.remove(tp);
                 }
                 self.shared.probe.set_assigned(assigned.len());
                 tracing::info!(revoked = revoked.len(), "partitions revoked");
@@ -158,6 +176,25 @@ impl ConsumerContext for IssuerContext {
                 assigned.insert((e.topic().to_string(), e.partition()));
             }
             self.shared.probe.set_assigned(assigned.len());
+            drop(assigned);
+            // Remember where each partition must resume, to catch a broker
+            // that skips records there.
+            if let Ok(committed) =
+                consumer.committed_offsets((*tpl).clone(), Duration::from_secs(5))
+            {
+                let mut resume = lock(&self.shared.resume);
+                for e in committed.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        resume.insert(
+                            (e.topic().to_string(), e.partition()),
+                            Resume {
+                                expect: o,
+                                rewind: 0,
+                            },
+                        );
+                    }
+                }
+            }
             let mut partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             partitions.sort_unstable();
             tracing::info!(?partitions, "partitions assigned");
@@ -319,6 +356,9 @@ impl Worker {
                     }
                 }
                 Some(Ok(m)) => {
+                    if !self.admit(m.topic(), m.partition(), m.offset()) {
+                        continue;
+                    }
                     batch.push(Received {
                         topic: m.topic().to_string(),
                         partition: m.partition(),
@@ -336,6 +376,57 @@ impl Worker {
             }
         }
         batch
+    }
+
+    /// Whether a record read right after a partition was assigned may be
+    /// decided. The first record must sit at the committed offset; records
+    /// below it were decided and committed already (skipped). A first record
+    /// *beyond* it means the broker skipped records: tansu 0.6.0 does this
+    /// when a fetch starts in the middle of a producer batch (it returns the
+    /// next batch; `core/tests/read_log.rs`). The partition is then rewound
+    /// further and further until the committed offset comes back, so nothing
+    /// accepted is ever passed over. Apache Kafka never triggers this.
+    fn admit(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        let tp = (topic.to_string(), partition);
+        let mut resume = lock(&self.shared.resume);
+        let Some(r) = resume.get_mut(&tp) else {
+            return true;
+        };
+        if offset < r.expect {
+            return false;
+        }
+        if offset == r.expect || r.rewind >= r.expect {
+            if offset > r.expect {
+                tracing::error!(
+                    partition,
+                    expected = r.expect,
+                    got = offset,
+                    "records below the committed offset are gone from the log even from its start"
+                );
+            }
+            resume.remove(&tp);
+            return true;
+        }
+        r.rewind = if r.rewind == 0 { REWIND } else { r.rewind * 2 };
+        let target = (r.expect - r.rewind).max(0);
+        metrics::counter!("couponrush_issuer_broker_skips_total").increment(1);
+        tracing::warn!(
+            partition,
+            expected = r.expect,
+            got = offset,
+            rewind_to = target,
+            "the broker resumed past the committed offset; rewinding so no record is passed over"
+        );
+        drop(resume);
+        if let Err(e) = self.consumer.seek(
+            topic,
+            partition,
+            Offset::Offset(target),
+            Duration::from_secs(5),
+        ) {
+            tracing::warn!(error = %e, partition, "rewind failed; retrying on the next record");
+        }
+        false
     }
 
     /// Decides `batch` (retrying a failing or recovering store) and enqueues
@@ -543,6 +634,9 @@ impl Worker {
         let until = Instant::now() + wait;
         while Instant::now() < until && !self.shutdown.is_cancelled() {
             if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(20)) {
+                if !self.admit(m.topic(), m.partition(), m.offset()) {
+                    continue;
+                }
                 self.carry.push(Received {
                     topic: m.topic().to_string(),
                     partition: m.partition(),

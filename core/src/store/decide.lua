@@ -3,7 +3,9 @@
 -- KEYS[1]  cr:{E}:event    hash: stock, remaining, per_user_limit, generation, seq
 -- KEYS[2]  cr:{E}:holders  hash: user_id -> coupons held
 -- KEYS[3]  cr:{E}:coupons  hash: rank -> request_id .. user_id (request_id is 36 chars)
--- KEYS[3+i] cr:{E}:req:<request_id_i>  string: generation|code|rank|decided_at|seq|user_id,
+-- KEYS[4]  cr:{E}:free     list: ranks left free by a recovery (decisions lost with
+--                          the store); used up first, so ranks stay unique
+-- KEYS[4+i] cr:{E}:req:<request_id_i>  string: generation|code|rank|decided_at|seq|user_id,
 --           prefixed with '!' once the issuer confirmed the outcome is in the log
 -- ARGV[1]  now, microseconds since the epoch
 -- ARGV[2]  dedup record lifetime, seconds
@@ -33,13 +35,14 @@ local seq = tonumber(meta[5] or '0')
 local now = ARGV[1]
 local ttl = ARGV[2]
 local n = (#ARGV - 2) / 2
+local has_free = redis.call('EXISTS', KEYS[4]) == 1
 local out = {tonumber(generation)}
 local fresh = false
 
 for i = 1, n do
   local request_id = ARGV[1 + 2 * i]
   local user_id = ARGV[2 + 2 * i]
-  local dedup_key = KEYS[3 + i]
+  local dedup_key = KEYS[4 + i]
   local code, rank, at, replay, dseq
   local prev = redis.call('GET', dedup_key)
   if prev then
@@ -60,7 +63,12 @@ for i = 1, n do
       code, rank = 2, 0
     else
       remaining = remaining - 1
-      rank = stock - remaining
+      rank = false
+      if has_free then
+        rank = redis.call('LPOP', KEYS[4])
+        has_free = rank ~= false
+      end
+      rank = tonumber(rank) or (stock - remaining)
       redis.call('HINCRBY', KEYS[2], user_id, 1)
       redis.call('HSET', KEYS[3], rank, request_id .. user_id)
       code = 1

@@ -31,6 +31,7 @@ struct MemEvent {
     decided: HashMap<Uuid, DedupRecord>,
     decided_since_sweep: usize,
     seq: u64,
+    free_ranks: std::collections::VecDeque<u32>,
 }
 
 impl MemEvent {
@@ -105,6 +106,7 @@ impl Store for MemoryStore {
         ev.holders.clear();
         ev.coupons.clear();
         ev.seq = 0;
+        ev.free_ranks.clear();
         Ok((state, created))
     }
 
@@ -159,7 +161,10 @@ impl Store for MemoryStore {
                     (DecisionResult::SoldOut, None)
                 } else {
                     state.remaining -= 1;
-                    let rank = state.stock - state.remaining;
+                    let rank = ev
+                        .free_ranks
+                        .pop_front()
+                        .unwrap_or(state.stock - state.remaining);
                     *ev.holders.entry(p.user_id.clone()).or_default() += 1;
                     ev.coupons.insert(rank, (p.request_id, p.user_id.clone()));
                     (DecisionResult::Issued, Some(rank))
@@ -268,6 +273,7 @@ impl Store for MemoryStore {
         let ev = events.entry(snap.state.event_id.clone()).or_default();
         ev.state = Some(snap.state.clone());
         ev.seq = snap.seq;
+        ev.free_ranks = snap.free_ranks.iter().copied().collect();
         ev.holders = snap.holders.iter().cloned().collect();
         ev.coupons = snap
             .coupons

@@ -12,6 +12,7 @@
 //! | `cr:{E}:coupons`          | hash   | rank → request id ‖ user id |
 //! | `cr:{E}:req:<request id>` | string | the decision, expiring after the dedup retention |
 //! | `cr:{E}:confirmed`        | zset   | ranges `lo-hi` of decision numbers whose outcomes are in the log (score `lo`) |
+//! | `cr:{E}:free`             | list   | ranks a recovery found unused below the highest (given out first) |
 //! | `cr:events`               | set    | every event id (for lookups by request id alone) |
 //! | `cr:epoch`                | string | the epoch marker; absent = state lost, recover first |
 //! | `cr:recovery`             | string | the recovery lock |
@@ -38,7 +39,7 @@ const PUT_EVENT_LUA: &str = r"
 local existed = redis.call('EXISTS', KEYS[1])
 local generation = redis.call('HINCRBY', KEYS[1], 'generation', 1)
 redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'remaining', ARGV[1], 'per_user_limit', ARGV[2], 'seq', 0)
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return {existed, generation}
 ";
 
@@ -75,6 +76,9 @@ fn request_key(event: &str, request_id: &Uuid) -> String {
 }
 fn confirmed_key(event: &str) -> String {
     format!("cr:{{{event}}}:confirmed")
+}
+fn free_key(event: &str) -> String {
+    format!("cr:{{{event}}}:free")
 }
 
 /// Encodes a dedup record as the script writes it (confirmation is kept
@@ -288,11 +292,12 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         pipe.cmd("EVALSHA")
             .arg(&self.put_sha)
-            .arg(4)
+            .arg(5)
             .arg(event_key(event_id))
             .arg(holders_key(event_id))
             .arg(coupons_key(event_id))
             .arg(confirmed_key(event_id))
+            .arg(free_key(event_id))
             .arg(spec.stock)
             .arg(spec.per_user_limit);
         pipe.cmd("SADD").arg(EVENTS_KEY).arg(event_id).ignore();
@@ -336,10 +341,11 @@ impl Store for RedisStore {
                 let cmd = pipe
                     .cmd("EVALSHA")
                     .arg(&self.decide_sha)
-                    .arg(3 + chunk.len())
+                    .arg(4 + chunk.len())
                     .arg(event_key(&batch.event_id))
                     .arg(holders_key(&batch.event_id))
-                    .arg(coupons_key(&batch.event_id));
+                    .arg(coupons_key(&batch.event_id))
+                    .arg(free_key(&batch.event_id));
                 for p in chunk {
                     cmd.arg(request_key(&batch.event_id, &p.request_id));
                 }
@@ -568,7 +574,14 @@ impl Store for RedisStore {
             .arg(holders_key(ev))
             .arg(coupons_key(ev))
             .arg(confirmed_key(ev))
+            .arg(free_key(ev))
             .ignore();
+        if !snap.free_ranks.is_empty() {
+            pipe.cmd("RPUSH")
+                .arg(free_key(ev))
+                .arg(&snap.free_ranks)
+                .ignore();
+        }
         // Every restored decision is in the log: confirmed.
         let ranges = seq_ranges(snap.decided.iter().map(|d| d.decision.seq));
         for chunk in ranges.chunks(1000) {

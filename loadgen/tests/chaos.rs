@@ -1,0 +1,71 @@
+//! The chaos suite at its small size, one test per scenario, against real
+//! processes (tansu or the mock cluster, a private redis-server, the
+//! `coupon-api` and `coupon-issuer` binaries of this build). They run one at
+//! a time: each starts a whole deployment on two cores.
+
+use std::path::PathBuf;
+
+use couponrush_loadgen::chaos::{run_scenario, Scenario, Size};
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(false);
+
+/// The scenarios spawn this build's `coupon-api` and `coupon-issuer`: make
+/// sure they are built from the current sources (`cargo test -p
+/// couponrush-loadgen` alone would not rebuild them).
+fn build_binaries() {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "couponrush-api",
+            "-p",
+            "couponrush-issuer",
+        ])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()
+        .expect("cargo runs");
+    assert!(
+        status.success(),
+        "building coupon-api and coupon-issuer failed"
+    );
+}
+
+async fn scenario(s: Scenario) {
+    let mut built = ONE_AT_A_TIME.lock().await;
+    if !*built {
+        build_binaries();
+        *built = true;
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos");
+    let row = run_scenario(s, 1, Size::Small, &dir)
+        .await
+        .unwrap_or_else(|e| panic!("{} could not run: {e}", s.name()));
+    eprintln!("{}: {row:?}", s.name());
+    assert!(row.passed, "{} failed: {}", s.name(), row.notes.join("; "));
+    assert_eq!((row.oversold, row.double_issued, row.lost), (0, 0, 0));
+}
+
+macro_rules! scenarios {
+    ($($name:ident => $s:expr),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                scenario($s).await
+            }
+        )*
+    };
+}
+
+scenarios!(
+    nothing_lost_or_doubled_when_an_issuer_is_killed_and_restarted => Scenario::Kill9Issuer,
+    never_oversells_while_issuers_scale_1_4_2 => Scenario::Scale142,
+    a_lost_redis_is_rebuilt_from_the_log_without_oversell => Scenario::RedisLost,
+    nothing_lost_when_the_broker_is_killed_and_restarted => Scenario::BrokerKill,
+    nothing_lost_under_injected_broker_faults => Scenario::MockFaults,
+    the_dlq_holds_exactly_the_poison_and_deciding_goes_on => Scenario::Poison,
+    client_retries_are_the_same_request => Scenario::ClientRetries,
+    hostile_requests_get_only_4xx_and_memory_stays_bounded => Scenario::ApiFuzz,
+    overload_is_shed_with_503_and_service_returns => Scenario::Overload,
+    only_the_admin_token_changes_an_event => Scenario::Admin,
+);
