@@ -45,6 +45,8 @@ pub struct RigSpec {
     pub api_args: Vec<String>,
     /// Redis with an append-only file.
     pub redis_aof: bool,
+    /// Extra librdkafka properties for the api and the issuers.
+    pub kafka_opts: Vec<String>,
 }
 
 /// Where our binaries are: beside this executable (a release or debug build
@@ -87,6 +89,7 @@ pub struct Rig {
     pub topics: Topics,
     group: String,
     spawned: usize,
+    kafka_opts: Vec<String>,
 }
 
 /// Issuer flags that keep fault recovery quick in a test: a short session
@@ -167,6 +170,7 @@ impl Rig {
             topics,
             group: format!("chaos-{}", uuid::Uuid::new_v4().simple()),
             spawned: 0,
+            kafka_opts: spec.kafka_opts.clone(),
         };
         for _ in 0..spec.issuers {
             rig.add_issuer()?;
@@ -188,6 +192,9 @@ impl Rig {
             ])
             .args(ISSUER_ARGS)
             .env("RUST_LOG", "info");
+        for opt in &self.kafka_opts {
+            cmd.args(["--kafka-opt", opt]);
+        }
         let p = Proc::spawn(
             &format!("issuer-{n}"),
             cmd,
