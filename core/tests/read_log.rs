@@ -9,6 +9,26 @@ use couponrush_core::topics::TopicSpec;
 use couponrush_harness::{Tansu, TansuStorage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+/// A fresh tansu with one topic of `partitions` partitions.
+async fn broker_with(topic: &str, partitions: i32) -> (Tansu, KafkaSettings) {
+    let tansu =
+        Tansu::start(TansuStorage::Memory, None).expect("tansu: run scripts/dev-up --install-only");
+    let kafka = KafkaSettings::new(tansu.brokers());
+    ensure_topics(
+        &kafka,
+        &[TopicSpec {
+            name: topic.into(),
+            partitions,
+            replication: 1,
+            configs: vec![],
+        }],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    (tansu, kafka)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_a_topic_sees_every_acknowledged_record() {
     let tansu =
@@ -123,21 +143,8 @@ async fn tansu_resuming_mid_batch_skips_to_the_next_batch() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-    let tansu = Tansu::start(TansuStorage::Memory, None).expect("tansu");
-    let kafka = KafkaSettings::new(tansu.brokers());
     let topic = "mid-batch";
-    ensure_topics(
-        &kafka,
-        &[TopicSpec {
-            name: topic.into(),
-            partitions: 1,
-            replication: 1,
-            configs: vec![],
-        }],
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let (_tansu, kafka) = broker_with(topic, 1).await;
     let producer: FutureProducer = kafka.producer_config("t", 100_000).create().unwrap();
     for round in 0..2 {
         let payloads: Vec<String> = (0..20).map(|i| format!("{round}-{i}")).collect();

@@ -16,7 +16,6 @@ use axum::routing::{post, put};
 use axum::{Json, Router};
 use clap::Args;
 use couponrush_api::producer::RequestProducer;
-use couponrush_core::cli::KafkaArgs;
 use couponrush_core::store::memory::MemoryStore;
 use couponrush_core::store::{EventSpec, Store};
 use couponrush_core::wire::now_micros;
@@ -114,16 +113,7 @@ pub async fn bench_issuer(
         Some(url) => redis_store(url).await?,
         None => Arc::new(MemoryStore::default()),
     };
-    let kafka = match &args.brokers {
-        Some(b) => KafkaChoice::External(
-            KafkaArgs {
-                brokers: b.clone(),
-                kafka_opt: Vec::new(),
-            }
-            .settings(),
-        ),
-        None => KafkaChoice::Embedded(1),
-    };
+    let kafka = KafkaChoice::brokers_or_embedded(args.brokers.as_deref(), 1);
     let mut deployment = Deployment::start(Spec {
         kafka,
         store: store.clone(),

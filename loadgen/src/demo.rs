@@ -14,10 +14,8 @@ use couponrush_core::store::Store;
 use couponrush_core::Partitioner;
 use tokio_util::sync::CancellationToken;
 
-use crate::deploy::{Deployment, KafkaChoice, Spec};
-use crate::drive::http::Endpoint;
+use crate::deploy::{Deployment, DropSpec, KafkaChoice, Spec};
 use crate::measure::audit::EventTerms;
-use crate::run::{run_drop, Drop, Via};
 use crate::{redis_store, LoadArgs, LoadDefaults, OutputArgs, Verdict};
 
 /// `coupon-loadgen demo`.
@@ -69,7 +67,6 @@ pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdi
         start_issuers: true,
     })
     .await?;
-    let api = deployment.api.ok_or("the api did not start")?;
     if !deployment.wait_assigned(Duration::from_secs(60)).await {
         return Err("the issuers did not get every partition within 60s".into());
     }
@@ -95,28 +92,22 @@ pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdi
         "load": crate::LoadArgs::describe(&plan),
         "stock": args.stock,
     });
-    let drop = Drop {
-        via: Via::Http {
-            endpoint: Endpoint::parse(&format!("http://{api}")).await?,
-            admin_token: None,
-            timeout: Duration::from_secs(30),
-        },
-        kafka: deployment.kafka.clone(),
-        topics: deployment.topics.clone(),
-        store: Some(store),
-        setup: true,
-        terms: EventTerms {
-            stock: args.stock,
-            per_user_limit: 1,
-        },
-        plan,
-        drain_timeout: args.load.drain_timeout,
-        progress: !args.output.quiet,
-        keep_raw: !args.output.no_raw,
-        config,
-        observe: true,
-    };
-    let report = run_drop(drop, cancel).await;
+    let report = deployment
+        .drop_through_api(
+            DropSpec {
+                plan,
+                terms: EventTerms {
+                    stock: args.stock,
+                    per_user_limit: 1,
+                },
+                drain_timeout: args.load.drain_timeout,
+                progress: !args.output.quiet,
+                keep_raw: !args.output.no_raw,
+                config,
+            },
+            cancel,
+        )
+        .await;
     deployment.stop().await;
     let report = report?;
     args.output.emit(&report)?;

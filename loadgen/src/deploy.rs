@@ -16,12 +16,28 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::drive::http::Endpoint;
+use crate::drive::Plan;
+use crate::measure::audit::EventTerms;
+use crate::report::Report;
+use crate::run::{run_drop, Drop, Via};
+
 /// Which Kafka to use.
 pub enum KafkaChoice {
     /// An embedded mock cluster with this many brokers (replication = brokers, at most 3).
     Embedded(i32),
     /// Real brokers.
     External(KafkaSettings),
+}
+
+impl KafkaChoice {
+    /// `brokers` if given, else an embedded cluster of `embedded` brokers.
+    pub fn brokers_or_embedded(brokers: Option<&str>, embedded: i32) -> Self {
+        match brokers {
+            Some(b) => KafkaChoice::External(KafkaSettings::new(b)),
+            None => KafkaChoice::Embedded(embedded),
+        }
+    }
 }
 
 /// What to deploy.
@@ -42,6 +58,22 @@ pub struct Spec {
     pub with_api: bool,
     /// Start the issuers now (false: call [`Deployment::start_issuers`] later).
     pub start_issuers: bool,
+}
+
+/// A drop to run through a deployment.
+pub struct DropSpec {
+    /// The load.
+    pub plan: Plan,
+    /// Stock and limit.
+    pub terms: EventTerms,
+    /// Wait for the last decisions this long.
+    pub drain_timeout: Duration,
+    /// Show a progress bar.
+    pub progress: bool,
+    /// Keep raw data in the report.
+    pub keep_raw: bool,
+    /// Settings for the report.
+    pub config: serde_json::Value,
 }
 
 /// A running deployment.
@@ -179,6 +211,43 @@ impl Deployment {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Runs an audited drop through this deployment's api: the event is set
+    /// up with the drop's terms and the store is audited.
+    pub async fn drop_through_api(
+        &self,
+        d: DropSpec,
+        cancel: CancellationToken,
+    ) -> Result<Report, String> {
+        let DropSpec {
+            plan,
+            terms,
+            drain_timeout,
+            progress,
+            keep_raw,
+            config,
+        } = d;
+        let api = self.api.ok_or("the api did not start")?;
+        let drop = Drop {
+            via: Via::Http {
+                endpoint: Endpoint::parse(&format!("http://{api}")).await?,
+                admin_token: None,
+                timeout: Duration::from_secs(30),
+            },
+            kafka: self.kafka.clone(),
+            topics: self.topics.clone(),
+            store: Some(self.store.clone()),
+            setup: true,
+            terms,
+            plan,
+            drain_timeout,
+            progress,
+            keep_raw,
+            config,
+            observe: true,
+        };
+        run_drop(drop, cancel).await
     }
 
     /// Stops everything cleanly and returns what each issuer did.

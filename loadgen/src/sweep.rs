@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use couponrush_core::cli::KafkaArgs;
 use couponrush_core::store::memory::MemoryStore;
 use couponrush_core::store::Store;
 use couponrush_core::Partitioner;
@@ -18,10 +17,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::chart::{document, Panel, Series};
-use crate::deploy::{Deployment, KafkaChoice, Spec};
-use crate::drive::http::Endpoint;
+use crate::deploy::{Deployment, DropSpec, KafkaChoice, Spec};
 use crate::measure::audit::EventTerms;
-use crate::run::{run_drop, Drop, Via};
 use crate::{redis_store, LoadArgs, LoadDefaults, Verdict};
 
 /// `coupon-loadgen sweep`.
@@ -199,16 +196,7 @@ async fn point_run(
     partitioner: Partitioner,
     cancel: &CancellationToken,
 ) -> Result<crate::report::Report, String> {
-    let kafka = match &args.brokers {
-        Some(b) => KafkaChoice::External(
-            KafkaArgs {
-                brokers: b.clone(),
-                kafka_opt: Vec::new(),
-            }
-            .settings(),
-        ),
-        None => KafkaChoice::Embedded(3),
-    };
+    let kafka = KafkaChoice::brokers_or_embedded(args.brokers.as_deref(), 3);
     let deployment = Deployment::start(Spec {
         kafka,
         store: store.clone(),
@@ -234,29 +222,22 @@ async fn point_run(
             retry_ratio: 0.0,
         },
     )?;
-    let api = deployment.api.ok_or("the api did not start")?;
-    let drop = Drop {
-        via: Via::Http {
-            endpoint: Endpoint::parse(&format!("http://{api}")).await?,
-            admin_token: None,
-            timeout: Duration::from_secs(30),
-        },
-        kafka: deployment.kafka.clone(),
-        topics: deployment.topics.clone(),
-        store: Some(store),
-        setup: true,
-        terms: EventTerms {
-            stock: args.stock,
-            per_user_limit: 1,
-        },
-        plan,
-        drain_timeout: args.load.drain_timeout,
-        progress: false,
-        keep_raw: false,
-        config: serde_json::json!({ "partitions": partitions, "issuers": issuers, "partitioner": partitioner }),
-        observe: true,
-    };
-    let report = run_drop(drop, cancel.clone()).await;
+    let report = deployment
+        .drop_through_api(
+            DropSpec {
+                plan,
+                terms: EventTerms {
+                    stock: args.stock,
+                    per_user_limit: 1,
+                },
+                drain_timeout: args.load.drain_timeout,
+                progress: false,
+                keep_raw: false,
+                config: serde_json::json!({ "partitions": partitions, "issuers": issuers, "partitioner": partitioner }),
+            },
+            cancel.clone(),
+        )
+        .await;
     deployment.stop().await;
     report
 }

@@ -3,38 +3,18 @@
 //! `coupon-api` and `coupon-issuer` binaries of this build). They run one at
 //! a time: each starts a whole deployment on two cores.
 
+mod common;
+
 use std::path::PathBuf;
 
 use couponrush_loadgen::chaos::{run_scenario, Scenario, Size};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(false);
 
-/// The scenarios spawn this build's `coupon-api` and `coupon-issuer`: make
-/// sure they are built from the current sources (`cargo test -p
-/// couponrush-loadgen` alone would not rebuild them).
-fn build_binaries() {
-    let status = std::process::Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "couponrush-api",
-            "-p",
-            "couponrush-issuer",
-        ])
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .status()
-        .expect("cargo runs");
-    assert!(
-        status.success(),
-        "building coupon-api and coupon-issuer failed"
-    );
-}
-
 async fn scenario(s: Scenario) {
     let mut built = ONE_AT_A_TIME.lock().await;
     if !*built {
-        build_binaries();
+        common::build_binaries();
         *built = true;
     }
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos");

@@ -4,6 +4,8 @@
 //! planted in the store, or an outcome forged on the topic, is caught and
 //! the exit status is 1.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -22,19 +24,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(f
 async fn rig(name: &str) -> (Rig, tokio::sync::MutexGuard<'static, bool>) {
     let mut built = ONE_AT_A_TIME.lock().await;
     if !*built {
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "couponrush-api",
-                "-p",
-                "couponrush-issuer",
-            ])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success());
+        common::build_binaries();
         *built = true;
     }
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-{name}"));
