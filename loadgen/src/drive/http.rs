@@ -7,13 +7,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::{Method, Request, StatusCode};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
 use super::{Sent, Target, TargetFactory};
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// Where the api is.
 #[derive(Debug, Clone)]
@@ -56,8 +59,10 @@ pub struct HttpTarget {
     endpoint: Endpoint,
     timeout: Duration,
     sender: Option<SendRequest<Full<Bytes>>>,
-    /// `(event, path)` of the last send: every send of a run hits one event.
-    path: Option<(String, String)>,
+    /// The Host header, built once.
+    host: HeaderValue,
+    /// `(event, uri)` of the last send: every send of a run hits one event.
+    issue_uri: Option<(String, Uri)>,
 }
 
 impl HttpTarget {
@@ -86,18 +91,24 @@ impl HttpTarget {
         headers: &[(&str, String)],
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), String> {
-        let authority = self.endpoint.authority.clone();
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = path.parse().map_err(|e| format!("bad path {path:?}: {e}"))?;
+        for (k, v) in headers {
+            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| e.to_string())?;
+            let value = HeaderValue::from_str(v).map_err(|e| e.to_string())?;
+            req.headers_mut().insert(name, value);
+        }
+        self.exchange(req).await
+    }
+
+    /// Sends a prepared request (Host and Content-Type are added here).
+    async fn exchange(&mut self, mut req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), String> {
+        let headers = req.headers_mut();
+        headers.insert(HOST, self.host.clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let timeout = self.timeout;
         let sender = self.connection().await?;
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", authority)
-            .header("content-type", "application/json");
-        for (k, v) in headers {
-            req = req.header(*k, v);
-        }
-        let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
         let exchange = async {
             sender.ready().await.map_err(|_| "io".to_string())?;
             let resp = sender
@@ -147,24 +158,20 @@ impl Target for HttpTarget {
             "{{\"user_id\":{}}}",
             serde_json::to_string(user).expect("a string serialises")
         );
-        if self.path.as_ref().is_none_or(|(e, _)| e != event) {
-            self.path = Some((event.to_string(), format!("/v1/events/{event}/issue")));
+        if self.issue_uri.as_ref().is_none_or(|(e, _)| e != event) {
+            let uri = format!("/v1/events/{event}/issue").parse().unwrap_or_default();
+            self.issue_uri = Some((event.to_string(), uri));
         }
-        let path = self
-            .path
-            .as_ref()
-            .map(|(_, p)| p.clone())
-            .unwrap_or_default();
+        let uri = self.issue_uri.as_ref().map(|(_, u)| u.clone()).unwrap_or_default();
         let mut buf = Uuid::encode_buffer();
-        let id = key.hyphenated().encode_lower(&mut buf).to_string();
-        match self
-            .call(
-                Method::POST,
-                &path,
-                &[("idempotency-key", id)],
-                Bytes::from(body),
-            )
-            .await
+        let id = key.hyphenated().encode_lower(&mut buf);
+        let mut req = Request::new(Full::new(Bytes::from(body)));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = uri;
+        if let Ok(v) = HeaderValue::from_str(id) {
+            req.headers_mut().insert(IDEMPOTENCY_KEY, v);
+        }
+        match self.exchange(req).await
         {
             Ok((StatusCode::ACCEPTED, body)) => match accepted_at(&body) {
                 Some(accepted_at) => Sent::Accepted { accepted_at },
@@ -188,10 +195,12 @@ impl TargetFactory for HttpFactory {
     type T = HttpTarget;
     fn make(&self) -> HttpTarget {
         HttpTarget {
+            host: HeaderValue::from_str(&self.endpoint.authority)
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             endpoint: self.endpoint.clone(),
             timeout: self.timeout,
             sender: None,
-            path: None,
+            issue_uri: None,
         }
     }
 }
