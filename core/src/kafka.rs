@@ -60,6 +60,8 @@ impl KafkaSettings {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
+            // Records wait for acks: send requests at once, not after Nagle.
+            .set("socket.nagle.disable", "true")
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", queue_messages.to_string())
             .set("queue.buffering.max.kbytes", "262144")
