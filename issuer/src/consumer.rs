@@ -242,7 +242,7 @@ pub fn create_consumer(
         )
         .set("partition.assignment.strategy", &config.assignment)
         .set("queued.max.messages.kbytes", "16384")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "2000");
     for (k, v) in &config.kafka.extra {
         cfg.set(k, v);
     }

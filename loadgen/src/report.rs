@@ -704,6 +704,145 @@ pub fn merge_summaries(reports: &[Report]) -> Result<Report, String> {
 mod tests {
     use super::*;
 
+    use couponrush_core::wire::WIRE_VERSION;
+
+    /// A synthetic drop of `n` requests (stock `stock`), decided in order by
+    /// two generators: even requests were sent by generator 0, odd by 1.
+    /// Every generator observed every outcome.
+    fn facts(n: u64, stock: u32, generator: Option<u64>) -> Facts {
+        let mut accepted = HashMap::new();
+        let mut outcomes = Vec::new();
+        let mut accept = latency::histogram();
+        for i in 0..n {
+            let id = Uuid::from_u128(u128::from(i) + 1);
+            let issued = i < u64::from(stock);
+            if generator.is_none_or(|g| i % 2 == g) {
+                accepted.insert(
+                    id,
+                    Acceptance {
+                        user_id: format!("u{i}"),
+                        accepted_at: 1_000 + i,
+                        intended_at: 900 + i,
+                    },
+                );
+                latency::record(&mut accept, 100 + i);
+            }
+            outcomes.push(Observed {
+                outcome: Outcome {
+                    v: WIRE_VERSION,
+                    request_id: id,
+                    event_id: "e".into(),
+                    user_id: format!("u{i}"),
+                    result: if issued {
+                        DecisionResult::Issued
+                    } else {
+                        DecisionResult::SoldOut
+                    },
+                    issued_rank: issued.then_some(i as u32 + 1),
+                    partition: 0,
+                    offset: i as i64,
+                    decided_at: 2_000 + i,
+                    replay: false,
+                    // Pairs decided out of order: (1,0), (3,2)...
+                    decision_seq: if i % 2 == 0 { i + 2 } else { i },
+                    accepted_at: 1_000 + i,
+                    generation: 1,
+                },
+                observed_at: 3_000 + i,
+            });
+        }
+        Facts {
+            config: serde_json::json!({}),
+            event_id: "e".into(),
+            terms: EventTerms {
+                stock,
+                per_user_limit: 1,
+            },
+            started_at: 900,
+            load_finished_at: 2_000,
+            finished_at: 4_000,
+            requests: accepted.len() as u64,
+            sends: accepted.len() as u64,
+            answers: [("202".to_string(), accepted.len() as u64)]
+                .into_iter()
+                .collect(),
+            accepted,
+            outcomes,
+            dlq: BTreeMap::new(),
+            ledger: None,
+            accept_uncorrected: accept.clone(),
+            accept,
+            notes: vec![],
+            observed: true,
+        }
+    }
+
+    #[test]
+    fn a_merge_of_two_generators_equals_the_report_of_the_whole_drop() {
+        let whole = Report::build(facts(400, 100, None), true);
+        let a = Report::build(facts(400, 100, Some(0)), true);
+        let b = Report::build(facts(400, 100, Some(1)), true);
+        // Alone, each generator sees the other's decisions as phantoms.
+        assert_eq!(a.phantom, 200);
+        let merged = Report::build(merge_facts(&[a.clone(), b.clone()]).unwrap(), true);
+        assert!(merged.passed, "{:?}", merged.notes);
+        for (m, w) in [
+            (merged.accepted, whole.accepted),
+            (merged.decided, whole.decided),
+            (merged.issued, whole.issued),
+            (merged.phantom, whole.phantom),
+            (merged.lost, whole.lost),
+            (merged.sends, whole.sends),
+        ] {
+            assert_eq!(m, w);
+        }
+        assert_eq!(merged.skew, whole.skew, "the skew is recomputed exactly");
+        assert_eq!(whole.skew.inversions, 200, "each adjacent pair swapped");
+        assert_eq!(
+            merged.latency_ms, whole.latency_ms,
+            "histograms merged exactly"
+        );
+        assert!(merged.skew_exact);
+
+        // Without raw data: counts and histograms still exact, phantom an
+        // upper bound, and the report says so.
+        let (mut a, mut b) = (a, b);
+        a.raw = None;
+        b.raw = None;
+        let approx = merge_summaries(&[a, b]).unwrap();
+        assert_eq!(approx.accepted, whole.accepted);
+        assert_eq!(approx.latency_ms.accept, whole.latency_ms.accept);
+        assert!(!approx.skew_exact);
+        assert!(approx.phantom >= whole.phantom);
+        assert!(approx.notes.iter().any(|n| n.contains("upper bound")));
+    }
+
+    #[test]
+    fn reports_of_different_drops_do_not_merge() {
+        let a = Report::build(facts(10, 5, Some(0)), true);
+        let mut b = Report::build(facts(10, 5, Some(1)), true);
+        b.event_id = "other".into();
+        assert!(merge_facts(&[a.clone(), b.clone()]).is_err());
+        assert!(merge_summaries(&[a, b]).is_err());
+    }
+
+    #[test]
+    fn a_report_round_trips_through_json() {
+        let r = Report::build(facts(50, 10, None), true);
+        let json = serde_json::to_vec(&r).unwrap();
+        let back: Report = serde_json::from_slice(&json).unwrap();
+        // Floats may differ in the last digit after a round trip; the rest is exact.
+        assert!(
+            serde_json::to_vec(&back).unwrap() == json || back.raw == r.raw,
+            "round trip"
+        );
+        assert_eq!(
+            (back.accepted, back.skew.inversions),
+            (r.accepted, r.skew.inversions)
+        );
+        assert!(r.text().contains("verdict      PASS"));
+    }
+
     #[test]
     fn numbers_are_grouped() {
         assert_eq!(group(0), "0");

@@ -114,6 +114,43 @@ async fn a_clean_drop_audits_clean_and_exits_zero() {
     );
     assert!(r["skew"]["pairs"].as_u64().unwrap() > 0);
     assert!(r["latency_ms"]["e2e"]["p50"].as_f64().unwrap() > 0.0);
+
+    // Both processes expose the series an operator needs.
+    let api = scrape(&format!("{}/metrics", rig.api_url())).await;
+    for series in [
+        "couponrush_api_requests_total{route=\"/v1/events/{event_id}/issue\",status=\"202\"}",
+        "couponrush_api_produce_seconds_bucket",
+        "couponrush_api_in_flight",
+        "couponrush_api_producer_queue",
+    ] {
+        assert!(api.contains(series), "api /metrics lacks {series}");
+    }
+    let mut issuers = String::new();
+    for addr in &rig.issuer_metrics {
+        issuers.push_str(&scrape(&format!("http://{addr}/metrics")).await);
+    }
+    for series in [
+        "couponrush_issuer_batches_total",
+        "couponrush_issuer_batch_size_bucket",
+        "couponrush_issuer_store_seconds_bucket",
+        "couponrush_issuer_decisions_total{result=\"issued\",replay=\"false\"}",
+        "couponrush_issuer_consumer_lag{",
+        "couponrush_issuer_rebalances_total",
+        "couponrush_issuer_commits_total{mode=\"sync\"}",
+        "couponrush_issuer_assigned_partitions",
+    ] {
+        assert!(issuers.contains(series), "issuer /metrics lacks {series}");
+    }
+}
+
+/// GETs a URL on loopback with curl-like simplicity.
+async fn scrape(url: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sf", url])
+        .output()
+        .expect("curl runs");
+    assert!(out.status.success(), "GET {url} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

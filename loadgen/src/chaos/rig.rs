@@ -85,6 +85,8 @@ pub struct Rig {
     pub api_addr: SocketAddr,
     /// Issuer slots (None: stopped).
     pub issuers: Vec<Option<Proc>>,
+    /// Each issuer slot's Prometheus address.
+    pub issuer_metrics: Vec<SocketAddr>,
     /// Topic names.
     pub topics: Topics,
     group: String,
@@ -167,6 +169,7 @@ impl Rig {
             api,
             api_addr,
             issuers: Vec::new(),
+            issuer_metrics: Vec::new(),
             topics,
             group: format!("chaos-{}", uuid::Uuid::new_v4().simple()),
             spawned: 0,
@@ -182,8 +185,12 @@ impl Rig {
     pub fn add_issuer(&mut self) -> Result<usize, String> {
         let n = self.spawned;
         self.spawned += 1;
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("an address");
         let mut cmd = Command::new(binary("coupon-issuer")?);
         cmd.args(["--brokers", &self.brokers, "--redis", &self.redis.url()])
+            .args(["--metrics-listen", &metrics.to_string()])
             .args([
                 "--group-id",
                 &self.group,
@@ -202,6 +209,7 @@ impl Rig {
         )
         .map_err(|e| e.to_string())?;
         self.issuers.push(Some(p));
+        self.issuer_metrics.push(metrics);
         Ok(self.issuers.len() - 1)
     }
 

@@ -93,7 +93,9 @@ impl HttpTarget {
     ) -> Result<(StatusCode, Bytes), String> {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
-        *req.uri_mut() = path.parse().map_err(|e| format!("bad path {path:?}: {e}"))?;
+        *req.uri_mut() = path
+            .parse()
+            .map_err(|e| format!("bad path {path:?}: {e}"))?;
         for (k, v) in headers {
             let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| e.to_string())?;
             let value = HeaderValue::from_str(v).map_err(|e| e.to_string())?;
@@ -103,7 +105,10 @@ impl HttpTarget {
     }
 
     /// Sends a prepared request (Host and Content-Type are added here).
-    async fn exchange(&mut self, mut req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), String> {
+    async fn exchange(
+        &mut self,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, Bytes), String> {
         let headers = req.headers_mut();
         headers.insert(HOST, self.host.clone());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -159,10 +164,16 @@ impl Target for HttpTarget {
             serde_json::to_string(user).expect("a string serialises")
         );
         if self.issue_uri.as_ref().is_none_or(|(e, _)| e != event) {
-            let uri = format!("/v1/events/{event}/issue").parse().unwrap_or_default();
+            let uri = format!("/v1/events/{event}/issue")
+                .parse()
+                .unwrap_or_default();
             self.issue_uri = Some((event.to_string(), uri));
         }
-        let uri = self.issue_uri.as_ref().map(|(_, u)| u.clone()).unwrap_or_default();
+        let uri = self
+            .issue_uri
+            .as_ref()
+            .map(|(_, u)| u.clone())
+            .unwrap_or_default();
         let mut buf = Uuid::encode_buffer();
         let id = key.hyphenated().encode_lower(&mut buf);
         let mut req = Request::new(Full::new(Bytes::from(body)));
@@ -171,8 +182,7 @@ impl Target for HttpTarget {
         if let Ok(v) = HeaderValue::from_str(id) {
             req.headers_mut().insert(IDEMPOTENCY_KEY, v);
         }
-        match self.exchange(req).await
-        {
+        match self.exchange(req).await {
             Ok((StatusCode::ACCEPTED, body)) => match accepted_at(&body) {
                 Some(accepted_at) => Sent::Accepted { accepted_at },
                 None => Sent::Failed("202_unparsable".into()),
