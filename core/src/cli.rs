@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use clap::builder::FalseyValueParser;
 use clap::Args;
 
 use crate::kafka::{parse_kafka_opt, KafkaSettings};
@@ -89,6 +90,6 @@ pub struct StoreArgs {
 #[derive(Debug, Clone, Args)]
 pub struct LogArgs {
     /// Log JSON lines instead of text (the filter is RUST_LOG, default info).
-    #[arg(long, env = "LOG_JSON")]
+    #[arg(long, env = "LOG_JSON", value_parser = FalseyValueParser::new())]
     pub log_json: bool,
 }

@@ -38,6 +38,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::builder::FalseyValueParser;
 use clap::{Args, Parser, Subcommand};
 use couponrush_api::producer::RequestProducer;
 use couponrush_core::cli::{parse_duration, KafkaArgs, LogArgs, TopicArgs};
@@ -197,7 +198,7 @@ pub struct EventArgs {
     #[arg(long, env = "LOADGEN_PER_USER_LIMIT", default_value_t = 1)]
     pub per_user_limit: u32,
     /// Do not create or reset the event (it exists; e.g. the second of several generators).
-    #[arg(long, env = "LOADGEN_NO_SETUP")]
+    #[arg(long, env = "LOADGEN_NO_SETUP", value_parser = FalseyValueParser::new())]
     pub no_setup: bool,
 }
 
@@ -220,10 +221,10 @@ pub struct OutputArgs {
     #[arg(long, env = "LOADGEN_CHART")]
     pub chart: Option<PathBuf>,
     /// Leave the raw per-request data out of the JSON (smaller; merges become approximate).
-    #[arg(long, env = "LOADGEN_NO_RAW")]
+    #[arg(long, env = "LOADGEN_NO_RAW", value_parser = FalseyValueParser::new())]
     pub no_raw: bool,
     /// No progress bar.
-    #[arg(long, env = "LOADGEN_QUIET")]
+    #[arg(long, env = "LOADGEN_QUIET", value_parser = FalseyValueParser::new())]
     pub quiet: bool,
 }
 
@@ -253,7 +254,7 @@ pub struct RunArgs {
     #[arg(long, env = "LOADGEN_TARGET", default_value = "http://127.0.0.1:8080")]
     pub target: String,
     /// Produce requests straight to Kafka (as the api would), bypassing HTTP.
-    #[arg(long, env = "LOADGEN_DIRECT")]
+    #[arg(long, env = "LOADGEN_DIRECT", value_parser = FalseyValueParser::new())]
     pub direct: bool,
     /// With --direct: the partitioning strategy.
     #[arg(long, env = "PARTITIONER", default_value = "spread")]
@@ -268,7 +269,7 @@ pub struct RunArgs {
     #[arg(long, env = "LOADGEN_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
     /// Offer load only: do not watch outcomes or audit (for pure HTTP benchmarks).
-    #[arg(long, env = "LOADGEN_NO_OBSERVE")]
+    #[arg(long, env = "LOADGEN_NO_OBSERVE", value_parser = FalseyValueParser::new())]
     pub no_observe: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
