@@ -33,8 +33,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use uuid::Uuid;
@@ -237,6 +238,23 @@ pub fn rebuild(events: &HashMap<String, EventRecord>, outcomes: &[Outcome]) -> V
     snapshots
 }
 
+/// The default client context, except that the end of an empty partition
+/// (which librdkafka reports as a "global error" when nothing was fetched
+/// from it) is not logged as an error: reading to the end is the point.
+struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::debug!(%reason, "end of an empty partition");
+        } else {
+            tracing::error!(error = %error, %reason, "librdkafka");
+        }
+    }
+}
+
+impl ConsumerContext for QuietEof {}
+
 /// Reads every record of `topic` from the beginning to its end. Blocking.
 ///
 /// The end is where the broker's fetches say each partition ends
@@ -249,7 +267,7 @@ pub fn read_topic(
     topic: &str,
     mut each: impl FnMut(&[u8]),
 ) -> Result<u64, KafkaError> {
-    let consumer: BaseConsumer = kafka
+    let consumer: BaseConsumer<QuietEof> = kafka
         .client_config("couponrush-recovery")
         .set(
             "group.id",
@@ -258,7 +276,7 @@ pub fn read_topic(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "100")
-        .create()?;
+        .create_with_context(QuietEof)?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut open: std::collections::HashSet<i32> = std::collections::HashSet::new();
     let mut tpl = TopicPartitionList::new();

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use couponrush_api::producer::RequestProducer;
 use couponrush_core::kafka::{ensure_topics, KafkaSettings};
 use couponrush_core::store::Store;
 use couponrush_core::{Partitioner, Topics};
@@ -94,6 +95,7 @@ pub struct Deployment {
     issuers: Vec<JoinHandle<Result<Totals, couponrush_issuer::IssuerError>>>,
     probes: Vec<Probe>,
     partitions: i32,
+    partitioner: Partitioner,
     // Dropped last: the cluster must outlive its clients.
     _mock: Option<MockKafka>,
 }
@@ -165,6 +167,7 @@ impl Deployment {
             issuers: Vec::new(),
             probes: Vec::new(),
             partitions: spec.partitions,
+            partitioner: spec.partitioner,
             _mock: mock,
         };
         if spec.start_issuers {
@@ -220,6 +223,43 @@ impl Deployment {
         d: DropSpec,
         cancel: CancellationToken,
     ) -> Result<Report, String> {
+        let api = self.api.ok_or("the api did not start")?;
+        let via = Via::Http {
+            endpoint: Endpoint::parse(&format!("http://{api}")).await?,
+            admin_token: None,
+            timeout: Duration::from_secs(30),
+        };
+        self.drop_via(via, d, cancel).await
+    }
+
+    /// Runs an audited drop produced straight to the requests topic with the
+    /// deployment's partitioner, as the api would: measures Kafka, the issuers
+    /// and the store without the HTTP stage.
+    pub async fn drop_direct(
+        &self,
+        d: DropSpec,
+        cancel: CancellationToken,
+    ) -> Result<Report, String> {
+        let producer = RequestProducer::new(
+            &self.kafka,
+            self.topics.requests.clone(),
+            self.partitioner,
+            self.partitions,
+            1_000_000,
+        )
+        .map_err(|e| e.to_string())?;
+        let via = Via::Direct {
+            producer: Arc::new(producer),
+        };
+        self.drop_via(via, d, cancel).await
+    }
+
+    async fn drop_via(
+        &self,
+        via: Via,
+        d: DropSpec,
+        cancel: CancellationToken,
+    ) -> Result<Report, String> {
         let DropSpec {
             plan,
             terms,
@@ -228,13 +268,8 @@ impl Deployment {
             keep_raw,
             config,
         } = d;
-        let api = self.api.ok_or("the api did not start")?;
         let drop = Drop {
-            via: Via::Http {
-                endpoint: Endpoint::parse(&format!("http://{api}")).await?,
-                admin_token: None,
-                timeout: Duration::from_secs(30),
-            },
+            via,
             kafka: self.kafka.clone(),
             topics: self.topics.clone(),
             store: Some(self.store.clone()),

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::builder::FalseyValueParser;
 use clap::Args;
 use couponrush_core::store::memory::MemoryStore;
 use couponrush_core::store::Store;
@@ -19,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::chart::{document, Panel, Series};
 use crate::deploy::{Deployment, DropSpec, KafkaChoice, Spec};
 use crate::measure::audit::EventTerms;
+use couponrush_harness::{RedisServer, Tansu, TansuStorage};
+
 use crate::{redis_store, LoadArgs, LoadDefaults, Verdict};
 
 /// `coupon-loadgen sweep`.
@@ -60,6 +63,17 @@ pub struct SweepArgs {
     /// Runs per point; the point reports the median.
     #[arg(long, env = "SWEEP_REPEAT", default_value_t = 1)]
     pub repeat: usize,
+    /// Produce the requests straight to Kafka, as the api would, instead of
+    /// through the api over HTTP (no HTTP stage in the measurement).
+    #[arg(long, env = "SWEEP_DIRECT", value_parser = FalseyValueParser::new())]
+    pub direct: bool,
+    /// Start a private tansu (memory) and redis-server on free loopback ports
+    /// for every run and stop them after it, so no run inherits the topics,
+    /// keys and memory of the runs before it (a shared broker slows down as a
+    /// sweep piles topics on it). Needs `redis-server` on PATH and tansu
+    /// (`TANSU_BIN`, or the copy `scripts/dev-up` caches).
+    #[arg(long, env = "SWEEP_FRESH", value_parser = FalseyValueParser::new(), conflicts_with_all = ["brokers", "redis"])]
+    pub fresh: bool,
     /// Directory for sweep.json, sweep.svg and sweep.txt.
     #[arg(long, env = "SWEEP_OUT", default_value = "sweep-out")]
     pub out: PathBuf,
@@ -110,63 +124,75 @@ pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict
         Some(url) => redis_store(url).await?,
         None => Arc::new(MemoryStore::default()),
     };
-    let mut points = Vec::new();
-    let total = args.partitions.len() * args.issuers.len() * args.partitioners.len();
+    // Rounds outermost: every point is measured once per round, so slow
+    // drift of a shared machine spreads over all points instead of
+    // penalising the ones measured last.
+    let mut grid = Vec::new();
     for &partitioner in &args.partitioners {
         for &issuers in &args.issuers {
             for &partitions in &args.partitions {
-                if cancel.is_cancelled() {
-                    return Err("cancelled".into());
-                }
-                let mut runs = Vec::new();
-                for _ in 0..args.repeat.max(1) {
-                    runs.push(
-                        point_run(
-                            &args,
-                            store.clone(),
-                            partitions,
-                            issuers,
-                            partitioner,
-                            &cancel,
-                        )
-                        .await?,
-                    );
-                }
-                let med =
-                    |f: fn(&crate::report::Report) -> f64| median(runs.iter().map(f).collect());
-                let p = Point {
-                    partitions,
-                    issuers,
-                    partitioner,
-                    issued_per_s: med(|r| r.throughput.issued_per_s),
-                    decided_per_s: med(|r| r.throughput.decided_per_s),
-                    accepted_per_s: med(|r| r.throughput.accepted_per_s),
-                    inversion_ratio: med(|r| r.skew.inversion_ratio),
-                    displacement_p99: med(|r| r.skew.displacement_p99 as f64) as u64,
-                    late_winners: med(|r| r.skew.late_winners as f64) as u64,
-                    e2e_p99_ms: med(|r| r.latency_ms.e2e.p99),
-                    failures: runs.iter().map(|r| r.failures()).sum(),
-                    runs: runs.len(),
-                };
-                eprintln!(
-                    "[{}/{total}] {partitioner} p={partitions} issuers={issuers}: issued {:.0}/s, decided {:.0}/s, inversions {:.4}",
-                    points.len() + 1,
-                    p.issued_per_s,
-                    p.decided_per_s,
-                    p.inversion_ratio
-                );
-                points.push(p);
+                grid.push((partitioner, issuers, partitions));
             }
         }
     }
+    let rounds = args.repeat.max(1);
+    let mut runs: Vec<Vec<crate::report::Report>> = grid.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (i, &(partitioner, issuers, partitions)) in grid.iter().enumerate() {
+            if cancel.is_cancelled() {
+                return Err("cancelled".into());
+            }
+            let r = point_run(
+                &args,
+                store.clone(),
+                partitions,
+                issuers,
+                partitioner,
+                &cancel,
+            )
+            .await?;
+            eprintln!(
+                "[round {round}/{rounds}, {}/{}] {partitioner} p={partitions} issuers={issuers}: issued {:.0}/s, decided {:.0}/s, accepted {:.0}/s, inversions {:.4}",
+                i + 1,
+                grid.len(),
+                r.throughput.issued_per_s,
+                r.throughput.decided_per_s,
+                r.throughput.accepted_per_s,
+                r.skew.inversion_ratio
+            );
+            runs[i].push(r);
+        }
+    }
+    let points: Vec<Point> = grid
+        .iter()
+        .zip(&runs)
+        .map(|(&(partitioner, issuers, partitions), runs)| {
+            let med = |f: fn(&crate::report::Report) -> f64| median(runs.iter().map(f).collect());
+            Point {
+                partitions,
+                issuers,
+                partitioner,
+                issued_per_s: med(|r| r.throughput.issued_per_s),
+                decided_per_s: med(|r| r.throughput.decided_per_s),
+                accepted_per_s: med(|r| r.throughput.accepted_per_s),
+                inversion_ratio: med(|r| r.skew.inversion_ratio),
+                displacement_p99: med(|r| r.skew.displacement_p99 as f64) as u64,
+                late_winners: med(|r| r.skew.late_winners as f64) as u64,
+                e2e_p99_ms: med(|r| r.latency_ms.e2e.p99),
+                failures: runs.iter().map(|r| r.failures()).sum(),
+                runs: runs.len(),
+            }
+        })
+        .collect();
     let table = table(&points);
     println!("{table}");
     let json = serde_json::to_vec_pretty(&serde_json::json!({
         "schema": "couponrush.sweep/v1",
         "load": format!("{:?}", args.load),
         "stock": args.stock,
-        "kafka": args.brokers.clone().unwrap_or_else(|| "embedded mock cluster (3 brokers)".into()),
-        "store": store.kind(),
+        "entry": if args.direct { "direct to Kafka (no api)" } else { "through the api over HTTP" },
+        "kafka": if args.fresh { "a fresh tansu (memory) per run".into() } else { args.brokers.clone().unwrap_or_else(|| "embedded mock cluster (3 brokers)".into()) },
+        "store": if args.fresh { "a fresh redis-server per run" } else { store.kind() },
         "points": points,
     }))
     .map_err(|e| e.to_string())?;
@@ -196,7 +222,21 @@ async fn point_run(
     partitioner: Partitioner,
     cancel: &CancellationToken,
 ) -> Result<crate::report::Report, String> {
-    let kafka = KafkaChoice::brokers_or_embedded(args.brokers.as_deref(), 3);
+    let fresh = if args.fresh {
+        Some(Fresh::start(args.out.join(".services")).await?)
+    } else {
+        None
+    };
+    let (kafka, store) = match &fresh {
+        Some(f) => (
+            KafkaChoice::brokers_or_embedded(Some(&f.tansu.brokers()), 3),
+            redis_store(&f.redis.url()).await?,
+        ),
+        None => (
+            KafkaChoice::brokers_or_embedded(args.brokers.as_deref(), 3),
+            store,
+        ),
+    };
     let deployment = Deployment::start(Spec {
         kafka,
         store: store.clone(),
@@ -204,7 +244,7 @@ async fn point_run(
         issuers,
         partitioner,
         batch_size: 2000,
-        with_api: true,
+        with_api: !args.direct,
         start_issuers: true,
     })
     .await?;
@@ -222,24 +262,60 @@ async fn point_run(
             retry_ratio: 0.0,
         },
     )?;
-    let report = deployment
-        .drop_through_api(
-            DropSpec {
-                plan,
-                terms: EventTerms {
-                    stock: args.stock,
-                    per_user_limit: 1,
-                },
-                drain_timeout: args.load.drain_timeout,
-                progress: false,
-                keep_raw: false,
-                config: serde_json::json!({ "partitions": partitions, "issuers": issuers, "partitioner": partitioner }),
-            },
-            cancel.clone(),
-        )
-        .await;
+    let drop = DropSpec {
+        plan,
+        terms: EventTerms {
+            stock: args.stock,
+            per_user_limit: 1,
+        },
+        drain_timeout: args.load.drain_timeout,
+        progress: false,
+        keep_raw: false,
+        config: serde_json::json!({
+            "partitions": partitions,
+            "issuers": issuers,
+            "partitioner": partitioner,
+            "entry": if args.direct { "direct" } else { "api" },
+        }),
+    };
+    let report = if args.direct {
+        deployment.drop_direct(drop, cancel.clone()).await
+    } else {
+        deployment.drop_through_api(drop, cancel.clone()).await
+    };
     deployment.stop().await;
+    std::mem::drop(fresh);
     report
+}
+
+/// A private broker and store for one run, stopped (and their directory
+/// removed) when dropped.
+struct Fresh {
+    tansu: Tansu,
+    redis: RedisServer,
+    dir: PathBuf,
+}
+
+impl Fresh {
+    async fn start(dir: PathBuf) -> Result<Self, String> {
+        tokio::task::spawn_blocking(move || {
+            let redis = RedisServer::start(&dir, false)
+                .map_err(|e| format!("cannot start redis-server: {e}"))?;
+            let tansu = Tansu::start(TansuStorage::Memory, Some(dir.join("tansu.log")))
+                .map_err(|e| format!("cannot start tansu: {e}"))?;
+            Ok(Fresh { tansu, redis, dir })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        self.tansu.kill();
+        self.redis.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The sweep as a text table.

@@ -26,4 +26,11 @@ fn boolean_env_flags_take_shell_spellings() {
         assert!(!demo_quiet(off), "LOADGEN_QUIET={off:?} should be off");
     }
     std::env::remove_var("LOADGEN_QUIET");
+    // The flag itself still works, and its absence means off.
+    let parse = |args: &[&str]| match Cli::try_parse_from(args).expect("parses").command {
+        Command::Demo(args) => args.output.quiet,
+        other => panic!("parsed as {other:?}"),
+    };
+    assert!(parse(&["coupon-loadgen", "demo", "--quiet"]));
+    assert!(!parse(&["coupon-loadgen", "demo"]));
 }
