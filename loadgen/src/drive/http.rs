@@ -159,10 +159,10 @@ fn accepted_at(body: &[u8]) -> Option<u64> {
 
 impl Target for HttpTarget {
     async fn send(&mut self, event: &str, user: &str, key: Uuid) -> Sent {
-        let body = format!(
-            "{{\"user_id\":{}}}",
-            serde_json::to_string(user).expect("a string serialises")
-        );
+        let mut body = Vec::with_capacity(user.len() + 16);
+        body.extend_from_slice(b"{\"user_id\":");
+        serde_json::to_writer(&mut body, user).expect("a string serialises");
+        body.push(b'}');
         if self.issue_uri.as_ref().is_none_or(|(e, _)| e != event) {
             let uri = format!("/v1/events/{event}/issue")
                 .parse()

@@ -147,8 +147,11 @@ pub struct Progress {
 
 struct WorkerOut {
     sends: u64,
+    accepted_count: u64,
     requests: u64,
-    accepted: Vec<(Uuid, Acceptance)>,
+    /// In fixed-size chunks: growing one vector would copy it at every
+    /// doubling, on the hot path.
+    accepted: Vec<Vec<(Uuid, Acceptance)>>,
     answers: BTreeMap<String, u64>,
     accept: Histogram<u64>,
     accept_uncorrected: Histogram<u64>,
@@ -210,7 +213,10 @@ pub async fn drive<F: TargetFactory>(
         }
         let _ = driven.accept.add(&out.accept);
         let _ = driven.accept_uncorrected.add(&out.accept_uncorrected);
-        for (id, a) in out.accepted {
+        driven
+            .accepted
+            .reserve(out.accepted.iter().map(Vec::len).sum());
+        for (id, a) in out.accepted.into_iter().flatten() {
             driven
                 .accepted
                 .entry(id)
@@ -221,6 +227,12 @@ pub async fn drive<F: TargetFactory>(
     driven.finished_at = now_micros();
     driven
 }
+
+/// Acceptances per chunk of a worker's record.
+const ACCEPTED_CHUNK: usize = 4096;
+
+/// How many sends a worker makes between updates of the shared progress.
+const PROGRESS_EVERY: u64 = 64;
 
 async fn worker<F: TargetFactory>(
     factory: &F,
@@ -233,6 +245,7 @@ async fn worker<F: TargetFactory>(
 ) -> WorkerOut {
     let mut out = WorkerOut {
         sends: 0,
+        accepted_count: 0,
         requests: 0,
         accepted: Vec::new(),
         answers: BTreeMap::new(),
@@ -241,6 +254,7 @@ async fn worker<F: TargetFactory>(
     };
     let mut target = factory.make();
     let mut twin: Option<F::T> = None;
+    let mut reported = (0u64, 0u64);
     let deadline = start + plan.duration;
     loop {
         let index = next.fetch_add(1, Ordering::Relaxed);
@@ -265,23 +279,7 @@ async fn worker<F: TargetFactory>(
         let user = plan.population.user(index);
         let key = Uuid::now_v7();
         out.requests += 1;
-        let sends: Vec<(Sent, Instant)> = match plan.population.retry(index) {
-            Retry::None => vec![timed(&mut target, &plan.event_id, &user, key).await],
-            Retry::Sequential => {
-                let a = timed(&mut target, &plan.event_id, &user, key).await;
-                let b = timed(&mut target, &plan.event_id, &user, key).await;
-                vec![a, b]
-            }
-            Retry::Concurrent => {
-                let t2 = twin.get_or_insert_with(|| factory.make());
-                let (a, b) = tokio::join!(
-                    timed(&mut target, &plan.event_id, &user, key),
-                    timed(t2, &plan.event_id, &user, key)
-                );
-                vec![a, b]
-            }
-        };
-        for (sent, sent_at) in sends {
+        let record = |out: &mut WorkerOut, sent: Sent, sent_at: Instant, user: String| {
             out.sends += 1;
             let done = Instant::now();
             latency::record(
@@ -292,15 +290,17 @@ async fn worker<F: TargetFactory>(
                 &mut out.accept_uncorrected,
                 done.duration_since(sent_at).as_micros() as u64,
             );
-            progress.sent.fetch_add(1, Ordering::Relaxed);
             match sent {
                 Sent::Accepted { accepted_at } => {
-                    progress.accepted.fetch_add(1, Ordering::Relaxed);
-                    *out.answers.entry("202".into()).or_default() += 1;
-                    out.accepted.push((
+                    out.accepted_count += 1;
+                    if out.accepted.last().is_none_or(|c| c.len() == c.capacity()) {
+                        out.accepted.push(Vec::with_capacity(ACCEPTED_CHUNK));
+                    }
+                    let chunk = out.accepted.last_mut().expect("pushed above");
+                    chunk.push((
                         key,
                         Acceptance {
-                            user_id: user.clone(),
+                            user_id: user,
                             accepted_at,
                             intended_at,
                         },
@@ -308,7 +308,44 @@ async fn worker<F: TargetFactory>(
                 }
                 Sent::Failed(kind) => *out.answers.entry(kind).or_default() += 1,
             }
+        };
+        match plan.population.retry(index) {
+            Retry::None => {
+                let (sent, at) = timed(&mut target, &plan.event_id, &user, key).await;
+                record(&mut out, sent, at, user);
+            }
+            Retry::Sequential => {
+                let (a, a_at) = timed(&mut target, &plan.event_id, &user, key).await;
+                let (b, b_at) = timed(&mut target, &plan.event_id, &user, key).await;
+                record(&mut out, a, a_at, user.clone());
+                record(&mut out, b, b_at, user);
+            }
+            Retry::Concurrent => {
+                let t2 = twin.get_or_insert_with(|| factory.make());
+                let ((a, a_at), (b, b_at)) = tokio::join!(
+                    timed(&mut target, &plan.event_id, &user, key),
+                    timed(t2, &plan.event_id, &user, key)
+                );
+                record(&mut out, a, a_at, user.clone());
+                record(&mut out, b, b_at, user);
+            }
         }
+        // The progress bar's counters are shared between workers: touch
+        // them every few sends, not on every one.
+        if out.sends - reported.0 >= PROGRESS_EVERY {
+            progress.sent.fetch_add(out.sends - reported.0, Ordering::Relaxed);
+            progress
+                .accepted
+                .fetch_add(out.accepted_count - reported.1, Ordering::Relaxed);
+            reported = (out.sends, out.accepted_count);
+        }
+    }
+    progress.sent.fetch_add(out.sends - reported.0, Ordering::Relaxed);
+    progress
+        .accepted
+        .fetch_add(out.accepted_count - reported.1, Ordering::Relaxed);
+    if out.accepted_count > 0 {
+        out.answers.insert("202".into(), out.accepted_count);
     }
     out
 }
