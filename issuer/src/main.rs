@@ -4,8 +4,8 @@ use clap::Parser;
 use couponrush_core::telemetry::{init_tracing, shutdown_signal};
 use couponrush_issuer::Cli;
 
-// glibc malloc contends across the runtime and librdkafka threads; mimalloc
-// does not (measured in docs/BENCHMARKS.md).
+// Many small allocations per request, from the runtime and librdkafka
+// threads at once: mimalloc keeps them thread-local.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

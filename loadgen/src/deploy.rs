@@ -200,13 +200,17 @@ impl Deployment {
         }
     }
 
-    /// Waits until the issuers' group owns every request partition (so a
-    /// measurement starts with deciding, not joining). False on timeout.
+    /// Waits until the issuers' group owns every request partition and, when
+    /// there are at least as many partitions as issuers, every issuer owns
+    /// one (so a measurement starts with deciding, not with a rebalance when
+    /// the last member joins). False on timeout.
     pub async fn wait_assigned(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let assigned: usize = self.probes.iter().map(Probe::assigned).sum();
-            if assigned >= self.partitions as usize {
+            let counts: Vec<usize> = self.probes.iter().map(Probe::assigned).collect();
+            let total: usize = counts.iter().sum();
+            let each = self.partitions as usize >= counts.len();
+            if total == self.partitions as usize && (!each || counts.iter().all(|&c| c > 0)) {
                 return true;
             }
             if tokio::time::Instant::now() >= deadline {

@@ -7,8 +7,8 @@ use clap::Parser;
 use couponrush_core::telemetry::{init_tracing_with, shutdown_signal};
 use couponrush_loadgen::{Cli, Verdict};
 
-// glibc malloc contends across the runtime and librdkafka threads; mimalloc
-// does not (measured in docs/BENCHMARKS.md).
+// Many small allocations per request, from the runtime and librdkafka
+// threads at once: mimalloc keeps them thread-local.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

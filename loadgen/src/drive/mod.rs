@@ -333,14 +333,18 @@ async fn worker<F: TargetFactory>(
         // The progress bar's counters are shared between workers: touch
         // them every few sends, not on every one.
         if out.sends - reported.0 >= PROGRESS_EVERY {
-            progress.sent.fetch_add(out.sends - reported.0, Ordering::Relaxed);
+            progress
+                .sent
+                .fetch_add(out.sends - reported.0, Ordering::Relaxed);
             progress
                 .accepted
                 .fetch_add(out.accepted_count - reported.1, Ordering::Relaxed);
             reported = (out.sends, out.accepted_count);
         }
     }
-    progress.sent.fetch_add(out.sends - reported.0, Ordering::Relaxed);
+    progress
+        .sent
+        .fetch_add(out.sends - reported.0, Ordering::Relaxed);
     progress
         .accepted
         .fetch_add(out.accepted_count - reported.1, Ordering::Relaxed);
