@@ -20,6 +20,7 @@ use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -33,11 +34,55 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 pub const TANSU_VERSION: &str = "0.6.0";
 
 /// A free TCP port on 127.0.0.1 (free when asked; bind it soon).
+///
+/// Chosen below the kernel's ephemeral range: a port the kernel hands out
+/// for `bind(0)` is also what it hands out to outgoing connections, so
+/// between this call and the server's bind, any client in any test (a
+/// librdkafka connection, say) could take it. Below the range only another
+/// explicit bind can, and each process walks the range from its own start.
 pub fn free_port() -> u16 {
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    let (ephemeral_low, _) = ephemeral_range();
+    let top = u32::from(ephemeral_low.max(2048)) - 1;
+    let bottom = 1024.max(top.saturating_sub(15_000));
+    let span = top - bottom + 1;
+    if CURSOR.load(Ordering::Relaxed) == u32::MAX {
+        let seed = std::process::id().wrapping_mul(7919)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+        let _ =
+            CURSOR.compare_exchange(u32::MAX, seed % span, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..span {
+        let port = bottom + CURSOR.fetch_add(1, Ordering::Relaxed) % span;
+        let port = port as u16;
+        // Probe by connecting, not by binding: a probe listener could be
+        // inherited by a process another thread forks at that moment and
+        // hold the port past the probe.
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return port,
+            _ => continue,
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("the loopback interface accepts binds")
+}
+
+/// The kernel's range for ephemeral ports (`ip_local_port_range`), or
+/// Linux's default.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|x| x.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
 }
 
 /// Waits until something accepts TCP connections on `port`.
@@ -464,9 +509,15 @@ mod tests {
     }
 
     #[test]
-    fn free_ports_are_bindable() {
-        let p = free_port();
-        TcpListener::bind(("127.0.0.1", p)).unwrap();
+    fn free_ports_are_bindable_and_outside_the_ephemeral_range() {
+        let (low, high) = ephemeral_range();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let p = free_port();
+            assert!(!(low..=high).contains(&p), "{p} is in {low}..={high}");
+            assert!(seen.insert(p), "{p} handed out twice");
+            TcpListener::bind(("127.0.0.1", p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+        }
     }
 
     #[test]

@@ -333,25 +333,26 @@ async fn worker<F: TargetFactory>(
         // The progress bar's counters are shared between workers: touch
         // them every few sends, not on every one.
         if out.sends - reported.0 >= PROGRESS_EVERY {
-            progress
-                .sent
-                .fetch_add(out.sends - reported.0, Ordering::Relaxed);
-            progress
-                .accepted
-                .fetch_add(out.accepted_count - reported.1, Ordering::Relaxed);
-            reported = (out.sends, out.accepted_count);
+            reported = report_progress(progress, &out, reported);
         }
     }
+    report_progress(progress, &out, reported);
+    if out.accepted_count > 0 {
+        out.answers.insert("202".into(), out.accepted_count);
+    }
+    out
+}
+
+/// Adds what `out` did since `reported` (sends, acceptances) to the shared
+/// progress; returns the new mark.
+fn report_progress(progress: &Progress, out: &WorkerOut, reported: (u64, u64)) -> (u64, u64) {
     progress
         .sent
         .fetch_add(out.sends - reported.0, Ordering::Relaxed);
     progress
         .accepted
         .fetch_add(out.accepted_count - reported.1, Ordering::Relaxed);
-    if out.accepted_count > 0 {
-        out.answers.insert("202".into(), out.accepted_count);
-    }
-    out
+    (out.sends, out.accepted_count)
 }
 
 async fn timed<T: Target>(target: &mut T, event: &str, user: &str, key: Uuid) -> (Sent, Instant) {
