@@ -111,7 +111,7 @@ pub async fn run_drop(drop: Drop, cancel: CancellationToken) -> Result<Report, S
             drive(factory, drop.plan.clone(), progress.clone(), cancel.clone()).await
         }
     };
-    let load_finished_at = now_micros();
+    let load_finished_at = driven.finished_at;
     let mut undecided = 0;
     if let Some(observer) = &observer {
         let ids: HashSet<_> = driven.accepted.keys().copied().collect();

@@ -204,8 +204,16 @@ pub async fn drive<F: TargetFactory>(
         accept: latency::histogram(),
         accept_uncorrected: latency::histogram(),
     };
+    let mut outs = Vec::with_capacity(tasks.len());
     for t in tasks {
-        let Ok(out) = t.await else { continue };
+        if let Ok(out) = t.await {
+            outs.push(out);
+        }
+    }
+    // The load ended with the last worker; merging what they recorded is
+    // bookkeeping and must not count as load time.
+    driven.finished_at = now_micros();
+    for out in outs {
         driven.sends += out.sends;
         driven.requests += out.requests;
         for (k, v) in out.answers {
@@ -224,7 +232,6 @@ pub async fn drive<F: TargetFactory>(
                 .or_insert(a);
         }
     }
-    driven.finished_at = now_micros();
     driven
 }
 
