@@ -31,22 +31,8 @@ async fn broker_with(topic: &str, partitions: i32) -> (Tansu, KafkaSettings) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_a_topic_sees_every_acknowledged_record() {
-    let tansu =
-        Tansu::start(TansuStorage::Memory, None).expect("tansu: run scripts/dev-up --install-only");
-    let kafka = KafkaSettings::new(tansu.brokers());
     let topic = "read-back";
-    ensure_topics(
-        &kafka,
-        &[TopicSpec {
-            name: topic.into(),
-            partitions: 8,
-            replication: 1,
-            configs: vec![],
-        }],
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let (_tansu, kafka) = broker_with(topic, 8).await;
     let producer: FutureProducer = kafka.producer_config("t", 100_000).create().unwrap();
     for round in 0..5u32 {
         let payloads: Vec<String> = (0..400u32).map(|i| format!("{round}-{i}")).collect();
@@ -69,12 +55,10 @@ async fn reading_a_topic_sees_every_acknowledged_record() {
         }
         let expected = u64::from(400 * (round + 1));
         let (k, t) = (kafka.clone(), topic.to_string());
-        let mut seen = 0u64;
-        let read = tokio::task::spawn_blocking(move || read_topic(&k, &t, |_| {}))
+        let seen = tokio::task::spawn_blocking(move || read_topic(&k, &t, |_| {}))
             .await
             .unwrap()
             .unwrap();
-        seen += read;
         assert_eq!(
             seen, expected,
             "round {round}: every acknowledged record is read back"
@@ -84,22 +68,8 @@ async fn reading_a_topic_sees_every_acknowledged_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_a_topic_after_a_stream_of_pipelined_batches_sees_them_all() {
-    let tansu =
-        Tansu::start(TansuStorage::Memory, None).expect("tansu: run scripts/dev-up --install-only");
-    let kafka = KafkaSettings::new(tansu.brokers());
     let topic = "read-back-stream";
-    ensure_topics(
-        &kafka,
-        &[TopicSpec {
-            name: topic.into(),
-            partitions: 8,
-            replication: 1,
-            configs: vec![],
-        }],
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let (_tansu, kafka) = broker_with(topic, 8).await;
     let producer: FutureProducer = kafka.producer_config("t", 100_000).create().unwrap();
     let mut pending = Vec::new();
     let mut sent = 0u64;

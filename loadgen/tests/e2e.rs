@@ -88,6 +88,19 @@ fn loadgen(rig: &Rig, event: &str, json: &Path) -> (i32, serde_json::Value) {
     (out.status.code().unwrap_or(-1), report)
 }
 
+/// [`loadgen`] off the async runtime (a tampering task runs beside it), then
+/// stops the pipeline.
+async fn loadgen_then_stop(rig: Rig, event: &'static str) -> (i32, serde_json::Value) {
+    tokio::task::spawn_blocking(move || {
+        let json = rig.dir.join("report.json");
+        let out = loadgen(&rig, event, &json);
+        drop(rig);
+        out
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_drop_audits_clean_and_exits_zero() {
     let (rig, _turn) = rig("clean").await;
@@ -176,14 +189,7 @@ async fn a_coupon_planted_in_the_store_fails_the_audit() {
             .unwrap_or(false);
         assert!(ok, "redis-cli HSET");
     });
-    let json = rig.dir.join("report.json");
-    let (code, r) = tokio::task::spawn_blocking(move || {
-        let out = loadgen(&rig, event, &json);
-        drop(rig);
-        out
-    })
-    .await
-    .unwrap();
+    let (code, r) = loadgen_then_stop(rig, event).await;
     planter.await.unwrap();
     assert_eq!(code, 1, "a correctness failure exits 1: {}", figures(&r));
     assert_eq!(r["passed"], false);
@@ -232,14 +238,7 @@ async fn an_outcome_forged_on_the_topic_fails_the_audit() {
             .await
             .unwrap();
     });
-    let json = rig.dir.join("report.json");
-    let (code, r) = tokio::task::spawn_blocking(move || {
-        let out = loadgen(&rig, event, &json);
-        drop(rig);
-        out
-    })
-    .await
-    .unwrap();
+    let (code, r) = loadgen_then_stop(rig, event).await;
     forger.await.unwrap();
     assert_eq!(code, 1, "a correctness failure exits 1: {}", figures(&r));
     assert!(r["phantom"].as_u64().unwrap() >= 1, "{}", figures(&r));
