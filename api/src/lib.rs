@@ -37,7 +37,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use clap::Parser;
-use couponrush_core::cli::{parse_duration, KafkaArgs, LogArgs, StoreArgs, TopicArgs};
+use couponrush_core::cli::{
+    parse_duration, parse_ignoring_env, KafkaArgs, LogArgs, StoreArgs, TopicArgs,
+};
 use couponrush_core::kafka::{ensure_topics, KafkaSettings, TopicError};
 use couponrush_core::recovery::Recovery;
 use couponrush_core::store::redis::RedisStore;
@@ -163,16 +165,11 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for a local broker and the given address, for tests and the demo.
+    /// Defaults for a broker at `brokers`, listening on a free loopback port,
+    /// for tests and in-process deployments: the environment is ignored.
     pub fn local(brokers: &str) -> Self {
-        Cli::parse_from([
-            "coupon-api",
-            "--brokers",
-            brokers,
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .config()
+        parse_ignoring_env::<Cli>(&["coupon-api", "--brokers", brokers, "--listen", "127.0.0.1:0"])
+            .config()
     }
 }
 

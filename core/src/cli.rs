@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use clap::builder::FalseyValueParser;
-use clap::Args;
+use clap::{Args, CommandFactory, FromArgMatches, Parser};
 
 use crate::kafka::{parse_kafka_opt, KafkaSettings};
 use crate::topics::Topics;
@@ -14,6 +14,25 @@ use crate::topics::Topics;
 /// Parses a human duration: `250ms`, `10s`, `7d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e}: use e.g. 250ms, 10s, 5m, 7d"))
+}
+
+/// Parses `args` as `T`'s command line with every environment fallback
+/// switched off: only the flags given and the defaults count.
+///
+/// For the processes a demo, a lab run or a test starts for itself: the
+/// user's environment (an exported `ADMIN_TOKEN`, `KAFKA_OPTS`, a topic
+/// name) configures the user's own processes, never the private deployment
+/// whose clients know nothing of it. Panics on flags `T` refuses (a bug in
+/// the caller, not user input).
+pub fn parse_ignoring_env<T: Parser>(args: &[&str]) -> T {
+    let matches = T::command()
+        .mut_args(|a| a.env(None::<&str>))
+        .try_get_matches_from(args)
+        .and_then(|m| T::from_arg_matches(&m));
+    match matches {
+        Ok(t) => t,
+        Err(e) => panic!("{args:?} is not a valid command line: {e}"),
+    }
 }
 
 /// Where the Kafka cluster is.

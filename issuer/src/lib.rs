@@ -41,7 +41,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use couponrush_core::cli::{parse_duration, KafkaArgs, LogArgs, StoreArgs, TopicArgs};
+use couponrush_core::cli::{
+    parse_duration, parse_ignoring_env, KafkaArgs, LogArgs, StoreArgs, TopicArgs,
+};
 use couponrush_core::kafka::KafkaSettings;
 use couponrush_core::recovery::Recovery;
 use couponrush_core::store::redis::RedisStore;
@@ -176,9 +178,10 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for a broker at `brokers`, for tests and the demo.
+    /// Defaults for a broker at `brokers`, for tests and in-process
+    /// deployments: the environment is ignored.
     pub fn local(brokers: &str) -> Self {
-        Cli::parse_from(["coupon-issuer", "--brokers", brokers]).config()
+        parse_ignoring_env::<Cli>(&["coupon-issuer", "--brokers", brokers]).config()
     }
 }
 

@@ -47,6 +47,17 @@ struct Shared {
     decided_count: AtomicU64,
 }
 
+/// Distinct requests decided so far, readable while the observer runs.
+#[derive(Clone)]
+pub struct DecidedCount(Arc<Shared>);
+
+impl DecidedCount {
+    /// The count now.
+    pub fn get(&self) -> u64 {
+        self.0.decided_count.load(Ordering::Relaxed)
+    }
+}
+
 /// A running observer.
 pub struct Observer {
     shared: Arc<Shared>,
@@ -110,7 +121,14 @@ impl Observer {
 
     /// Distinct requests of the event decided so far.
     pub fn decided(&self) -> u64 {
-        self.shared.decided_count.load(Ordering::Relaxed)
+        self.decided_count().get()
+    }
+
+    /// A handle on [`Observer::decided`] for a task that must not own the
+    /// observer (a progress display): the observer stays owned by the run,
+    /// so [`Observer::finish`] never waits for, or races with, its readers.
+    pub fn decided_count(&self) -> DecidedCount {
+        DecidedCount(self.shared.clone())
     }
 
     /// Waits until every id in `ids` is decided or `timeout` passes; returns

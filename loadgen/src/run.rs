@@ -18,7 +18,7 @@ use crate::drive::direct::DirectFactory;
 use crate::drive::http::{self, Endpoint, HttpFactory};
 use crate::drive::{drive, Driven, Plan, Progress};
 use crate::measure::audit::EventTerms;
-use crate::observe::Observer;
+use crate::observe::{DecidedCount, Observer};
 use crate::report::{Facts, Report};
 
 /// How requests reach the system.
@@ -85,15 +85,19 @@ pub async fn run_drop(drop: Drop, cancel: CancellationToken) -> Result<Report, S
                         drop.topics.outcomes, drop.kafka.brokers
                     )
                 })?;
-        Some(Arc::new(observer))
+        Some(observer)
     } else {
         None
     };
 
     let progress = Arc::new(Progress::default());
-    let bar = drop
-        .progress
-        .then(|| progress_bar(progress.clone(), observer.clone(), drop.plan.requests));
+    let display = drop.progress.then(|| {
+        ProgressDisplay::start(
+            progress.clone(),
+            observer.as_ref().map(Observer::decided_count),
+            drop.plan.requests,
+        )
+    });
     let driven: Driven = match &drop.via {
         Via::Http {
             endpoint, timeout, ..
@@ -119,17 +123,11 @@ pub async fn run_drop(drop: Drop, cancel: CancellationToken) -> Result<Report, S
         // A little longer, so late replays of the last batches are seen too.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    if let Some((bar, task)) = bar {
-        task.abort();
-        bar.finish_and_clear();
+    if let Some(display) = display {
+        display.finish().await;
     }
     let finished_at = now_micros();
-    let observations = match observer {
-        Some(o) => Arc::try_unwrap(o)
-            .map_err(|_| "observer still shared".to_string())?
-            .finish(),
-        None => Default::default(),
-    };
+    let observations = observer.map(Observer::finish).unwrap_or_default();
 
     let mut notes = Vec::new();
     if undecided > 0 {
@@ -246,36 +244,57 @@ async fn setup(drop: &Drop) -> Result<EventTerms, String> {
     }
 }
 
-fn progress_bar(
-    progress: Arc<Progress>,
-    observer: Option<Arc<Observer>>,
-    total: u64,
-) -> (ProgressBar, tokio::task::JoinHandle<()>) {
-    let bar = if total == u64::MAX {
-        ProgressBar::new_spinner()
-    } else {
-        ProgressBar::new(total)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+/// The progress bar and the task that redraws it. The task holds only
+/// counters, never the observer, and [`ProgressDisplay::finish`] waits for it
+/// to end: nothing of the run is still borrowed by a task when the run's
+/// results are collected.
+struct ProgressDisplay {
+    bar: ProgressBar,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProgressDisplay {
+    fn start(progress: Arc<Progress>, decided: Option<DecidedCount>, total: u64) -> Self {
+        let bar = if total == u64::MAX {
+            ProgressBar::new_spinner()
+        } else {
+            ProgressBar::new(total)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let b = bar.clone();
-    let task = tokio::spawn(async move {
-        let (mut last_acc, mut last_dec) = (0u64, 0u64);
-        let tick = Duration::from_millis(500);
-        loop {
-            tokio::time::sleep(tick).await;
-            let acc = progress.accepted.load(Ordering::Relaxed);
-            let dec = observer.as_ref().map_or(0, |o| o.decided());
-            b.set_position(progress.sent.load(Ordering::Relaxed).min(total));
-            b.set_message(format!(
-                "accepted {acc} ({:.0}/s), decided {dec} ({:.0}/s)",
-                (acc - last_acc) as f64 / tick.as_secs_f64(),
-                (dec.saturating_sub(last_dec)) as f64 / tick.as_secs_f64()
-            ));
-            (last_acc, last_dec) = (acc, dec);
-        }
-    });
-    (bar, task)
+        );
+        let (b, stop) = (bar.clone(), CancellationToken::new());
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut last_acc, mut last_dec) = (0u64, 0u64);
+            let tick = Duration::from_millis(500);
+            loop {
+                tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    _ = tokio::time::sleep(tick) => {}
+                }
+                let acc = progress.accepted.load(Ordering::Relaxed);
+                let dec = decided.as_ref().map_or(0, DecidedCount::get);
+                b.set_position(progress.sent.load(Ordering::Relaxed).min(total));
+                b.set_message(format!(
+                    "accepted {acc} ({:.0}/s), decided {dec} ({:.0}/s)",
+                    acc.saturating_sub(last_acc) as f64 / tick.as_secs_f64(),
+                    dec.saturating_sub(last_dec) as f64 / tick.as_secs_f64()
+                ));
+                (last_acc, last_dec) = (acc, dec);
+            }
+        });
+        Self { bar, stop, task }
+    }
+
+    /// Stops the redraws, waits for the task to end, clears the bar.
+    async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        self.bar.finish_and_clear();
+    }
 }

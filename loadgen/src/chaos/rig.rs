@@ -69,6 +69,22 @@ pub fn binary(name: &str) -> Result<PathBuf, String> {
     ))
 }
 
+/// A command for one of our binaries that sees none of the user's
+/// environment but what a process needs to run (`PATH`, `HOME`, temp dir,
+/// backtraces): an exported `ADMIN_TOKEN` or `KAFKA_OPTS` is meant for the
+/// user's own deployment, not for this private one, whose clients would not
+/// know it. Everything the rig wants is passed as flags.
+fn our_binary(name: &str) -> Result<Command, String> {
+    let mut cmd = Command::new(binary(name)?);
+    cmd.env_clear();
+    for keep in ["PATH", "HOME", "TMPDIR", "RUST_BACKTRACE"] {
+        if let Some(v) = std::env::var_os(keep) {
+            cmd.env(keep, v);
+        }
+    }
+    Ok(cmd)
+}
+
 /// A running deployment.
 pub struct Rig {
     /// Logs and data.
@@ -138,7 +154,7 @@ impl Rig {
             RedisServer::start(&dir.join("redis"), spec.redis_aof).map_err(|e| e.to_string())?;
         let port = free_port();
         let api_addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
-        let mut cmd = Command::new(binary("coupon-api")?);
+        let mut cmd = our_binary("coupon-api")?;
         cmd.args([
             "--listen",
             &api_addr.to_string(),
@@ -188,7 +204,7 @@ impl Rig {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
             .expect("an address");
-        let mut cmd = Command::new(binary("coupon-issuer")?);
+        let mut cmd = our_binary("coupon-issuer")?;
         cmd.args(["--brokers", &self.brokers, "--redis", &self.redis.url()])
             .args(["--metrics-listen", &metrics.to_string()])
             .args([
