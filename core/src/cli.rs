@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use clap::builder::FalseyValueParser;
-use clap::{Args, CommandFactory, FromArgMatches, Parser};
+use clap::{Args, Parser};
 
 use crate::kafka::{parse_kafka_opt, KafkaSettings};
 use crate::topics::Topics;

@@ -1,38 +1,30 @@
 //! # couponrush-loadgen
 //!
 //! The measuring instrument of couponrush: it offers load to a coupon drop
-//! and measures what a first-come drop is judged by, including what no other
-//! load tool measures: whether the winners were really the first (ordering
-//! skew, fairness), and whether anything was oversold, issued twice, lost or
-//! invented (the audit, cross-checked between the outcome stream and the
-//! store). It exits non-zero when a correctness figure is not zero.
+//! running somewhere else and measures what a first-come drop is judged by,
+//! including what no other load tool measures: whether the winners were
+//! really the first (ordering skew, fairness), and whether anything was
+//! oversold, issued twice, lost or invented (the audit, cross-checked between
+//! the outcome stream and the store). It exits non-zero when a correctness
+//! figure is not zero. It depends on `couponrush-core` only; what starts a
+//! deployment itself lives in `couponrush-lab`.
 //!
 //! # Layout
-//! - [`Cli`]: the subcommands `run`, `demo`, `sweep`, `merge`, `chaos`,
-//!   `bare`, `bench-issuer`; [`main`] dispatches them.
+//! - [`Cli`]: the subcommands `run` and `merge`; [`main`] dispatches them.
 //! - [`run`]: one drop end to end; [`drive`]: the load models and targets
 //!   (HTTP, or Kafka directly); [`population`]: users and retries;
 //!   [`observe`]: the outcome watcher.
 //! - [`measure`]: latency histograms, ordering skew, the audit (pure
 //!   functions, unit-tested on hand-made data).
 //! - [`report`]: figures, text, JSON, merges; [`chart`]: SVG charts.
-//! - [`deploy`]: api + issuers in-process over an embedded or real Kafka, for
-//!   [`demo`], [`sweep`] and [`bench`].
-//! - [`chaos`]: fault scenarios against real processes, with the figures
-//!   of docs/RELIABILITY.md.
 
-pub mod bench;
-pub mod chaos;
 pub mod chart;
-pub mod demo;
-pub mod deploy;
 pub mod drive;
 pub mod measure;
 pub mod observe;
 pub mod population;
 pub mod report;
 pub mod run;
-pub mod sweep;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,19 +32,19 @@ use std::time::Duration;
 
 use clap::builder::FalseyValueParser;
 use clap::{Args, Parser, Subcommand};
-use couponrush_api::producer::RequestProducer;
 use couponrush_core::cli::{parse_duration, KafkaArgs, LogArgs, TopicArgs};
 use couponrush_core::kafka::partition_counts;
+use couponrush_core::producer::RequestProducer;
 use couponrush_core::store::redis::RedisStore;
 use couponrush_core::store::{Store, DEFAULT_DEDUP_RETENTION};
 use couponrush_core::Partitioner;
 use tokio_util::sync::CancellationToken;
 
-use crate::drive::{LoadModel, Plan};
+use crate::drive::{LoadModel, LoadPlan};
 use crate::measure::audit::EventTerms;
 use crate::population::{Population, UserDist};
 use crate::report::Report;
-use crate::run::{run_drop, Drop, Via};
+use crate::run::{run_drop, DropRun, Via};
 
 /// `coupon-loadgen`: load-test a coupon drop and audit it.
 #[derive(Debug, Parser)]
@@ -70,19 +62,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Drive one drop against a running api (or Kafka directly) and audit it.
-    Run(RunArgs),
-    /// A whole drop with nothing installed: embedded Kafka, api, issuers, store.
-    Demo(demo::DemoArgs),
-    /// Run the same drop over partition counts, issuer counts and partitioners.
-    Sweep(sweep::SweepArgs),
+    Run(Box<RunArgs>),
     /// Merge the JSON reports of several load generators of one drop.
     Merge(MergeArgs),
-    /// A bare HTTP server answering like the api but doing nothing (a benchmark ceiling).
-    Bare(bench::BareArgs),
-    /// Measure issuer throughput from a pre-filled requests topic.
-    BenchIssuer(bench::BenchIssuerArgs),
-    /// Fault scenarios against real processes: nothing lost, nothing doubled.
-    Chaos(chaos::ChaosArgs),
 }
 
 /// How much load, shaped how.
@@ -136,7 +118,7 @@ pub struct LoadDefaults {
 
 impl LoadArgs {
     /// The load plan for `event`.
-    pub fn plan(&self, event_id: &str, d: LoadDefaults) -> Result<Plan, String> {
+    pub fn plan(&self, event_id: &str, d: LoadDefaults) -> Result<LoadPlan, String> {
         let (model, requests) = match (self.rate, self.concurrency, self.burst) {
             (Some(r), _, _) if !(r > 0.0 && r.is_finite()) => {
                 return Err("--rate must be a positive number".into())
@@ -154,7 +136,7 @@ impl LoadArgs {
         if !(0.0..=1.0).contains(&retry) {
             return Err("--retry-ratio must be between 0 and 1".into());
         }
-        Ok(Plan {
+        Ok(LoadPlan {
             event_id: event_id.to_string(),
             model,
             requests,
@@ -170,7 +152,7 @@ impl LoadArgs {
     }
 
     /// A one-line description of `plan`, for reports.
-    pub fn describe(plan: &Plan) -> String {
+    pub fn describe(plan: &LoadPlan) -> String {
         let p = &plan.population;
         format!(
             "{} of {} requests from {} {} users, {:.0}% retried with the same key, {} connections, at most {:?}",
@@ -371,7 +353,7 @@ pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, Str
         "topics": topics,
         "seed": args.load.seed,
     });
-    let drop = Drop {
+    let drop = DropRun {
         via,
         kafka,
         topics,
@@ -431,19 +413,14 @@ pub async fn main(cli: Cli, cancel: CancellationToken) -> Result<Verdict, String
     match cli.command {
         Command::Run(args) => {
             let output = args.output.clone();
-            let report = run(args, cancel).await?;
+            let report = run(*args, cancel).await?;
             output.emit(&report)?;
             Ok(judged(&report))
         }
-        Command::Demo(args) => demo::demo(args, cancel).await,
-        Command::Sweep(args) => sweep::sweep(args, cancel).await,
         Command::Merge(args) => {
             let report = merge(&args)?;
             args.output.emit(&report)?;
             Ok(judged(&report))
         }
-        Command::Bare(args) => bench::bare(args, cancel).await.map(|_| Verdict::Pass),
-        Command::BenchIssuer(args) => bench::bench_issuer(args, cancel).await,
-        Command::Chaos(args) => chaos::chaos(args).await,
     }
 }

@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use couponrush_api::producer::RequestProducer;
 use couponrush_core::kafka::KafkaSettings;
+use couponrush_core::producer::RequestProducer;
 use couponrush_core::store::{EventSpec, Ledger, Store};
 use couponrush_core::wire::now_micros;
 use couponrush_core::Topics;
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::drive::direct::DirectFactory;
 use crate::drive::http::{self, Endpoint, HttpFactory};
-use crate::drive::{drive, Driven, Plan, Progress};
+use crate::drive::{drive, Driven, LoadPlan, Progress};
 use crate::measure::audit::EventTerms;
 use crate::observe::{DecidedCount, Observer};
 use crate::report::{Facts, Report};
@@ -40,7 +40,7 @@ pub enum Via {
 }
 
 /// One drop to run.
-pub struct Drop {
+pub struct DropRun {
     /// Where requests go.
     pub via: Via,
     /// Kafka, for watching outcomes.
@@ -54,7 +54,7 @@ pub struct Drop {
     /// Stock and limit to set up.
     pub terms: EventTerms,
     /// The load.
-    pub plan: Plan,
+    pub plan: LoadPlan,
     /// How long to wait for the last decisions after the load.
     pub drain_timeout: Duration,
     /// Show a progress bar.
@@ -69,7 +69,7 @@ pub struct Drop {
 
 /// Runs `drop` and reports; `cancel` stops the load early (the drain and
 /// audit still run).
-pub async fn run_drop(drop: Drop, cancel: CancellationToken) -> Result<Report, String> {
+pub async fn run_drop(drop: DropRun, cancel: CancellationToken) -> Result<Report, String> {
     let event = drop.plan.event_id.clone();
     let terms = setup(&drop).await?;
 
@@ -184,7 +184,7 @@ async fn audit_ledger(store: &dyn Store, event: &str) -> Result<Option<Ledger>, 
     }
 }
 
-async fn setup(drop: &Drop) -> Result<EventTerms, String> {
+async fn setup(drop: &DropRun) -> Result<EventTerms, String> {
     let event = &drop.plan.event_id;
     let spec = EventSpec {
         stock: drop.terms.stock,

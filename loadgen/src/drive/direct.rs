@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use couponrush_api::producer::{ProduceError, RequestProducer};
+use couponrush_core::producer::{ProduceError, RequestProducer};
 use couponrush_core::wire::now_micros;
 use couponrush_core::IssueRequest;
 use uuid::Uuid;

@@ -89,7 +89,7 @@ pub trait TargetFactory: Send + Sync + 'static {
 
 /// What to offer.
 #[derive(Debug, Clone)]
-pub struct Plan {
+pub struct LoadPlan {
     /// The event.
     pub event_id: String,
     /// The load model.
@@ -161,7 +161,7 @@ struct WorkerOut {
 /// passes, or `cancel`.
 pub async fn drive<F: TargetFactory>(
     factory: Arc<F>,
-    plan: Plan,
+    plan: LoadPlan,
     progress: Arc<Progress>,
     cancel: CancellationToken,
 ) -> Driven {
@@ -243,7 +243,7 @@ const PROGRESS_EVERY: u64 = 64;
 
 async fn worker<F: TargetFactory>(
     factory: &F,
-    plan: &Plan,
+    plan: &LoadPlan,
     next: &AtomicU64,
     start: Instant,
     start_micros: u64,
@@ -398,8 +398,8 @@ mod tests {
         }
     }
 
-    fn plan(model: LoadModel, requests: u64, retry: f64) -> Plan {
-        Plan {
+    fn plan(model: LoadModel, requests: u64, retry: f64) -> LoadPlan {
+        LoadPlan {
             event_id: "e".into(),
             model,
             requests,

@@ -15,22 +15,21 @@ use axum::http::StatusCode;
 use axum::routing::{post, put};
 use axum::{Json, Router};
 use clap::Args;
-use couponrush_api::producer::RequestProducer;
-use couponrush_core::store::memory::MemoryStore;
-use couponrush_core::store::{EventSpec, Store};
+use couponrush_core::producer::RequestProducer;
+use couponrush_core::store::EventSpec;
 use couponrush_core::wire::now_micros;
 use couponrush_core::Partitioner;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::deploy::{Deployment, KafkaChoice, Spec};
-use crate::drive::direct::DirectFactory;
-use crate::drive::{drive, LoadModel, Plan, Progress};
-use crate::observe::Observer;
-use crate::population::{Population, UserDist};
-use crate::{redis_store, Verdict};
+use crate::deployment::{store_choice, Deployment, KafkaChoice, Spec};
+use couponrush_loadgen::drive::direct::DirectFactory;
+use couponrush_loadgen::drive::{drive, LoadModel, LoadPlan, Progress};
+use couponrush_loadgen::observe::Observer;
+use couponrush_loadgen::population::{Population, UserDist};
+use couponrush_loadgen::Verdict;
 
-/// `coupon-loadgen bare`.
+/// `coupon-lab bare`.
 #[derive(Debug, Clone, Args)]
 pub struct BareArgs {
     /// Address to listen on.
@@ -78,7 +77,7 @@ pub async fn bare(args: BareArgs, cancel: CancellationToken) -> Result<(), Strin
         .map_err(|e| e.to_string())
 }
 
-/// `coupon-loadgen bench-issuer`.
+/// `coupon-lab bench-issuer`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchIssuerArgs {
     /// Kafka brokers (default: an embedded mock cluster).
@@ -109,22 +108,21 @@ pub async fn bench_issuer(
     args: BenchIssuerArgs,
     cancel: CancellationToken,
 ) -> Result<Verdict, String> {
-    let store: Arc<dyn Store> = match &args.redis {
-        Some(url) => redis_store(url).await?,
-        None => Arc::new(MemoryStore::default()),
-    };
     let kafka = KafkaChoice::brokers_or_embedded(args.brokers.as_deref(), 1);
     let mut deployment = Deployment::start(Spec {
-        kafka,
-        store: store.clone(),
-        partitions: args.partitions,
-        issuers: args.issuers,
         partitioner: Partitioner::Spread,
         batch_size: args.batch_size,
         with_api: false,
         start_issuers: false,
+        ..Spec::in_process(
+            kafka,
+            store_choice(args.redis.as_deref()),
+            args.partitions,
+            args.issuers,
+        )
     })
     .await?;
+    let store = deployment.store.clone();
     let event = format!("bench-{}", Uuid::new_v4().simple());
     let stock = args.stock.unwrap_or((args.requests / 10) as u32);
     store
@@ -163,7 +161,7 @@ pub async fn bench_issuer(
     let fill_started = Instant::now();
     let filled = drive(
         Arc::new(DirectFactory { producer }),
-        Plan {
+        LoadPlan {
             event_id: event.clone(),
             model: LoadModel::Concurrency(4096),
             requests: args.requests,
@@ -190,7 +188,7 @@ pub async fn bench_issuer(
             .map_err(|e| e.to_string())?
     };
     let started = Instant::now();
-    deployment.start_issuers();
+    deployment.start_issuers()?;
     // First decision: the group has formed; from then on, pure deciding.
     let mut first: Option<Instant> = None;
     let deadline = started + Duration::from_secs(600);

@@ -1,11 +1,12 @@
-//! `coupon-loadgen sweep` end to end at a tiny size, on a private tansu and
+//! `coupon-lab sweep` end to end at a tiny size, on a private tansu and
 //! redis-server per run (`--fresh`): every point is measured once per round,
 //! the medians land in sweep.json/txt/svg, the audit of every run is clean,
 //! and the strict-order partitioner keeps arrival order (up to requests sent
 //! at the same instant).
 
 use clap::Parser;
-use couponrush_loadgen::{sweep, Cli, Command, Verdict};
+use couponrush_lab::{sweep, Cli, Command};
+use couponrush_loadgen::Verdict;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -13,7 +14,7 @@ async fn a_fresh_sweep_measures_every_point_every_round() {
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sweep-fresh");
     let _ = std::fs::remove_dir_all(&out);
     let cli = Cli::try_parse_from([
-        "coupon-loadgen",
+        "coupon-lab",
         "sweep",
         "--fresh",
         "--direct",

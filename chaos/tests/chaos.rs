@@ -7,7 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use couponrush_loadgen::chaos::{run_scenario, Scenario, Size};
+use couponrush_chaos::{run_scenario, Scenario, Size};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(false);
 

@@ -1,7 +1,8 @@
 //! Helpers shared by the load generator's integration tests.
 
-/// Builds this checkout's `coupon-api` and `coupon-issuer`, which the tests
-/// spawn (`cargo test -p couponrush-loadgen` alone would not rebuild them).
+/// Builds this checkout's `coupon-api`, `coupon-issuer` and
+/// `coupon-loadgen`, which the tests spawn (`cargo test -p couponrush-chaos`
+/// alone would not rebuild them).
 pub fn build_binaries() {
     let status = std::process::Command::new(env!("CARGO"))
         .args([
@@ -11,12 +12,14 @@ pub fn build_binaries() {
             "couponrush-api",
             "-p",
             "couponrush-issuer",
+            "-p",
+            "couponrush-loadgen",
         ])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .status()
         .expect("cargo runs");
     assert!(
         status.success(),
-        "building coupon-api and coupon-issuer failed"
+        "building coupon-api, coupon-issuer and coupon-loadgen failed"
     );
 }

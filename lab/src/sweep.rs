@@ -1,4 +1,4 @@
-//! `coupon-loadgen sweep`: the same drop over partition counts, issuer
+//! `coupon-lab sweep`: the same drop over partition counts, issuer
 //! counts and partitioners, each point on fresh topics and a fresh group, to
 //! choose a partition count. Writes a table, JSON and an SVG chart of issued/s
 //! and ordering skew against partitions: the seed's trade-off, measured (one
@@ -6,25 +6,22 @@
 //! throughput with soft order).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::builder::FalseyValueParser;
 use clap::Args;
-use couponrush_core::store::memory::MemoryStore;
-use couponrush_core::store::Store;
 use couponrush_core::Partitioner;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::chart::{document, Panel, Series};
-use crate::deploy::{Deployment, DropSpec, KafkaChoice, Spec};
-use crate::measure::audit::EventTerms;
-use couponrush_harness::{RedisServer, Tansu, TansuStorage};
+use crate::deployment::{store_choice, Deployment, DropSpec, KafkaChoice, Spec, StoreChoice};
+use couponrush_harness::TansuStorage;
+use couponrush_loadgen::chart::{document, Panel, Series};
+use couponrush_loadgen::measure::audit::EventTerms;
 
-use crate::{redis_store, LoadArgs, LoadDefaults, Verdict};
+use couponrush_loadgen::{LoadArgs, LoadDefaults, Verdict};
 
-/// `coupon-loadgen sweep`.
+/// `coupon-lab sweep`.
 #[derive(Debug, Clone, Args)]
 pub struct SweepArgs {
     /// Partition counts to try.
@@ -120,10 +117,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict, String> {
     std::fs::create_dir_all(&args.out)
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
-    let store: Arc<dyn Store> = match &args.redis {
-        Some(url) => redis_store(url).await?,
-        None => Arc::new(MemoryStore::default()),
-    };
     // Rounds outermost: every point is measured once per round, so slow
     // drift of a shared machine spreads over all points instead of
     // penalising the ones measured last.
@@ -136,21 +129,14 @@ pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict
         }
     }
     let rounds = args.repeat.max(1);
-    let mut runs: Vec<Vec<crate::report::Report>> = grid.iter().map(|_| Vec::new()).collect();
+    let mut runs: Vec<Vec<couponrush_loadgen::report::Report>> =
+        grid.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         for (i, &(partitioner, issuers, partitions)) in grid.iter().enumerate() {
             if cancel.is_cancelled() {
                 return Err("cancelled".into());
             }
-            let r = point_run(
-                &args,
-                store.clone(),
-                partitions,
-                issuers,
-                partitioner,
-                &cancel,
-            )
-            .await?;
+            let r = point_run(&args, partitions, issuers, partitioner, &cancel).await?;
             eprintln!(
                 "[round {round}/{rounds}, {}/{}] {partitioner} p={partitions} issuers={issuers}: issued {:.0}/s, decided {:.0}/s, accepted {:.0}/s, inversions {:.4}",
                 i + 1,
@@ -167,7 +153,9 @@ pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict
         .iter()
         .zip(&runs)
         .map(|(&(partitioner, issuers, partitions), runs)| {
-            let med = |f: fn(&crate::report::Report) -> f64| median(runs.iter().map(f).collect());
+            let med = |f: fn(&couponrush_loadgen::report::Report) -> f64| {
+                median(runs.iter().map(f).collect())
+            };
             Point {
                 partitions,
                 issuers,
@@ -192,7 +180,7 @@ pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict
         "stock": args.stock,
         "entry": if args.direct { "direct to Kafka (no api)" } else { "through the api over HTTP" },
         "kafka": if args.fresh { "a fresh tansu (memory) per run".into() } else { args.brokers.clone().unwrap_or_else(|| "embedded mock cluster (3 brokers)".into()) },
-        "store": if args.fresh { "a fresh redis-server per run" } else { store.kind() },
+        "store": if args.fresh { "a fresh redis-server per run" } else if args.redis.is_some() { "redis" } else { "memory" },
         "points": points,
     }))
     .map_err(|e| e.to_string())?;
@@ -216,36 +204,30 @@ pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict
 
 async fn point_run(
     args: &SweepArgs,
-    store: Arc<dyn Store>,
     partitions: i32,
     issuers: usize,
     partitioner: Partitioner,
     cancel: &CancellationToken,
-) -> Result<crate::report::Report, String> {
-    let fresh = if args.fresh {
-        Some(Fresh::start(args.out.join(".services")).await?)
+) -> Result<couponrush_loadgen::report::Report, String> {
+    let services = args.out.join(".services");
+    let (kafka, store, dir) = if args.fresh {
+        (
+            KafkaChoice::Tansu(TansuStorage::Memory),
+            StoreChoice::PrivateRedis { aof: false },
+            Some(services.clone()),
+        )
     } else {
-        None
-    };
-    let (kafka, store) = match &fresh {
-        Some(f) => (
-            KafkaChoice::brokers_or_embedded(Some(&f.tansu.brokers()), 3),
-            redis_store(&f.redis.url()).await?,
-        ),
-        None => (
+        (
             KafkaChoice::brokers_or_embedded(args.brokers.as_deref(), 3),
-            store,
-        ),
+            store_choice(args.redis.as_deref()),
+            None,
+        )
     };
     let deployment = Deployment::start(Spec {
-        kafka,
-        store: store.clone(),
-        partitions,
-        issuers,
         partitioner,
-        batch_size: 2000,
         with_api: !args.direct,
-        start_issuers: true,
+        dir,
+        ..Spec::in_process(kafka, store, partitions, issuers)
     })
     .await?;
     // Let the group form before the doors open, so every point measures
@@ -269,6 +251,7 @@ async fn point_run(
             per_user_limit: 1,
         },
         drain_timeout: args.load.drain_timeout,
+        admin_token: None,
         progress: false,
         keep_raw: false,
         config: serde_json::json!({
@@ -284,38 +267,9 @@ async fn point_run(
         deployment.drop_through_api(drop, cancel.clone()).await
     };
     deployment.stop().await;
-    std::mem::drop(fresh);
+    // A private broker and store per run: nothing of it outlives the run.
+    let _ = std::fs::remove_dir_all(&services);
     report
-}
-
-/// A private broker and store for one run, stopped (and their directory
-/// removed) when dropped.
-struct Fresh {
-    tansu: Tansu,
-    redis: RedisServer,
-    dir: PathBuf,
-}
-
-impl Fresh {
-    async fn start(dir: PathBuf) -> Result<Self, String> {
-        tokio::task::spawn_blocking(move || {
-            let redis = RedisServer::start(&dir, false)
-                .map_err(|e| format!("cannot start redis-server: {e}"))?;
-            let tansu = Tansu::start(TansuStorage::Memory, Some(dir.join("tansu.log")))
-                .map_err(|e| format!("cannot start tansu: {e}"))?;
-            Ok(Fresh { tansu, redis, dir })
-        })
-        .await
-        .map_err(|e| e.to_string())?
-    }
-}
-
-impl Drop for Fresh {
-    fn drop(&mut self) {
-        self.tansu.kill();
-        self.redis.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// The sweep as a text table.

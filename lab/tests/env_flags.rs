@@ -5,11 +5,11 @@
 //! One test per process: it sets environment variables.
 
 use clap::Parser;
-use couponrush_loadgen::{Cli, Command};
+use couponrush_lab::{Cli, Command};
 
 fn demo_quiet(value: &str) -> bool {
     std::env::set_var("LOADGEN_QUIET", value);
-    let cli = Cli::try_parse_from(["coupon-loadgen", "demo"])
+    let cli = Cli::try_parse_from(["coupon-lab", "demo"])
         .unwrap_or_else(|e| panic!("LOADGEN_QUIET={value:?} refused: {e}"));
     match cli.command {
         Command::Demo(args) => args.output.quiet,
@@ -31,6 +31,6 @@ fn boolean_env_flags_take_shell_spellings() {
         Command::Demo(args) => args.output.quiet,
         other => panic!("parsed as {other:?}"),
     };
-    assert!(parse(&["coupon-loadgen", "demo", "--quiet"]));
-    assert!(!parse(&["coupon-loadgen", "demo"]));
+    assert!(parse(&["coupon-lab", "demo", "--quiet"]));
+    assert!(!parse(&["coupon-lab", "demo"]));
 }

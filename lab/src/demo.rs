@@ -1,24 +1,21 @@
-//! `coupon-loadgen demo`: the main job on a fresh machine. A whole drop with
+//! `coupon-lab demo`: the main job on a fresh machine. A whole drop with
 //! nothing installed but Rust: librdkafka's mock cluster (3 brokers,
 //! replication factor 3) in this process, the api and the issuers as tasks,
 //! and a store (Redis with `--redis`, else the in-memory store, which passes
 //! the same conformance suite). Prints the report and writes a chart.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use couponrush_core::store::memory::MemoryStore;
-use couponrush_core::store::Store;
 use couponrush_core::Partitioner;
 use tokio_util::sync::CancellationToken;
 
-use crate::deploy::{Deployment, DropSpec, KafkaChoice, Spec};
-use crate::measure::audit::EventTerms;
-use crate::{redis_store, LoadArgs, LoadDefaults, OutputArgs, Verdict};
+use crate::deployment::{store_choice, Deployment, DropSpec, KafkaChoice, Spec};
+use couponrush_loadgen::measure::audit::EventTerms;
+use couponrush_loadgen::{LoadArgs, LoadDefaults, OutputArgs, Verdict};
 
-/// `coupon-loadgen demo`.
+/// `coupon-lab demo`.
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
     /// Use the Redis at this URL as the store (default: in-memory).
@@ -46,27 +43,22 @@ pub struct DemoArgs {
 
 /// Runs the demo.
 pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdict, String> {
-    let store: Arc<dyn Store> = match &args.redis {
-        Some(url) => redis_store(url).await?,
-        None => Arc::new(MemoryStore::default()),
-    };
-    let store_kind = store.kind();
+    let deployment = Deployment::start(Spec {
+        partitioner: args.partitioner,
+        ..Spec::in_process(
+            KafkaChoice::Embedded(3),
+            store_choice(args.redis.as_deref()),
+            args.partitions,
+            args.issuers,
+        )
+    })
+    .await?;
+    let store_kind = deployment.store.kind();
     println!(
         "couponrush demo: embedded Kafka (mock cluster, 3 brokers, replication 3), {} partitions, \
          {} issuers, partitioner {}, {store_kind} store",
         args.partitions, args.issuers, args.partitioner
     );
-    let deployment = Deployment::start(Spec {
-        kafka: KafkaChoice::Embedded(3),
-        store: store.clone(),
-        partitions: args.partitions,
-        issuers: args.issuers,
-        partitioner: args.partitioner,
-        batch_size: 2000,
-        with_api: true,
-        start_issuers: true,
-    })
-    .await?;
     if !deployment.wait_assigned(Duration::from_secs(60)).await {
         return Err("the issuers did not get every partition within 60s".into());
     }
@@ -89,7 +81,7 @@ pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdi
         "partitions": args.partitions,
         "issuers": args.issuers,
         "partitioner": args.partitioner,
-        "load": crate::LoadArgs::describe(&plan),
+        "load": couponrush_loadgen::LoadArgs::describe(&plan),
         "stock": args.stock,
     });
     let report = deployment
@@ -101,6 +93,7 @@ pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdi
                     per_user_limit: 1,
                 },
                 drain_timeout: args.load.drain_timeout,
+                admin_token: None,
                 progress: !args.output.quiet,
                 keep_raw: !args.output.no_raw,
                 config,

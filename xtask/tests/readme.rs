@@ -27,6 +27,8 @@ fn help(which: &str) -> String {
         Some("coupon-api") => plain(couponrush_api::Cli::command()),
         Some("coupon-issuer") => plain(couponrush_issuer::Cli::command()),
         Some("coupon-loadgen") => plain(couponrush_loadgen::Cli::command()),
+        Some("coupon-lab") => plain(couponrush_lab::Cli::command()),
+        Some("coupon-chaos") => plain(couponrush_chaos::Cli::command()),
         other => panic!("unknown binary {other:?}"),
     };
     cmd.build();
@@ -80,23 +82,31 @@ fn readme_flag_reference_matches_the_binaries() {
     assert!(
         readme == expected,
         "README.md's flag reference is out of date with the binaries' --help: \
-         run `UPDATE_README=1 cargo test -p couponrush-loadgen --test readme`"
+         run `UPDATE_README=1 cargo test -p couponrush-xtask --test readme`"
     );
 }
 
 #[test]
 fn every_binary_and_subcommand_is_documented() {
     let readme = std::fs::read_to_string(readme_path()).expect("README.md");
-    assert!(readme.contains("<!-- help:coupon-api -->"));
-    assert!(readme.contains("<!-- help:coupon-issuer -->"));
-    let mut cmd = couponrush_loadgen::Cli::command();
-    cmd.build();
-    for sub in cmd.get_subcommands().map(|s| s.get_name()) {
-        if sub != "help" {
-            assert!(
-                readme.contains(&format!("<!-- help:coupon-loadgen {sub} -->")),
-                "README has no flag reference for `coupon-loadgen {sub}`"
-            );
+    for binary in ["coupon-api", "coupon-issuer", "coupon-chaos"] {
+        assert!(
+            readme.contains(&format!("<!-- help:{binary} -->")),
+            "README has no flag reference for `{binary}`"
+        );
+    }
+    for (binary, mut cmd) in [
+        ("coupon-loadgen", couponrush_loadgen::Cli::command()),
+        ("coupon-lab", couponrush_lab::Cli::command()),
+    ] {
+        cmd.build();
+        for sub in cmd.get_subcommands().map(|s| s.get_name()) {
+            if sub != "help" {
+                assert!(
+                    readme.contains(&format!("<!-- help:{binary} {sub} -->")),
+                    "README has no flag reference for `{binary} {sub}`"
+                );
+            }
         }
     }
 }

@@ -11,13 +11,10 @@
 //!   demo ended in "401 Unauthorized".
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
-use couponrush_core::store::memory::MemoryStore;
-use couponrush_core::Partitioner;
-use couponrush_loadgen::deploy::{Deployment, DropSpec, KafkaChoice, Spec};
-use couponrush_loadgen::drive::{LoadModel, Plan};
+use couponrush_lab::deployment::{Deployment, DropSpec, KafkaChoice, Spec, StoreChoice};
+use couponrush_loadgen::drive::{LoadModel, LoadPlan};
 use couponrush_loadgen::measure::audit::EventTerms;
 use couponrush_loadgen::population::{Population, UserDist};
 use tokio_util::sync::CancellationToken;
@@ -25,14 +22,8 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "current_thread")]
 async fn a_drop_with_its_progress_bar_on_reports() {
     let deployment = Deployment::start(Spec {
-        kafka: KafkaChoice::Embedded(1),
-        store: Arc::new(MemoryStore::default()),
-        partitions: 2,
-        issuers: 1,
-        partitioner: Partitioner::Spread,
         batch_size: 200,
-        with_api: true,
-        start_issuers: true,
+        ..Spec::in_process(KafkaChoice::Embedded(1), StoreChoice::Memory, 2, 1)
     })
     .await
     .expect("an in-process deployment starts");
@@ -40,7 +31,7 @@ async fn a_drop_with_its_progress_bar_on_reports() {
     let report = deployment
         .drop_through_api(
             DropSpec {
-                plan: Plan {
+                plan: LoadPlan {
                     event_id: "progress-on".into(),
                     model: LoadModel::Burst,
                     requests: 300,
@@ -53,6 +44,7 @@ async fn a_drop_with_its_progress_bar_on_reports() {
                     per_user_limit: 1,
                 },
                 drain_timeout: Duration::from_secs(30),
+                admin_token: None,
                 progress: true,
                 keep_raw: false,
                 config: serde_json::json!({}),
@@ -67,14 +59,25 @@ async fn a_drop_with_its_progress_bar_on_reports() {
 
 #[test]
 fn the_demo_ignores_an_exported_admin_token() {
-    let out = Command::new(env!("CARGO_BIN_EXE_coupon-loadgen"))
-        .args(["demo", "--requests", "600", "--users", "600", "--stock", "60"])
+    let out = Command::new(env!("CARGO_BIN_EXE_coupon-lab"))
+        .args([
+            "demo",
+            "--requests",
+            "600",
+            "--users",
+            "600",
+            "--stock",
+            "60",
+        ])
         .args(["--partitions", "2", "--issuers", "1", "--quiet"])
-        .args(["--chart", concat!(env!("CARGO_TARGET_TMPDIR"), "/demo-env.svg")])
+        .args([
+            "--chart",
+            concat!(env!("CARGO_TARGET_TMPDIR"), "/demo-env.svg"),
+        ])
         .env("ADMIN_TOKEN", "exported-for-the-compose-cluster")
         .env("KAFKA_OPTS", "client.id=the-users-own")
         .output()
-        .expect("coupon-loadgen runs");
+        .expect("coupon-lab runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

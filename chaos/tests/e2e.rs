@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use couponrush_chaos::rig::{self, binary, BrokerKind, RigSpec};
 use couponrush_core::kafka::KafkaSettings;
 use couponrush_core::wire::{now_micros, WIRE_VERSION};
 use couponrush_core::{DecisionResult, Outcome};
-use couponrush_loadgen::chaos::rig::{Broker, Rig, RigSpec};
+use couponrush_lab::deployment::Deployment;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use uuid::Uuid;
 
@@ -21,7 +22,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(f
 
 /// One deployment at a time (each is a whole pipeline on two cores); the
 /// guard is held for the test.
-async fn rig(name: &str) -> (Rig, tokio::sync::MutexGuard<'static, bool>) {
+async fn rig(name: &str) -> (Deployment, tokio::sync::MutexGuard<'static, bool>) {
     let mut built = ONE_AT_A_TIME.lock().await;
     if !*built {
         common::build_binaries();
@@ -30,14 +31,14 @@ async fn rig(name: &str) -> (Rig, tokio::sync::MutexGuard<'static, bool>) {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     let spec = RigSpec {
-        broker: Broker::TansuMemory,
+        broker: BrokerKind::TansuMemory,
         partitions: 4,
         issuers: 2,
         api_args: Vec::new(),
         redis_aof: false,
         kafka_opts: Vec::new(),
     };
-    let rig = Rig::start(&spec, &dir).await.expect("the pipeline starts");
+    let rig = rig::start(&spec, &dir).await.expect("the pipeline starts");
     tokio::time::sleep(Duration::from_secs(3)).await;
     (rig, built)
 }
@@ -63,10 +64,22 @@ fn figures(r: &serde_json::Value) -> String {
 
 /// Runs `coupon-loadgen run` against `rig` (3 s of load); returns the exit
 /// code and report.
-fn loadgen(rig: &Rig, event: &str, json: &Path) -> (i32, serde_json::Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_coupon-loadgen"))
-        .args(["run", "--target", &rig.api_url(), "--brokers", &rig.brokers])
-        .args(["--redis", &rig.redis.url(), "--event", event])
+fn loadgen(rig: &Deployment, event: &str, json: &Path) -> (i32, serde_json::Value) {
+    let loadgen = binary("coupon-loadgen").expect("coupon-loadgen is built");
+    let out = Command::new(loadgen)
+        .args([
+            "run",
+            "--target",
+            &rig.api_url(),
+            "--brokers",
+            &rig.kafka.brokers,
+        ])
+        .args([
+            "--redis",
+            &rig.redis_url().expect("a redis"),
+            "--event",
+            event,
+        ])
         .args([
             "--rate",
             "1000",
@@ -90,7 +103,7 @@ fn loadgen(rig: &Rig, event: &str, json: &Path) -> (i32, serde_json::Value) {
 
 /// [`loadgen`] off the async runtime (a tampering task runs beside it), then
 /// stops the pipeline.
-async fn loadgen_then_stop(rig: Rig, event: &'static str) -> (i32, serde_json::Value) {
+async fn loadgen_then_stop(rig: Deployment, event: &'static str) -> (i32, serde_json::Value) {
     tokio::task::spawn_blocking(move || {
         let json = rig.dir.join("report.json");
         let out = loadgen(&rig, event, &json);
@@ -170,7 +183,7 @@ async fn scrape(url: &str) -> String {
 async fn a_coupon_planted_in_the_store_fails_the_audit() {
     let (rig, _turn) = rig("planted").await;
     let event = "planted-drop";
-    let url = rig.redis.url();
+    let url = rig.redis_url().expect("a redis");
     // Once the drop is under way, someone writes a coupon by hand.
     let planter = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -205,7 +218,7 @@ async fn a_coupon_planted_in_the_store_fails_the_audit() {
 async fn an_outcome_forged_on_the_topic_fails_the_audit() {
     let (rig, _turn) = rig("forged").await;
     let event = "forged-drop";
-    let brokers = rig.brokers.clone();
+    let brokers = rig.kafka.brokers.clone();
     let outcomes = rig.topics.outcomes.clone();
     // Someone publishes a decision nobody made: a win for an unknown request.
     let forger = tokio::spawn(async move {

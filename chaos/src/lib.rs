@@ -1,4 +1,6 @@
-//! `coupon-loadgen chaos`: nothing lost, nothing doubled, under faults.
+//! # couponrush-chaos
+//!
+//! `coupon-chaos`: nothing lost, nothing doubled, under faults.
 //!
 //! Each scenario runs against real processes (a broker, a private
 //! redis-server, `coupon-api` and `coupon-issuer` children) while a drop is
@@ -19,16 +21,23 @@
 //! | `overload` | twice the capacity, then half |
 //! | `admin` | the admin routes without the token; the issue path cannot change stock |
 
+//!
+//! # Layout
+//! - [`Cli`] and [`ChaosArgs`]: the command; [`chaos`] runs the chosen
+//!   scenarios over seeds and writes the table; [`run_scenario`] runs one.
+//! - [`rig`]: the deployment of real processes the scenarios break.
+//! - [`fuzz`]: hostile and slow HTTP clients.
+
 pub mod fuzz;
 pub mod rig;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
+use couponrush_core::cli::LogArgs;
 use couponrush_core::kafka::KafkaSettings;
 use couponrush_core::store::redis::RedisStore;
 use couponrush_core::store::{Store, DEFAULT_DEDUP_RETENTION};
@@ -42,14 +51,15 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::drive::http::{put_event, Endpoint, HttpFactory};
-use crate::drive::{LoadModel, Plan, TargetFactory};
-use crate::measure::audit::EventTerms;
-use crate::population::{Population, UserDist};
-use crate::report::Report;
-use crate::run::{run_drop, Drop, Via};
-use crate::Verdict;
-use rig::{Broker, Kafka, Rig, RigSpec};
+use couponrush_lab::deployment::{Deployment, DropSpec};
+use couponrush_loadgen::drive::http::{put_event, Endpoint, HttpFactory};
+use couponrush_loadgen::drive::{LoadModel, LoadPlan, TargetFactory};
+use couponrush_loadgen::measure::audit::EventTerms;
+use couponrush_loadgen::population::{Population, UserDist};
+use couponrush_loadgen::report::Report;
+use couponrush_loadgen::run::{run_drop, DropRun, Via};
+use couponrush_loadgen::Verdict;
+use rig::{Broker, BrokerKind, RigSpec};
 
 /// The scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -146,7 +156,19 @@ impl Size {
     }
 }
 
-/// `coupon-loadgen chaos`.
+/// `coupon-chaos`: the fault suite.
+#[derive(Debug, Parser)]
+#[command(name = "coupon-chaos", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub chaos: ChaosArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub log: LogArgs,
+}
+
+/// What to run.
 #[derive(Debug, Clone, Args)]
 pub struct ChaosArgs {
     /// Scenarios to run (default: all).
@@ -269,7 +291,8 @@ fn longest_wait(r: &Report, fault: u64) -> Option<f64> {
         .map(|us| us as f64 / 1e6)
 }
 
-struct DropSpec {
+/// What a scenario varies in its drop.
+struct Offer {
     retry_ratio: f64,
     seed: u64,
     admin_token: Option<String>,
@@ -277,62 +300,41 @@ struct DropSpec {
 
 /// Starts the audited drop as a task; returns its handle and the moment the
 /// load starts (µs).
-fn start_drop(
-    rig: &Rig,
+async fn start_drop(
+    rig: &Deployment,
     dims: Dims,
-    spec: DropSpec,
-) -> (tokio::task::JoinHandle<Result<Report, String>>, u64) {
-    let (url, brokers, redis, topics) = (
-        rig.api_url(),
-        rig.brokers.clone(),
-        rig.redis.url(),
-        rig.topics.clone(),
-    );
-    let event = format!("chaos-{}", Uuid::new_v4().simple());
+    offer: Offer,
+) -> Result<(tokio::task::JoinHandle<Result<Report, String>>, u64), String> {
+    let requests = (dims.rate * dims.seconds) as u64;
+    let spec = DropSpec {
+        plan: LoadPlan {
+            event_id: format!("chaos-{}", Uuid::new_v4().simple()),
+            model: LoadModel::Rate(dims.rate),
+            requests,
+            duration: Duration::from_secs_f64(dims.seconds * 3.0),
+            connections: 256,
+            population: Population::new(
+                dims.users,
+                UserDist::Uniform,
+                offer.retry_ratio,
+                offer.seed,
+            ),
+        },
+        terms: EventTerms {
+            stock: dims.stock,
+            per_user_limit: 1,
+        },
+        drain_timeout: Duration::from_secs(120),
+        admin_token: offer.admin_token,
+        progress: false,
+        keep_raw: true,
+        config: serde_json::json!({ "chaos": true }),
+    };
     let started = now_micros();
-    let handle = tokio::spawn(async move {
-        let store: Arc<dyn Store> = Arc::new(
-            RedisStore::connect(&redis, DEFAULT_DEDUP_RETENTION)
-                .await
-                .map_err(|e| e.to_string())?,
-        );
-        let requests = (dims.rate * dims.seconds) as u64;
-        let drop = Drop {
-            via: Via::Http {
-                endpoint: Endpoint::parse(&url).await?,
-                admin_token: spec.admin_token,
-                timeout: Duration::from_secs(15),
-            },
-            kafka: KafkaSettings::new(brokers),
-            topics,
-            store: Some(store),
-            setup: true,
-            terms: EventTerms {
-                stock: dims.stock,
-                per_user_limit: 1,
-            },
-            plan: Plan {
-                event_id: event,
-                model: LoadModel::Rate(dims.rate),
-                requests,
-                duration: Duration::from_secs_f64(dims.seconds * 3.0),
-                connections: 256,
-                population: Population::new(
-                    dims.users,
-                    UserDist::Uniform,
-                    spec.retry_ratio,
-                    spec.seed,
-                ),
-            },
-            drain_timeout: Duration::from_secs(120),
-            progress: false,
-            keep_raw: true,
-            config: serde_json::json!({ "chaos": true }),
-            observe: true,
-        };
-        run_drop(drop, CancellationToken::new()).await
-    });
-    (handle, started)
+    let handle = rig
+        .start_drop(spec, false, CancellationToken::new())
+        .await?;
+    Ok((handle, started))
 }
 
 async fn sleep_until_load(started: u64, seconds: f64) {
@@ -343,10 +345,10 @@ async fn sleep_until_load(started: u64, seconds: f64) {
     }
 }
 
-async fn rig(spec: RigSpec, dir: &std::path::Path) -> Result<Rig, String> {
-    let r = Rig::start(&spec, dir).await?;
+async fn rig(spec: RigSpec, dir: &std::path::Path) -> Result<Deployment, String> {
+    let r = rig::start(&spec, dir).await?;
     // Let the group form before the doors open.
-    tokio::time::sleep(Duration::from_secs(if spec.broker == Broker::Mock {
+    tokio::time::sleep(Duration::from_secs(if spec.broker == BrokerKind::Mock {
         5
     } else {
         3
@@ -355,7 +357,7 @@ async fn rig(spec: RigSpec, dir: &std::path::Path) -> Result<Rig, String> {
     Ok(r)
 }
 
-fn spec(broker: Broker, issuers: usize) -> RigSpec {
+fn spec(broker: BrokerKind, issuers: usize) -> RigSpec {
     RigSpec {
         broker,
         partitions: 8,
@@ -377,15 +379,15 @@ pub async fn run_scenario(
     let dir = dir.join(format!("{}-{seed}", scenario.name()));
     let _ = std::fs::remove_dir_all(&dir);
     let fault_at = dims.seconds * (0.25 + 0.35 * fraction(seed));
-    let plain = |seed| DropSpec {
+    let plain = |seed| Offer {
         retry_ratio: 0.02,
         seed,
         admin_token: None,
     };
     match scenario {
         Scenario::Kill9Issuer => {
-            let mut rig = rig(spec(Broker::TansuMemory, 2), &dir).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed));
+            let mut rig = rig(spec(BrokerKind::TansuMemory, 2), &dir).await?;
+            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
             sleep_until_load(started, fault_at).await;
             let fault = now_micros();
             rig.kill_issuer(0);
@@ -400,15 +402,15 @@ pub async fn run_scenario(
             Ok(row)
         }
         Scenario::Scale142 => {
-            let mut rig = rig(spec(Broker::TansuMemory, 1), &dir).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed));
+            let mut rig = rig(spec(BrokerKind::TansuMemory, 1), &dir).await?;
+            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
             sleep_until_load(started, fault_at * 0.6).await;
             let fault = now_micros();
             for _ in 0..3 {
                 rig.add_issuer()?;
             }
             sleep_until_load(started, fault_at * 0.6 + dims.seconds * 0.35).await;
-            let codes = [rig.stop_issuer(1), rig.stop_issuer(2)];
+            let codes = [rig.stop_issuer(1).await, rig.stop_issuer(2).await];
             let report = drop.await.map_err(|e| e.to_string())??;
             let mut row = Row::from_report(scenario, seed, &report, &dir);
             row.fault_at_s = Some(fault_at * 0.6);
@@ -421,11 +423,11 @@ pub async fn run_scenario(
             Ok(row)
         }
         Scenario::RedisLost => {
-            let mut rig = rig(spec(Broker::TansuMemory, 2), &dir).await?;
+            let mut rig = rig(spec(BrokerKind::TansuMemory, 2), &dir).await?;
             let endpoint = Endpoint::parse(&rig.api_url()).await?;
             let probe_event = format!("probe-{}", Uuid::new_v4().simple());
             put_event(&endpoint, &probe_event, 1_000_000, 1, None).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed));
+            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
             let stop = CancellationToken::new();
             let probe = tokio::spawn(probe_statuses(
                 endpoint.clone(),
@@ -434,9 +436,11 @@ pub async fn run_scenario(
             ));
             sleep_until_load(started, fault_at).await;
             let fault = now_micros();
-            rig.redis.kill();
+            rig.private_redis()?.kill();
             tokio::time::sleep(Duration::from_millis(500)).await;
-            rig.redis.restart(true).map_err(|e| e.to_string())?;
+            rig.private_redis()?
+                .restart(true)
+                .map_err(|e| e.to_string())?;
             let report = drop.await.map_err(|e| e.to_string())??;
             stop.cancel();
             let told = probe.await.map_err(|e| e.to_string())?;
@@ -444,7 +448,7 @@ pub async fn run_scenario(
             row.fault_at_s = Some(fault_at);
             row.recover_s = longest_wait(&report, fault);
             // Every client told `issued` by the status endpoint holds its coupon.
-            let store = RedisStore::connect(&rig.redis.url(), DEFAULT_DEDUP_RETENTION)
+            let store = RedisStore::connect(&rig.redis_url()?, DEFAULT_DEDUP_RETENTION)
                 .await
                 .map_err(|e| e.to_string())?;
             let ledger = store
@@ -486,13 +490,13 @@ pub async fn run_scenario(
             // and is then wedged. Without idempotence it cannot: retries may
             // then write a record twice, which the store's dedup turns into
             // replays. Apache Kafka needs no such thing (docs/RELIABILITY.md).
-            let mut s = spec(Broker::TansuSqlite, 2);
-            s.kafka_opts = vec!["enable.idempotence=false".into()];
+            let mut s = spec(BrokerKind::TansuSqlite, 2);
+            s.kafka_opts = vec![("enable.idempotence".into(), "false".into())];
             let mut rig = rig(s, &dir).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed));
+            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
             sleep_until_load(started, fault_at).await;
             let fault = now_micros();
-            if let Kafka::Tansu(t) = &mut rig.kafka {
+            if let Broker::Tansu(t) = &mut rig.broker {
                 t.kill();
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 t.restart().map_err(|e| e.to_string())?;
@@ -513,9 +517,9 @@ pub async fn run_scenario(
             Ok(row)
         }
         Scenario::MockFaults => {
-            let mut rig = rig(spec(Broker::Mock, 2), &dir).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed));
-            let Kafka::Mock(mock) = &mut rig.kafka else {
+            let mut rig = rig(spec(BrokerKind::Mock, 2), &dir).await?;
+            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
+            let Broker::Mock(mock) = &mut rig.broker else {
                 unreachable!()
             };
             let step = dims.seconds / 6.0;
@@ -562,8 +566,8 @@ pub async fn run_scenario(
             Ok(row)
         }
         Scenario::Poison => {
-            let rig = rig(spec(Broker::TansuMemory, 2), &dir).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed));
+            let rig = rig(spec(BrokerKind::TansuMemory, 2), &dir).await?;
+            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
             sleep_until_load(started, dims.seconds * 0.2).await;
             let expected = poison(&rig, dims.poison, dims.seconds * 0.6).await?;
             let report = drop.await.map_err(|e| e.to_string())??;
@@ -577,16 +581,17 @@ pub async fn run_scenario(
             Ok(row)
         }
         Scenario::ClientRetries => {
-            let rig = rig(spec(Broker::TansuMemory, 2), &dir).await?;
+            let rig = rig(spec(BrokerKind::TansuMemory, 2), &dir).await?;
             let (drop, _) = start_drop(
                 &rig,
                 dims,
-                DropSpec {
+                Offer {
                     retry_ratio: 0.3,
                     seed,
                     admin_token: None,
                 },
-            );
+            )
+            .await?;
             let report = drop.await.map_err(|e| e.to_string())??;
             let mut row = Row::from_report(scenario, seed, &report, &dir);
             row.notes.push(format!(
@@ -667,8 +672,12 @@ async fn probe_statuses(
 
 /// Produces `count` poison records of five kinds over `seconds`; returns the
 /// DLQ reasons they must produce.
-async fn poison(rig: &Rig, count: u64, seconds: f64) -> Result<BTreeMap<String, u64>, String> {
-    let producer: FutureProducer = KafkaSettings::new(rig.brokers.clone())
+async fn poison(
+    rig: &Deployment,
+    count: u64,
+    seconds: f64,
+) -> Result<BTreeMap<String, u64>, String> {
+    let producer: FutureProducer = KafkaSettings::new(rig.kafka.brokers.clone())
         .producer_config("chaos-poisoner", 10_000)
         .create()
         .map_err(|e| e.to_string())?;
@@ -719,23 +728,16 @@ async fn poison(rig: &Rig, count: u64, seconds: f64) -> Result<BTreeMap<String, 
 }
 
 async fn api_fuzz(seed: u64, dims: Dims, dir: &std::path::Path) -> Result<Row, String> {
-    let mut rig = rig(spec(Broker::TansuMemory, 1), dir).await?;
+    let mut rig = rig(spec(BrokerKind::TansuMemory, 1), dir).await?;
+    let api = rig.api_addr().ok_or("the api did not start")?;
     let endpoint = Endpoint::parse(&rig.api_url()).await?;
     let event = format!("fuzz-{}", Uuid::new_v4().simple());
     put_event(&endpoint, &event, 1_000_000, 1000, None).await?;
     let rss_before = rig.api_rss_kib();
     let started = Instant::now();
-    let report = fuzz::fuzz(
-        rig.api_addr,
-        &event,
-        seed,
-        dims.fuzz,
-        32,
-        Duration::from_secs(600),
-    )
-    .await;
+    let report = fuzz::fuzz(api, &event, seed, dims.fuzz, 32, Duration::from_secs(600)).await;
     let fuzz_secs = started.elapsed().as_secs_f64();
-    let closed = fuzz::slowloris(rig.api_addr, dims.slowloris, Duration::from_secs(10)).await;
+    let closed = fuzz::slowloris(api, dims.slowloris, Duration::from_secs(10)).await;
     let rss_after = rig.api_rss_kib();
     let alive = rig.api_alive();
     let (status, _) = HttpFactory {
@@ -796,10 +798,10 @@ struct OfferTarget {
 }
 
 impl OfferTarget {
-    fn of(rig: &Rig) -> Self {
+    fn of(rig: &Deployment) -> Self {
         Self {
             url: rig.api_url(),
-            brokers: rig.brokers.clone(),
+            brokers: rig.kafka.brokers.clone(),
             topics: rig.topics.clone(),
         }
     }
@@ -813,7 +815,7 @@ impl OfferTarget {
         seconds: f64,
         seed: u64,
     ) -> Result<Report, String> {
-        let drop = Drop {
+        let drop = DropRun {
             via: Via::Http {
                 endpoint: Endpoint::parse(&self.url).await?,
                 admin_token: None,
@@ -827,7 +829,7 @@ impl OfferTarget {
                 stock: 0,
                 per_user_limit: 1,
             },
-            plan: Plan {
+            plan: LoadPlan {
                 event_id: event.to_string(),
                 model,
                 requests,
@@ -846,7 +848,7 @@ impl OfferTarget {
 }
 
 async fn overload(seed: u64, dir: &std::path::Path) -> Result<Row, String> {
-    let mut s = spec(Broker::TansuMemory, 1);
+    let mut s = spec(BrokerKind::TansuMemory, 1);
     s.api_args = vec![
         "--max-in-flight".into(),
         "256".into(),
@@ -965,7 +967,7 @@ async fn shed_has_retry_after(endpoint: &Endpoint, event: &str) -> bool {
 
 async fn admin(seed: u64, dims: Dims, dir: &std::path::Path) -> Result<Row, String> {
     let token = "chaos-admin-token";
-    let mut s = spec(Broker::TansuMemory, 2);
+    let mut s = spec(BrokerKind::TansuMemory, 2);
     s.api_args = vec!["--admin-token".into(), token.into()];
     let rig = rig(s, dir).await?;
     let endpoint = Endpoint::parse(&rig.api_url()).await?;
@@ -1039,12 +1041,13 @@ async fn admin(seed: u64, dims: Dims, dir: &std::path::Path) -> Result<Row, Stri
             seconds: dims.seconds / 2.0,
             ..dims
         },
-        DropSpec {
+        Offer {
             retry_ratio: 0.05,
             seed,
             admin_token: Some(token.to_string()),
         },
-    );
+    )
+    .await?;
     let report = drop.await.map_err(|e| e.to_string())??;
     let mut drop_row = Row::from_report(Scenario::Admin, seed, &report, dir);
     row.requests = drop_row.requests;
@@ -1153,9 +1156,9 @@ pub async fn chaos(args: ChaosArgs) -> Result<Verdict, String> {
             .map(|v| v.get_name().to_string())
             .unwrap_or_default();
         let generated = format!(
-            "<!-- chaos-table -->\n`coupon-loadgen chaos --size {size} --seeds {}` on {}, {} cores:\n\n{table}\n{notes}<!-- /chaos-table -->",
+            "<!-- chaos-table -->\n`coupon-chaos --size {size} --seeds {}` on {}, {} cores:\n\n{table}\n{notes}<!-- /chaos-table -->",
             args.seeds,
-            chrono_free_date(),
+            today(),
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
         let doc = std::fs::read_to_string(path).unwrap_or_default();
@@ -1181,20 +1184,11 @@ pub async fn chaos(args: ChaosArgs) -> Result<Verdict, String> {
     })
 }
 
-/// Today's date (UTC) without a date crate.
-fn chrono_free_date() -> String {
-    let days = now_micros() / 86_400_000_000;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+/// Today's date (UTC), `YYYY-MM-DD`.
+fn today() -> String {
+    let mut stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    stamp.truncate(10);
+    stamp
 }
 
 #[cfg(test)]
@@ -1221,8 +1215,11 @@ mod tests {
 
     #[test]
     fn dates_are_civil() {
-        let d = chrono_free_date();
-        assert_eq!(d.len(), 10);
-        assert!(d.starts_with("20"));
+        let d = today();
+        assert_eq!(d.len(), 10, "{d}");
+        assert!(
+            d.starts_with("20") && d.as_bytes()[4] == b'-' && d.as_bytes()[7] == b'-',
+            "{d}"
+        );
     }
 }
