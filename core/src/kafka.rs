@@ -8,11 +8,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::producer::future_producer::Delivery;
+use rdkafka::producer::DeliveryFuture;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::topics::TopicSpec;
@@ -36,13 +39,26 @@ impl KafkaSettings {
         }
     }
 
-    /// A base client config: brokers, a client id, then the extras.
+    /// A client config: brokers and a client id, nothing else set, then the
+    /// extras.
     pub fn client_config(&self, client_id: &str) -> ClientConfig {
+        self.client_config_with(client_id, |_| {})
+    }
+
+    /// A client config: brokers and a client id, then the settings of the
+    /// client's role (`role`), then the extras. This is the one place the
+    /// extras are applied, always last, so `--kafka-opt` overrides anything.
+    pub fn client_config_with(
+        &self,
+        client_id: &str,
+        role: impl FnOnce(&mut ClientConfig),
+    ) -> ClientConfig {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.brokers)
             .set("client.id", client_id)
             // Loopback brokers in tests resolve `localhost` to ::1 first.
             .set("broker.address.family", "any");
+        role(&mut cfg);
         for (k, v) in &self.extra {
             cfg.set(k, v);
         }
@@ -53,25 +69,56 @@ impl KafkaSettings {
     /// most `queue_messages` records: a full queue is an error the caller
     /// turns into backpressure, never unbounded memory.
     pub fn producer_config(&self, client_id: &str, queue_messages: usize) -> ClientConfig {
-        let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", &self.brokers)
-            .set("client.id", client_id)
-            .set("broker.address.family", "any")
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            // Records wait for acks: send requests at once, not after Nagle.
-            .set("socket.nagle.disable", "true")
-            .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", queue_messages.to_string())
-            .set("queue.buffering.max.kbytes", "262144")
-            .set("message.timeout.ms", "30000")
-            .set("request.timeout.ms", "10000");
-        for (k, v) in &self.extra {
-            cfg.set(k, v);
-        }
-        cfg
+        self.producer_config_with(client_id, queue_messages, |_| {})
     }
+
+    /// [`KafkaSettings::producer_config`], with the caller's own settings
+    /// (`role`) over the producer defaults and under the extras.
+    pub fn producer_config_with(
+        &self,
+        client_id: &str,
+        queue_messages: usize,
+        role: impl FnOnce(&mut ClientConfig),
+    ) -> ClientConfig {
+        self.client_config_with(client_id, |cfg| {
+            cfg.set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("linger.ms", "2")
+                // Records wait for acks: send requests at once, not after Nagle.
+                .set("socket.nagle.disable", "true")
+                .set("batch.num.messages", "10000")
+                .set("queue.buffering.max.messages", queue_messages.to_string())
+                .set("queue.buffering.max.kbytes", "262144")
+                .set("message.timeout.ms", "30000")
+                .set("request.timeout.ms", "10000");
+            role(cfg);
+        })
+    }
+}
+
+/// Waits for the broker's answer about one produced record: `Ok` with where
+/// it landed once acknowledged (on every in-sync replica, with `acks=all`),
+/// else why not. A future whose producer went away is
+/// [`KafkaError::Canceled`]. The one reading of a librdkafka delivery.
+pub async fn acknowledged(delivery: DeliveryFuture) -> Result<Delivery, KafkaError> {
+    match delivery.await {
+        Ok(Ok(delivered)) => Ok(delivered),
+        Ok(Err((e, _record))) => Err(e),
+        Err(_canceled) => Err(KafkaError::Canceled),
+    }
+}
+
+/// Waits for every delivery of `pending`, then answers `Ok` if the broker
+/// acknowledged them all, else the first error in send order. Never returns
+/// while a record is still in flight, so a caller that retries after an
+/// error does not race its own earlier sends.
+pub async fn all_acknowledged(
+    pending: impl IntoIterator<Item = DeliveryFuture>,
+) -> Result<(), KafkaError> {
+    for acked in join_all(pending.into_iter().map(acknowledged)).await {
+        acked?;
+    }
+    Ok(())
 }
 
 /// Parses `key=value` into a librdkafka property (for `--kafka-opt`).
@@ -236,5 +283,26 @@ mod tests {
         k.extra.push(("linger.ms".into(), "50".into()));
         assert_eq!(k.producer_config("t", 10).get("linger.ms"), Some("50"));
         assert_eq!(k.producer_config("t", 10).get("acks"), Some("all"));
+    }
+
+    #[test]
+    fn a_role_overrides_defaults_and_extras_override_a_role() {
+        let mut k = KafkaSettings::new("127.0.0.1:9");
+        k.extra.push(("message.timeout.ms".into(), "7".into()));
+        let role = |cfg: &mut ClientConfig| {
+            cfg.set("message.timeout.ms", "5").set("linger.ms", "9");
+        };
+        let cfg = k.producer_config_with("t", 10, role);
+        assert_eq!(
+            cfg.get("linger.ms"),
+            Some("9"),
+            "the role over the defaults"
+        );
+        assert_eq!(cfg.get("message.timeout.ms"), Some("7"), "the extras last");
+        let cfg = k.client_config_with("t", |cfg| {
+            cfg.set("group.id", "g");
+        });
+        assert_eq!(cfg.get("group.id"), Some("g"));
+        assert_eq!(cfg.get("message.timeout.ms"), Some("7"));
     }
 }

@@ -8,10 +8,9 @@
 
 use std::time::Duration;
 
-use couponrush_core::kafka::KafkaSettings;
+use couponrush_core::kafka::{all_acknowledged, KafkaSettings};
 use couponrush_core::wire::dlq_headers;
 use couponrush_core::Topics;
-use futures::future::join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -45,14 +44,12 @@ impl Publisher {
         client_id: &str,
         message_timeout: Duration,
     ) -> Result<Self, KafkaError> {
-        let mut cfg = kafka.producer_config(client_id, QUEUE_MESSAGES);
-        cfg.set(
-            "message.timeout.ms",
-            message_timeout.as_millis().to_string(),
-        );
-        for (k, v) in &kafka.extra {
-            cfg.set(k, v);
-        }
+        let cfg = kafka.producer_config_with(client_id, QUEUE_MESSAGES, |cfg| {
+            cfg.set(
+                "message.timeout.ms",
+                message_timeout.as_millis().to_string(),
+            );
+        });
         Ok(Self {
             producer: cfg.create()?,
             topics,
@@ -118,13 +115,7 @@ impl Publisher {
             };
             pending.push(future);
         }
-        for result in join_all(pending).await {
-            match result {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(e),
-                Err(_) => return Err(KafkaError::Canceled),
-            }
-        }
+        all_acknowledged(pending).await?;
         Ok(counts)
     }
 
@@ -143,13 +134,7 @@ impl Publisher {
                     if pending.is_empty() {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     } else {
-                        for result in join_all(pending.drain(..)).await {
-                            match result {
-                                Ok(Ok(_)) => {}
-                                Ok(Err((e, _))) => return Err(e),
-                                Err(_) => return Err(KafkaError::Canceled),
-                            }
-                        }
+                        all_acknowledged(pending.drain(..)).await?;
                     }
                 }
                 Err((e, _)) => return Err(e),
