@@ -16,10 +16,13 @@
 //!
 //! # Layout
 //! - [`Cli`] (the flags) → [`Config`] (plain settings) → [`Api::bind`] →
-//!   [`Api::serve`].
+//!   [`Api::serve`]; [`run`] is what `coupon-api` does.
 //! - [`app`]: the [`axum::Router`], shared by `main` and tests.
-//! - [`routes`]: handlers; [`error`]: the one error type; [`producer`]: the
-//!   request producer; [`events`]: the cache of known events.
+//! - [`routes`]: the handlers, one per route.
+//! - [`error`]: the one error type, [`error::AppError`], and its JSON shape.
+//! - [`events`]: the cache of known events.
+//! - [`producer`]: a re-export of [`couponrush_core::producer`], where the
+//!   request producer lives, kept for callers of its old path.
 
 pub mod error;
 pub mod events;
@@ -41,6 +44,7 @@ use couponrush_core::cli::{
     parse_duration, parse_ignoring_env, KafkaArgs, LogArgs, StoreArgs, TopicArgs,
 };
 use couponrush_core::kafka::{ensure_topics, KafkaSettings, TopicError};
+use couponrush_core::producer::RequestProducer;
 use couponrush_core::recovery::Recovery;
 use couponrush_core::store::redis::RedisStore;
 use couponrush_core::store::{Store, StoreError};
@@ -53,7 +57,6 @@ use tower::ServiceBuilder;
 
 use crate::error::AppError;
 use crate::events::EventCache;
-use crate::producer::RequestProducer;
 
 /// Largest request body accepted; a real one is ~30 bytes.
 pub const MAX_BODY_BYTES: usize = 1024;
@@ -168,8 +171,14 @@ impl Config {
     /// Defaults for a broker at `brokers`, listening on a free loopback port,
     /// for tests and in-process deployments: the environment is ignored.
     pub fn local(brokers: &str) -> Self {
-        parse_ignoring_env::<Cli>(&["coupon-api", "--brokers", brokers, "--listen", "127.0.0.1:0"])
-            .config()
+        parse_ignoring_env::<Cli>(&[
+            "coupon-api",
+            "--brokers",
+            brokers,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .config()
     }
 }
 
@@ -354,21 +363,15 @@ impl Api {
         })
         .await
         .map_err(|e| StartError::Config(e.to_string()))??[&config.topics.requests];
-        let mut kafka = config.kafka.clone();
         // Give up on a record when the client gives up on its HTTP answer.
-        kafka.extra.insert(
-            0,
-            (
-                "message.timeout.ms".into(),
-                config.produce_timeout.as_millis().max(1000).to_string(),
-            ),
-        );
-        let producer = Arc::new(RequestProducer::new(
-            &kafka,
+        let message_timeout = config.produce_timeout.max(Duration::from_secs(1));
+        let producer = Arc::new(RequestProducer::with_message_timeout(
+            &config.kafka,
             config.topics.requests.clone(),
             config.partitioner,
             partitions,
             config.producer_queue,
+            Some(message_timeout),
         )?);
         let listener =
             TcpListener::bind(config.listen)

@@ -17,6 +17,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use couponrush_core::producer::{ProduceError, RequestProducer};
 use couponrush_core::store::{Decision, EventSpec, EventState, StoreError};
 use couponrush_core::wire::{
     now_micros, validate_event_id, validate_user_id, EventRecord, WIRE_VERSION,
@@ -26,7 +27,6 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::AppError;
-use crate::producer::ProduceError;
 use crate::AppState;
 
 /// A JSON body whose rejections are [`AppError`]s (with a JSON body).
@@ -114,7 +114,7 @@ pub enum CreateEventError {
 /// the events topic (acknowledged), so a lost store can be rebuilt with it.
 pub async fn create_event(
     store: &dyn couponrush_core::Store,
-    producer: &crate::producer::RequestProducer,
+    producer: &RequestProducer,
     events_topic: &str,
     event_id: &str,
     spec: EventSpec,

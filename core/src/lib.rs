@@ -3,14 +3,28 @@
 //! Everything that crosses a process boundary in couponrush, so the api, the
 //! issuers and the load generator cannot disagree about it.
 //!
+//! ## Guarantees
+//! - **One definition.** The wire format, topic names, partitioners, the
+//!   store's contract and its script exist once, here; a process that
+//!   decides, produces or audits uses these, never a copy.
+//! - **Decided exactly once in effect.** A [`Store`] decides each request
+//!   atomically per event and dedups by request id: a redelivery gets the
+//!   same decision back and changes nothing.
+//! - **Acknowledged means on every in-sync replica.** Producers are
+//!   idempotent with `acks=all`, and [`kafka::acknowledged`] is the one
+//!   reading of a broker's answer.
+//!
 //! # Layout
 //! - [`wire`]: the request and outcome records (versioned JSON, zero payload)
 //!   and the reasons a record is poison.
 //! - [`topics`]: topic names and their retention.
 //! - [`partitioner`]: the `event | user | spread | buckets:K` strategies.
+//! - [`producer`]: the request producer (the api's, and `coupon-loadgen run
+//!   --direct`'s): placed by a partitioner, answered after the broker's ack.
 //! - [`store`]: the [`store::Store`] trait, where requests are decided; its
 //!   Redis implementation (one Lua script) and an in-memory one.
-//! - [`kafka`]: shared client settings (idempotent, `acks=all`) and topic
+//! - [`kafka`]: client settings (idempotent, `acks=all`; the user's extras
+//!   applied last, in one place), the delivery helper and topic
 //!   administration.
 //! - [`cli`]: flags every binary shares (`--brokers`, `--redis`, topics).
 //! - [`recovery`]: rebuilding a lost store from the events and outcomes topics.
@@ -19,6 +33,7 @@
 pub mod cli;
 pub mod kafka;
 pub mod partitioner;
+pub mod producer;
 pub mod recovery;
 pub mod store;
 pub mod telemetry;
