@@ -104,9 +104,9 @@ async fn reading_a_topic_after_a_stream_of_pipelined_batches_sees_them_all() {
 }
 
 /// Pins a fault of the pinned broker that the issuer works around
-/// (`Worker::admit`): tansu 0.6.0, asked to fetch from an offset in the
-/// middle of a producer batch, answers with the *next* batch, passing over
-/// the rest of that one. If this test fails, tansu fixed it: good news, and
+/// (`issuer/src/broker_quirk.rs`): tansu 0.6.0, asked to fetch from an
+/// offset in the middle of a producer batch, answers with the *next* batch,
+/// passing over the rest of that one. If this test fails, tansu fixed it: good news, and
 /// the rewind becomes dead weight on tansu too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tansu_resuming_mid_batch_skips_to_the_next_batch() {

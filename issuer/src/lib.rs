@@ -27,13 +27,22 @@
 //! # Layout
 //! - [`Cli`] → [`Config`] → [`run_issuer`] (any [`Store`]) or [`run`] (Redis,
 //!   metrics: what `coupon-issuer` does).
-//! - [`consumer`]: the consume loop, commits and rebalance callbacks.
+//! - [`worker`]: the consume loop: collect, decide, publish, mark logged,
+//!   commit; retries with backoff while staying in the group.
 //! - [`batch`]: parsing and grouping a batch, mapping verdicts back (pure).
 //! - [`publish`]: outcomes and dead letters, acknowledged.
+//! - [`offsets`]: what is done and may be committed, and the commit itself.
+//! - [`rebalance`]: group membership; on revoke, a synchronous commit of
+//!   what is done.
+//! - [`broker_quirk`]: a workaround for tansu 0.6, which can resume a fetch
+//!   past the committed offset; the issuer rewinds.
 
 pub mod batch;
-pub mod consumer;
+pub mod broker_quirk;
+pub mod offsets;
 pub mod publish;
+pub mod rebalance;
+pub mod worker;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,8 +62,9 @@ use rdkafka::consumer::CommitMode;
 use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::{create_consumer, Worker};
 use crate::publish::Publisher;
+use crate::rebalance::create_consumer;
+use crate::worker::Worker;
 
 /// How offsets are committed after each batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

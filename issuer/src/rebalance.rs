@@ -1,0 +1,147 @@
+//! Group membership: the consumer's group settings and librdkafka's
+//! callbacks, which run on the loop's thread inside `poll`.
+//!
+//! The guarantee kept on a rebalance: **before partitions are revoked,
+//! everything already done for them is committed synchronously**, so the
+//! member that takes them over resumes right after the last decided and
+//! published record, and redelivers (as replays) at most what was in flight.
+//! On assignment the partitions are counted, paused if the loop is retrying,
+//! and their committed offsets handed to the [`broker_quirk`] check.
+//!
+//! [`broker_quirk`]: crate::broker_quirk
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::ClientContext;
+
+use crate::broker_quirk::ResumeGuard;
+use crate::offsets::{CommitCause, Offsets, Tp};
+use crate::{Config, Probe};
+
+/// State shared between the loop and librdkafka's callbacks.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// What is done and what is committed, per owned partition.
+    pub offsets: Offsets,
+    /// Where newly assigned partitions must resume (a broker quirk).
+    pub resume: ResumeGuard,
+    /// Set while retrying: partitions assigned meanwhile are paused too.
+    pub paused: AtomicBool,
+    probe: Probe,
+}
+
+/// librdkafka callbacks of an issuer.
+pub struct IssuerContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for IssuerContext {
+    fn stats(&self, stats: Statistics) {
+        for topic in stats.topics.values() {
+            for p in topic.partitions.values() {
+                if p.partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(
+                        "couponrush_issuer_consumer_lag",
+                        "topic" => topic.topic.clone(),
+                        "partition" => p.partition.to_string()
+                    )
+                    .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for IssuerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let revoked: HashSet<Tp> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                let offsets = &self.shared.offsets;
+                let done = offsets.uncommitted(Some(&revoked));
+                offsets.commit(consumer, &done, CommitCause::Revoke);
+                let assigned = offsets.revoke(&revoked);
+                self.shared.resume.on_revoke(&revoked);
+                self.shared.probe.set_assigned(assigned);
+                tracing::info!(revoked = revoked.len(), "partitions revoked");
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            metrics::counter!("couponrush_issuer_rebalances_total").increment(1);
+            let assigned = self.shared.offsets.assign(
+                tpl.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition())),
+            );
+            self.shared.probe.set_assigned(assigned);
+            self.shared.resume.on_assign(consumer, tpl);
+            let mut partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            partitions.sort_unstable();
+            tracing::info!(?partitions, "partitions assigned");
+            if self.shared.paused.load(Ordering::Relaxed) {
+                let _ = consumer.pause(tpl);
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => self.shared.offsets.mark_committed(offsets),
+            Err(e) => {
+                metrics::counter!("couponrush_issuer_commit_failures_total").increment(1);
+                tracing::debug!(error = %e, "commit failed");
+            }
+        }
+    }
+}
+
+/// Creates the group consumer: manual commits only, from the earliest
+/// record when the group has no committed offset.
+pub fn create_consumer(
+    config: &Config,
+    probe: Probe,
+) -> KafkaResult<(BaseConsumer<IssuerContext>, Arc<Shared>)> {
+    let shared = Arc::new(Shared {
+        probe,
+        ..Shared::default()
+    });
+    let cfg = config.kafka.client_config_with(&config.client_id, |cfg| {
+        cfg.set("group.id", &config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set(
+                "session.timeout.ms",
+                config.session_timeout.as_millis().to_string(),
+            )
+            .set(
+                "heartbeat.interval.ms",
+                (config.session_timeout.as_millis() / 4)
+                    .max(100)
+                    .to_string(),
+            )
+            .set("partition.assignment.strategy", &config.assignment)
+            .set("queued.max.messages.kbytes", "16384")
+            .set("statistics.interval.ms", "2000");
+    });
+    let consumer = cfg.create_with_context(IssuerContext {
+        shared: shared.clone(),
+    })?;
+    Ok((consumer, shared))
+}

@@ -1,0 +1,407 @@
+//! The worker: the consume loop itself. One thread, one group member,
+//! batches decided in partition order.
+//!
+//! Each turn of the loop: read a batch (up to `batch_size` records, or what
+//! arrives within `batch_linger`), decide it in the store (one round trip),
+//! publish its outcomes and dead letters and wait for every ack, mark the
+//! decisions logged in the store, then commit the batch's offsets
+//! (`--commit sync|async`). The guarantee: **nothing is committed that is
+//! not decided *and* published**, so a crash or a rebalance costs replays,
+//! never a lost request.
+//!
+//! A failing store or broker is retried with backoff while the partitions are
+//! paused and the loop keeps polling, so the issuer stays in its group and
+//! keeps answering rebalances ([`crate::rebalance`]); a retry re-decides the
+//! whole batch, which the store turns into replays of the same decisions.
+//!
+//! On shutdown the current batch is finished, offsets are committed
+//! synchronously ([`crate::offsets`]), and closing the consumer leaves the
+//! group.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use couponrush_core::recovery::Recovery;
+use couponrush_core::store::{BatchVerdict, Store};
+use couponrush_core::wire::now_micros;
+use couponrush_core::DecisionResult;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Message};
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{confirmations, next_offsets, Disposition, Plan, Received};
+use crate::offsets::CommitCause;
+use crate::publish::{Published, Publisher};
+use crate::rebalance::{IssuerContext, Shared};
+use crate::{Config, Totals};
+
+type PublishTask = tokio::task::JoinHandle<Result<Published, KafkaError>>;
+
+/// A decided batch whose outcomes are on their way to the broker.
+pub struct InFlight {
+    batch: Vec<Received>,
+    plan: Plan,
+    dispositions: Vec<Disposition>,
+    publish: PublishTask,
+    attempt: u32,
+}
+
+/// The consume loop's state.
+pub struct Worker {
+    pub(crate) consumer: BaseConsumer<IssuerContext>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) publisher: Arc<Publisher>,
+    pub(crate) recovery: Recovery,
+    pub(crate) rt: Handle,
+    pub(crate) config: Config,
+    pub(crate) shutdown: CancellationToken,
+    /// Records read while retrying (from partitions assigned mid-retry),
+    /// processed first in the next batch. Bounded by librdkafka's prefetch.
+    pub(crate) carry: Vec<Received>,
+    pub(crate) totals: Totals,
+}
+
+impl Worker {
+    /// Runs until shutdown; returns what it did.
+    pub fn run(mut self) -> KafkaResult<Totals> {
+        self.consumer.subscribe(&[&self.config.topics.requests])?;
+        tracing::info!(group = %self.config.group_id, topic = %self.config.topics.requests, "issuer joined");
+        // Two batches at most are in flight: while one batch's outcomes are on
+        // their way to the broker, the next is read and decided, and its
+        // outcomes enqueued at once. Batches complete (mark logged, commit) in
+        // order, so a commit never covers a batch that is not done.
+        let mut in_flight: Option<InFlight> = None;
+        while !self.shutdown.is_cancelled() {
+            let batch = self.collect();
+            if batch.is_empty() {
+                if let Some(prev) = in_flight.take() {
+                    if !self.complete(prev) {
+                        break;
+                    }
+                }
+                continue;
+            }
+            let Some(decided) = self.decide(batch) else {
+                break;
+            };
+            if let Some(prev) = in_flight.replace(decided) {
+                if !self.complete(prev) {
+                    in_flight = None;
+                    break;
+                }
+            }
+        }
+        if let Some(last) = in_flight.take() {
+            // Finish the batch in hand, unless shutdown came while retrying.
+            self.complete(last);
+        }
+        // Everything done is committed synchronously, then closing the
+        // consumer (on drop) leaves the group so partitions move at once.
+        let done = self.shared.offsets.uncommitted(None);
+        self.shared
+            .offsets
+            .commit(&self.consumer, &done, CommitCause::Shutdown);
+        if let Err(e) = self.publisher.flush(Duration::from_secs(5)) {
+            tracing::warn!(error = %e, "flush at shutdown failed");
+        }
+        self.consumer.unsubscribe();
+        tracing::info!(
+            decided = self.totals.decided,
+            dead = self.totals.dead,
+            "issuer stopped"
+        );
+        Ok(self.totals)
+    }
+
+    fn collect(&mut self) -> Vec<Received> {
+        let max = self.config.batch_size;
+        let mut batch = std::mem::take(&mut self.carry);
+        let mut deadline = (!batch.is_empty()).then(|| Instant::now() + self.config.batch_linger);
+        while batch.len() < max {
+            let timeout = match deadline {
+                None => Duration::from_millis(100),
+                Some(d) => d.saturating_duration_since(Instant::now()),
+            };
+            match self.consumer.poll(timeout) {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    metrics::counter!("couponrush_issuer_consumer_errors_total").increment(1);
+                    if deadline.is_none() {
+                        break;
+                    }
+                }
+                Some(Ok(m)) => {
+                    let Some(record) = self.admitted(&m) else {
+                        continue;
+                    };
+                    batch.push(record);
+                    if deadline.is_none() {
+                        deadline = Some(Instant::now() + self.config.batch_linger);
+                    }
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+        }
+        batch
+    }
+
+    /// The record to decide, unless the broker-quirk check skips it (see
+    /// [`crate::broker_quirk`]).
+    fn admitted(&self, m: &BorrowedMessage<'_>) -> Option<Received> {
+        self.shared
+            .resume
+            .admit(&self.consumer, m.topic(), m.partition(), m.offset())
+            .then(|| Received {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            })
+    }
+
+    /// Decides `batch` (retrying a failing or recovering store) and enqueues
+    /// its outcomes at once. None if shutdown came first.
+    fn decide(&mut self, batch: Vec<Received>) -> Option<InFlight> {
+        let plan = Plan::new(&batch);
+        let mut attempt: u32 = 0;
+        let dispositions = self.decide_plan(&plan, &batch, &mut attempt)?;
+        let publish = self.enqueue(&batch, &dispositions);
+        Some(InFlight {
+            batch,
+            plan,
+            dispositions,
+            publish,
+            attempt,
+        })
+    }
+
+    /// One store round trip for the whole batch, retried until it answers.
+    fn decide_plan(
+        &mut self,
+        plan: &Plan,
+        batch: &[Received],
+        attempt: &mut u32,
+    ) -> Option<Vec<Disposition>> {
+        loop {
+            if *attempt > 0 && self.shutdown.is_cancelled() {
+                tracing::info!(
+                    "shutdown while retrying; the batch stays uncommitted and will be redelivered"
+                );
+                return None;
+            }
+            if plan.batches.is_empty() {
+                return Some(plan.resolve(batch, &[]));
+            }
+            let started = Instant::now();
+            match self
+                .rt
+                .block_on(self.store.decide(&plan.batches, now_micros()))
+            {
+                Ok(verdicts) => {
+                    metrics::histogram!("couponrush_issuer_store_seconds")
+                        .record(started.elapsed());
+                    if verdicts
+                        .iter()
+                        .any(|v| matches!(v, BatchVerdict::UnknownEvent))
+                        && self.store_lost(attempt)
+                    {
+                        continue;
+                    }
+                    return Some(plan.resolve(batch, &verdicts));
+                }
+                Err(e) => {
+                    metrics::counter!("couponrush_issuer_store_errors_total").increment(1);
+                    tracing::warn!(error = %e, attempt = *attempt, "store failed; pausing and retrying");
+                    self.backoff(attempt);
+                }
+            }
+        }
+    }
+
+    /// Enqueues a batch's outcomes and dead letters; the returned task
+    /// resolves when the broker acknowledged them all.
+    fn enqueue(&self, batch: &[Received], dispositions: &[Disposition]) -> PublishTask {
+        let (publisher, batch, dispositions) = (
+            self.publisher.clone(),
+            batch.to_vec(),
+            dispositions.to_vec(),
+        );
+        self.rt
+            .spawn(async move { publisher.publish(&batch, &dispositions).await })
+    }
+
+    /// Waits for a batch's outcomes; on failure decides it again (replays:
+    /// the same decisions) and republishes until acknowledged. Then marks
+    /// the decisions logged and commits. False if shutdown came first.
+    fn complete(&mut self, mut f: InFlight) -> bool {
+        loop {
+            let result = self
+                .rt
+                .block_on(&mut f.publish)
+                .unwrap_or(Err(KafkaError::Canceled));
+            match result {
+                Ok(published) => {
+                    if !self.mark_logged(&f.dispositions, &mut f.attempt) {
+                        return false;
+                    }
+                    if f.attempt > 0 {
+                        self.set_paused(false);
+                        tracing::info!(attempt = f.attempt, "recovered");
+                    }
+                    self.account(&f.batch, &f.dispositions, published.dead);
+                    self.commit(&f.batch);
+                    return true;
+                }
+                Err(e) => {
+                    metrics::counter!("couponrush_issuer_publish_errors_total").increment(1);
+                    tracing::warn!(error = %e, attempt = f.attempt, "publishing failed; pausing, then deciding again (replays) and republishing");
+                    self.backoff(&mut f.attempt);
+                    let Some(dispositions) = self.decide_plan(&f.plan, &f.batch, &mut f.attempt)
+                    else {
+                        return false;
+                    };
+                    f.publish = self.enqueue(&f.batch, &dispositions);
+                    f.dispositions = dispositions;
+                }
+            }
+        }
+    }
+
+    /// An event was unknown: a real unknown event (poison) if the store has
+    /// its epoch, else the store lost its state and is recovered from the
+    /// log first. True when the batch must be decided again.
+    fn store_lost(&mut self, attempt: &mut u32) -> bool {
+        match self.rt.block_on(self.store.epoch()) {
+            Ok(Some(_)) => false,
+            Ok(None) => {
+                metrics::counter!("couponrush_issuer_store_losses_total").increment(1);
+                tracing::warn!(
+                    "the store has no epoch: it lost its state; recovering before deciding"
+                );
+                self.set_paused(true);
+                match self
+                    .rt
+                    .block_on(self.recovery.ensure_ready(Duration::from_secs(3600)))
+                {
+                    Ok(Some(r)) => tracing::warn!(
+                        events = r.events,
+                        decisions = r.decisions,
+                        "this issuer recovered the store"
+                    ),
+                    Ok(None) => tracing::info!("the store was recovered by another process"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "recovery failed; retrying");
+                        self.backoff(attempt);
+                    }
+                }
+                *attempt = (*attempt).max(1);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store failed; pausing and retrying");
+                self.backoff(attempt);
+                true
+            }
+        }
+    }
+
+    /// Marks the batch's decisions logged in the store (their outcomes are
+    /// in the log, so the status route may show them), retrying a failing
+    /// store. False if shutdown came first.
+    fn mark_logged(&mut self, dispositions: &[Disposition], attempt: &mut u32) -> bool {
+        let logged = confirmations(dispositions);
+        if logged.is_empty() {
+            return true;
+        }
+        loop {
+            match self.rt.block_on(self.store.confirm(&logged)) {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "marking decisions logged failed; retrying");
+                    if self.shutdown.is_cancelled() {
+                        return false;
+                    }
+                    self.backoff(attempt);
+                }
+            }
+        }
+    }
+
+    fn account(&mut self, batch: &[Received], dispositions: &[Disposition], dead: usize) {
+        metrics::counter!("couponrush_issuer_batches_total").increment(1);
+        metrics::histogram!("couponrush_issuer_batch_size").record(batch.len() as f64);
+        for d in dispositions {
+            match d {
+                Disposition::Decided(o) => {
+                    let result = o.result.as_str();
+                    let replay = if o.replay { "true" } else { "false" };
+                    metrics::counter!("couponrush_issuer_decisions_total", "result" => result, "replay" => replay).increment(1);
+                    self.totals.decided += 1;
+                    if o.result == DecisionResult::Issued && !o.replay {
+                        self.totals.issued += 1;
+                    }
+                    if o.replay {
+                        self.totals.replays += 1;
+                    }
+                }
+                Disposition::Dead(p) => {
+                    metrics::counter!("couponrush_issuer_dlq_total", "reason" => p.code())
+                        .increment(1);
+                    tracing::warn!(reason = p.code(), detail = %p, "record sent to the DLQ");
+                }
+            }
+        }
+        self.totals.dead += dead as u64;
+        self.totals.batches += 1;
+    }
+
+    /// Pauses every assigned partition and waits, polling so rebalances are
+    /// still served. Records that arrive anyway are carried to the next batch.
+    fn backoff(&mut self, attempt: &mut u32) {
+        self.set_paused(true);
+        let wait =
+            Duration::from_millis(50 * 2u64.pow((*attempt).min(5))).min(self.config.max_backoff);
+        *attempt += 1;
+        let until = Instant::now() + wait;
+        while Instant::now() < until && !self.shutdown.is_cancelled() {
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(20)) {
+                let Some(record) = self.admitted(&m) else {
+                    continue;
+                };
+                self.carry.push(record);
+                if let Ok(a) = self.consumer.assignment() {
+                    let _ = self.consumer.pause(&a);
+                }
+            }
+        }
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.shared.paused.store(paused, Ordering::Relaxed);
+        if let Ok(a) = self.consumer.assignment() {
+            let _ = if paused {
+                self.consumer.pause(&a)
+            } else {
+                self.consumer.resume(&a)
+            };
+        }
+    }
+
+    /// Commits a completed batch's offsets (`--commit sync|async`).
+    fn commit(&mut self, batch: &[Received]) {
+        let done = self.shared.offsets.finish(next_offsets(batch));
+        self.shared.offsets.commit(
+            &self.consumer,
+            &done,
+            CommitCause::Batch(self.config.commit),
+        );
+    }
+}
