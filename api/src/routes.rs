@@ -371,10 +371,10 @@ pub struct DecisionView {
     pub decided_at: u64,
 }
 
-/// Only confirmed decisions are shown: an unconfirmed one is not yet in the
-/// log and would not survive the loss of the store.
+/// Only logged decisions are shown: one not yet logged is not in the log
+/// and would not survive the loss of the store.
 fn status_view(request_id: Uuid, found: Option<(String, Decision)>) -> Json<RequestStatus> {
-    Json(match found.filter(|(_, d)| d.confirmed) {
+    Json(match found.filter(|(_, d)| d.logged) {
         Some((event_id, decision)) => RequestStatus {
             request_id,
             status: "decided".into(),

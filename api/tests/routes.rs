@@ -1,7 +1,7 @@
 //! The api's contract, route by route, through `app().oneshot(..)` over
 //! librdkafka's mock cluster and the in-memory store: every client mistake
 //! is a 4xx with a JSON reason, overload is a 503 with `Retry-After`, admin
-//! routes need the token, and only confirmed decisions are shown.
+//! routes need the token, and only logged decisions are shown.
 
 use std::sync::Arc;
 
@@ -10,7 +10,9 @@ use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
 use couponrush_api::{app, Api, AppState, Config};
 use couponrush_core::store::memory::MemoryStore;
-use couponrush_core::store::{BatchVerdict, Confirmation, EventBatch, EventSpec, Pending, Store};
+use couponrush_core::store::{
+    BatchVerdict, EventBatch, EventSpec, LoggedDecisions, Pending, Store,
+};
 use couponrush_core::wire::now_micros;
 use couponrush_core::Topics;
 use couponrush_harness::MockKafka;
@@ -374,7 +376,7 @@ async fn overload_is_a_503_with_retry_after_and_nothing_accepted() {
 }
 
 #[tokio::test]
-async fn status_shows_a_decision_only_once_it_is_confirmed() {
+async fn status_shows_a_decision_only_once_it_is_logged() {
     let f = fixture(None).await;
     let id = Uuid::now_v7();
     let uri = format!("/v1/events/drop/requests/{id}");
@@ -403,7 +405,7 @@ async fn status_shows_a_decision_only_once_it_is_confirmed() {
         "decided but its outcome is not in the log yet"
     );
     f.store
-        .confirm(&[Confirmation {
+        .mark_logged(&[LoggedDecisions {
             event_id: "drop".into(),
             decisions: vec![(id, decisions[0].seq)],
         }])

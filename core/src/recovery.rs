@@ -17,12 +17,12 @@
 //!    decision taken against the lost state can still appear;
 //! 3. reads `coupon.outcomes` to its end and rebuilds, per event and for its
 //!    latest generation: the coupons by rank, the holders, every decided
-//!    request id (as confirmed: it is in the log), the decision sequence, and
+//!    request id (as logged: it is in the log), the decision sequence, and
 //!    the stock left;
 //! 4. restores each event, then writes a new epoch marker.
 //!
 //! Others wait for the marker. Decisions that never reached the log were
-//! never shown to anyone (the api shows only confirmed decisions), and their
+//! never shown to anyone (the api shows only logged decisions), and their
 //! requests, never committed, are redelivered and decided again.
 //!
 //! The catch: an issuer frozen (not crashed) for longer than the fence
@@ -208,7 +208,7 @@ pub fn rebuild(events: &HashMap<String, EventRecord>, outcomes: &[Outcome]) -> V
                         decided_at: o.decided_at,
                         replay: true,
                         seq: o.decision_seq,
-                        confirmed: true,
+                        logged: true,
                     },
                 });
             }
@@ -416,7 +416,7 @@ mod tests {
         assert_eq!(s.coupons.iter().map(|c| c.rank).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(s.holders, vec![("a".into(), 1), ("b".into(), 1)]);
         assert_eq!(s.decided.len(), 3, "first decisions only, no duplicate");
-        assert!(s.decided.iter().all(|d| d.decision.confirmed));
+        assert!(s.decided.iter().all(|d| d.decision.logged));
     }
 
     #[test]

@@ -133,28 +133,31 @@ pub struct Decision {
     /// store decided; 0 for a `duplicate`). Exact decision order, for the
     /// load generator's ordering-skew figures.
     pub seq: u64,
-    /// True once the issuer confirmed the decision's outcome is in the log
-    /// (see [`Store::confirm`]); only confirmed decisions are shown to
-    /// clients, because only they survive the loss of the store.
-    #[serde(default)]
-    pub confirmed: bool,
+    /// True once the decision is *logged*: its outcome is acknowledged on
+    /// `coupon.outcomes`, the log a lost store is rebuilt from (see
+    /// [`Store::mark_logged`]). Only logged decisions are shown to clients,
+    /// because only they survive the loss of the store. Serialised as
+    /// `confirmed`, its earlier name.
+    #[serde(default, rename = "confirmed")]
+    pub logged: bool,
 }
 
-/// Decisions of one event whose outcomes the broker acknowledged.
+/// Decisions of one event whose outcomes the broker acknowledged: to be
+/// marked logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Confirmation {
+pub struct LoggedDecisions {
     /// The event.
     pub event_id: String,
     /// Each decision's request id and decision sequence number.
     pub decisions: Vec<(Uuid, u64)>,
 }
 
-/// The longest run of sequence numbers one confirmation range covers, so a
-/// lookup only has to look this far back.
-pub const MAX_CONFIRM_RANGE: u64 = 512;
+/// The longest run of sequence numbers one range of logged decisions
+/// covers, so a lookup only has to look this far back.
+pub const MAX_LOGGED_RANGE: u64 = 512;
 
 /// Compresses sequence numbers into inclusive ranges of at most
-/// [`MAX_CONFIRM_RANGE`] numbers (zeros, which number nothing, are skipped).
+/// [`MAX_LOGGED_RANGE`] numbers (zeros, which number nothing, are skipped).
 pub fn seq_ranges(seqs: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
     let mut seqs: Vec<u64> = seqs.into_iter().filter(|s| *s > 0).collect();
     seqs.sort_unstable();
@@ -162,7 +165,7 @@ pub fn seq_ranges(seqs: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for s in seqs {
         match ranges.last_mut() {
-            Some((lo, hi)) if *hi + 1 == s && s - *lo < MAX_CONFIRM_RANGE => *hi = s,
+            Some((lo, hi)) if *hi + 1 == s && s - *lo < MAX_LOGGED_RANGE => *hi = s,
             _ => ranges.push((s, s)),
         }
     }
@@ -176,7 +179,7 @@ pub struct RestoredDecision {
     pub request_id: Uuid,
     /// Its user.
     pub user_id: String,
-    /// The decision (restored as confirmed: it is in the log).
+    /// The decision (restored as logged: it is in the log).
     pub decision: Decision,
 }
 
@@ -287,9 +290,10 @@ pub trait Store: Send + Sync + 'static {
     /// The full ledger of an event, for audits.
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError>;
 
-    /// Marks decisions confirmed: their outcomes are acknowledged by the
-    /// broker. Idempotent; one round trip for the whole batch.
-    async fn confirm(&self, batches: &[Confirmation]) -> Result<(), StoreError>;
+    /// Marks decisions logged: their outcomes are acknowledged by the
+    /// broker, so the status route may show them. Idempotent; one round trip
+    /// for the whole batch.
+    async fn mark_logged(&self, batches: &[LoggedDecisions]) -> Result<(), StoreError>;
 
     /// The store's epoch marker: `None` means the store lost its state (or
     /// never had any) and must be recovered before anything is decided.

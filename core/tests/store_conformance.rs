@@ -9,8 +9,8 @@ use std::time::Duration;
 use couponrush_core::store::memory::MemoryStore;
 use couponrush_core::store::redis::{RedisStore, MAX_REQUESTS_PER_CALL};
 use couponrush_core::store::{
-    BatchVerdict, Confirmation, Coupon, Decision, EventBatch, EventSnapshot, EventSpec, EventState,
-    Pending, RestoredDecision, Store,
+    BatchVerdict, Coupon, Decision, EventBatch, EventSnapshot, EventSpec, EventState,
+    LoggedDecisions, Pending, RestoredDecision, Store,
 };
 use couponrush_core::wire::{now_micros, DecisionResult};
 use uuid::Uuid;
@@ -479,7 +479,7 @@ async fn user_ids_with_separators_round_trip(store: Arc<dyn Store>) {
     assert_eq!(ledger.coupons[0].user_id, odd.user_id);
 }
 
-async fn only_confirmed_decisions_are_marked_confirmed(store: Arc<dyn Store>) {
+async fn only_logged_decisions_are_marked_logged(store: Arc<dyn Store>) {
     let ev = new_event();
     store
         .put_event(
@@ -499,10 +499,10 @@ async fn only_confirmed_decisions_are_marked_confirmed(store: Arc<dyn Store>) {
             .await
             .unwrap()
             .unwrap()
-            .confirmed
+            .logged
     );
     store
-        .confirm(&[Confirmation {
+        .mark_logged(&[LoggedDecisions {
             event_id: ev.clone(),
             decisions: vec![(a.request_id, ds[0].seq), (Uuid::now_v7(), 99)],
         }])
@@ -514,7 +514,7 @@ async fn only_confirmed_decisions_are_marked_confirmed(store: Arc<dyn Store>) {
             .await
             .unwrap()
             .unwrap()
-            .confirmed
+            .logged
     );
     assert!(
         !store
@@ -522,11 +522,11 @@ async fn only_confirmed_decisions_are_marked_confirmed(store: Arc<dyn Store>) {
             .await
             .unwrap()
             .unwrap()
-            .confirmed
+            .logged
     );
-    // Confirming twice changes nothing; a replay of a confirmed decision stays one.
+    // Marking twice changes nothing; a replay of a logged decision stays one.
     store
-        .confirm(&[Confirmation {
+        .mark_logged(&[LoggedDecisions {
             event_id: ev.clone(),
             decisions: vec![(a.request_id, ds[0].seq)],
         }])
@@ -551,7 +551,7 @@ async fn a_restored_event_continues_where_the_ledger_left_off(store: Arc<dyn Sto
         decided_at,
         replay: true,
         seq: 1,
-        confirmed: true,
+        logged: true,
     };
     let snapshot = EventSnapshot {
         state: EventState {
@@ -766,7 +766,7 @@ conformance!(
     dedup_records_expire_after_retention,
     invalid_specs_are_refused,
     user_ids_with_separators_round_trip,
-    only_confirmed_decisions_are_marked_confirmed,
+    only_logged_decisions_are_marked_logged,
     a_restored_event_continues_where_the_ledger_left_off,
     the_recovery_lock_has_one_holder,
     ranks_left_free_by_a_recovery_are_issued_first_and_never_twice,

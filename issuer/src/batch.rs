@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use couponrush_core::store::{BatchVerdict, Confirmation, EventBatch, Pending};
+use couponrush_core::store::{BatchVerdict, EventBatch, LoggedDecisions, Pending};
 use couponrush_core::wire::{Outcome, Poison, WIRE_VERSION};
 use couponrush_core::IssueRequest;
 
@@ -134,10 +134,10 @@ impl Plan {
     }
 }
 
-/// The decisions to mark confirmed once their outcomes are acknowledged:
+/// The decisions to mark logged once their outcomes are acknowledged:
 /// every decided request but `duplicate`s (whose id belongs to another
-/// request, whose own outcome confirms it).
-pub fn confirmations(dispositions: &[Disposition]) -> Vec<Confirmation> {
+/// request, whose own outcome marks it).
+pub fn logged_decisions(dispositions: &[Disposition]) -> Vec<LoggedDecisions> {
     let mut by_event: HashMap<&str, Vec<(uuid::Uuid, u64)>> = HashMap::new();
     for d in dispositions {
         if let Disposition::Decided(o) = d {
@@ -151,7 +151,7 @@ pub fn confirmations(dispositions: &[Disposition]) -> Vec<Confirmation> {
     }
     by_event
         .into_iter()
-        .map(|(event_id, decisions)| Confirmation {
+        .map(|(event_id, decisions)| LoggedDecisions {
             event_id: event_id.to_string(),
             decisions,
         })
@@ -196,7 +196,7 @@ mod tests {
             decided_at: 99,
             replay: false,
             seq: 1,
-            confirmed: false,
+            logged: false,
         }
     }
 
@@ -242,10 +242,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(out[1], Disposition::Dead(Poison::UnknownEvent("b".into())));
-        let confirm = confirmations(&out);
-        assert_eq!(confirm.len(), 1);
+        let logged = logged_decisions(&out);
+        assert_eq!(logged.len(), 1);
         assert_eq!(
-            confirm[0].decisions,
+            logged[0].decisions,
             [(a1.request_id, 1), (a2.request_id, 1)]
         );
         assert!(matches!(out[2], Disposition::Dead(Poison::Malformed(_))));

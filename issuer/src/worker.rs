@@ -32,7 +32,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{confirmations, next_offsets, Disposition, Plan, Received};
+use crate::batch::{logged_decisions, next_offsets, Disposition, Plan, Received};
 use crate::offsets::CommitCause;
 use crate::publish::{Published, Publisher};
 use crate::rebalance::{IssuerContext, Shared};
@@ -317,12 +317,12 @@ impl Worker {
     /// in the log, so the status route may show them), retrying a failing
     /// store. False if shutdown came first.
     fn mark_logged(&mut self, dispositions: &[Disposition], attempt: &mut u32) -> bool {
-        let logged = confirmations(dispositions);
+        let logged = logged_decisions(dispositions);
         if logged.is_empty() {
             return true;
         }
         loop {
-            match self.rt.block_on(self.store.confirm(&logged)) {
+            match self.rt.block_on(self.store.mark_logged(&logged)) {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::warn!(error = %e, "marking decisions logged failed; retrying");

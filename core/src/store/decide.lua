@@ -6,7 +6,7 @@
 -- KEYS[4]  cr:{E}:free     list: ranks left free by a recovery (decisions lost with
 --                          the store); used up first, so ranks stay unique
 -- KEYS[4+i] cr:{E}:req:<request_id_i>  string: generation|code|rank|decided_at|seq|user_id,
---           prefixed with '!' once the issuer confirmed the outcome is in the log
+--           (whether its outcome is in the log is kept apart, in cr:{E}:confirmed)
 -- ARGV[1]  now, microseconds since the epoch
 -- ARGV[2]  dedup record lifetime, seconds
 -- ARGV[2+2i], ARGV[3+2i]  request_id_i, user_id_i, in arrival order

@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{
-    BatchVerdict, Confirmation, Coupon, Decision, EventBatch, EventSnapshot, EventSpec, EventState,
-    Ledger, Store, StoreError,
+    BatchVerdict, Coupon, Decision, EventBatch, EventSnapshot, EventSpec, EventState, Ledger,
+    LoggedDecisions, Store, StoreError,
 };
 use crate::wire::DecisionResult;
 
@@ -149,7 +149,7 @@ impl Store for MemoryStore {
                             decided_at: now,
                             replay: false,
                             seq: 0,
-                            confirmed: false,
+                            logged: false,
                         }
                     });
                     continue;
@@ -176,7 +176,7 @@ impl Store for MemoryStore {
                     decided_at: now,
                     replay: false,
                     seq: ev.seq,
-                    confirmed: false,
+                    logged: false,
                 };
                 let generation = state.generation;
                 ev.decided.insert(
@@ -234,13 +234,13 @@ impl Store for MemoryStore {
         Ok(None)
     }
 
-    async fn confirm(&self, batches: &[Confirmation]) -> Result<(), StoreError> {
+    async fn mark_logged(&self, batches: &[LoggedDecisions]) -> Result<(), StoreError> {
         let mut events = self.lock();
         for b in batches {
             if let Some(ev) = events.get_mut(&b.event_id) {
                 for (id, seq) in &b.decisions {
                     if let Some(r) = ev.decided.get_mut(id).filter(|r| r.decision.seq == *seq) {
-                        r.decision.confirmed = true;
+                        r.decision.logged = true;
                     }
                 }
             }

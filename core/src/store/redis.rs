@@ -11,7 +11,7 @@
 //! | `cr:{E}:holders`          | hash   | user id → coupons held |
 //! | `cr:{E}:coupons`          | hash   | rank → request id ‖ user id |
 //! | `cr:{E}:req:<request id>` | string | the decision, expiring after the dedup retention |
-//! | `cr:{E}:confirmed`        | zset   | ranges `lo-hi` of decision numbers whose outcomes are in the log (score `lo`) |
+//! | `cr:{E}:confirmed`        | zset   | ranges `lo-hi` of logged decision numbers: their outcomes are in the log (score `lo`) |
 //! | `cr:{E}:free`             | list   | ranks a recovery found unused below the highest (given out first) |
 //! | `cr:events`               | set    | every event id (for lookups by request id alone) |
 //! | `cr:epoch`                | string | the epoch marker; absent = state lost, recover first |
@@ -25,8 +25,8 @@ use redis::{Pipeline, RedisError};
 use uuid::Uuid;
 
 use super::{
-    result_from_code, seq_ranges, BatchVerdict, Confirmation, Coupon, Decision, EventBatch,
-    EventSnapshot, EventSpec, EventState, Ledger, Store, StoreError, MAX_CONFIRM_RANGE,
+    result_from_code, seq_ranges, BatchVerdict, Coupon, Decision, EventBatch, EventSnapshot,
+    EventSpec, EventState, Ledger, LoggedDecisions, Store, StoreError, MAX_LOGGED_RANGE,
 };
 use crate::wire::DecisionResult;
 
@@ -34,7 +34,7 @@ use crate::wire::DecisionResult;
 pub const DECIDE_LUA: &str = include_str!("decide.lua");
 
 /// Creates or resets an event: new generation, full stock, no holders, the
-/// decision numbering (and its confirmations) restarted.
+/// decision numbering (and its logged marks) restarted.
 const PUT_EVENT_LUA: &str = r"
 local existed = redis.call('EXISTS', KEYS[1])
 local generation = redis.call('HINCRBY', KEYS[1], 'generation', 1)
@@ -74,15 +74,17 @@ fn coupons_key(event: &str) -> String {
 fn request_key(event: &str, request_id: &Uuid) -> String {
     format!("cr:{{{event}}}:req:{request_id}")
 }
-fn confirmed_key(event: &str) -> String {
+/// The event's logged decision numbers. The key keeps its first name
+/// (`confirmed`) so stored data stays readable.
+fn logged_key(event: &str) -> String {
     format!("cr:{{{event}}}:confirmed")
 }
 fn free_key(event: &str) -> String {
     format!("cr:{{{event}}}:free")
 }
 
-/// Encodes a dedup record as the script writes it (confirmation is kept
-/// apart, in the event's `confirmed` ranges).
+/// Encodes a dedup record as the script writes it (whether it is logged is
+/// kept apart, in the event's ranges under [`logged_key`]).
 fn encode_record(generation: u64, d: &Decision, user_id: &str) -> String {
     let code = match d.result {
         DecisionResult::Issued => 1,
@@ -99,7 +101,7 @@ fn encode_record(generation: u64, d: &Decision, user_id: &str) -> String {
 }
 
 /// Parses a dedup record `generation|code|rank|decided_at|seq|user_id` into
-/// its generation and decision (marked as a replay, not yet confirmed).
+/// its generation and decision (marked as a replay, not yet logged).
 fn parse_record(record: &str) -> Option<(u64, Decision)> {
     let mut parts = record.splitn(6, '|');
     let generation: u64 = parts.next()?.parse().ok()?;
@@ -116,7 +118,7 @@ fn parse_record(record: &str) -> Option<(u64, Decision)> {
             decided_at,
             replay: true,
             seq,
-            confirmed: false,
+            logged: false,
         },
     ))
 }
@@ -197,9 +199,9 @@ impl RedisStore {
         pipe.query_async(&mut conn).await.map_err(map_err)
     }
 
-    /// Marks `d` confirmed if its number falls in a confirmed range (a range
-    /// spans at most MAX_CONFIRM_RANGE numbers, so only that far back).
-    async fn with_confirmation(
+    /// Marks `d` logged if its number falls in a logged range (a range
+    /// spans at most MAX_LOGGED_RANGE numbers, so only that far back).
+    async fn with_logged_mark(
         &self,
         event_id: &str,
         mut d: Decision,
@@ -211,12 +213,12 @@ impl RedisStore {
             .query(
                 redis::pipe()
                     .cmd("ZRANGEBYSCORE")
-                    .arg(confirmed_key(event_id))
-                    .arg(d.seq.saturating_sub(MAX_CONFIRM_RANGE))
+                    .arg(logged_key(event_id))
+                    .arg(d.seq.saturating_sub(MAX_LOGGED_RANGE))
                     .arg(d.seq),
             )
             .await?;
-        d.confirmed = covered(d.seq, &ranges);
+        d.logged = covered(d.seq, &ranges);
         Ok(d)
     }
 }
@@ -296,7 +298,7 @@ impl Store for RedisStore {
             .arg(event_key(event_id))
             .arg(holders_key(event_id))
             .arg(coupons_key(event_id))
-            .arg(confirmed_key(event_id))
+            .arg(logged_key(event_id))
             .arg(free_key(event_id))
             .arg(spec.stock)
             .arg(spec.per_user_limit);
@@ -384,7 +386,7 @@ impl Store for RedisStore {
                                 decided_at: d[2] as u64,
                                 replay: d[3] == 1,
                                 seq: d[4] as u64,
-                                confirmed: false,
+                                logged: false,
                             });
                         }
                     }
@@ -425,7 +427,7 @@ impl Store for RedisStore {
             .await?;
         match (generation, record) {
             (Some(g), Some(r)) => match current(&r, g) {
-                Some(d) => Ok(Some(self.with_confirmation(event_id, d).await?)),
+                Some(d) => Ok(Some(self.with_logged_mark(event_id, d).await?)),
                 None => Ok(None),
             },
             _ => Ok(None),
@@ -449,7 +451,7 @@ impl Store for RedisStore {
             for (ev, pair) in chunk.iter().zip(replies.chunks_exact(2)) {
                 if let (Some(g), Some(r)) = (&pair[0], &pair[1]) {
                     if let Some(d) = current(r, g.parse().unwrap_or(0)) {
-                        return Ok(Some((ev.clone(), self.with_confirmation(ev, d).await?)));
+                        return Ok(Some((ev.clone(), self.with_logged_mark(ev, d).await?)));
                     }
                 }
             }
@@ -502,14 +504,14 @@ impl Store for RedisStore {
         }))
     }
 
-    async fn confirm(&self, batches: &[Confirmation]) -> Result<(), StoreError> {
+    async fn mark_logged(&self, batches: &[LoggedDecisions]) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
         for batch in batches {
             let ranges = seq_ranges(batch.decisions.iter().map(|(_, seq)| *seq));
             if ranges.is_empty() {
                 continue;
             }
-            let cmd = pipe.cmd("ZADD").arg(confirmed_key(&batch.event_id));
+            let cmd = pipe.cmd("ZADD").arg(logged_key(&batch.event_id));
             for (lo, hi) in ranges {
                 cmd.arg(lo).arg(format!("{lo}-{hi}"));
             }
@@ -573,7 +575,7 @@ impl Store for RedisStore {
             .arg(event_key(ev))
             .arg(holders_key(ev))
             .arg(coupons_key(ev))
-            .arg(confirmed_key(ev))
+            .arg(logged_key(ev))
             .arg(free_key(ev))
             .ignore();
         if !snap.free_ranks.is_empty() {
@@ -582,10 +584,10 @@ impl Store for RedisStore {
                 .arg(&snap.free_ranks)
                 .ignore();
         }
-        // Every restored decision is in the log: confirmed.
+        // Every restored decision is in the log: logged.
         let ranges = seq_ranges(snap.decided.iter().map(|d| d.decision.seq));
         for chunk in ranges.chunks(1000) {
-            let cmd = pipe.cmd("ZADD").arg(confirmed_key(ev));
+            let cmd = pipe.cmd("ZADD").arg(logged_key(ev));
             for (lo, hi) in chunk {
                 cmd.arg(*lo).arg(format!("{lo}-{hi}"));
             }
@@ -664,7 +666,7 @@ mod tests {
             decided_at: 123,
             replay: true,
             seq: 9,
-            confirmed: false,
+            logged: false,
         };
         let rec = encode_record(4, &d, "a|b|c");
         assert_eq!(parse_record(&rec), Some((4, d)));
@@ -673,7 +675,7 @@ mod tests {
     }
 
     #[test]
-    fn a_number_is_confirmed_only_inside_a_range() {
+    fn a_number_is_logged_only_inside_a_range() {
         let ranges = vec![
             "1-100".to_string(),
             "50-50".to_string(),
