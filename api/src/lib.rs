@@ -48,6 +48,7 @@ use couponrush_core::producer::RequestProducer;
 use couponrush_core::recovery::Recovery;
 use couponrush_core::store::redis::RedisStore;
 use couponrush_core::store::{Store, StoreError};
+use couponrush_core::telemetry::MetricsError;
 use couponrush_core::{Partitioner, Topics};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -191,6 +192,9 @@ pub enum StartError {
     /// The store is unreachable.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Metrics could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// Topic setup failed.
     #[error(transparent)]
     Topics(#[from] TopicError),
@@ -501,7 +505,7 @@ impl Api {
 
 /// Runs the api as `coupon-api` does: Redis store, metrics, until `shutdown`.
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), StartError> {
-    let metrics = couponrush_core::telemetry::install_metrics(None).map_err(StartError::Config)?;
+    let metrics = couponrush_core::telemetry::install_metrics(None)?;
     let store = RedisStore::connect(&cli.store.redis_url, cli.store.dedup_retention).await?;
     let api = Api::bind(cli.config(), Arc::new(store), metrics).await?;
     let addr = api.local_addr();

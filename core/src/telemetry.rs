@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -40,18 +40,40 @@ const BUCKETS: &[f64] = &[
     1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Why metrics could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The recorder refused its configuration (a bug in this build).
+    #[error("cannot set up the metrics recorder: {0}")]
+    Recorder(#[source] BuildError),
+    /// The `/metrics` listener could not be started.
+    #[error(
+        "cannot serve metrics on {addr}: {source}; choose a free address with --metrics-listen"
+    )]
+    Listen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: BuildError,
+    },
+}
+
 /// Installs the global Prometheus recorder and returns its handle (render it
 /// for `/metrics`). If `listen` is given, also serves `/metrics` there.
 /// When a recorder is already installed (several components in one process,
 /// as in the demo), returns `None` and metrics go to the first one.
-pub fn install_metrics(listen: Option<SocketAddr>) -> Result<Option<PrometheusHandle>, String> {
+pub fn install_metrics(
+    listen: Option<SocketAddr>,
+) -> Result<Option<PrometheusHandle>, MetricsError> {
     let builder = PrometheusBuilder::new()
         .set_buckets(BUCKETS)
-        .map_err(|e| e.to_string())?;
+        .map_err(MetricsError::Recorder)?;
     match listen {
         Some(addr) => {
             let builder = builder.with_http_listener(addr);
-            let (recorder, exporter) = builder.build().map_err(|e| e.to_string())?;
+            let (recorder, exporter) = builder
+                .build()
+                .map_err(|source| MetricsError::Listen { addr, source })?;
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 return Ok(None);

@@ -57,6 +57,7 @@ use couponrush_core::kafka::KafkaSettings;
 use couponrush_core::recovery::Recovery;
 use couponrush_core::store::redis::RedisStore;
 use couponrush_core::store::{Store, StoreError};
+use couponrush_core::telemetry::MetricsError;
 use couponrush_core::Topics;
 use rdkafka::consumer::CommitMode;
 use rdkafka::error::KafkaError;
@@ -220,8 +221,8 @@ pub enum IssuerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Metrics could not be served.
-    #[error("metrics: {0}")]
-    Metrics(String),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// The consume thread panicked.
     #[error("the consume loop panicked")]
     Panicked,
@@ -320,8 +321,7 @@ pub async fn run_issuer_probed(
 /// Runs the issuer as `coupon-issuer` does: Redis store, metrics.
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<Totals, IssuerError> {
     if cli.metrics_listen.is_some() {
-        couponrush_core::telemetry::install_metrics(cli.metrics_listen)
-            .map_err(IssuerError::Metrics)?;
+        couponrush_core::telemetry::install_metrics(cli.metrics_listen)?;
     }
     let store = RedisStore::connect(&cli.store.redis_url, cli.store.dedup_retention).await?;
     run_issuer(cli.config(), Arc::new(store), shutdown).await
