@@ -28,8 +28,11 @@
 //! - [`rig`]: the deployment of real processes the scenarios break.
 //! - [`fuzz`]: hostile and slow HTTP clients.
 
+mod error;
 pub mod fuzz;
 pub mod rig;
+
+pub use error::ChaosError;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -304,7 +307,13 @@ async fn start_drop(
     rig: &Deployment,
     dims: Dims,
     offer: Offer,
-) -> Result<(tokio::task::JoinHandle<Result<Report, String>>, u64), String> {
+) -> Result<
+    (
+        tokio::task::JoinHandle<Result<Report, couponrush_loadgen::Error>>,
+        u64,
+    ),
+    ChaosError,
+> {
     let requests = (dims.rate * dims.seconds) as u64;
     let spec = DropSpec {
         plan: LoadPlan {
@@ -345,7 +354,7 @@ async fn sleep_until_load(started: u64, seconds: f64) {
     }
 }
 
-async fn rig(spec: RigSpec, dir: &std::path::Path) -> Result<Deployment, String> {
+async fn rig(spec: RigSpec, dir: &std::path::Path) -> Result<Deployment, ChaosError> {
     let r = rig::start(&spec, dir).await?;
     // Let the group form before the doors open.
     tokio::time::sleep(Duration::from_secs(if spec.broker == BrokerKind::Mock {
@@ -374,7 +383,7 @@ pub async fn run_scenario(
     seed: u64,
     size: Size,
     dir: &std::path::Path,
-) -> Result<Row, String> {
+) -> Result<Row, ChaosError> {
     let dims = size.dims();
     let dir = dir.join(format!("{}-{seed}", scenario.name()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -676,7 +685,7 @@ async fn poison(
     rig: &Deployment,
     count: u64,
     seconds: f64,
-) -> Result<BTreeMap<String, u64>, String> {
+) -> Result<BTreeMap<String, u64>, ChaosError> {
     let producer: FutureProducer = KafkaSettings::new(rig.kafka.brokers.clone())
         .producer_config("chaos-poisoner", 10_000)
         .create()
@@ -727,7 +736,7 @@ async fn poison(
     Ok(expected)
 }
 
-async fn api_fuzz(seed: u64, dims: Dims, dir: &std::path::Path) -> Result<Row, String> {
+async fn api_fuzz(seed: u64, dims: Dims, dir: &std::path::Path) -> Result<Row, ChaosError> {
     let mut rig = rig(spec(BrokerKind::TansuMemory, 1), dir).await?;
     let api = rig.api_addr().ok_or("the api did not start")?;
     let endpoint = Endpoint::parse(&rig.api_url()).await?;
@@ -814,7 +823,7 @@ impl OfferTarget {
         requests: u64,
         seconds: f64,
         seed: u64,
-    ) -> Result<Report, String> {
+    ) -> Result<Report, ChaosError> {
         let drop = DropRun {
             via: Via::Http {
                 endpoint: Endpoint::parse(&self.url).await?,
@@ -843,11 +852,11 @@ impl OfferTarget {
             config: serde_json::json!({}),
             observe: false,
         };
-        run_drop(drop, CancellationToken::new()).await
+        Ok(run_drop(drop, CancellationToken::new()).await?)
     }
 }
 
-async fn overload(seed: u64, dir: &std::path::Path) -> Result<Row, String> {
+async fn overload(seed: u64, dir: &std::path::Path) -> Result<Row, ChaosError> {
     let mut s = spec(BrokerKind::TansuMemory, 1);
     s.api_args = vec![
         "--max-in-flight".into(),
@@ -965,7 +974,7 @@ async fn shed_has_retry_after(endpoint: &Endpoint, event: &str) -> bool {
     false
 }
 
-async fn admin(seed: u64, dims: Dims, dir: &std::path::Path) -> Result<Row, String> {
+async fn admin(seed: u64, dims: Dims, dir: &std::path::Path) -> Result<Row, ChaosError> {
     let token = "chaos-admin-token";
     let mut s = spec(BrokerKind::TansuMemory, 2);
     s.api_args = vec!["--admin-token".into(), token.into()];
@@ -1101,7 +1110,7 @@ pub fn table(rows: &[Row]) -> String {
 }
 
 /// Runs the chosen scenarios over the seeds; writes the table.
-pub async fn chaos(args: ChaosArgs) -> Result<Verdict, String> {
+pub async fn chaos(args: ChaosArgs) -> Result<Verdict, ChaosError> {
     let scenarios = if args.scenarios.is_empty() {
         Scenario::ALL.to_vec()
     } else {

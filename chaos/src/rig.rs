@@ -7,7 +7,9 @@ use std::path::Path;
 
 use couponrush_core::Partitioner;
 use couponrush_harness::TansuStorage;
-use couponrush_lab::deployment::{Deployment, KafkaChoice, Members, Spec, StoreChoice};
+use couponrush_lab::deployment::{
+    Deployment, DeploymentError, KafkaChoice, Members, Spec, StoreChoice,
+};
 
 pub use couponrush_lab::deployment::{binary, Broker};
 
@@ -54,7 +56,7 @@ const ISSUER_ARGS: [&str; 6] = [
 const BATCH_SIZE: usize = 500;
 
 /// Starts `spec` with its logs and data in `dir` and waits until the api answers.
-pub async fn start(spec: &RigSpec, dir: &Path) -> Result<Deployment, String> {
+pub async fn start(spec: &RigSpec, dir: &Path) -> Result<Deployment, DeploymentError> {
     let kafka = match spec.broker {
         BrokerKind::TansuMemory => KafkaChoice::Tansu(TansuStorage::Memory),
         BrokerKind::TansuSqlite => KafkaChoice::Tansu(TansuStorage::Sqlite(dir.join("tansu.db"))),
@@ -62,7 +64,7 @@ pub async fn start(spec: &RigSpec, dir: &Path) -> Result<Deployment, String> {
     };
     let mut api_args = vec!["--recovery-fence".to_string(), "5s".to_string()];
     api_args.extend(spec.api_args.iter().cloned());
-    Ok(Deployment::start(Spec {
+    Deployment::start(Spec {
         kafka,
         store: StoreChoice::PrivateRedis {
             aof: spec.redis_aof,
@@ -80,5 +82,5 @@ pub async fn start(spec: &RigSpec, dir: &Path) -> Result<Deployment, String> {
         with_api: true,
         start_issuers: true,
     })
-    .await?)
+    .await
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::deployment::{store_choice, Deployment, KafkaChoice, Spec};
+use crate::LabError;
 use couponrush_loadgen::drive::direct::DirectFactory;
 use couponrush_loadgen::drive::{drive, LoadModel, LoadPlan, Progress};
 use couponrush_loadgen::observe::Observer;
@@ -66,15 +67,19 @@ pub fn bare_router() -> Router {
 }
 
 /// Serves [`bare_router`] until `cancel`.
-pub async fn bare(args: BareArgs, cancel: CancellationToken) -> Result<(), String> {
+pub async fn bare(args: BareArgs, cancel: CancellationToken) -> Result<(), LabError> {
+    let listen_err = |source| LabError::Listen {
+        addr: args.listen.to_string(),
+        source,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        .map_err(listen_err)?;
     println!("bare server on http://{}", args.listen);
     axum::serve(listener, bare_router())
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(listen_err)
 }
 
 /// `coupon-lab bench-issuer`.
@@ -107,7 +112,7 @@ pub struct BenchIssuerArgs {
 pub async fn bench_issuer(
     args: BenchIssuerArgs,
     cancel: CancellationToken,
-) -> Result<Verdict, String> {
+) -> Result<Verdict, LabError> {
     let kafka = KafkaChoice::brokers_or_embedded(args.brokers.as_deref(), 1);
     let mut deployment = Deployment::start(Spec {
         partitioner: Partitioner::Spread,
@@ -133,19 +138,15 @@ pub async fn bench_issuer(
                 per_user_limit: 1,
             },
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
 
-    let producer = Arc::new(
-        RequestProducer::new(
-            &deployment.kafka,
-            deployment.topics.requests.clone(),
-            Partitioner::Spread,
-            args.partitions,
-            1_000_000,
-        )
-        .map_err(|e| e.to_string())?,
-    );
+    let producer = Arc::new(RequestProducer::new(
+        &deployment.kafka,
+        deployment.topics.requests.clone(),
+        Partitioner::Spread,
+        args.partitions,
+        1_000_000,
+    )?);
     couponrush_api::routes::create_event(
         &*store,
         &producer,
@@ -156,8 +157,7 @@ pub async fn bench_issuer(
             per_user_limit: 1,
         },
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     let fill_started = Instant::now();
     let filled = drive(
         Arc::new(DirectFactory { producer }),
@@ -182,10 +182,7 @@ pub async fn bench_issuer(
             deployment.topics.clone(),
             event.clone(),
         );
-        tokio::task::spawn_blocking(move || Observer::start(&k, &t, &e))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
+        tokio::task::spawn_blocking(move || Observer::start(&k, &t, &e)).await??
     };
     let started = Instant::now();
     deployment.start_issuers()?;

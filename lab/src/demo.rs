@@ -12,6 +12,7 @@ use couponrush_core::Partitioner;
 use tokio_util::sync::CancellationToken;
 
 use crate::deployment::{store_choice, Deployment, DropSpec, KafkaChoice, Spec};
+use crate::LabError;
 use couponrush_loadgen::measure::audit::EventTerms;
 use couponrush_loadgen::{LoadArgs, LoadDefaults, OutputArgs, Verdict};
 
@@ -42,7 +43,7 @@ pub struct DemoArgs {
 }
 
 /// Runs the demo.
-pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdict, String> {
+pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdict, LabError> {
     let deployment = Deployment::start(Spec {
         partitioner: args.partitioner,
         ..Spec::in_process(
@@ -60,7 +61,7 @@ pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdi
         args.partitions, args.issuers, args.partitioner
     );
     if !deployment.wait_assigned(Duration::from_secs(60)).await {
-        return Err("the issuers did not get every partition within 60s".into());
+        return Err(LabError::NotAssigned(Duration::from_secs(60)));
     }
     let event = format!("demo-{}", couponrush_core::wire::now_micros() / 1000);
     let plan = args.load.plan(

@@ -38,6 +38,8 @@ use couponrush_loadgen::drive::LoadPlan;
 use couponrush_loadgen::measure::audit::EventTerms;
 use couponrush_loadgen::report::Report;
 use couponrush_loadgen::run::{run_drop, DropRun, Via};
+
+use crate::LabError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -183,12 +185,6 @@ pub enum DeploymentError {
     /// The spec asks for something that cannot work.
     #[error("{0}")]
     Spec(&'static str),
-}
-
-impl From<DeploymentError> for String {
-    fn from(e: DeploymentError) -> Self {
-        e.to_string()
-    }
 }
 
 fn start_err(what: &str) -> impl Fn(std::io::Error) -> DeploymentError + '_ {
@@ -622,7 +618,7 @@ impl Deployment {
         d: DropSpec,
         direct: bool,
         cancel: CancellationToken,
-    ) -> Result<JoinHandle<Result<Report, String>>, String> {
+    ) -> Result<JoinHandle<Result<Report, couponrush_loadgen::Error>>, LabError> {
         let via = if direct {
             let producer = RequestProducer::new(
                 &self.kafka,
@@ -630,13 +626,12 @@ impl Deployment {
                 self.spec.partitioner,
                 self.spec.partitions,
                 1_000_000,
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             Via::Direct {
                 producer: Arc::new(producer),
             }
         } else {
-            let api = self.api_addr.ok_or("the api did not start")?;
+            let api = self.api_addr.ok_or(LabError::NoApi)?;
             Via::Http {
                 endpoint: Endpoint::parse(&format!("http://{api}")).await?,
                 admin_token: d.admin_token,
@@ -665,9 +660,9 @@ impl Deployment {
         &self,
         d: DropSpec,
         cancel: CancellationToken,
-    ) -> Result<Report, String> {
+    ) -> Result<Report, LabError> {
         let task = self.start_drop(d, false, cancel).await?;
-        task.await.map_err(|e| e.to_string())?
+        Ok(task.await??)
     }
 
     /// Runs an audited drop produced straight to the requests topic (see
@@ -676,9 +671,9 @@ impl Deployment {
         &self,
         d: DropSpec,
         cancel: CancellationToken,
-    ) -> Result<Report, String> {
+    ) -> Result<Report, LabError> {
         let task = self.start_drop(d, true, cancel).await?;
-        task.await.map_err(|e| e.to_string())?
+        Ok(task.await??)
     }
 
     /// Stops everything cleanly (issuers finish their batch, commit and

@@ -16,11 +16,15 @@
 //!   partitioners, with medians, a table and a chart.
 //! - [`bench`]: the issuer stage from a pre-filled topic, and a bare HTTP
 //!   server (the ceiling the api is compared with).
+//! - [`LabError`]: what stops a command, saying what to do.
 
 pub mod bench;
 pub mod demo;
 pub mod deployment;
+mod error;
 pub mod sweep;
+
+pub use error::LabError;
 
 use clap::{Parser, Subcommand};
 use couponrush_core::cli::LogArgs;
@@ -53,7 +57,7 @@ pub enum Command {
 }
 
 /// Dispatches a parsed command line; the exit verdict or a message for the user.
-pub async fn main(cli: Cli, cancel: CancellationToken) -> Result<Verdict, String> {
+pub async fn main(cli: Cli, cancel: CancellationToken) -> Result<Verdict, LabError> {
     match cli.command {
         Command::Demo(args) => demo::demo(args, cancel).await,
         Command::Sweep(args) => sweep::sweep(args, cancel).await,

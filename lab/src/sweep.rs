@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::deployment::{store_choice, Deployment, DropSpec, KafkaChoice, Spec, StoreChoice};
+use crate::LabError;
 use couponrush_harness::TansuStorage;
 use couponrush_loadgen::chart::{document, Panel, Series};
 use couponrush_loadgen::measure::audit::EventTerms;
@@ -114,9 +115,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs the sweep.
-pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict, String> {
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict, LabError> {
+    std::fs::create_dir_all(&args.out).map_err(|source| LabError::Write {
+        path: args.out.clone(),
+        source,
+    })?;
     // Rounds outermost: every point is measured once per round, so slow
     // drift of a shared machine spreads over all points instead of
     // penalising the ones measured last.
@@ -134,7 +137,7 @@ pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict
     for round in 1..=rounds {
         for (i, &(partitioner, issuers, partitions)) in grid.iter().enumerate() {
             if cancel.is_cancelled() {
-                return Err("cancelled".into());
+                return Err(LabError::Cancelled);
             }
             let r = point_run(&args, partitions, issuers, partitioner, &cancel).await?;
             eprintln!(
@@ -183,10 +186,10 @@ pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict
         "store": if args.fresh { "a fresh redis-server per run" } else if args.redis.is_some() { "redis" } else { "memory" },
         "points": points,
     }))
-    .map_err(|e| e.to_string())?;
+    .expect("a sweep serialises");
     let write = |name: &str, bytes: &[u8]| {
         let path = args.out.join(name);
-        std::fs::write(&path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        std::fs::write(&path, bytes).map_err(|source| LabError::Write { path, source })
     };
     write("sweep.json", &json)?;
     write("sweep.txt", table.as_bytes())?;
@@ -208,7 +211,7 @@ async fn point_run(
     issuers: usize,
     partitioner: Partitioner,
     cancel: &CancellationToken,
-) -> Result<couponrush_loadgen::report::Report, String> {
+) -> Result<couponrush_loadgen::report::Report, LabError> {
     let services = args.out.join(".services");
     let (kafka, store, dir) = if args.fresh {
         (
@@ -233,7 +236,7 @@ async fn point_run(
     // Let the group form before the doors open, so every point measures
     // deciding, not joining.
     if !deployment.wait_assigned(Duration::from_secs(60)).await {
-        return Err("the issuers did not get every partition within 60s".into());
+        return Err(LabError::NotAssigned(Duration::from_secs(60)));
     }
     let event = format!("sweep-{}", uuid::Uuid::new_v4().simple());
     let plan = args.load.plan(

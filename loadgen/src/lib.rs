@@ -20,6 +20,7 @@
 
 pub mod chart;
 pub mod drive;
+mod error;
 pub mod measure;
 pub mod observe;
 pub mod population;
@@ -45,6 +46,8 @@ use crate::measure::audit::EventTerms;
 use crate::population::{Population, UserDist};
 use crate::report::Report;
 use crate::run::{run_drop, DropRun, Via};
+
+pub use crate::error::Error;
 
 /// `coupon-loadgen`: load-test a coupon drop and audit it.
 #[derive(Debug, Parser)]
@@ -118,13 +121,21 @@ pub struct LoadDefaults {
 
 impl LoadArgs {
     /// The load plan for `event`.
-    pub fn plan(&self, event_id: &str, d: LoadDefaults) -> Result<LoadPlan, String> {
+    pub fn plan(&self, event_id: &str, d: LoadDefaults) -> Result<LoadPlan, Error> {
         let (model, requests) = match (self.rate, self.concurrency, self.burst) {
             (Some(r), _, _) if !(r > 0.0 && r.is_finite()) => {
-                return Err("--rate must be a positive number".into())
+                return Err(Error::BadFlag {
+                    flag: "--rate",
+                    expected: "must be a positive number",
+                })
             }
             (Some(r), _, _) => (LoadModel::Rate(r), self.requests.unwrap_or(d.requests)),
-            (_, Some(0), _) => return Err("--concurrency must be at least 1".into()),
+            (_, Some(0), _) => {
+                return Err(Error::BadFlag {
+                    flag: "--concurrency",
+                    expected: "must be at least 1",
+                })
+            }
             (_, Some(c), _) => (
                 LoadModel::Concurrency(c),
                 self.requests.unwrap_or(d.requests),
@@ -134,7 +145,10 @@ impl LoadArgs {
         };
         let retry = self.retry_ratio.unwrap_or(d.retry_ratio);
         if !(0.0..=1.0).contains(&retry) {
-            return Err("--retry-ratio must be between 0 and 1".into());
+            return Err(Error::BadFlag {
+                flag: "--retry-ratio",
+                expected: "must be between 0 and 1",
+            });
         }
         Ok(LoadPlan {
             event_id: event_id.to_string(),
@@ -212,17 +226,22 @@ pub struct OutputArgs {
 
 impl OutputArgs {
     /// Prints the summary and writes the files.
-    pub fn emit(&self, report: &Report) -> Result<(), String> {
+    pub fn emit(&self, report: &Report) -> Result<(), Error> {
+        let write = |path: &PathBuf, bytes: &[u8]| {
+            std::fs::write(path, bytes).map_err(|source| Error::File {
+                doing: "write",
+                path: path.clone(),
+                source,
+            })
+        };
         println!("{}", report.text());
         if let Some(path) = &self.json {
-            let json = serde_json::to_vec_pretty(report).map_err(|e| e.to_string())?;
-            std::fs::write(path, json)
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            let json = serde_json::to_vec_pretty(report).expect("a report serialises");
+            write(path, &json)?;
             println!("report written to {}", path.display());
         }
         if let Some(path) = &self.chart {
-            std::fs::write(path, chart::drop_chart(report))
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            write(path, chart::drop_chart(report).as_bytes())?;
             println!("chart written to {}", path.display());
         }
         Ok(())
@@ -291,16 +310,19 @@ pub enum Verdict {
 }
 
 /// Opens the Redis store at `url`.
-pub async fn redis_store(url: &str) -> Result<Arc<dyn Store>, String> {
+pub async fn redis_store(url: &str) -> Result<Arc<dyn Store>, Error> {
     Ok(Arc::new(
         RedisStore::connect(url, DEFAULT_DEDUP_RETENTION)
             .await
-            .map_err(|e| e.to_string())?,
+            .map_err(|source| Error::StoreUnreachable {
+                url: url.to_string(),
+                source,
+            })?,
     ))
 }
 
 /// Runs `coupon-loadgen run`.
-pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, String> {
+pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, Error> {
     let event = args.event.event_id();
     let plan = args.load.plan(
         &event,
@@ -321,9 +343,7 @@ pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, Str
         let partitions = tokio::task::spawn_blocking(move || {
             partition_counts(&k, &[&t], Duration::from_secs(10))
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?[&topics.requests];
+        .await??[&topics.requests];
         Via::Direct {
             producer: Arc::new(
                 RequestProducer::new(
@@ -333,7 +353,11 @@ pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, Str
                     partitions,
                     500_000,
                 )
-                .map_err(|e| e.to_string())?,
+                .map_err(|source| Error::Kafka {
+                    doing: "create a producer",
+                    brokers: kafka.brokers.clone(),
+                    source,
+                })?,
             ),
         }
     } else {
@@ -374,26 +398,32 @@ pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, Str
 }
 
 /// Runs `coupon-loadgen merge`.
-pub fn merge(args: &MergeArgs) -> Result<Report, String> {
+pub fn merge(args: &MergeArgs) -> Result<Report, Error> {
     let reports: Vec<Report> = args
         .reports
         .iter()
         .map(|p| {
-            let bytes =
-                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-            let r: Report = serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{} is not a couponrush report: {e}", p.display()))?;
+            let bytes = std::fs::read(p).map_err(|source| Error::File {
+                doing: "read",
+                path: p.clone(),
+                source,
+            })?;
+            let not_a_report = |problem: String| Error::NotAReport {
+                path: p.clone(),
+                problem,
+            };
+            let r: Report =
+                serde_json::from_slice(&bytes).map_err(|e| not_a_report(e.to_string()))?;
             if r.schema != report::SCHEMA {
-                return Err(format!(
-                    "{}: schema {} is not {}",
-                    p.display(),
+                return Err(not_a_report(format!(
+                    "its schema is {}, this version reads {}",
                     r.schema,
                     report::SCHEMA
-                ));
+                )));
             }
             Ok(r)
         })
-        .collect::<Result<_, String>>()?;
+        .collect::<Result<_, Error>>()?;
     if reports.iter().all(|r| r.raw.is_some()) {
         Ok(Report::build(report::merge_facts(&reports)?, true))
     } else {
@@ -402,7 +432,7 @@ pub fn merge(args: &MergeArgs) -> Result<Report, String> {
 }
 
 /// Dispatches a parsed command line; the exit verdict or a message for the user.
-pub async fn main(cli: Cli, cancel: CancellationToken) -> Result<Verdict, String> {
+pub async fn main(cli: Cli, cancel: CancellationToken) -> Result<Verdict, Error> {
     let judged = |r: &Report| {
         if r.passed {
             Verdict::Pass

@@ -19,6 +19,7 @@ use crate::measure::audit::{audit, EventTerms, StoreFigures};
 use crate::measure::latency::{self, LatencySummary};
 use crate::measure::skew::{skew, Ordered, Skew};
 use crate::observe::Observed;
+use crate::Error;
 
 /// The schema name written into every report.
 pub const SCHEMA: &str = "couponrush.report/v1";
@@ -536,11 +537,17 @@ pub fn group(x: u64) -> String {
     out
 }
 
+fn merge_err(e: impl std::fmt::Display) -> Error {
+    Error::Merge(e.to_string())
+}
+
 /// Rebuilds the facts of several reports that carry raw data, so they can be
 /// merged exactly. Outcomes seen by several load generators (the same record,
 /// same partition and offset) count once.
-pub fn merge_facts(reports: &[Report]) -> Result<Facts, String> {
-    let first = reports.first().ok_or("nothing to merge")?;
+pub fn merge_facts(reports: &[Report]) -> Result<Facts, Error> {
+    let first = reports
+        .first()
+        .ok_or_else(|| Error::Merge("no reports".into()))?;
     let mut accepted: HashMap<Uuid, Acceptance> = HashMap::new();
     let mut outcomes: Vec<Observed> = Vec::new();
     let mut seen: HashSet<(i32, i64, Uuid, bool)> = HashSet::new();
@@ -554,12 +561,17 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, String> {
     let (mut started, mut load_end, mut end) = (u64::MAX, 0, 0);
     for r in reports {
         if r.event_id != first.event_id || r.stock != first.stock {
-            return Err(format!(
-                "cannot merge: {} (stock {}) and {} (stock {}) are different drops",
+            return Err(Error::Merge(format!(
+                "{} (stock {}) and {} (stock {}) are different drops",
                 first.event_id, first.stock, r.event_id, r.stock
-            ));
+            )));
         }
-        let raw = r.raw.as_ref().ok_or("no raw data")?;
+        let raw = r.raw.as_ref().ok_or_else(|| {
+            Error::Merge(format!(
+                "the report of {} has no raw data (it was written with --no-raw)",
+                r.event_id
+            ))
+        })?;
         for a in &raw.accepted {
             accepted
                 .entry(a.request_id)
@@ -587,11 +599,11 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, String> {
             ledger_at = audited_at;
         }
         accept
-            .add(latency::decode(&r.histograms.accept)?)
-            .map_err(|e| e.to_string())?;
+            .add(latency::decode(&r.histograms.accept).map_err(Error::Merge)?)
+            .map_err(merge_err)?;
         accept_uncorrected
-            .add(latency::decode(&r.histograms.accept_uncorrected)?)
-            .map_err(|e| e.to_string())?;
+            .add(latency::decode(&r.histograms.accept_uncorrected).map_err(Error::Merge)?)
+            .map_err(merge_err)?;
         for (k, v) in &r.answers {
             *answers.entry(k.clone()).or_default() += v;
         }
@@ -639,26 +651,30 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, String> {
 /// generator and taken as the largest. Not recomputable: the skew, and
 /// `phantom`, since each generator counts the others' requests as phantom;
 /// the smallest value is reported, an upper bound. The notes say so.
-pub fn merge_summaries(reports: &[Report]) -> Result<Report, String> {
-    let mut merged = reports.first().ok_or("nothing to merge")?.clone();
-    let mut accept = latency::decode(&merged.histograms.accept)?;
-    let mut uncorrected = latency::decode(&merged.histograms.accept_uncorrected)?;
-    let mut e2e = latency::decode(&merged.histograms.e2e)?;
+pub fn merge_summaries(reports: &[Report]) -> Result<Report, Error> {
+    let mut merged = reports
+        .first()
+        .ok_or_else(|| Error::Merge("no reports".into()))?
+        .clone();
+    let mut accept = latency::decode(&merged.histograms.accept).map_err(Error::Merge)?;
+    let mut uncorrected =
+        latency::decode(&merged.histograms.accept_uncorrected).map_err(Error::Merge)?;
+    let mut e2e = latency::decode(&merged.histograms.e2e).map_err(Error::Merge)?;
     for r in &reports[1..] {
         if r.event_id != merged.event_id || r.stock != merged.stock {
-            return Err(format!(
-                "cannot merge: {} and {} are different drops",
+            return Err(Error::Merge(format!(
+                "{} and {} are different drops",
                 merged.event_id, r.event_id
-            ));
+            )));
         }
         accept
-            .add(latency::decode(&r.histograms.accept)?)
-            .map_err(|e| e.to_string())?;
+            .add(latency::decode(&r.histograms.accept).map_err(Error::Merge)?)
+            .map_err(merge_err)?;
         uncorrected
-            .add(latency::decode(&r.histograms.accept_uncorrected)?)
-            .map_err(|e| e.to_string())?;
-        e2e.add(latency::decode(&r.histograms.e2e)?)
-            .map_err(|e| e.to_string())?;
+            .add(latency::decode(&r.histograms.accept_uncorrected).map_err(Error::Merge)?)
+            .map_err(merge_err)?;
+        e2e.add(latency::decode(&r.histograms.e2e).map_err(Error::Merge)?)
+            .map_err(merge_err)?;
         merged.requests += r.requests;
         merged.sends += r.sends;
         merged.accepted += r.accepted;

@@ -20,6 +20,7 @@ use crate::drive::{drive, Driven, LoadPlan, Progress};
 use crate::measure::audit::EventTerms;
 use crate::observe::{DecidedCount, Observer};
 use crate::report::{Facts, Report};
+use crate::Error;
 
 /// How requests reach the system.
 pub enum Via {
@@ -69,7 +70,7 @@ pub struct DropRun {
 
 /// Runs `drop` and reports; `cancel` stops the load early (the drain and
 /// audit still run).
-pub async fn run_drop(drop: DropRun, cancel: CancellationToken) -> Result<Report, String> {
+pub async fn run_drop(drop: DropRun, cancel: CancellationToken) -> Result<Report, Error> {
     let event = drop.plan.event_id.clone();
     let terms = setup(&drop).await?;
 
@@ -77,13 +78,11 @@ pub async fn run_drop(drop: DropRun, cancel: CancellationToken) -> Result<Report
         let (kafka, topics, event) = (drop.kafka.clone(), drop.topics.clone(), event.clone());
         let observer =
             tokio::task::spawn_blocking(move || Observer::start(&kafka, &topics, &event))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| {
-                    format!(
-                        "cannot watch {} on {}: {e}",
-                        drop.topics.outcomes, drop.kafka.brokers
-                    )
+                .await?
+                .map_err(|source| Error::Kafka {
+                    doing: "watch the outcomes",
+                    brokers: drop.kafka.brokers.clone(),
+                    source,
                 })?;
         Some(observer)
     } else {
@@ -170,7 +169,7 @@ pub async fn run_drop(drop: DropRun, cancel: CancellationToken) -> Result<Report
 
 /// Reads the event's ledger, retrying a store that is reconnecting (a
 /// restarted Redis breaks the first call on the old connection).
-async fn audit_ledger(store: &dyn Store, event: &str) -> Result<Option<Ledger>, String> {
+async fn audit_ledger(store: &dyn Store, event: &str) -> Result<Option<Ledger>, Error> {
     let mut attempt = 0;
     loop {
         match store.ledger(event).await {
@@ -179,12 +178,17 @@ async fn audit_ledger(store: &dyn Store, event: &str) -> Result<Option<Ledger>, 
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
-            Err(e) => return Err(format!("cannot audit the store: {e}")),
+            Err(source) => {
+                return Err(Error::Store {
+                    doing: "auditing the event",
+                    source,
+                })
+            }
         }
     }
 }
 
-async fn setup(drop: &DropRun) -> Result<EventTerms, String> {
+async fn setup(drop: &DropRun) -> Result<EventTerms, Error> {
     let event = &drop.plan.event_id;
     let spec = EventSpec {
         stock: drop.terms.stock,
@@ -224,23 +228,27 @@ async fn setup(drop: &DropRun) -> Result<EventTerms, String> {
             store
                 .put_event(event, spec)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|source| Error::Store {
+                    doing: "setting up the event",
+                    source,
+                })?;
             Ok(drop.terms)
         }
         (Via::Direct { .. }, false, Some(store)) => {
             let e = store
                 .event(event)
                 .await
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("event {event} does not exist"))?;
+                .map_err(|source| Error::Store {
+                    doing: "reading the event",
+                    source,
+                })?
+                .ok_or_else(|| Error::NoSuchEvent(event.clone()))?;
             Ok(EventTerms {
                 stock: e.stock,
                 per_user_limit: e.per_user_limit,
             })
         }
-        (Via::Direct { .. }, _, None) => {
-            Err("--direct needs --redis to set up and audit the event".into())
-        }
+        (Via::Direct { .. }, _, None) => Err(Error::DirectNeedsStore),
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use uuid::Uuid;
 
 use super::{Sent, Target, TargetFactory};
+use crate::Error;
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -29,16 +30,18 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Parses `http://host:port` (https is not supported: put a TLS proxy in front).
-    pub async fn parse(url: &str) -> Result<Self, String> {
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|e| format!("--target {url:?} is not a URL: {e}"))?;
+    pub async fn parse(url: &str) -> Result<Self, Error> {
+        let bad = |problem: String| Error::BadTarget {
+            url: url.to_string(),
+            problem,
+        };
+        let uri: hyper::Uri = url.parse().map_err(|e| bad(format!("not a URL ({e})")))?;
         if uri.scheme_str() != Some("http") {
-            return Err(format!("--target {url:?}: only http:// is supported"));
+            return Err(bad("only http:// is supported".into()));
         }
         let authority = uri
             .authority()
-            .ok_or_else(|| format!("--target {url:?} has no host"))?
+            .ok_or_else(|| bad("no host".into()))?
             .to_string();
         let with_port = if uri.port().is_some() {
             authority.clone()
@@ -47,9 +50,9 @@ impl Endpoint {
         };
         let addr = tokio::net::lookup_host(&with_port)
             .await
-            .map_err(|e| format!("cannot resolve {with_port}: {e}"))?
+            .map_err(|e| bad(format!("cannot resolve {with_port} ({e})")))?
             .next()
-            .ok_or_else(|| format!("{with_port} resolves to nothing"))?;
+            .ok_or_else(|| bad(format!("{with_port} resolves to nothing")))?;
         Ok(Self { addr, authority })
     }
 }
@@ -231,7 +234,7 @@ pub async fn put_event(
     stock: u32,
     per_user_limit: u32,
     admin_token: Option<&str>,
-) -> Result<EventInfo, String> {
+) -> Result<EventInfo, Error> {
     let mut t = HttpFactory {
         endpoint: endpoint.clone(),
         timeout: Duration::from_secs(10),
@@ -250,18 +253,44 @@ pub async fn put_event(
             Bytes::from(body.to_string()),
         )
         .await
-        .map_err(|e| format!("cannot reach the api at {}: {e}", endpoint.authority))?;
+        .map_err(|kind| unreachable_api(endpoint, kind))?;
+    let what = format!("setting up event {event}");
     if !status.is_success() {
-        return Err(format!(
-            "setting up event {event} failed: {status} {}",
-            String::from_utf8_lossy(&body)
-        ));
+        let hint = if status == StatusCode::UNAUTHORIZED {
+            " (pass the api's admin token with --admin-token or ADMIN_TOKEN)"
+        } else {
+            ""
+        };
+        return Err(refused(what, status, &body, hint));
     }
-    serde_json::from_slice(&body).map_err(|e| format!("unexpected event body: {e}"))
+    event_body(what, &body)
+}
+
+fn unreachable_api(endpoint: &Endpoint, kind: String) -> Error {
+    Error::ApiUnreachable {
+        authority: endpoint.authority.clone(),
+        kind,
+    }
+}
+
+fn refused(what: String, status: StatusCode, body: &[u8], hint: &'static str) -> Error {
+    Error::ApiRefused {
+        what,
+        status: status.as_u16(),
+        body: String::from_utf8_lossy(body).into_owned(),
+        hint,
+    }
+}
+
+fn event_body(what: String, body: &[u8]) -> Result<EventInfo, Error> {
+    serde_json::from_slice(body).map_err(|e| Error::ApiBody {
+        what,
+        problem: e.to_string(),
+    })
 }
 
 /// Reads `event` through the api.
-pub async fn get_event(endpoint: &Endpoint, event: &str) -> Result<EventInfo, String> {
+pub async fn get_event(endpoint: &Endpoint, event: &str) -> Result<EventInfo, Error> {
     let mut t = HttpFactory {
         endpoint: endpoint.clone(),
         timeout: Duration::from_secs(10),
@@ -275,14 +304,15 @@ pub async fn get_event(endpoint: &Endpoint, event: &str) -> Result<EventInfo, St
             Bytes::new(),
         )
         .await
-        .map_err(|e| format!("cannot reach the api at {}: {e}", endpoint.authority))?;
-    if status != StatusCode::OK {
-        return Err(format!(
-            "event {event}: {status} {}",
-            String::from_utf8_lossy(&body)
-        ));
+        .map_err(|kind| unreachable_api(endpoint, kind))?;
+    let what = format!("reading event {event}");
+    if status == StatusCode::NOT_FOUND {
+        return Err(Error::NoSuchEvent(event.to_string()));
     }
-    serde_json::from_slice(&body).map_err(|e| format!("unexpected event body: {e}"))
+    if status != StatusCode::OK {
+        return Err(refused(what, status, &body, ""));
+    }
+    event_body(what, &body)
 }
 
 #[cfg(test)]
