@@ -21,12 +21,12 @@
 //! - [`routes`]: the handlers, one per route.
 //! - [`error`]: the one error type, [`error::AppError`], and its JSON shape.
 //! - [`events`]: the cache of known events.
-//! - [`producer`]: a re-export of [`couponrush_core::producer`], where the
-//!   request producer lives, kept for callers of its old path.
+//! - The request producer it answers with is
+//!   [`couponrush_core::producer::RequestProducer`], shared with
+//!   `coupon-loadgen run --direct`.
 
 pub mod error;
 pub mod events;
-pub mod producer;
 pub mod routes;
 
 use std::net::SocketAddr;
