@@ -12,6 +12,8 @@
 //!   shared and driven from any task.
 //! - [`Proc`]: one of our binaries (or any program) as a child process that
 //!   can be sent SIGTERM or SIGKILL.
+//! - [`TopicReader`]: a whole topic read back from its beginning, headers
+//!   included, for tests that check what reached the log.
 //!
 //! Every child is killed when its handle is dropped, so a failing test leaves
 //! nothing running.
@@ -24,6 +26,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+mod topic_reader;
+
+pub use topic_reader::{Raw, TopicReader};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;

@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use common::{read_outcomes, TopicReader};
+use common::read_outcomes;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_flow_from_http_to_outcomes_through_the_mock_cluster() {
@@ -71,7 +71,7 @@ async fn requests_flow_from_http_to_outcomes_through_the_mock_cluster() {
         accepted.insert(v["request_id"].as_str().unwrap().to_string());
     }
 
-    let reader = TopicReader::new(&mock.brokers(), &topics.outcomes);
+    let reader = common::reader(&mock.brokers(), &topics.outcomes);
     let mut outcomes = Vec::new();
     read_outcomes(&reader, &mut outcomes, Duration::from_secs(60), |o| {
         o.iter()

@@ -20,7 +20,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use common::{read_outcomes, TopicReader};
+use common::read_outcomes;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_is_passed_over_when_a_partition_resumes_mid_batch() {
@@ -94,7 +94,7 @@ async fn no_request_is_passed_over_when_a_partition_resumes_mid_batch() {
         store.clone(),
         stop.clone(),
     ));
-    let reader = TopicReader::new(&tansu.brokers(), &topics.outcomes);
+    let reader = common::reader(&tansu.brokers(), &topics.outcomes);
     let mut outcomes = Vec::new();
     read_outcomes(&reader, &mut outcomes, Duration::from_secs(30), |o| {
         o.len() >= 40

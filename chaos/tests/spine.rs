@@ -1,6 +1,6 @@
-//! The spine, end to end against real services: a tansu broker (started here
-//! on a free port), the shared Redis, the api in-process and two
-//! `coupon-issuer` processes, one of them SIGKILLed mid-run and replaced.
+//! The spine, end to end against real services, on the lab's `Deployment`:
+//! a private tansu and redis-server, `coupon-api` and two `coupon-issuer`
+//! processes, one issuer SIGKILLed mid-run and replaced.
 //!
 //! The replacement is needed because tansu 0.6.0 never expires a crashed
 //! member by itself: the group keeps the dead member's assignment until a
@@ -14,17 +14,18 @@
 
 mod common;
 
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use couponrush_chaos::rig::{self, BrokerKind, RigSpec};
 use couponrush_core::kafka::KafkaSettings;
-use couponrush_core::store::redis::RedisStore;
-use couponrush_core::store::{EventSpec, Store};
-use couponrush_core::{DecisionResult, IssueRequest, Outcome, Topics};
-use couponrush_harness::{shared_redis_url, Proc, Tansu, TansuStorage};
+use couponrush_core::store::EventSpec;
+use couponrush_core::{DecisionResult, IssueRequest, Outcome};
+use couponrush_harness::TopicReader;
 use futures::stream::{self, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -33,10 +34,7 @@ use hyper_util::rt::TokioExecutor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-use common::{read_outcomes, TopicReader};
 
 const STOCK: u32 = 2_000;
 const REQUESTS: usize = 20_000;
@@ -70,26 +68,36 @@ async fn issue(http: &Http, base: &str, event: &str, user: &str, key: Uuid) -> (
     (status, id)
 }
 
-fn spawn_issuer(name: &str, brokers: &str, group: &str, dir: &std::path::Path) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_coupon-issuer"));
-    cmd.args(["--brokers", brokers, "--redis", &shared_redis_url()])
-        .args(["--group-id", group, "--client-id", name])
-        .args(["--session-timeout", "6s", "--batch-size", "500"])
-        .env("RUST_LOG", "info");
-    Proc::spawn(name, cmd, Some(&dir.join(format!("{name}.log")))).unwrap()
+/// Reads outcomes until `done` says so or `timeout` passes.
+fn read_outcomes(
+    reader: &TopicReader,
+    all: &mut Vec<Outcome>,
+    timeout: Duration,
+    done: impl Fn(&[Outcome]) -> bool,
+) {
+    let parse = |r: &couponrush_harness::Raw| Outcome::parse(&r.payload).expect("outcomes parse");
+    reader.read_until(all, timeout, parse, done);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_coupon_issued_twice_nothing_lost_when_an_issuer_is_killed_mid_drop() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    common::build_binaries();
     let dir = scratch(&format!("spine-{}", Uuid::new_v4().simple()));
-    let tansu = Tansu::start(TansuStorage::Memory, Some(dir.join("tansu.log")))
+    let spec = RigSpec {
+        broker: BrokerKind::TansuMemory,
+        partitions: PARTITIONS,
+        issuers: 2,
+        api_args: Vec::new(),
+        redis_aof: false,
+        kafka_opts: Vec::new(),
+    };
+    let mut deployment = rig::start(&spec, &dir)
+        .await
         .expect("tansu must be installed: run scripts/dev-up --install-only");
-    let brokers = tansu.brokers();
-    let store = Arc::new(
-        RedisStore::connect(&shared_redis_url(), Duration::from_secs(3600))
-            .await
-            .expect("a Redis at REDIS_URL: run scripts/dev-up"),
-    );
+    let brokers = deployment.kafka.brokers.clone();
+    let topics = deployment.topics.clone();
+    let store = deployment.store.clone();
     let event = format!("spine-{}", Uuid::new_v4().simple());
     store
         .put_event(
@@ -101,19 +109,8 @@ async fn no_coupon_issued_twice_nothing_lost_when_an_issuer_is_killed_mid_drop()
         )
         .await
         .unwrap();
-
-    let mut config = couponrush_api::Config::local(&brokers);
-    config.topic_partitions = Some(PARTITIONS);
-    let api = couponrush_api::Api::bind(config, store.clone(), None)
-        .await
-        .unwrap();
-    let base = format!("http://{}", api.local_addr());
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(api.serve(shutdown.clone()));
-
-    let group = format!("issuers-{}", Uuid::new_v4().simple());
-    let mut victim = spawn_issuer("issuer-a", &brokers, &group, &dir);
-    let mut survivor = spawn_issuer("issuer-b", &brokers, &group, &dir);
+    let base = deployment.api_url();
+    let (victim, survivor) = (0, 1);
 
     // 20,000 requests from 12,000 users in random order; 10% re-sent with the
     // same Idempotency-Key, half right after the first answer, half at once.
@@ -166,10 +163,11 @@ async fn no_coupon_issued_twice_nothing_lost_when_an_issuer_is_killed_mid_drop()
         })
         .buffer_unordered(64)
         .inspect(|_| {
-            if sent.load(std::sync::atomic::Ordering::Relaxed) == kill_at && victim.is_running() {
+            let mut killed = killed_at.lock().unwrap();
+            if sent.load(std::sync::atomic::Ordering::Relaxed) == kill_at && killed.is_none() {
                 // Mid-drop, with decisions in flight and offsets uncommitted.
-                victim.kill();
-                *killed_at.lock().unwrap() = Some(std::time::Instant::now());
+                deployment.kill_issuer(victim);
+                *killed = Some(std::time::Instant::now());
             }
         })
         .collect()
@@ -182,15 +180,14 @@ async fn no_coupon_issued_twice_nothing_lost_when_an_issuer_is_killed_mid_drop()
         accepted.insert(key);
     }
     assert_eq!(accepted.len(), REQUESTS);
-    assert!(!victim.is_running());
+    assert_eq!(deployment.running_issuers(), 1, "the victim is dead");
     // Join only once the victim's session has expired, so the join itself
     // evicts it (see the module doc).
     let killed_at = killed_at.lock().unwrap().expect("the victim was killed");
     tokio::time::sleep(Duration::from_secs(7).saturating_sub(killed_at.elapsed())).await;
-    let mut replacement = spawn_issuer("issuer-c", &brokers, &group, &dir);
+    let replacement = deployment.add_issuer().expect("a replacement starts");
 
-    let topics = Topics::default();
-    let reader = TopicReader::new(&brokers, &topics.outcomes);
+    let reader = TopicReader::new(&brokers, &topics.outcomes).unwrap();
     let mut outcomes: Vec<Outcome> = Vec::new();
     read_outcomes(&reader, &mut outcomes, Duration::from_secs(180), |o| {
         o.iter().map(|o| o.request_id).collect::<HashSet<_>>().len() >= REQUESTS
@@ -244,7 +241,7 @@ async fn no_coupon_issued_twice_nothing_lost_when_an_issuer_is_killed_mid_drop()
     assert_eq!(coupon_ids, issued_ids);
     assert!(ledger.holders.iter().all(|(_, n)| *n == 1));
 
-    let dlq = TopicReader::new(&brokers, &topics.dlq);
+    let dlq = TopicReader::new(&brokers, &topics.dlq).unwrap();
     assert_eq!(dlq.poll_for(Duration::from_secs(2)).len(), 0, "DLQ empty");
     eprintln!(
         "spine: {} outcomes for {} requests ({replays} replays), victim killed at {kill_at}",
@@ -330,15 +327,14 @@ async fn no_coupon_issued_twice_nothing_lost_when_an_issuer_is_killed_mid_drop()
     assert_eq!(reasons, expected);
 
     assert_eq!(
-        survivor.terminate(Duration::from_secs(20)),
+        deployment.stop_issuer(survivor).await,
         Some(0),
         "clean shutdown"
     );
     assert_eq!(
-        replacement.terminate(Duration::from_secs(20)),
+        deployment.stop_issuer(replacement).await,
         Some(0),
         "clean shutdown"
     );
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
+    deployment.stop().await;
 }
