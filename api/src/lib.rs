@@ -9,6 +9,10 @@
 //!   `acks=all` producer's acknowledgement; anything else is a 503 telling the
 //!   client to retry (with the same `Idempotency-Key`, which makes the retry
 //!   the same request: same request id, never a second coupon).
+//! - **A key is the client's own.** The request id of an `Idempotency-Key`
+//!   is derived from the event, the user and the key ([`request_id`]): another
+//!   user reusing the key makes another request, and is never handed, nor
+//!   shown the decision of, someone else's.
 //! - **Bounded.** In-flight issue requests are capped (`--max-in-flight`) and
 //!   librdkafka's queue is capped (`--producer-queue`); past either, a 503
 //!   with `Retry-After`. Bodies over [`MAX_BODY_BYTES`] are a 413.
@@ -21,12 +25,14 @@
 //! - [`routes`]: the handlers, one per route.
 //! - [`error`]: the one error type, [`error::AppError`], and its JSON shape.
 //! - [`events`]: the cache of known events.
+//! - [`request_id`]: the request id an `Idempotency-Key` stands for.
 //! - The request producer it answers with is
 //!   [`couponrush_core::producer::RequestProducer`], shared with
 //!   `coupon-loadgen run --direct`.
 
 pub mod error;
 pub mod events;
+pub mod request_id;
 pub mod routes;
 
 use std::net::SocketAddr;

@@ -263,7 +263,9 @@ pub struct IssueBody {
 /// The `202` answer to an issue request.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Accepted {
-    /// The request's id: poll it, or find it on `coupon.outcomes`.
+    /// The request's id: poll it, or find it on `coupon.outcomes`. With an
+    /// `Idempotency-Key` it is derived from the event, the user and the key
+    /// ([`crate::request_id::from_key`]), not the key itself.
     pub request_id: Uuid,
     /// When the api accepted it, µs since the epoch (arrival order).
     pub accepted_at: u64,
@@ -271,7 +273,7 @@ pub struct Accepted {
     pub status_url: String,
 }
 
-/// The `Idempotency-Key` header, if any, as the request id.
+/// The `Idempotency-Key` header, if any.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<Uuid>, AppError> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
@@ -297,7 +299,12 @@ pub async fn issue(
 ) -> Result<Response, AppError> {
     event_path(&event_id)?;
     validate_user_id(&body.user_id).map_err(AppError::Unprocessable)?;
-    let request_id = idempotency_key(&headers)?.unwrap_or_else(Uuid::now_v7);
+    // A key is scoped by event and user: reused by someone else, it is
+    // someone else's request, never this one.
+    let request_id = match idempotency_key(&headers)? {
+        Some(key) => crate::request_id::from_key(&event_id, &body.user_id, key),
+        None => Uuid::now_v7(),
+    };
     if !known_event(&state, &event_id).await? {
         return Err(AppError::NotFound(format!(
             "no event {event_id:?}; create it with PUT /v1/events/{event_id}"

@@ -4,17 +4,19 @@
 //! routes need the token, and only logged decisions are shown.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
-use couponrush_api::{app, Api, AppState, Config};
+use couponrush_api::{app, request_id, Api, AppState, Config};
 use couponrush_core::store::memory::MemoryStore;
 use couponrush_core::store::{
     BatchVerdict, EventBatch, EventSpec, LoggedDecisions, Pending, Store,
 };
 use couponrush_core::wire::now_micros;
-use couponrush_core::Topics;
+use couponrush_core::wire::IssueRequest;
+use couponrush_core::{DecisionResult, Topics};
 use couponrush_harness::MockKafka;
 use http_body_util::BodyExt;
 use serde_json::Value;
@@ -25,6 +27,7 @@ struct Fixture {
     router: Router,
     state: Arc<AppState>,
     store: Arc<dyn Store>,
+    brokers: String,
     _mock: MockKafka,
 }
 
@@ -53,6 +56,7 @@ async fn fixture(admin_token: Option<&str>) -> Fixture {
         router: app(state.clone()),
         state,
         store,
+        brokers: mock.brokers(),
         _mock: mock,
     }
 }
@@ -263,8 +267,9 @@ async fn the_same_idempotency_key_is_the_same_request() {
     )
     .await;
     assert_eq!((s1, s2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
-    assert_eq!(a["request_id"], key.as_str());
-    assert_eq!(b["request_id"], key.as_str());
+    let id = request_id::from_key("drop", "u", key.parse().unwrap()).to_string();
+    assert_eq!(a["request_id"], id.as_str(), "scoped by event and user");
+    assert_eq!(b["request_id"], id.as_str());
     assert!(a["accepted_at"].as_u64().unwrap() > 0);
     // Without a key, every request is new and gets a time-ordered UUID v7.
     let (_, c, _) = call(
@@ -439,4 +444,111 @@ async fn events_read_back_with_their_counters_and_probes_answer() {
     let (status, json, _) = call(&f.router, Method::GET, "/readyz", &[], Body::empty()).await;
     assert_eq!(status, StatusCode::OK, "{json}");
     assert_eq!(json["broker"], "ok");
+}
+
+/// POSTs an issue request for `user` with `key`; returns the 202 body.
+async fn issue_with_key(router: &Router, user: &str, key: &str) -> Value {
+    let (status, json, _) = call(
+        router,
+        Method::POST,
+        "/v1/events/drop/issue",
+        &[JSON, ("idempotency-key", key)],
+        format!("{{\"user_id\":\"{user}\"}}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    json
+}
+
+#[tokio::test]
+async fn a_reused_idempotency_key_never_shows_one_user_another_users_decision() {
+    let f = fixture(None).await;
+    let key = Uuid::new_v4().to_string();
+    // Alice asks, and retries with the same key; Bob reuses her key.
+    let alice = issue_with_key(&f.router, "alice", &key).await;
+    let alice_retry = issue_with_key(&f.router, "alice", &key).await;
+    let bob = issue_with_key(&f.router, "bob", &key).await;
+
+    // Decide what the api produced, as an issuer would, and log it.
+    let reader =
+        couponrush_harness::TopicReader::new(&f.brokers, &Topics::default().requests).unwrap();
+    let mut records = Vec::new();
+    reader.read_until(
+        &mut records,
+        Duration::from_secs(10),
+        |r| IssueRequest::parse(&r.payload).unwrap(),
+        |r| r.len() >= 3,
+    );
+    assert_eq!(records.len(), 3, "every 202 is a record");
+    records.sort_by_key(|r| r.accepted_at);
+    let verdicts = f
+        .store
+        .decide(
+            &[EventBatch {
+                event_id: "drop".into(),
+                requests: records
+                    .iter()
+                    .map(|r| Pending {
+                        request_id: r.request_id,
+                        user_id: r.user_id.clone(),
+                    })
+                    .collect(),
+            }],
+            now_micros(),
+        )
+        .await
+        .unwrap();
+    let BatchVerdict::Decided { decisions, .. } = &verdicts[0] else {
+        panic!("unknown event")
+    };
+    f.store
+        .mark_logged(&[LoggedDecisions {
+            event_id: "drop".into(),
+            decisions: records
+                .iter()
+                .zip(decisions)
+                .map(|(r, d)| (r.request_id, d.seq))
+                .collect(),
+        }])
+        .await
+        .unwrap();
+    let decided_for = |user: &str| {
+        let i = records.iter().position(|r| r.user_id == user).unwrap();
+        (decisions[i].result, decisions[i].issued_rank)
+    };
+
+    // Each status_url shows its own user's decision, and only that.
+    for (user, accepted) in [("alice", &alice), ("alice", &alice_retry), ("bob", &bob)] {
+        let url = accepted["status_url"].as_str().unwrap();
+        assert!(
+            url.ends_with(accepted["request_id"].as_str().unwrap()),
+            "{user}'s status_url is for its request id: {accepted}"
+        );
+        let (status, shown, _) = call(&f.router, Method::GET, url, &[], Body::empty()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(shown["status"], "decided", "{user}: {shown}");
+        let shown_decision = (
+            serde_json::from_value(shown["decision"]["result"].clone()).unwrap(),
+            shown["decision"]["issued_rank"].as_u64().map(|r| r as u32),
+        );
+        assert_eq!(
+            shown_decision,
+            decided_for(user),
+            "{user}'s status_url {url} shows {shown}, not {user}'s own decision"
+        );
+    }
+    assert_eq!(
+        alice["request_id"], alice_retry["request_id"],
+        "a retry with the same key is the same request"
+    );
+    assert_ne!(
+        bob["request_id"], alice["request_id"],
+        "bob, reusing alice's Idempotency-Key, was handed alice's request id"
+    );
+    assert_eq!(decided_for("alice"), (DecisionResult::Issued, Some(1)));
+    assert_eq!(
+        decided_for("bob"),
+        (DecisionResult::Issued, Some(2)),
+        "bob's request is his own, decided on its own"
+    );
 }
