@@ -96,6 +96,129 @@ impl KafkaSettings {
     }
 }
 
+/// librdkafka looks for timed-out messages once a second and may still send
+/// one that has just timed out, allowing it 100 ms (`rd_kafka_ProduceRequest`
+/// in rdkafka_request.c): how much later than its message timeout a record
+/// can leave the client.
+pub const TIMEOUT_SCAN_SLACK: Duration = Duration::from_millis(1100);
+
+/// How late a record handed to a producer can still be appended to the log,
+/// read from the producer's **effective** configuration (defaults, role,
+/// then every `--kafka-opt`), not from the flags that meant to set it.
+///
+/// librdkafka gives up on a record `message.timeout.ms` after it was
+/// enqueued (linger included), may still send it up to
+/// [`TIMEOUT_SCAN_SLACK`] later, and a produce request on the wire may be
+/// appended by the broker up to `request.timeout.ms` after that. Linger is
+/// counted once more to be safe. The bound holds while the broker answers
+/// within its request timeout; only a transactional producer fences what a
+/// slower broker appends later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryBound {
+    /// The message timeout and the property that set it (`message.timeout.ms`
+    /// or its alias `delivery.timeout.ms`; the larger if both are set, since
+    /// librdkafka would apply them in no fixed order).
+    pub message_timeout: (&'static str, Duration),
+    /// `request.timeout.ms`: how long the broker may take to answer.
+    pub request_timeout: Duration,
+    /// The linger and the property that set it (`linger.ms` or its alias
+    /// `queue.buffering.max.ms`).
+    pub linger: (&'static str, Duration),
+}
+
+/// Why a producer configuration has no delivery bound.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnboundedDelivery {
+    /// librdkafka reads a message timeout of 0 as "never give up".
+    #[error("{key}=0 means no timeout: a record could reach the log at any time; set {key} to a number of milliseconds")]
+    NoTimeout {
+        /// The property.
+        key: &'static str,
+    },
+    /// A value librdkafka would not read as milliseconds either.
+    #[error("{key}={value:?} is not a number of milliseconds")]
+    NotMillis {
+        /// The property.
+        key: &'static str,
+        /// Its value.
+        value: String,
+    },
+}
+
+impl DeliveryBound {
+    /// The bound of `cfg`, a producer configuration as it will be created;
+    /// librdkafka's defaults stand in for properties it does not set.
+    pub fn of(cfg: &ClientConfig) -> Result<Self, UnboundedDelivery> {
+        let millis =
+            |key: &'static str| -> Result<Option<(&'static str, Duration)>, UnboundedDelivery> {
+                let Some(value) = cfg.get(key) else {
+                    return Ok(None);
+                };
+                match value.trim().parse::<f64>() {
+                    Ok(ms) if ms.is_finite() && ms >= 0.0 => {
+                        Ok(Some((key, Duration::from_secs_f64(ms / 1000.0))))
+                    }
+                    _ => Err(UnboundedDelivery::NotMillis {
+                        key,
+                        value: value.to_string(),
+                    }),
+                }
+            };
+        let larger = |keys: [&'static str; 2],
+                      default: Duration|
+         -> Result<(&'static str, Duration), UnboundedDelivery> {
+            let mut found = None;
+            for key in keys {
+                if let Some((key, d)) = millis(key)? {
+                    if found.is_none_or(|(_, f)| d > f) {
+                        found = Some((key, d));
+                    }
+                }
+            }
+            Ok(found.unwrap_or((keys[0], default)))
+        };
+        for key in ["message.timeout.ms", "delivery.timeout.ms"] {
+            if millis(key)?.is_some_and(|(_, d)| d.is_zero()) {
+                return Err(UnboundedDelivery::NoTimeout { key });
+            }
+        }
+        Ok(Self {
+            message_timeout: larger(
+                ["message.timeout.ms", "delivery.timeout.ms"],
+                Duration::from_secs(300),
+            )?,
+            request_timeout: millis("request.timeout.ms")?
+                .map_or(Duration::from_secs(30), |(_, d)| d),
+            linger: larger(
+                ["linger.ms", "queue.buffering.max.ms"],
+                Duration::from_millis(5),
+            )?,
+        })
+    }
+
+    /// The latest a record can be appended, counted from its enqueueing.
+    pub fn total(&self) -> Duration {
+        self.message_timeout.1 + TIMEOUT_SCAN_SLACK + self.request_timeout + self.linger.1
+    }
+}
+
+impl std::fmt::Display for DeliveryBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        write!(
+            f,
+            "{:?} ({} {} + librdkafka's timeout scan {} + request.timeout.ms {} + {} {})",
+            self.total(),
+            self.message_timeout.0,
+            ms(self.message_timeout.1),
+            ms(TIMEOUT_SCAN_SLACK),
+            ms(self.request_timeout),
+            self.linger.0,
+            ms(self.linger.1),
+        )
+    }
+}
+
 /// Waits for the broker's answer about one produced record: `Ok` with where
 /// it landed once acknowledged (on every in-sync replica, with `acks=all`),
 /// else why not. A future whose producer went away is
@@ -283,6 +406,74 @@ mod tests {
         k.extra.push(("linger.ms".into(), "50".into()));
         assert_eq!(k.producer_config("t", 10).get("linger.ms"), Some("50"));
         assert_eq!(k.producer_config("t", 10).get("acks"), Some("all"));
+    }
+
+    #[test]
+    fn the_delivery_bound_is_read_from_the_effective_configuration() {
+        let mut k = KafkaSettings::new("127.0.0.1:9");
+        let bound = DeliveryBound::of(&k.producer_config("t", 10)).unwrap();
+        assert_eq!(
+            bound.message_timeout,
+            ("message.timeout.ms", Duration::from_secs(30))
+        );
+        assert_eq!(bound.request_timeout, Duration::from_secs(10));
+        assert_eq!(bound.linger, ("linger.ms", Duration::from_millis(2)));
+        assert_eq!(
+            bound.total(),
+            Duration::from_millis(30_000 + 1_100 + 10_000 + 2)
+        );
+
+        k.extra.push(("delivery.timeout.ms".into(), "45000".into()));
+        k.extra
+            .push(("queue.buffering.max.ms".into(), "7.5".into()));
+        k.extra.push(("request.timeout.ms".into(), "500".into()));
+        let bound = DeliveryBound::of(&k.producer_config("t", 10)).unwrap();
+        assert_eq!(
+            bound.message_timeout,
+            ("delivery.timeout.ms", Duration::from_secs(45)),
+            "of two aliases, the larger: librdkafka applies them in no fixed order"
+        );
+        assert_eq!(bound.request_timeout, Duration::from_millis(500));
+        assert_eq!(
+            bound.linger,
+            ("queue.buffering.max.ms", Duration::from_micros(7500))
+        );
+        let shown = bound.to_string();
+        for part in [
+            "delivery.timeout.ms 45000",
+            "request.timeout.ms 500",
+            "queue.buffering.max.ms 7.5",
+        ] {
+            assert!(shown.contains(part), "{shown}");
+        }
+
+        let unset = DeliveryBound::of(&ClientConfig::new()).unwrap();
+        assert_eq!(
+            unset.total(),
+            Duration::from_millis(300_000 + 1_100 + 30_000 + 5),
+            "librdkafka's defaults"
+        );
+    }
+
+    #[test]
+    fn a_producer_that_never_gives_up_has_no_delivery_bound() {
+        let mut k = KafkaSettings::new("127.0.0.1:9");
+        k.extra.push(("delivery.timeout.ms".into(), "0".into()));
+        assert_eq!(
+            DeliveryBound::of(&k.producer_config("t", 10)),
+            Err(UnboundedDelivery::NoTimeout {
+                key: "delivery.timeout.ms"
+            })
+        );
+        let mut k = KafkaSettings::new("127.0.0.1:9");
+        k.extra.push(("request.timeout.ms".into(), "10s".into()));
+        assert!(matches!(
+            DeliveryBound::of(&k.producer_config("t", 10)),
+            Err(UnboundedDelivery::NotMillis {
+                key: "request.timeout.ms",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -53,12 +53,13 @@ use clap::{Parser, ValueEnum};
 use couponrush_core::cli::{
     parse_duration, parse_ignoring_env, KafkaArgs, LogArgs, StoreArgs, TopicArgs,
 };
-use couponrush_core::kafka::KafkaSettings;
+use couponrush_core::kafka::{DeliveryBound, KafkaSettings, UnboundedDelivery};
 use couponrush_core::recovery::Recovery;
 use couponrush_core::store::redis::RedisStore;
 use couponrush_core::store::{Store, StoreError};
 use couponrush_core::telemetry::MetricsError;
 use couponrush_core::Topics;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::CommitMode;
 use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
@@ -110,12 +111,14 @@ pub struct Cli {
     /// Longest pause between retries of a failing store or broker.
     #[arg(long, env = "MAX_BACKOFF", default_value = "2s", value_parser = parse_duration)]
     pub max_backoff: Duration,
-    /// How long outcomes may take to reach the log: a publish that takes
-    /// longer fails, and the batch is decided again (as replays).
+    /// How long an outcome may take to reach the log: librdkafka's timeouts
+    /// are derived from it, so an outcome not acknowledged by then never
+    /// lands, and the batch is decided again (as replays).
     #[arg(long, env = "PUBLISH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub publish_timeout: Duration,
     /// When the store lost its state: wait this long for in-flight outcomes
-    /// before rebuilding it from the log. Must exceed --publish-timeout.
+    /// before rebuilding it from the log. Must exceed --publish-timeout, and
+    /// the timeouts --kafka-opt sets (checked at start-up).
     #[arg(long, env = "RECOVERY_FENCE", default_value = "15s", value_parser = parse_duration)]
     pub recovery_fence: Duration,
     /// Serve Prometheus /metrics on this address.
@@ -179,10 +182,13 @@ pub struct Config {
     pub session_timeout: Duration,
     /// Longest retry pause.
     pub max_backoff: Duration,
-    /// librdkafka `message.timeout.ms` for outcomes: after it, a publish
-    /// fails and the batch is decided again (as replays) and republished.
+    /// How long an outcome may take to reach the log (librdkafka's
+    /// timeouts are derived from it, see [`Publisher::config`]): after it, a
+    /// publish fails and the batch is decided again (as replays).
     pub publish_timeout: Duration,
-    /// Wait before rebuilding a lost store (see `couponrush_core::recovery`).
+    /// Wait before rebuilding a lost store (see `couponrush_core::recovery`);
+    /// must exceed the outcome producer's delivery bound
+    /// ([`Config::outcome_producer`]).
     pub recovery_fence: Duration,
     /// Lifetime of dedup records restored by a recovery.
     pub dedup_retention: Duration,
@@ -194,6 +200,45 @@ impl Config {
     pub fn local(brokers: &str) -> Self {
         parse_ignoring_env::<Cli>(&["coupon-issuer", "--brokers", brokers]).config()
     }
+
+    /// The outcome producer's configuration, exactly as it will be created
+    /// (after every `--kafka-opt`), once its delivery bound is known to be
+    /// under the recovery fence: the fence then outlasts every outcome
+    /// still on its way, whatever the flags say.
+    pub fn outcome_producer(&self) -> Result<(ClientConfig, DeliveryBound), FenceError> {
+        let cfg = Publisher::config(&self.kafka, &self.client_id, self.publish_timeout);
+        let bound = DeliveryBound::of(&cfg)?;
+        if self.recovery_fence <= bound.total() {
+            return Err(FenceError::TooShort {
+                fence: self.recovery_fence,
+                bound,
+                suggest: Duration::from_secs(bound.total().as_secs() + 1),
+            });
+        }
+        Ok((cfg, bound))
+    }
+}
+
+/// A recovery fence that an outcome could outlast: refused at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    /// The fence does not exceed the outcome producer's delivery bound.
+    #[error(
+        "--recovery-fence {fence:?} must exceed the latest an outcome can still reach the log, \
+         {bound}, as --publish-timeout and --kafka-opt set it: pass --recovery-fence {suggest:?} \
+         or more, or a shorter --publish-timeout, or smaller values for those --kafka-opt properties"
+    )]
+    TooShort {
+        /// The fence asked for.
+        fence: Duration,
+        /// The outcome producer's bound.
+        bound: DeliveryBound,
+        /// The shortest whole-second fence that would do.
+        suggest: Duration,
+    },
+    /// The outcome producer never gives up on a record.
+    #[error("no --recovery-fence can outlast the outcome producer: {0}")]
+    Unbounded(#[from] UnboundedDelivery),
 }
 
 /// What one issuer did before it stopped.
@@ -229,9 +274,9 @@ pub enum IssuerError {
     /// The store could not be made ready.
     #[error(transparent)]
     Recovery(#[from] couponrush_core::recovery::RecoveryError),
-    /// Refused configuration.
-    #[error("{0}")]
-    Config(String),
+    /// A recovery fence an outcome could outlast.
+    #[error(transparent)]
+    Fence(#[from] FenceError),
 }
 
 /// A live view of a running issuer (for embedded deployments and tests).
@@ -270,12 +315,8 @@ pub async fn run_issuer_probed(
     shutdown: CancellationToken,
     probe: Probe,
 ) -> Result<Totals, IssuerError> {
-    if config.recovery_fence <= config.publish_timeout {
-        return Err(IssuerError::Config(format!(
-            "--recovery-fence ({:?}) must exceed --publish-timeout ({:?}): the fence waits for outcomes still in flight",
-            config.recovery_fence, config.publish_timeout
-        )));
-    }
+    let (producer, bound) = config.outcome_producer()?;
+    tracing::debug!(%bound, fence = ?config.recovery_fence, "outcomes reach the log within the fence");
     let recovery = Recovery {
         kafka: config.kafka.clone(),
         topics: config.topics.clone(),
@@ -287,12 +328,7 @@ pub async fn run_issuer_probed(
     // A store without its epoch is recovered (or initialised) before any decision.
     recovery.ensure_ready(Duration::from_secs(3600)).await?;
     let (consumer, shared) = create_consumer(&config, probe)?;
-    let publisher = Arc::new(Publisher::new(
-        &config.kafka,
-        config.topics.clone(),
-        &config.client_id,
-        config.publish_timeout,
-    )?);
+    let publisher = Arc::new(Publisher::from_config(&producer, config.topics.clone())?);
     let worker = Worker {
         consumer,
         shared,
@@ -325,4 +361,47 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<Totals, Issuer
     }
     let store = RedisStore::connect(&cli.store.redis_url, cli.store.dedup_retention).await?;
     run_issuer(cli.config(), Arc::new(store), shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(flags: &[&str]) -> Config {
+        let mut args = vec!["coupon-issuer"];
+        args.extend_from_slice(flags);
+        parse_ignoring_env::<Cli>(&args).config()
+    }
+
+    #[test]
+    fn the_default_fence_outlasts_the_default_outcome_producer() {
+        let (cfg, bound) = config(&[]).outcome_producer().unwrap();
+        assert!(bound.total() <= Duration::from_secs(10), "{bound}");
+        assert_eq!(cfg.get("acks"), Some("all"));
+    }
+
+    #[test]
+    fn the_fence_is_checked_against_what_the_kafka_opts_make_of_the_producer() {
+        let e = config(&["--kafka-opt", "message.timeout.ms=20000"])
+            .outcome_producer()
+            .unwrap_err();
+        let FenceError::TooShort { suggest, .. } = &e else {
+            panic!("{e}");
+        };
+        // 20 s + 1.1 s scan + 2.5 s request + 2 ms linger
+        assert_eq!(*suggest, Duration::from_secs(24), "{e}");
+        assert!(e.to_string().contains("--recovery-fence 24s"), "{e}");
+        config(&[
+            "--kafka-opt",
+            "message.timeout.ms=20000",
+            "--recovery-fence",
+            "24s",
+        ])
+        .outcome_producer()
+        .unwrap();
+        assert!(matches!(
+            config(&["--kafka-opt", "message.timeout.ms=0"]).outcome_producer(),
+            Err(FenceError::Unbounded(_))
+        ));
+    }
 }

@@ -5,12 +5,22 @@
 //! [`Publisher::publish`] returns only when the broker has acknowledged every
 //! record of the batch (idempotent producer, `acks=all`), or with the first
 //! error; the caller commits offsets only after an `Ok`.
+//!
+//! The guarantee the recovery fence rests on: **an outcome not acknowledged
+//! within the publish timeout never reaches the log.** librdkafka's message
+//! and request timeouts are derived from it ([`Publisher::config`]), so the
+//! producer's [`DeliveryBound`] is the publish timeout unless `--kafka-opt`
+//! says otherwise; the issuer checks the bound of the configuration it
+//! actually creates against the fence at start-up.
+//!
+//! [`DeliveryBound`]: couponrush_core::kafka::DeliveryBound
 
 use std::time::Duration;
 
-use couponrush_core::kafka::{all_acknowledged, KafkaSettings};
+use couponrush_core::kafka::{all_acknowledged, KafkaSettings, TIMEOUT_SCAN_SLACK};
 use couponrush_core::wire::dlq_headers;
 use couponrush_core::Topics;
+use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -19,6 +29,9 @@ use crate::batch::{Disposition, Received};
 
 /// Records librdkafka may queue locally for one issuer.
 pub const QUEUE_MESSAGES: usize = 200_000;
+
+/// The broker's answer gets this part of the publish timeout.
+const REQUEST_SHARE: u32 = 4;
 
 /// Counts of what one batch published.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -36,20 +49,37 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// An idempotent `acks=all` producer. `message_timeout` bounds how long
-    /// an outcome may take to reach the log after its decision.
-    pub fn new(
+    /// The outcome producer's configuration: idempotent, `acks=all`, and
+    /// timeouts derived from `publish_timeout` so that its
+    /// [`DeliveryBound`](couponrush_core::kafka::DeliveryBound) is at most `publish_timeout`: a quarter of it for
+    /// the broker's answer (`request.timeout.ms`), the rest, less linger and
+    /// librdkafka's timeout scan, for the message timeout. The extras
+    /// (`--kafka-opt`) come last and may change any of it: check the bound
+    /// of what this returns, not of the flags.
+    pub fn config(
         kafka: &KafkaSettings,
-        topics: Topics,
         client_id: &str,
-        message_timeout: Duration,
-    ) -> Result<Self, KafkaError> {
-        let cfg = kafka.producer_config_with(client_id, QUEUE_MESSAGES, |cfg| {
-            cfg.set(
-                "message.timeout.ms",
-                message_timeout.as_millis().to_string(),
-            );
-        });
+        publish_timeout: Duration,
+    ) -> ClientConfig {
+        kafka.producer_config_with(client_id, QUEUE_MESSAGES, |cfg| {
+            let linger = cfg
+                .get("linger.ms")
+                .and_then(|ms| ms.parse::<f64>().ok())
+                .map_or(Duration::from_millis(5), |ms| {
+                    Duration::from_secs_f64(ms / 1000.0)
+                });
+            let request = (publish_timeout / REQUEST_SHARE).max(Duration::from_millis(1));
+            // librdkafka wants the message timeout above linger.
+            let message = publish_timeout
+                .saturating_sub(request + TIMEOUT_SCAN_SLACK + linger)
+                .max(linger + Duration::from_millis(1));
+            cfg.set("request.timeout.ms", request.as_millis().to_string())
+                .set("message.timeout.ms", message.as_millis().to_string());
+        })
+    }
+
+    /// A publisher with `cfg` (see [`Publisher::config`]).
+    pub fn from_config(cfg: &ClientConfig, topics: Topics) -> Result<Self, KafkaError> {
         Ok(Self {
             producer: cfg.create()?,
             topics,
@@ -145,5 +175,32 @@ impl Publisher {
     /// Waits for every queued record (at shutdown).
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer.flush(timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use couponrush_core::kafka::DeliveryBound;
+
+    use super::*;
+
+    #[test]
+    fn the_outcome_producer_is_bounded_by_the_publish_timeout() {
+        let kafka = KafkaSettings::new("127.0.0.1:9");
+        for secs in [2, 3, 5, 10, 30, 120] {
+            let publish = Duration::from_secs(secs);
+            let bound = DeliveryBound::of(&Publisher::config(&kafka, "t", publish)).unwrap();
+            assert!(bound.total() <= publish, "{publish:?}: {bound}");
+            assert!(
+                bound.total() + Duration::from_millis(2) >= publish,
+                "{publish:?}: the whole timeout is used: {bound}"
+            );
+        }
+        let tiny =
+            DeliveryBound::of(&Publisher::config(&kafka, "t", Duration::from_millis(100))).unwrap();
+        assert!(
+            tiny.message_timeout.1 > tiny.linger.1,
+            "librdkafka wants the message timeout above linger: {tiny}"
+        );
     }
 }
