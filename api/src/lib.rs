@@ -55,8 +55,10 @@ use couponrush_core::recovery::Recovery;
 use couponrush_core::store::redis::RedisStore;
 use couponrush_core::store::{Store, StoreError};
 use couponrush_core::telemetry::MetricsError;
+use couponrush_core::topics::{replication_for, ReplicationError, TopicSpec};
 use couponrush_core::{Partitioner, Topics};
 use metrics_exporter_prometheus::PrometheusHandle;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -95,9 +97,12 @@ pub struct Cli {
     /// Create the topics with this many request partitions if they are missing.
     #[arg(long, env = "TOPIC_PARTITIONS")]
     pub topic_partitions: Option<i32>,
-    /// Replication factor for topics this process creates (3 on a real cluster).
-    #[arg(long, env = "REPLICATION_FACTOR", default_value_t = 1)]
-    pub replication_factor: i32,
+    /// Replication factor of the topics this process creates. Default: 3, with
+    /// min.insync.replicas=2, on a cluster of three brokers or more; 1 on a single
+    /// broker; a 2-broker cluster must choose. Less than the cluster allows is
+    /// logged as a warning.
+    #[arg(long, env = "REPLICATION_FACTOR")]
+    pub replication_factor: Option<i32>,
     /// Bearer token for admin routes (PUT /v1/events/..).
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -156,8 +161,9 @@ pub struct Config {
     pub partitioner: Partitioner,
     /// Create missing topics with this many request partitions.
     pub topic_partitions: Option<i32>,
-    /// Replication factor of created topics.
-    pub replication_factor: i32,
+    /// Replication factor of created topics; `None` lets the cluster's size
+    /// decide ([`couponrush_core::topics::replication_for`]).
+    pub replication_factor: Option<i32>,
     /// Admin bearer token.
     pub admin_token: Option<String>,
     /// In-flight issue requests.
@@ -204,6 +210,10 @@ pub enum StartError {
     /// Topic setup failed.
     #[error(transparent)]
     Topics(#[from] TopicError),
+    /// The cluster cannot hold the replication asked for (or, with two
+    /// brokers, the default).
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
     /// The producer could not be created.
     #[error("cannot create the Kafka producer: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
@@ -331,6 +341,41 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     resp
 }
 
+/// The topics this api creates when they are missing, replicated as the
+/// cluster allows: its brokers are counted from the metadata, and the choice
+/// is [`replication_for`]'s (a warning is logged when it is less durable than
+/// the cluster allows).
+pub async fn topic_specs(
+    config: &Config,
+    request_partitions: i32,
+) -> Result<Vec<TopicSpec>, StartError> {
+    let (kafka, topic) = (config.kafka.clone(), config.topics.requests.clone());
+    let brokers = tokio::task::spawn_blocking(move || cluster_brokers(&kafka, &topic))
+        .await
+        .map_err(|e| StartError::Config(e.to_string()))??;
+    let replication = replication_for(brokers, config.replication_factor)?;
+    if let Some(warning) = &replication.warning {
+        tracing::warn!(brokers, replication = replication.factor, "{warning}");
+    }
+    Ok(config.topics.specs(request_partitions, replication.factor))
+}
+
+/// Brokers in the cluster, from one metadata request. Blocking.
+fn cluster_brokers(kafka: &KafkaSettings, topic: &str) -> Result<usize, TopicError> {
+    let admin_err = |source| TopicError::Admin {
+        brokers: kafka.brokers.clone(),
+        source,
+    };
+    let client: BaseConsumer = kafka
+        .client_config("couponrush-metadata")
+        .create()
+        .map_err(admin_err)?;
+    let md = client
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(admin_err)?;
+    Ok(md.brokers().len())
+}
+
 /// A bound, ready-to-serve api.
 pub struct Api {
     listener: TcpListener,
@@ -360,7 +405,7 @@ impl Api {
                     "--topic-partitions must be at least 1".into(),
                 ));
             }
-            let specs = config.topics.specs(n, config.replication_factor);
+            let specs = topic_specs(&config, n).await?;
             let created = ensure_topics(&config.kafka, &specs, Duration::from_secs(10)).await?;
             if !created.is_empty() {
                 tracing::info!(topics = ?created, partitions = n, "created topics");

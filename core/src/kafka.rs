@@ -280,8 +280,9 @@ pub enum TopicError {
     Missing(String),
 }
 
-/// Creates each topic of `specs` that does not exist yet; existing topics are
-/// left as they are. Returns the names of the topics created.
+/// Creates each topic of `specs` that does not exist yet, with its
+/// `min.insync.replicas` ([`TopicSpec::min_insync_replicas`]); existing topics
+/// are left as they are. Returns the names of the topics created.
 pub async fn ensure_topics(
     kafka: &KafkaSettings,
     specs: &[TopicSpec],
@@ -295,9 +296,15 @@ pub async fn ensure_topics(
         .client_config("couponrush-admin")
         .create()
         .map_err(admin_err)?;
+    // NewTopic borrows its config values: they live here.
+    let min_insync: Vec<Option<String>> = specs
+        .iter()
+        .map(|s| s.min_insync_replicas().map(|n| n.to_string()))
+        .collect();
     let new_topics: Vec<NewTopic<'_>> = specs
         .iter()
-        .map(|s| {
+        .zip(&min_insync)
+        .map(|(s, min_insync)| {
             let mut t = NewTopic::new(
                 &s.name,
                 s.partitions,
@@ -305,6 +312,9 @@ pub async fn ensure_topics(
             );
             for (k, v) in &s.configs {
                 t = t.set(k, v);
+            }
+            if let Some(n) = min_insync {
+                t = t.set("min.insync.replicas", n);
             }
             t
         })

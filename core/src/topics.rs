@@ -7,6 +7,13 @@
 //! at least as long; the DLQ keeps poison long enough for a human to look.
 //! The events topic is compacted: it keeps the latest definition of every
 //! event forever, and is the other half of what a lost store is rebuilt from.
+//!
+//! Replication is explicit too: on a cluster of three or more brokers every
+//! topic gets [`REPLICATION`] replicas and `min.insync.replicas` =
+//! [`MIN_INSYNC_REPLICAS`], so an `acks=all` acknowledgement means two copies
+//! and one broker can be lost without losing an acknowledged record or
+//! stopping writes ([`replication_for`] chooses, [`TopicSpec::min_insync_replicas`]
+//! follows from the choice). A single local broker gets one replica.
 
 use std::time::Duration;
 
@@ -57,6 +64,101 @@ pub struct TopicSpec {
     pub replication: i32,
     /// Topic-level configs (`retention.ms`, `retention.bytes`, ...).
     pub configs: Vec<(String, String)>,
+}
+
+impl TopicSpec {
+    /// The `min.insync.replicas` the topic is created with:
+    /// [`MIN_INSYNC_REPLICAS`] once it has that many replicas, so that an
+    /// acknowledged record is on two of them; `None` (one replica, nothing
+    /// to wait for) below.
+    pub fn min_insync_replicas(&self) -> Option<i32> {
+        (self.replication >= MIN_INSYNC_REPLICAS).then_some(MIN_INSYNC_REPLICAS)
+    }
+}
+
+/// Replicas per partition on a real cluster.
+pub const REPLICATION: i32 = 3;
+
+/// Replicas that must have a record before the broker acknowledges it to an
+/// `acks=all` producer, on a replicated topic.
+pub const MIN_INSYNC_REPLICAS: i32 = 2;
+
+/// The replication factor chosen for a cluster, and what the operator must
+/// hear about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replication {
+    /// Replicas per partition.
+    pub factor: i32,
+    /// Set when the choice is less durable than the cluster allows: say it
+    /// loudly at start-up.
+    pub warning: Option<String>,
+}
+
+/// Why topics cannot be created with the replication asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicationError {
+    /// A replication factor below 1.
+    #[error("--replication-factor must be at least 1, got {0}")]
+    Invalid(i32),
+    /// More replicas than brokers.
+    #[error(
+        "cannot create topics with {requested} replicas on a cluster of {brokers} broker(s); \
+         pass --replication-factor {brokers} or less"
+    )]
+    MoreThanBrokers {
+        /// Replicas asked for.
+        requested: i32,
+        /// Brokers in the cluster.
+        brokers: usize,
+    },
+    /// Two brokers: too few for the default, and no default is safe.
+    #[error(
+        "the cluster has {brokers} brokers: too few for {REPLICATION} replicas with \
+         min.insync.replicas={MIN_INSYNC_REPLICAS}; pass --replication-factor 2 (both brokers \
+         hold every record; writes stop while one is down) or --replication-factor 1 (no \
+         copy: an acknowledged record is lost with its broker), or add a broker"
+    )]
+    TooFewBrokers {
+        /// Brokers in the cluster.
+        brokers: usize,
+    },
+}
+
+/// The replication factor for topics created on a cluster of `brokers`
+/// brokers (as its metadata lists them): `requested` if given, else
+/// [`REPLICATION`] on three brokers or more and 1 on a single broker (a local
+/// development broker). Two brokers have no safe default: the caller must
+/// choose. Less than the cluster allows is accepted with a warning.
+pub fn replication_for(
+    brokers: usize,
+    requested: Option<i32>,
+) -> Result<Replication, ReplicationError> {
+    let factor = match requested {
+        Some(n) if n < 1 => return Err(ReplicationError::Invalid(n)),
+        Some(n) if n as usize > brokers => {
+            return Err(ReplicationError::MoreThanBrokers {
+                requested: n,
+                brokers,
+            })
+        }
+        Some(n) => n,
+        None if brokers >= REPLICATION as usize => REPLICATION,
+        None if brokers == 1 => 1,
+        None => return Err(ReplicationError::TooFewBrokers { brokers }),
+    };
+    let possible = brokers.min(REPLICATION as usize) as i32;
+    let warning = (factor < possible).then(|| {
+        format!(
+            "topics get {factor} replica(s) on a cluster of {brokers} brokers: {}; \
+             the default there is {REPLICATION} replicas with min.insync.replicas={MIN_INSYNC_REPLICAS}",
+            if factor == 1 {
+                "an acknowledged record is lost with its broker".to_string()
+            } else {
+                format!("writes stop while {} broker(s) are down", factor - 1)
+            }
+        )
+    });
+    Ok(Replication { factor, warning })
 }
 
 /// Retention of each topic, by time and by size per partition.
@@ -161,6 +263,41 @@ mod tests {
         assert_eq!(
             specs[1].configs[1].1, "-1",
             "the ledger is never cut by size"
+        );
+    }
+
+    #[test]
+    fn a_real_cluster_gets_three_replicas_two_in_sync_and_a_local_broker_one() {
+        let on = |brokers, requested| replication_for(brokers, requested);
+        assert_eq!(on(3, None).unwrap().factor, 3);
+        assert_eq!(on(5, None).unwrap().factor, 3);
+        assert_eq!(
+            on(1, None).unwrap(),
+            Replication {
+                factor: 1,
+                warning: None
+            }
+        );
+        for spec in Topics::default().specs(8, 3) {
+            assert_eq!(spec.min_insync_replicas(), Some(2), "{}", spec.name);
+        }
+        for spec in Topics::default().specs(8, 1) {
+            assert_eq!(spec.min_insync_replicas(), None, "{}", spec.name);
+        }
+        // Less than the cluster allows: accepted, loudly.
+        let less = on(3, Some(1)).unwrap();
+        assert_eq!(less.factor, 1);
+        assert!(less.warning.unwrap().contains("lost with its broker"));
+        assert!(on(4, Some(2)).unwrap().warning.is_some());
+        assert!(on(3, Some(3)).unwrap().warning.is_none());
+        // Refused, saying what to pass.
+        for (brokers, requested) in [(2, None), (1, Some(3)), (3, Some(0))] {
+            let err = on(brokers, requested).unwrap_err().to_string();
+            assert!(err.contains("--replication-factor"), "{err}");
+        }
+        assert!(
+            on(2, Some(2)).unwrap().warning.is_none(),
+            "all the cluster allows"
         );
     }
 }
