@@ -21,6 +21,16 @@
 //!    the stock left;
 //! 4. restores each event, then writes a new epoch marker.
 //!
+//! The lock expires ([`LOCK_TTL`]) so a crashed recoverer does not block the
+//! others forever; its holder extends it while it works and stops as soon as
+//! it cannot. Every restore write and the epoch marker are **fenced** in the
+//! store: refused unless, in the same atomic step, the writer holds the lock
+//! and the epoch is still missing. So a recoverer whose lock expired (a
+//! paused process, a store that stopped answering) never writes over a store
+//! another process rebuilt since, nor interleaves its writes with that
+//! rebuild: it stops with [`RecoveryError::LockLost`] and waits like the
+//! others.
+//!
 //! Others wait for the marker. Decisions that never reached the log were
 //! never shown to anyone (the api shows only logged decisions), and their
 //! requests, never committed, are redelivered and decided again.
@@ -38,6 +48,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::kafka::KafkaSettings;
@@ -50,18 +61,37 @@ use crate::{DecisionResult, Topics};
 /// Default fence: the outcome producers' message timeout plus a margin.
 pub const DEFAULT_FENCE: Duration = Duration::from_secs(15);
 
+/// Lifetime of the recovery lock. Its holder extends it every third of it
+/// while it recovers, so a crashed recoverer blocks the others this long at
+/// most, and a slow one keeps it however long the log takes to read.
+pub const LOCK_TTL: Duration = Duration::from_secs(30);
+
 /// Why the store could not be made ready.
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
     /// The store failed.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
+    /// This process lost the recovery lock while recovering (it expired:
+    /// a pause, or a store that did not answer): it stopped without writing
+    /// anything more, and another process may be rebuilding the store.
+    #[error("lost the recovery lock while recovering, so stopped without writing: {0}")]
+    LockLost(String),
     /// The log could not be read.
     #[error("cannot read the log: {0}")]
     Kafka(#[from] KafkaError),
     /// Someone else is recovering and did not finish in time.
     #[error("the store is still being recovered by another process after {0:?}")]
     Timeout(Duration),
+}
+
+impl From<StoreError> for RecoveryError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Fenced(why) => RecoveryError::LockLost(why),
+            other => RecoveryError::Store(other),
+        }
+    }
 }
 
 /// What a recovery did.
@@ -102,6 +132,10 @@ impl Recovery {
     /// Returns once the store has an epoch: at once if it has one, after
     /// recovering it if this caller gets the lock, or after someone else's
     /// recovery. `Ok(Some(_))` when this caller recovered.
+    ///
+    /// A caller that loses the lock while recovering stops (its writes are
+    /// refused by the store anyway, see [`Store::restore`]) and waits for
+    /// the epoch like any other.
     pub async fn ensure_ready(
         &self,
         timeout: Duration,
@@ -111,17 +145,46 @@ impl Recovery {
             if self.store.epoch().await?.is_some() {
                 return Ok(None);
             }
-            let lock_ttl = self.fence + Duration::from_secs(300);
-            if self.store.try_lock_recovery(&self.owner, lock_ttl).await? {
-                let result = self.recover().await;
+            if self.store.try_lock_recovery(&self.owner, LOCK_TTL).await? {
+                let result = self.recover_holding_lock().await;
                 let _ = self.store.unlock_recovery(&self.owner).await;
-                return result.map(Some);
+                match result {
+                    Err(RecoveryError::LockLost(why)) => {
+                        tracing::warn!(
+                            owner = %self.owner,
+                            %why,
+                            "lost the recovery lock while recovering; stopped without writing, waiting for the store's epoch"
+                        );
+                    }
+                    other => return other.map(Some),
+                }
             }
             if started.elapsed() > timeout {
                 return Err(RecoveryError::Timeout(timeout));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Recovers while extending the lock; stops as soon as the lock is lost.
+    async fn recover_holding_lock(&self) -> Result<Recovered, RecoveryError> {
+        let lost = CancellationToken::new();
+        let keeper = tokio::spawn(keep_lock(
+            self.store.clone(),
+            self.owner.clone(),
+            LOCK_TTL,
+            lost.clone(),
+        ));
+        let result = tokio::select! {
+            biased;
+            _ = lost.cancelled() => Err(RecoveryError::LockLost(format!(
+                "{} could not extend the recovery lock: another process holds it, or it expired",
+                self.owner
+            ))),
+            r = self.recover() => r,
+        };
+        keeper.abort();
+        result
     }
 
     async fn recover(&self) -> Result<Recovered, RecoveryError> {
@@ -149,10 +212,14 @@ impl Recovery {
                 report.events += 1;
                 report.decisions += snapshot.decided.len();
                 report.coupons += snapshot.coupons.len();
-                self.store.restore(&snapshot, self.retention).await?;
+                self.store
+                    .restore(&snapshot, self.retention, &self.owner)
+                    .await?;
             }
         }
-        self.store.set_epoch(&Uuid::now_v7().to_string()).await?;
+        self.store
+            .set_epoch(&Uuid::now_v7().to_string(), &self.owner)
+            .await?;
         report.took = started.elapsed();
         tracing::warn!(
             events = report.events,
@@ -163,6 +230,25 @@ impl Recovery {
         );
         Ok(report)
     }
+}
+
+/// Extends `owner`'s recovery lock every third of `ttl`; cancels
+/// `lost` (and returns) once it no longer holds it. A store that does not
+/// answer is retried until the lock would have expired.
+async fn keep_lock(store: Arc<dyn Store>, owner: String, ttl: Duration, lost: CancellationToken) {
+    let mut extended = Instant::now();
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match store.extend_recovery_lock(&owner, ttl).await {
+            Ok(true) => extended = Instant::now(),
+            Ok(false) => break,
+            Err(e) if extended.elapsed() < ttl => {
+                tracing::warn!(error = %e, "extending the recovery lock failed; retrying");
+            }
+            Err(_) => break,
+        }
+    }
+    lost.cancel();
 }
 
 /// Rebuilds each event's state from its latest definition and the outcomes
@@ -433,6 +519,29 @@ mod tests {
         let s = &rebuild(&events, &outcomes)[0];
         assert_eq!(s.free_ranks, vec![2]);
         assert_eq!(s.state.remaining, 8);
+    }
+
+    #[tokio::test]
+    async fn a_slow_recoverer_keeps_its_lock_and_learns_when_it_lost_it() {
+        use crate::store::memory::MemoryStore;
+        let store: Arc<dyn Store> =
+            Arc::new(MemoryStore::needing_recovery(Duration::from_secs(60)));
+        let ttl = Duration::from_millis(300);
+        assert!(store.try_lock_recovery("slow", ttl).await.unwrap());
+        let lost = CancellationToken::new();
+        let keeper = tokio::spawn(keep_lock(store.clone(), "slow".into(), ttl, lost.clone()));
+        // Three lifetimes later the lock is still its holder's...
+        tokio::time::sleep(ttl * 3).await;
+        assert!(!store.try_lock_recovery("other", ttl).await.unwrap());
+        assert!(!lost.is_cancelled());
+        // ...until someone else holds it (here: the holder's store paused
+        // past the lifetime, and another process took over).
+        store.unlock_recovery("slow").await.unwrap();
+        assert!(store.try_lock_recovery("other", ttl * 10).await.unwrap());
+        tokio::time::timeout(ttl, lost.cancelled())
+            .await
+            .expect("the keeper tells the recoverer it lost the lock");
+        keeper.await.unwrap();
     }
 
     #[test]

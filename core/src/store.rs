@@ -236,6 +236,12 @@ pub enum StoreError {
     /// The request was invalid (a caller bug, not a transient state).
     #[error("invalid store request: {0}")]
     Invalid(String),
+    /// A recovery write was refused: the caller no longer holds the recovery
+    /// lock (it expired; another process may be rebuilding the store), or
+    /// the store already has its epoch (someone finished a rebuild). Nothing
+    /// was written; the caller must stop recovering.
+    #[error("recovery write refused: {0}")]
+    Fenced(String),
 }
 
 impl StoreError {
@@ -299,22 +305,34 @@ pub trait Store: Send + Sync + 'static {
     /// never had any) and must be recovered before anything is decided.
     async fn epoch(&self) -> Result<Option<String>, StoreError>;
 
-    /// Writes the epoch marker (the last step of a recovery).
-    async fn set_epoch(&self, epoch: &str) -> Result<(), StoreError>;
+    /// Writes the epoch marker (the last step of a recovery), fenced like
+    /// [`Store::restore`]: refused ([`StoreError::Fenced`]) unless `owner`
+    /// holds the recovery lock and the store has no epoch yet.
+    async fn set_epoch(&self, epoch: &str, owner: &str) -> Result<(), StoreError>;
 
     /// Takes the recovery lock for `owner` for at most `ttl`; false if
     /// someone else holds it.
     async fn try_lock_recovery(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Extends the recovery lock to `ttl` from now if `owner` still holds
+    /// it; false if it lost it.
+    async fn extend_recovery_lock(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError>;
 
     /// Releases the recovery lock if `owner` holds it.
     async fn unlock_recovery(&self, owner: &str) -> Result<(), StoreError>;
 
     /// Replaces an event's whole state with `snapshot`; dedup records get
     /// `retention` to live.
+    ///
+    /// Fenced: every write is refused ([`StoreError::Fenced`]) unless, in
+    /// the same atomic step, `owner` holds the recovery lock and the store
+    /// has no epoch. A recoverer whose lock expired while it read the log
+    /// can therefore never write over a store someone else rebuilt since.
     async fn restore(
         &self,
         snapshot: &EventSnapshot,
         retention: Duration,
+        owner: &str,
     ) -> Result<(), StoreError>;
 }
 

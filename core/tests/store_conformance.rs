@@ -1,7 +1,11 @@
 //! One conformance suite, run against every store: the Redis store (against a
 //! real redis-server at `REDIS_URL`, default `redis://127.0.0.1:6379`) and the
 //! in-memory store. Each test uses fresh random event ids, so tests run in
-//! parallel against one server without seeing each other.
+//! parallel against one server without seeing each other. Recovery tests
+//! (`fresh_*`) each get a store that never held state (a private
+//! redis-server; a memory store without its epoch): they take the global
+//! recovery lock and write the epoch, which the shared server's other users
+//! must not see.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +14,10 @@ use couponrush_core::store::memory::MemoryStore;
 use couponrush_core::store::redis::{RedisStore, MAX_REQUESTS_PER_CALL};
 use couponrush_core::store::{
     BatchVerdict, Coupon, Decision, EventBatch, EventSnapshot, EventSpec, EventState,
-    LoggedDecisions, Pending, RestoredDecision, Store,
+    LoggedDecisions, Pending, RestoredDecision, Store, StoreError,
 };
 use couponrush_core::wire::{now_micros, DecisionResult};
+use couponrush_harness::RedisServer;
 use uuid::Uuid;
 
 use DecisionResult::*;
@@ -33,6 +38,44 @@ async fn redis_store(retention: Duration) -> Arc<dyn Store> {
 
 async fn memory_store(retention: Duration) -> Arc<dyn Store> {
     Arc::new(MemoryStore::new(retention))
+}
+
+/// A private redis-server, stopped and its directory removed on drop.
+struct PrivateRedis {
+    server: Option<RedisServer>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.server.take();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis store that has never held state (no epoch), on a server of its
+/// own: recovery tests clear and take the global epoch and recovery lock,
+/// which the shared server's other users must never see.
+async fn fresh_redis_store() -> (Arc<dyn Store>, PrivateRedis) {
+    let dir = std::env::temp_dir().join(format!("couponrush-conformance-{}", Uuid::new_v4()));
+    let server = RedisServer::start(&dir, false).expect("redis-server on the PATH");
+    let store = RedisStore::connect(&server.url(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let guard = PrivateRedis {
+        server: Some(server),
+        dir,
+    };
+    (Arc::new(store), guard)
+}
+
+/// A memory store that has lost its state (no epoch), like a Redis
+/// restarted without persistence.
+async fn fresh_memory_store() -> (Arc<dyn Store>, ()) {
+    (
+        Arc::new(MemoryStore::needing_recovery(Duration::from_secs(3600))),
+        (),
+    )
 }
 
 fn new_event() -> String {
@@ -64,6 +107,21 @@ async fn decide(store: &dyn Store, event: &str, reqs: &[Pending]) -> Vec<Decisio
 
 fn results(ds: &[Decision]) -> Vec<(DecisionResult, Option<u32>)> {
     ds.iter().map(|d| (d.result, d.issued_rank)).collect()
+}
+
+/// Restores `snapshot` as a recoverer would: holding the recovery lock of a
+/// store without its epoch.
+async fn restore_as_recoverer(store: &dyn Store, snapshot: &EventSnapshot) {
+    let owner = format!("t-{}", Uuid::new_v4());
+    assert!(store
+        .try_lock_recovery(&owner, Duration::from_secs(30))
+        .await
+        .unwrap());
+    store
+        .restore(snapshot, Duration::from_secs(60), &owner)
+        .await
+        .unwrap();
+    store.unlock_recovery(&owner).await.unwrap();
 }
 
 async fn first_delivery_issues_in_arrival_order(store: Arc<dyn Store>) {
@@ -587,10 +645,7 @@ async fn a_restored_event_continues_where_the_ledger_left_off(store: Arc<dyn Sto
             },
         ],
     };
-    store
-        .restore(&snapshot, Duration::from_secs(60))
-        .await
-        .unwrap();
+    restore_as_recoverer(&*store, &snapshot).await;
     assert_eq!(
         store.decision(&ev, winner.request_id).await.unwrap(),
         Some(issued)
@@ -652,10 +707,7 @@ async fn ranks_left_free_by_a_recovery_are_issued_first_and_never_twice(store: A
         decided: vec![],
         free_ranks: vec![2],
     };
-    store
-        .restore(&snapshot, Duration::from_secs(60))
-        .await
-        .unwrap();
+    restore_as_recoverer(&*store, &snapshot).await;
     let ds = decide(
         &*store,
         &ev,
@@ -677,26 +729,11 @@ async fn ranks_left_free_by_a_recovery_are_issued_first_and_never_twice(store: A
 }
 
 async fn the_recovery_lock_has_one_holder(store: Arc<dyn Store>) {
-    if store.kind() == "memory" {
-        // One process, one store: nothing to coordinate.
-        assert!(store.epoch().await.unwrap().is_some());
-        return;
-    }
     let owner = format!("t-{}", Uuid::new_v4());
-    // Other tests may recover concurrently on the shared server: wait our turn.
-    let mut got = false;
-    for _ in 0..100 {
-        if store
-            .try_lock_recovery(&owner, Duration::from_secs(5))
-            .await
-            .unwrap()
-        {
-            got = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(got);
+    assert!(store
+        .try_lock_recovery(&owner, Duration::from_secs(5))
+        .await
+        .unwrap());
     assert!(!store
         .try_lock_recovery("someone-else", Duration::from_secs(5))
         .await
@@ -713,12 +750,130 @@ async fn the_recovery_lock_has_one_holder(store: Arc<dyn Store>) {
         .unwrap());
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert!(
+        !store
+            .extend_recovery_lock("someone-else", Duration::from_secs(5))
+            .await
+            .unwrap(),
+        "an expired lock cannot be extended"
+    );
+    assert!(
         store
-            .try_lock_recovery(&owner, Duration::from_millis(10))
+            .try_lock_recovery(&owner, Duration::from_millis(200))
             .await
             .unwrap(),
         "locks expire"
     );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(store
+        .extend_recovery_lock(&owner, Duration::from_millis(300))
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !store
+            .try_lock_recovery("someone-else", Duration::from_secs(5))
+            .await
+            .unwrap(),
+        "its holder extended it"
+    );
+    assert!(!store
+        .extend_recovery_lock("someone-else", Duration::from_secs(5))
+        .await
+        .unwrap());
+}
+
+async fn a_recoverer_that_lost_the_lock_cannot_overwrite_later_decisions(store: Arc<dyn Store>) {
+    let ev = new_event();
+    let a = pending("a");
+    let issued = Decision {
+        result: Issued,
+        issued_rank: Some(1),
+        decided_at: now_micros(),
+        replay: true,
+        seq: 1,
+        logged: true,
+    };
+    // What both recoverers read from the log: one coupon of five issued.
+    let snapshot = EventSnapshot {
+        state: EventState {
+            event_id: ev.clone(),
+            stock: 5,
+            per_user_limit: 1,
+            remaining: 4,
+            generation: 1,
+        },
+        seq: 1,
+        holders: vec![("a".into(), 1)],
+        coupons: vec![Coupon {
+            rank: 1,
+            request_id: a.request_id,
+            user_id: "a".into(),
+        }],
+        decided: vec![RestoredDecision {
+            request_id: a.request_id,
+            user_id: "a".into(),
+            decision: issued,
+        }],
+        free_ranks: vec![],
+    };
+    let retention = Duration::from_secs(60);
+    // The first recoverer's lock expires while it still reads the log...
+    assert!(store
+        .try_lock_recovery("first", Duration::from_millis(100))
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // ...a second one takes over, rebuilds the store and finishes...
+    assert!(store
+        .try_lock_recovery("second", Duration::from_secs(30))
+        .await
+        .unwrap());
+    // (The first one's writes are refused while the second one rebuilds.)
+    assert!(matches!(
+        store.restore(&snapshot, retention, "first").await,
+        Err(StoreError::Fenced(_))
+    ));
+    store.restore(&snapshot, retention, "second").await.unwrap();
+    store.set_epoch("second", "second").await.unwrap();
+    store.unlock_recovery("second").await.unwrap();
+    // ...and decisions are made on the rebuilt store.
+    let (b, c) = (pending("b"), pending("c"));
+    let later = decide(&*store, &ev, &[b.clone(), c.clone()]).await;
+    assert_eq!(results(&later), [(Issued, Some(2)), (Issued, Some(3))]);
+    // Then the first one, done reading, tries to restore what it read.
+    let refused = store.restore(&snapshot, retention, "first").await;
+    assert!(
+        matches!(refused, Err(StoreError::Fenced(_))),
+        "a recoverer that lost the lock must not write: {refused:?}"
+    );
+    assert!(matches!(
+        store.set_epoch("first", "first").await,
+        Err(StoreError::Fenced(_))
+    ));
+    // Even holding the lock again, nobody restores a store that has its
+    // epoch: the rebuild is over.
+    assert!(store
+        .try_lock_recovery("first", Duration::from_secs(30))
+        .await
+        .unwrap());
+    assert!(matches!(
+        store.restore(&snapshot, retention, "first").await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert!(matches!(
+        store.set_epoch("first", "first").await,
+        Err(StoreError::Fenced(_))
+    ));
+    store.unlock_recovery("first").await.unwrap();
+    assert_eq!(store.epoch().await.unwrap().as_deref(), Some("second"));
+    let ledger = store.ledger(&ev).await.unwrap().unwrap();
+    assert_eq!(
+        (ledger.coupons.len(), ledger.state.remaining),
+        (3, 2),
+        "the decisions made after the second recovery survive"
+    );
+    let d = store.decision(&ev, b.request_id).await.unwrap().unwrap();
+    assert_eq!(d.issued_rank, Some(2));
 }
 
 macro_rules! conformance {
@@ -736,6 +891,31 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $name() {
                     super::$name(super::memory_store(super::retention(stringify!($name))).await).await
+                }
+            )*
+        }
+    };
+}
+
+/// The same, each test on a store that has never held state (see
+/// [`fresh_redis_store`]).
+macro_rules! conformance_fresh {
+    ($($name:ident),* $(,)?) => {
+        mod fresh_redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (store, _server) = super::fresh_redis_store().await;
+                    super::$name(store).await
+                }
+            )*
+        }
+        mod fresh_memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (store, _server) = super::fresh_memory_store().await;
+                    super::$name(store).await
                 }
             )*
         }
@@ -767,7 +947,11 @@ conformance!(
     invalid_specs_are_refused,
     user_ids_with_separators_round_trip,
     only_logged_decisions_are_marked_logged,
+);
+
+conformance_fresh!(
     a_restored_event_continues_where_the_ledger_left_off,
-    the_recovery_lock_has_one_holder,
     ranks_left_free_by_a_recovery_are_issued_first_and_never_twice,
+    the_recovery_lock_has_one_holder,
+    a_recoverer_that_lost_the_lock_cannot_overwrite_later_decisions,
 );

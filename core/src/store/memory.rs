@@ -1,10 +1,12 @@
 //! An in-process store with the same semantics as the Redis one, for the
 //! embedded demo and for tests that must not need a server. One mutex guards
 //! everything, which gives the same per-batch atomicity as a Lua script.
+//! The epoch marker and the recovery lock behave as the Redis store's do, so
+//! recovery can be tested without a server.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use uuid::Uuid;
@@ -46,18 +48,60 @@ impl MemEvent {
     }
 }
 
+/// The epoch marker and the recovery lock.
+#[derive(Debug, Default)]
+struct Marker {
+    epoch: Option<String>,
+    lock: Option<(String, Instant)>,
+}
+
+impl Marker {
+    fn held_by(&self, owner: &str) -> bool {
+        self.lock
+            .as_ref()
+            .is_some_and(|(o, until)| o == owner && *until > Instant::now())
+    }
+
+    /// The same check as the Redis store's fenced writes.
+    fn fence(&self, owner: &str) -> Result<(), StoreError> {
+        if !self.held_by(owner) {
+            return Err(StoreError::Fenced(format!(
+                "{owner} no longer holds the recovery lock"
+            )));
+        }
+        if self.epoch.is_some() {
+            return Err(StoreError::Fenced(
+                "the store already has its epoch: another process finished the rebuild".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A [`Store`] held in this process's memory.
 #[derive(Debug)]
 pub struct MemoryStore {
     events: Mutex<HashMap<String, MemEvent>>,
+    marker: Mutex<Marker>,
     retention_micros: u64,
 }
 
 impl MemoryStore {
-    /// An empty store whose dedup records live for `dedup_retention`.
+    /// An empty store whose dedup records live for `dedup_retention`. It
+    /// has its epoch: an in-process store cannot lose its state and live on.
     pub fn new(dedup_retention: Duration) -> Self {
+        let store = Self::needing_recovery(dedup_retention);
+        store.marker().epoch = Some("memory".into());
+        store
+    }
+
+    /// An empty store without its epoch, like a Redis that lost its state:
+    /// it must be recovered from the log before anything is decided. For
+    /// tests of recovery.
+    pub fn needing_recovery(dedup_retention: Duration) -> Self {
         Self {
             events: Mutex::new(HashMap::new()),
+            marker: Mutex::new(Marker::default()),
             retention_micros: dedup_retention.as_micros() as u64,
         }
     }
@@ -66,6 +110,11 @@ impl MemoryStore {
         // A panic while holding the lock cannot leave a half-made decision:
         // every mutation below is a handful of infallible map writes.
         self.events.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Taken before [`MemoryStore::lock`] when both are needed.
+    fn marker(&self) -> std::sync::MutexGuard<'_, Marker> {
+        self.marker.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -248,27 +297,55 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    /// An in-process store cannot lose its state and live on: its epoch is
-    /// always set.
     async fn epoch(&self) -> Result<Option<String>, StoreError> {
-        Ok(Some("memory".into()))
+        Ok(self.marker().epoch.clone())
     }
 
-    async fn set_epoch(&self, _epoch: &str) -> Result<(), StoreError> {
+    async fn set_epoch(&self, epoch: &str, owner: &str) -> Result<(), StoreError> {
+        let mut marker = self.marker();
+        marker.fence(owner)?;
+        marker.epoch = Some(epoch.to_string());
         Ok(())
     }
 
-    async fn try_lock_recovery(&self, _owner: &str, _ttl: Duration) -> Result<bool, StoreError> {
+    async fn try_lock_recovery(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut marker = self.marker();
+        let now = Instant::now();
+        if marker.lock.as_ref().is_some_and(|(_, until)| *until > now) {
+            return Ok(false);
+        }
+        marker.lock = Some((owner.to_string(), now + ttl));
         Ok(true)
     }
 
-    async fn unlock_recovery(&self, _owner: &str) -> Result<(), StoreError> {
+    async fn extend_recovery_lock(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut marker = self.marker();
+        if !marker.held_by(owner) {
+            return Ok(false);
+        }
+        marker.lock = Some((owner.to_string(), Instant::now() + ttl));
+        Ok(true)
+    }
+
+    async fn unlock_recovery(&self, owner: &str) -> Result<(), StoreError> {
+        let mut marker = self.marker();
+        if marker.lock.as_ref().is_some_and(|(o, _)| o == owner) {
+            marker.lock = None;
+        }
         Ok(())
     }
 
-    async fn restore(&self, snap: &EventSnapshot, retention: Duration) -> Result<(), StoreError> {
+    async fn restore(
+        &self,
+        snap: &EventSnapshot,
+        retention: Duration,
+        owner: &str,
+    ) -> Result<(), StoreError> {
         let now = crate::wire::now_micros();
         let expires_at = now.saturating_add(retention.as_micros() as u64);
+        // The fence is held while writing: the check and the writes are one step.
+        let marker = self.marker();
+        marker.fence(owner)?;
         let mut events = self.lock();
         let ev = events.entry(snap.state.event_id.clone()).or_default();
         ev.state = Some(snap.state.clone());

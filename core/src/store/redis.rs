@@ -51,6 +51,45 @@ end
 return 0
 ";
 
+/// Extends the recovery lock only if the caller holds it.
+const EXTEND_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Runs recovery writes only if, in the same atomic step, the caller holds
+/// the recovery lock and the store has no epoch yet. Returns 1 when the
+/// writes ran, 0 when the lock is someone else's (or expired), -1 when the
+/// epoch is set (a rebuild already finished).
+///
+/// KEYS[1] the recovery lock, KEYS[2] the epoch marker; ARGV[1] the owner,
+/// then the commands, each as its argument count followed by the command
+/// and its arguments. (The written keys are not declared: like the epoch
+/// and the lock, recovery assumes one Redis server.)
+const FENCED_LUA: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return -1
+end
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+";
+
+/// Commands per fenced script call (a call holds Redis briefly), calls per
+/// round trip, and arguments per command (a command fits Lua's stack).
+const FENCED_COMMANDS_PER_CALL: usize = 256;
+const FENCED_CALLS_PER_ROUND_TRIP: usize = 16;
+const FENCED_ARGS_PER_COMMAND: usize = 1000;
+
 /// Requests per script call: one call holds Redis for well under a
 /// millisecond, so other clients (the api's status lookups) are not starved.
 pub const MAX_REQUESTS_PER_CALL: usize = 512;
@@ -139,6 +178,8 @@ pub struct RedisStore {
     decide_sha: String,
     put_sha: String,
     unlock_sha: String,
+    extend_sha: String,
+    fenced_sha: String,
     dedup_retention_secs: u64,
 }
 
@@ -161,6 +202,8 @@ impl RedisStore {
             decide_sha: sha(DECIDE_LUA),
             put_sha: sha(PUT_EVENT_LUA),
             unlock_sha: sha(UNLOCK_LUA),
+            extend_sha: sha(EXTEND_LUA),
+            fenced_sha: sha(FENCED_LUA),
             dedup_retention_secs: dedup_retention.as_secs().max(1),
         };
         store.load_scripts().await?;
@@ -170,7 +213,13 @@ impl RedisStore {
     async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
-        for script in [DECIDE_LUA, PUT_EVENT_LUA, UNLOCK_LUA] {
+        for script in [
+            DECIDE_LUA,
+            PUT_EVENT_LUA,
+            UNLOCK_LUA,
+            EXTEND_LUA,
+            FENCED_LUA,
+        ] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(script);
         }
         let _: Vec<String> = pipe.query_async(&mut conn).await.map_err(map_err)?;
@@ -197,6 +246,45 @@ impl RedisStore {
     async fn query<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         pipe.query_async(&mut conn).await.map_err(map_err)
+    }
+
+    /// Runs `commands` (each a command and its arguments) through the
+    /// fenced script, refusing them all unless `owner` holds the recovery
+    /// lock and the store has no epoch. Commands run in order, in calls of
+    /// [`FENCED_COMMANDS_PER_CALL`], each call fenced on its own: once the
+    /// fence fails, every later call fails too.
+    async fn fenced(&self, owner: &str, commands: &[Vec<String>]) -> Result<(), StoreError> {
+        for calls in commands.chunks(FENCED_COMMANDS_PER_CALL * FENCED_CALLS_PER_ROUND_TRIP) {
+            let mut pipe = redis::pipe();
+            for call in calls.chunks(FENCED_COMMANDS_PER_CALL) {
+                let cmd = pipe
+                    .cmd("EVALSHA")
+                    .arg(&self.fenced_sha)
+                    .arg(2)
+                    .arg(RECOVERY_KEY)
+                    .arg(EPOCH_KEY)
+                    .arg(owner);
+                for c in call {
+                    cmd.arg(c.len()).arg(c);
+                }
+            }
+            let replies: Vec<i64> = self.query_scripts(&pipe).await?;
+            match replies.iter().find(|r| **r != 1) {
+                None => {}
+                Some(0) => {
+                    return Err(StoreError::Fenced(format!(
+                        "{owner} no longer holds the recovery lock"
+                    )))
+                }
+                Some(_) => {
+                    return Err(StoreError::Fenced(
+                        "the store already has its epoch: another process finished the rebuild"
+                            .into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Marks `d` logged if its number falls in a logged range (a range
@@ -530,11 +618,9 @@ impl Store for RedisStore {
         Ok(epoch)
     }
 
-    async fn set_epoch(&self, epoch: &str) -> Result<(), StoreError> {
-        let () = self
-            .query(redis::pipe().cmd("SET").arg(EPOCH_KEY).arg(epoch).ignore())
-            .await?;
-        Ok(())
+    async fn set_epoch(&self, epoch: &str, owner: &str) -> Result<(), StoreError> {
+        self.fenced(owner, &[command("SET", [EPOCH_KEY, epoch])])
+            .await
     }
 
     async fn try_lock_recovery(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
@@ -552,6 +638,21 @@ impl Store for RedisStore {
         Ok(reply.is_some())
     }
 
+    async fn extend_recovery_lock(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let (extended,): (i64,) = self
+            .query_scripts(
+                redis::pipe()
+                    .cmd("EVALSHA")
+                    .arg(&self.extend_sha)
+                    .arg(1)
+                    .arg(RECOVERY_KEY)
+                    .arg(owner)
+                    .arg(ttl.as_millis().max(1) as u64),
+            )
+            .await?;
+        Ok(extended == 1)
+    }
+
     async fn unlock_recovery(&self, owner: &str) -> Result<(), StoreError> {
         let () = self
             .query_scripts(
@@ -567,91 +668,103 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn restore(&self, snap: &EventSnapshot, retention: Duration) -> Result<(), StoreError> {
+    async fn restore(
+        &self,
+        snap: &EventSnapshot,
+        retention: Duration,
+        owner: &str,
+    ) -> Result<(), StoreError> {
         let ev = &snap.state.event_id;
-        let ttl = retention.as_secs().max(1);
-        let mut pipe = redis::pipe();
-        pipe.cmd("DEL")
-            .arg(event_key(ev))
-            .arg(holders_key(ev))
-            .arg(coupons_key(ev))
-            .arg(logged_key(ev))
-            .arg(free_key(ev))
-            .ignore();
-        if !snap.free_ranks.is_empty() {
-            pipe.cmd("RPUSH")
-                .arg(free_key(ev))
-                .arg(&snap.free_ranks)
-                .ignore();
+        let ttl = retention.as_secs().max(1).to_string();
+        let mut commands = vec![command(
+            "DEL",
+            [
+                event_key(ev),
+                holders_key(ev),
+                coupons_key(ev),
+                logged_key(ev),
+                free_key(ev),
+            ],
+        )];
+        let per = FENCED_ARGS_PER_COMMAND / 2;
+        for chunk in snap.free_ranks.chunks(per) {
+            commands.push(command(
+                "RPUSH",
+                std::iter::once(free_key(ev)).chain(chunk.iter().map(u32::to_string)),
+            ));
         }
         // Every restored decision is in the log: logged.
         let ranges = seq_ranges(snap.decided.iter().map(|d| d.decision.seq));
-        for chunk in ranges.chunks(1000) {
-            let cmd = pipe.cmd("ZADD").arg(logged_key(ev));
-            for (lo, hi) in chunk {
-                cmd.arg(*lo).arg(format!("{lo}-{hi}"));
-            }
-            cmd.ignore();
+        for chunk in ranges.chunks(per) {
+            commands.push(command(
+                "ZADD",
+                std::iter::once(logged_key(ev)).chain(
+                    chunk
+                        .iter()
+                        .flat_map(|(lo, hi)| [lo.to_string(), format!("{lo}-{hi}")]),
+                ),
+            ));
         }
-        for chunk in snap.holders.chunks(1000) {
-            let cmd = pipe.cmd("HSET").arg(holders_key(ev));
-            for (user, n) in chunk {
-                cmd.arg(user).arg(*n);
-            }
-            cmd.ignore();
+        for chunk in snap.holders.chunks(per) {
+            commands.push(command(
+                "HSET",
+                std::iter::once(holders_key(ev)).chain(
+                    chunk
+                        .iter()
+                        .flat_map(|(user, n)| [user.clone(), n.to_string()]),
+                ),
+            ));
         }
-        for chunk in snap.coupons.chunks(1000) {
-            let cmd = pipe.cmd("HSET").arg(coupons_key(ev));
-            for c in chunk {
-                cmd.arg(c.rank)
-                    .arg(format!("{}{}", c.request_id, c.user_id));
-            }
-            cmd.ignore();
+        for chunk in snap.coupons.chunks(per) {
+            commands.push(command(
+                "HSET",
+                std::iter::once(coupons_key(ev)).chain(
+                    chunk.iter().flat_map(|c| {
+                        [c.rank.to_string(), format!("{}{}", c.request_id, c.user_id)]
+                    }),
+                ),
+            ));
         }
-        let () = self.query(&pipe).await?;
-        for chunk in snap.decided.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for d in chunk {
-                pipe.cmd("SET")
-                    .arg(request_key(ev, &d.request_id))
-                    .arg(encode_record(
-                        snap.state.generation,
-                        &d.decision,
-                        &d.user_id,
-                    ))
-                    .arg("EX")
-                    .arg(ttl)
-                    .ignore();
-            }
-            let () = self.query(&pipe).await?;
+        for d in &snap.decided {
+            commands.push(command(
+                "SET",
+                [
+                    request_key(ev, &d.request_id),
+                    encode_record(snap.state.generation, &d.decision, &d.user_id),
+                    "EX".into(),
+                    ttl.clone(),
+                ],
+            ));
         }
         // The event hash last: until it exists, the event is unknown and
         // nothing is decided against a half-restored state.
         let s = &snap.state;
-        let () = self
-            .query(
-                redis::pipe()
-                    .cmd("HSET")
-                    .arg(event_key(ev))
-                    .arg("stock")
-                    .arg(s.stock)
-                    .arg("remaining")
-                    .arg(s.remaining)
-                    .arg("per_user_limit")
-                    .arg(s.per_user_limit)
-                    .arg("generation")
-                    .arg(s.generation)
-                    .arg("seq")
-                    .arg(snap.seq)
-                    .ignore()
-                    .cmd("SADD")
-                    .arg(EVENTS_KEY)
-                    .arg(ev)
-                    .ignore(),
-            )
-            .await?;
-        Ok(())
+        commands.push(command(
+            "HSET",
+            [
+                event_key(ev),
+                "stock".into(),
+                s.stock.to_string(),
+                "remaining".into(),
+                s.remaining.to_string(),
+                "per_user_limit".into(),
+                s.per_user_limit.to_string(),
+                "generation".into(),
+                s.generation.to_string(),
+                "seq".into(),
+                snap.seq.to_string(),
+            ],
+        ));
+        commands.push(command("SADD", [EVENTS_KEY.to_string(), ev.clone()]));
+        self.fenced(owner, &commands).await
     }
+}
+
+/// A command and its arguments, for [`RedisStore::fenced`].
+fn command<S: Into<String>>(name: &str, args: impl IntoIterator<Item = S>) -> Vec<String> {
+    std::iter::once(name.to_string())
+        .chain(args.into_iter().map(Into::into))
+        .collect()
 }
 
 #[cfg(test)]
