@@ -23,6 +23,7 @@ impl Target for DirectTarget {
         match self.producer.send(&req).await {
             Ok(_) => Sent::Accepted {
                 accepted_at: req.accepted_at,
+                request_id: req.request_id,
             },
             Err(ProduceError::QueueFull) => Sent::Failed("queue_full".into()),
             Err(ProduceError::Broker(_)) => Sent::Failed("broker".into()),

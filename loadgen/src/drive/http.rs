@@ -160,6 +160,13 @@ fn accepted_at(body: &[u8]) -> Option<u64> {
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
+/// The `request_id` of a `202` body, read without a JSON parser.
+fn request_id(body: &[u8]) -> Option<Uuid> {
+    const FIELD: &[u8] = b"\"request_id\":\"";
+    let at = body.windows(FIELD.len()).position(|w| w == FIELD)? + FIELD.len();
+    Uuid::try_parse_ascii(body.get(at..at + 36)?).ok()
+}
+
 impl Target for HttpTarget {
     async fn send(&mut self, event: &str, user: &str, key: Uuid) -> Sent {
         let mut body = Vec::with_capacity(user.len() + 16);
@@ -186,9 +193,12 @@ impl Target for HttpTarget {
             req.headers_mut().insert(IDEMPOTENCY_KEY, v);
         }
         match self.exchange(req).await {
-            Ok((StatusCode::ACCEPTED, body)) => match accepted_at(&body) {
-                Some(accepted_at) => Sent::Accepted { accepted_at },
-                None => Sent::Failed("202_unparsable".into()),
+            Ok((StatusCode::ACCEPTED, body)) => match (accepted_at(&body), request_id(&body)) {
+                (Some(accepted_at), Some(request_id)) => Sent::Accepted {
+                    accepted_at,
+                    request_id,
+                },
+                _ => Sent::Failed("202_unparsable".into()),
             },
             Ok((status, _)) => Sent::Failed(status.as_u16().to_string()),
             Err(kind) => Sent::Failed(kind),
@@ -326,5 +336,16 @@ mod tests {
         assert_eq!(accepted_at(br#"{"accepted_at": 42}"#), Some(42));
         assert_eq!(accepted_at(br#"{"request_id":"x"}"#), None);
         assert_eq!(accepted_at(br#"{"accepted_at":"no"}"#), None);
+    }
+
+    #[test]
+    fn the_request_id_is_read_from_a_202_body() {
+        let body = br#"{"request_id":"0190d6a0-7c3e-7b2a-9e1f-3c4d5e6f7a8b","accepted_at":1}"#;
+        assert_eq!(
+            request_id(body),
+            Uuid::try_parse("0190d6a0-7c3e-7b2a-9e1f-3c4d5e6f7a8b").ok()
+        );
+        assert_eq!(request_id(br#"{"request_id":"x"}"#), None);
+        assert_eq!(request_id(br#"{"accepted_at":1}"#), None);
     }
 }

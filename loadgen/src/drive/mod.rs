@@ -63,6 +63,9 @@ pub enum Sent {
     Accepted {
         /// µs since the epoch.
         accepted_at: u64,
+        /// The request id the system decides it under (the api's answer is
+        /// authoritative: it scopes the client's key by event and user).
+        request_id: Uuid,
     },
     /// Not accepted; the kind (`503`, `timeout`, `connect`...) is counted.
     Failed(String),
@@ -298,14 +301,17 @@ async fn worker<F: TargetFactory>(
                 done.duration_since(sent_at).as_micros() as u64,
             );
             match sent {
-                Sent::Accepted { accepted_at } => {
+                Sent::Accepted {
+                    accepted_at,
+                    request_id,
+                } => {
                     out.accepted_count += 1;
                     if out.accepted.last().is_none_or(|c| c.len() == c.capacity()) {
                         out.accepted.push(Vec::with_capacity(ACCEPTED_CHUNK));
                     }
                     let chunk = out.accepted.last_mut().expect("pushed above");
                     chunk.push((
-                        key,
+                        request_id,
                         Acceptance {
                             user_id: user,
                             accepted_at,
@@ -384,6 +390,7 @@ mod tests {
             self.seen.lock().unwrap().push(key);
             Sent::Accepted {
                 accepted_at: now_micros(),
+                request_id: key,
             }
         }
     }
