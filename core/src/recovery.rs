@@ -402,23 +402,40 @@ pub fn read_topic(
     }
 }
 
-/// The latest definition of every event.
+/// The latest definition of every event on the events topic.
 pub fn read_events(
     kafka: &KafkaSettings,
     topic: &str,
 ) -> Result<HashMap<String, EventRecord>, KafkaError> {
-    let mut events: HashMap<String, EventRecord> = HashMap::new();
+    let mut records = Vec::new();
     read_topic(kafka, topic, |bytes| {
         if let Ok(e) = EventRecord::parse(bytes) {
-            match events.get(&e.event_id) {
-                Some(old) if old.generation >= e.generation => {}
-                _ => {
-                    events.insert(e.event_id.clone(), e);
-                }
-            }
+            records.push(e);
         }
     })?;
-    Ok(events)
+    Ok(latest_definitions(records))
+}
+
+/// The definition of every event that a rebuild restores, from the events
+/// topic's records in log order: the **highest generation**, not the last
+/// record (a racing `PUT`'s older definition may land after the newer one;
+/// see [`crate::store::definition`]). Between two records of one generation
+/// (a restatement, or a store that came back behind the log and claimed a
+/// generation again), the later one, which is the one the store applied
+/// last. Pure.
+pub fn latest_definitions(
+    records: impl IntoIterator<Item = EventRecord>,
+) -> HashMap<String, EventRecord> {
+    let mut events: HashMap<String, EventRecord> = HashMap::new();
+    for e in records {
+        match events.get(&e.event_id) {
+            Some(old) if old.generation > e.generation => {}
+            _ => {
+                events.insert(e.event_id.clone(), e);
+            }
+        }
+    }
+    events
 }
 
 /// Every parsable outcome, and how many records were read.
@@ -503,6 +520,40 @@ mod tests {
         assert_eq!(s.holders, vec![("a".into(), 1), ("b".into(), 1)]);
         assert_eq!(s.decided.len(), 3, "first decisions only, no duplicate");
         assert!(s.decided.iter().all(|d| d.decision.logged));
+    }
+
+    #[test]
+    fn a_rebuild_takes_the_highest_generation_not_the_last_record() {
+        // A racing PUT pair: generation 3 acknowledged first, the older
+        // generation 2 landing after it.
+        let mut newer = event("e", 20, 3);
+        newer.written_at = 1;
+        let mut older = event("e", 10, 2);
+        older.written_at = 2;
+        let defs = latest_definitions([event("e", 5, 1), newer.clone(), older, event("f", 7, 1)]);
+        assert_eq!(defs["e"], newer);
+        assert_eq!(defs["f"].stock, 7);
+        let outcomes = vec![
+            outcome("e", 3, 1, "a", DecisionResult::Issued, Some(1), 1),
+            outcome("e", 2, 2, "b", DecisionResult::Issued, Some(1), 1),
+        ];
+        let snaps = rebuild(&defs, &outcomes);
+        let e = snaps.iter().find(|s| s.state.event_id == "e").unwrap();
+        assert_eq!(
+            (e.state.generation, e.state.stock, e.state.remaining),
+            (3, 20, 19),
+            "the live generation's outcomes are kept, its stock not sold again"
+        );
+    }
+
+    #[test]
+    fn of_two_records_of_one_generation_the_later_one_is_the_definition() {
+        let mut first = event("e", 10, 4);
+        first.written_at = 1;
+        let mut second = event("e", 30, 4);
+        second.written_at = 2;
+        let defs = latest_definitions([first, second.clone()]);
+        assert_eq!(defs["e"], second);
     }
 
     #[test]

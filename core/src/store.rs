@@ -19,6 +19,7 @@
 //! record expired would be decided again (the per-user limit still stops a
 //! second coupon, but a `sold_out` could become `limit_reached`).
 
+pub mod definition;
 pub mod memory;
 pub mod redis;
 
@@ -83,6 +84,18 @@ impl EventState {
     pub fn sold_out(&self) -> bool {
         self.remaining == 0
     }
+}
+
+/// What [`Store::define_event`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defined {
+    /// The event as it is now: the definition just applied, or the newer
+    /// one the store already held.
+    pub state: EventState,
+    /// True when the definition was applied (its generation was the highest).
+    pub applied: bool,
+    /// True when it was applied to an event that did not exist.
+    pub created: bool,
 }
 
 /// One request to decide: its id and user (the event is the batch's).
@@ -262,12 +275,33 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// Creates the event, or resets it (new generation, full stock, no
-    /// holders). Returns the new state and whether it was created.
+    /// holders), in the store alone, with a newly claimed generation: for
+    /// set-ups without a log (tests, benchmarks). A deployment defines
+    /// events log first, with [`definition::create_event`]. Returns the new
+    /// state and whether it was created.
     async fn put_event(
         &self,
         event_id: &str,
         spec: EventSpec,
     ) -> Result<(EventState, bool), StoreError>;
+
+    /// Claims the generation the next definition of `event_id` carries:
+    /// above every generation held or claimed before, so never handed out
+    /// twice. The first step of [`definition::create_event`], which writes
+    /// the definition with it to the log, then applies it with
+    /// [`Store::define_event`].
+    async fn claim_generation(&self, event_id: &str) -> Result<u64, StoreError>;
+
+    /// Applies a definition that is in the log: the event gets `generation`,
+    /// full stock, no holders and its decision numbering restarted, **only
+    /// if** `generation` is higher than the one it holds; otherwise nothing
+    /// changes (a newer definition is live). Atomic.
+    async fn define_event(
+        &self,
+        event_id: &str,
+        spec: EventSpec,
+        generation: u64,
+    ) -> Result<Defined, StoreError>;
 
     /// The event's state, if it exists.
     async fn event(&self, event_id: &str) -> Result<Option<EventState>, StoreError>;

@@ -419,6 +419,42 @@ async fn reset_voids_earlier_decisions(store: Arc<dyn Store>) {
     assert_eq!(store.ledger(&ev).await.unwrap().unwrap().coupons.len(), 1);
 }
 
+async fn a_definition_is_applied_only_if_newer(store: Arc<dyn Store>) {
+    let ev = new_event();
+    let spec = |stock| EventSpec {
+        stock,
+        per_user_limit: 1,
+    };
+    // Two PUTs claim their generations, then apply them in the other order.
+    let older = store.claim_generation(&ev).await.unwrap();
+    let newer = store.claim_generation(&ev).await.unwrap();
+    assert!(newer > older);
+    let d = store.define_event(&ev, spec(20), newer).await.unwrap();
+    assert!(d.applied && d.created);
+    assert_eq!((d.state.generation, d.state.stock), (newer, 20));
+    decide(&*store, &ev, &[pending("a")]).await;
+    let d = store.define_event(&ev, spec(10), older).await.unwrap();
+    assert!(!d.applied && !d.created, "an older definition is refused");
+    assert_eq!(
+        (d.state.generation, d.state.stock, d.state.remaining),
+        (newer, 20, 19),
+        "and the live one is untouched"
+    );
+    assert!(
+        !store
+            .define_event(&ev, spec(10), newer)
+            .await
+            .unwrap()
+            .applied
+    );
+    // A store-only reset claims past every generation claimed so far.
+    let skipped = store.claim_generation(&ev).await.unwrap();
+    let (state, created) = store.put_event(&ev, spec(5)).await.unwrap();
+    assert!(!created);
+    assert_eq!((state.generation, state.remaining), (skipped + 1, 5));
+    assert_eq!(store.event(&ev).await.unwrap(), Some(state));
+}
+
 async fn status_lookup_sees_decisions_only(store: Arc<dyn Store>) {
     let ev = new_event();
     store
@@ -941,6 +977,7 @@ conformance!(
     unknown_event_is_reported_not_decided,
     a_request_id_reused_by_another_user_is_a_duplicate,
     reset_voids_earlier_decisions,
+    a_definition_is_applied_only_if_newer,
     status_lookup_sees_decisions_only,
     batches_larger_than_one_script_call_stay_in_order,
     dedup_records_expire_after_retention,

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{
-    BatchVerdict, Coupon, Decision, EventBatch, EventSnapshot, EventSpec, EventState, Ledger,
-    LoggedDecisions, Store, StoreError,
+    BatchVerdict, Coupon, Decision, Defined, EventBatch, EventSnapshot, EventSpec, EventState,
+    Ledger, LoggedDecisions, Store, StoreError,
 };
 use crate::wire::DecisionResult;
 
@@ -34,6 +34,46 @@ struct MemEvent {
     decided_since_sweep: usize,
     seq: u64,
     free_ranks: std::collections::VecDeque<u32>,
+    /// The highest generation claimed for a definition.
+    claimed: u64,
+}
+
+impl MemEvent {
+    fn claim(&mut self) -> u64 {
+        let held = self.state.as_ref().map_or(0, |s| s.generation);
+        self.claimed = self.claimed.max(held) + 1;
+        self.claimed
+    }
+
+    fn define(&mut self, event_id: &str, spec: EventSpec, generation: u64) -> Defined {
+        let created = self.state.is_none();
+        let held = self.state.as_ref().map_or(0, |s| s.generation);
+        if generation <= held {
+            let state = self.state.clone().expect("a generation is held");
+            return Defined {
+                state,
+                applied: false,
+                created: false,
+            };
+        }
+        let state = EventState {
+            event_id: event_id.to_string(),
+            stock: spec.stock,
+            per_user_limit: spec.per_user_limit,
+            remaining: spec.stock,
+            generation,
+        };
+        self.state = Some(state.clone());
+        self.holders.clear();
+        self.coupons.clear();
+        self.seq = 0;
+        self.free_ranks.clear();
+        Defined {
+            state,
+            applied: true,
+            created,
+        }
+    }
 }
 
 impl MemEvent {
@@ -142,21 +182,25 @@ impl Store for MemoryStore {
         spec.validate().map_err(StoreError::Invalid)?;
         let mut events = self.lock();
         let ev = events.entry(event_id.to_string()).or_default();
-        let created = ev.state.is_none();
-        let generation = ev.state.as_ref().map_or(0, |s| s.generation) + 1;
-        let state = EventState {
-            event_id: event_id.to_string(),
-            stock: spec.stock,
-            per_user_limit: spec.per_user_limit,
-            remaining: spec.stock,
-            generation,
-        };
-        ev.state = Some(state.clone());
-        ev.holders.clear();
-        ev.coupons.clear();
-        ev.seq = 0;
-        ev.free_ranks.clear();
-        Ok((state, created))
+        let generation = ev.claim();
+        let d = ev.define(event_id, spec, generation);
+        Ok((d.state, d.created))
+    }
+
+    async fn claim_generation(&self, event_id: &str) -> Result<u64, StoreError> {
+        Ok(self.lock().entry(event_id.to_string()).or_default().claim())
+    }
+
+    async fn define_event(
+        &self,
+        event_id: &str,
+        spec: EventSpec,
+        generation: u64,
+    ) -> Result<Defined, StoreError> {
+        spec.validate().map_err(StoreError::Invalid)?;
+        let mut events = self.lock();
+        let ev = events.entry(event_id.to_string()).or_default();
+        Ok(ev.define(event_id, spec, generation))
     }
 
     async fn event(&self, event_id: &str) -> Result<Option<EventState>, StoreError> {

@@ -13,6 +13,7 @@
 //! | `cr:{E}:req:<request id>` | string | the decision, expiring after the dedup retention |
 //! | `cr:{E}:confirmed`        | zset   | ranges `lo-hi` of logged decision numbers: their outcomes are in the log (score `lo`) |
 //! | `cr:{E}:free`             | list   | ranks a recovery found unused below the highest (given out first) |
+//! | `cr:{E}:claimed`          | string | the highest generation claimed for a definition (applied or not) |
 //! | `cr:events`               | set    | every event id (for lookups by request id alone) |
 //! | `cr:epoch`                | string | the epoch marker; absent = state lost, recover first |
 //! | `cr:recovery`             | string | the recovery lock |
@@ -25,22 +26,50 @@ use redis::{Pipeline, RedisError};
 use uuid::Uuid;
 
 use super::{
-    result_from_code, seq_ranges, BatchVerdict, Coupon, Decision, EventBatch, EventSnapshot,
-    EventSpec, EventState, Ledger, LoggedDecisions, Store, StoreError, MAX_LOGGED_RANGE,
+    result_from_code, seq_ranges, BatchVerdict, Coupon, Decision, Defined, EventBatch,
+    EventSnapshot, EventSpec, EventState, Ledger, LoggedDecisions, Store, StoreError,
+    MAX_LOGGED_RANGE,
 };
 use crate::wire::DecisionResult;
 
 /// The decide script, see its header for the contract.
 pub const DECIDE_LUA: &str = include_str!("decide.lua");
 
-/// Creates or resets an event: new generation, full stock, no holders, the
-/// decision numbering (and its logged marks) restarted.
-const PUT_EVENT_LUA: &str = r"
+/// Defines an event if the definition is the newest: new generation, full
+/// stock, no holders, the decision numbering (and its logged marks)
+/// restarted.
+///
+/// KEYS[1..5] the event, holders, coupons, logged and free keys, KEYS[6]
+/// the highest claimed generation; ARGV[1] stock, ARGV[2] per-user limit,
+/// ARGV[3] the generation (0: claim the next one, for a definition without
+/// the log). Applied only if the generation is above the one held. Returns
+/// {existed, applied, generation, stock, remaining, per_user_limit}, the
+/// last four as the event is now.
+const DEFINE_LUA: &str = r"
 local existed = redis.call('EXISTS', KEYS[1])
-local generation = redis.call('HINCRBY', KEYS[1], 'generation', 1)
-redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'remaining', ARGV[1], 'per_user_limit', ARGV[2], 'seq', 0)
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-return {existed, generation}
+local held = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
+local generation = tonumber(ARGV[3])
+if generation == 0 then
+  generation = math.max(held, tonumber(redis.call('GET', KEYS[6]) or '0')) + 1
+  redis.call('SET', KEYS[6], generation)
+end
+local applied = 0
+if generation > held then
+  redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'remaining', ARGV[1], 'per_user_limit', ARGV[2], 'generation', generation, 'seq', 0)
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  applied = 1
+end
+local s = redis.call('HMGET', KEYS[1], 'generation', 'stock', 'remaining', 'per_user_limit')
+return {existed, applied, tonumber(s[1]), tonumber(s[2]), tonumber(s[3]), tonumber(s[4])}
+";
+
+/// Claims the next generation of an event: above the one held (KEYS[1])
+/// and every one claimed before (KEYS[2]).
+const CLAIM_LUA: &str = r"
+local held = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
+local generation = math.max(held, tonumber(redis.call('GET', KEYS[2]) or '0')) + 1
+redis.call('SET', KEYS[2], generation)
+return generation
 ";
 
 /// Releases the recovery lock only if the caller holds it.
@@ -121,6 +150,9 @@ fn logged_key(event: &str) -> String {
 fn free_key(event: &str) -> String {
     format!("cr:{{{event}}}:free")
 }
+fn claimed_key(event: &str) -> String {
+    format!("cr:{{{event}}}:claimed")
+}
 
 /// Encodes a dedup record as the script writes it (whether it is logged is
 /// kept apart, in the event's ranges under [`logged_key`]).
@@ -176,7 +208,8 @@ fn covered(seq: u64, ranges: &[String]) -> bool {
 pub struct RedisStore {
     conn: ConnectionManager,
     decide_sha: String,
-    put_sha: String,
+    define_sha: String,
+    claim_sha: String,
     unlock_sha: String,
     extend_sha: String,
     fenced_sha: String,
@@ -200,7 +233,8 @@ impl RedisStore {
         let store = Self {
             conn,
             decide_sha: sha(DECIDE_LUA),
-            put_sha: sha(PUT_EVENT_LUA),
+            define_sha: sha(DEFINE_LUA),
+            claim_sha: sha(CLAIM_LUA),
             unlock_sha: sha(UNLOCK_LUA),
             extend_sha: sha(EXTEND_LUA),
             fenced_sha: sha(FENCED_LUA),
@@ -214,11 +248,7 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         for script in [
-            DECIDE_LUA,
-            PUT_EVENT_LUA,
-            UNLOCK_LUA,
-            EXTEND_LUA,
-            FENCED_LUA,
+            DECIDE_LUA, DEFINE_LUA, CLAIM_LUA, UNLOCK_LUA, EXTEND_LUA, FENCED_LUA,
         ] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(script);
         }
@@ -246,6 +276,48 @@ impl RedisStore {
     async fn query<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         pipe.query_async(&mut conn).await.map_err(map_err)
+    }
+
+    /// Runs [`DEFINE_LUA`] (`generation` 0: claim the next one).
+    async fn define(
+        &self,
+        event_id: &str,
+        spec: EventSpec,
+        generation: u64,
+    ) -> Result<Defined, StoreError> {
+        spec.validate().map_err(StoreError::Invalid)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA")
+            .arg(&self.define_sha)
+            .arg(6)
+            .arg(event_key(event_id))
+            .arg(holders_key(event_id))
+            .arg(coupons_key(event_id))
+            .arg(logged_key(event_id))
+            .arg(free_key(event_id))
+            .arg(claimed_key(event_id))
+            .arg(spec.stock)
+            .arg(spec.per_user_limit)
+            .arg(generation);
+        pipe.cmd("SADD").arg(EVENTS_KEY).arg(event_id).ignore();
+        let (reply,): (Vec<i64>,) = self.query_scripts(&pipe).await?;
+        let [existed, applied, generation, stock, remaining, limit] = reply[..] else {
+            return Err(StoreError::Protocol(format!(
+                "define reply of {} integers",
+                reply.len()
+            )));
+        };
+        Ok(Defined {
+            state: EventState {
+                event_id: event_id.to_string(),
+                stock: stock as u32,
+                per_user_limit: limit as u32,
+                remaining: remaining as u32,
+                generation: generation as u64,
+            },
+            applied: applied == 1,
+            created: applied == 1 && existed == 0,
+        })
     }
 
     /// Runs `commands` (each a command and its arguments) through the
@@ -378,30 +450,34 @@ impl Store for RedisStore {
         event_id: &str,
         spec: EventSpec,
     ) -> Result<(EventState, bool), StoreError> {
-        spec.validate().map_err(StoreError::Invalid)?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("EVALSHA")
-            .arg(&self.put_sha)
-            .arg(5)
-            .arg(event_key(event_id))
-            .arg(holders_key(event_id))
-            .arg(coupons_key(event_id))
-            .arg(logged_key(event_id))
-            .arg(free_key(event_id))
-            .arg(spec.stock)
-            .arg(spec.per_user_limit);
-        pipe.cmd("SADD").arg(EVENTS_KEY).arg(event_id).ignore();
-        let ((existed, generation),): ((i64, u64),) = self.query_scripts(&pipe).await?;
-        Ok((
-            EventState {
-                event_id: event_id.to_string(),
-                stock: spec.stock,
-                per_user_limit: spec.per_user_limit,
-                remaining: spec.stock,
-                generation,
-            },
-            existed == 0,
-        ))
+        let d = self.define(event_id, spec, 0).await?;
+        Ok((d.state, d.created))
+    }
+
+    async fn claim_generation(&self, event_id: &str) -> Result<u64, StoreError> {
+        let (generation,): (u64,) = self
+            .query_scripts(
+                redis::pipe()
+                    .cmd("EVALSHA")
+                    .arg(&self.claim_sha)
+                    .arg(2)
+                    .arg(event_key(event_id))
+                    .arg(claimed_key(event_id)),
+            )
+            .await?;
+        Ok(generation)
+    }
+
+    async fn define_event(
+        &self,
+        event_id: &str,
+        spec: EventSpec,
+        generation: u64,
+    ) -> Result<Defined, StoreError> {
+        if generation == 0 {
+            return Err(StoreError::Invalid("generations start at 1".into()));
+        }
+        self.define(event_id, spec, generation).await
     }
 
     async fn event(&self, event_id: &str) -> Result<Option<EventState>, StoreError> {
