@@ -147,7 +147,7 @@ pub async fn bench_issuer(
         args.partitions,
         1_000_000,
     )?);
-    couponrush_api::routes::create_event(
+    couponrush_core::store::definition::create_event(
         &*store,
         &producer,
         &deployment.topics.events,

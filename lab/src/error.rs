@@ -42,7 +42,7 @@ pub enum LabError {
     Store(#[from] couponrush_core::store::StoreError),
     /// The benchmark's event could not be written to the log.
     #[error("cannot set up the benchmark's event: {0}")]
-    BenchEvent(#[from] couponrush_api::routes::CreateEventError),
+    BenchEvent(#[from] couponrush_core::store::definition::CreateEventError),
     /// A Kafka client could not be created.
     #[error("cannot create a Kafka client: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
