@@ -23,9 +23,6 @@ pub const CAPACITY: usize = 10_000;
 pub struct EventCache {
     store: Arc<dyn Store>,
     entries: RwLock<HashMap<String, (bool, Instant)>>,
-    /// When the store's epoch was last seen present: within [`UNKNOWN_TTL`]
-    /// an unknown event is unknown, not a store being recovered.
-    epoch_seen: RwLock<Option<Instant>>,
 }
 
 impl EventCache {
@@ -34,21 +31,7 @@ impl EventCache {
         Self {
             store,
             entries: RwLock::new(HashMap::new()),
-            epoch_seen: RwLock::new(None),
         }
-    }
-
-    /// Whether the store's epoch was seen within [`UNKNOWN_TTL`].
-    pub fn epoch_recently_seen(&self) -> bool {
-        self.epoch_seen
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|at| at.elapsed() < UNKNOWN_TTL)
-    }
-
-    /// Records that the store's epoch is present.
-    pub fn saw_epoch(&self) {
-        *self.epoch_seen.write().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 
     /// Whether `event_id` exists, from the cache or the store.

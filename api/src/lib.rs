@@ -25,6 +25,7 @@
 //! - [`routes`]: the handlers, one per route.
 //! - [`error`]: the one error type, [`error::AppError`], and its JSON shape.
 //! - [`events`]: the cache of known events.
+//! - [`readiness`]: whether the store is ready, new, or being rebuilt.
 //! - [`request_id`]: the request id an `Idempotency-Key` stands for.
 //! - The request producer it answers with is
 //!   [`couponrush_core::producer::RequestProducer`], shared with
@@ -32,6 +33,7 @@
 
 pub mod error;
 pub mod events;
+pub mod readiness;
 pub mod request_id;
 pub mod routes;
 
@@ -66,6 +68,7 @@ use tower::ServiceBuilder;
 
 use crate::error::AppError;
 use crate::events::EventCache;
+use crate::readiness::Readiness;
 
 /// Largest request body accepted; a real one is ~30 bytes.
 pub const MAX_BODY_BYTES: usize = 1024;
@@ -233,6 +236,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Known events.
     pub events: EventCache,
+    /// Whether the store is ready to decide (and if not, why).
+    pub readiness: Arc<Readiness>,
     /// The request producer.
     pub producer: Arc<RequestProducer>,
     /// Admin token, if any.
@@ -380,7 +385,6 @@ fn cluster_brokers(kafka: &KafkaSettings, topic: &str) -> Result<usize, TopicErr
 pub struct Api {
     listener: TcpListener,
     state: Arc<AppState>,
-    recovery: Option<Recovery>,
     max_connections: usize,
 }
 
@@ -452,6 +456,7 @@ impl Api {
         };
         let state = Arc::new(AppState {
             events: EventCache::new(store.clone()),
+            readiness: Readiness::new(recovery),
             store,
             producer,
             admin_token: config.admin_token,
@@ -464,7 +469,6 @@ impl Api {
         Ok(Api {
             listener,
             state,
-            recovery: Some(recovery),
             max_connections: config.max_connections,
         })
     }
@@ -484,15 +488,9 @@ impl Api {
     /// Serves until `shutdown`, then drains open requests and flushes the
     /// producer so every `202` already sent stays true.
     pub async fn serve(self, shutdown: CancellationToken) -> std::io::Result<()> {
-        if let Some(recovery) = self.recovery {
-            // Accepting requests needs only the broker; admin writes wait for
-            // a store with an epoch (initialised, or rebuilt from the log).
-            tokio::spawn(async move {
-                if let Err(e) = recovery.ensure_ready(Duration::from_secs(3600)).await {
-                    tracing::warn!(error = %e, "the store is not ready");
-                }
-            });
-        }
+        // Accepting requests needs only the broker; admin writes wait for a
+        // store with an epoch (set up when new, rebuilt from the log when lost).
+        self.state.readiness.start();
         let producer = self.state.producer.clone();
         tokio::spawn(
             producer

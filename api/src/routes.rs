@@ -28,6 +28,7 @@ use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use crate::error::AppError;
+use crate::readiness::{StoreState, NEW_STORE_WAIT};
 use crate::AppState;
 
 /// A JSON body whose rejections are [`AppError`]s (with a JSON body).
@@ -69,15 +70,23 @@ fn event_path(event_id: &str) -> Result<(), AppError> {
     validate_event_id(event_id).map_err(|m| AppError::bad_request("invalid_event_id", m))
 }
 
-fn recovering() -> AppError {
-    AppError::Unavailable(
-        "the coupon store is being rebuilt from the log after losing its state; retry shortly"
-            .into(),
-    )
+/// For a store found without its epoch marker: waits while it is new (set
+/// up in a moment), else says why it is not ready. A new store is never
+/// called lost: it never held state.
+async fn store_ready(state: &AppState) -> Result<(), AppError> {
+    let why = match state.readiness.wait(NEW_STORE_WAIT).await {
+        StoreState::Ready => return Ok(()),
+        StoreState::Rebuilding => {
+            "the coupon store is being rebuilt from the log after losing its state; retry shortly"
+        }
+        StoreState::New => "the coupon store is new and still being set up; retry in a second",
+        StoreState::Checking => "the coupon store is not ready yet; retry shortly",
+    };
+    Err(AppError::Unavailable(why.into()))
 }
 
 /// Whether the event exists; an unknown event while the store has no epoch
-/// is the store recovering, not a client mistake.
+/// is the store not being ready, not a client mistake.
 async fn known_event(state: &AppState, event_id: &str) -> Result<bool, AppError> {
     if state
         .events
@@ -87,10 +96,24 @@ async fn known_event(state: &AppState, event_id: &str) -> Result<bool, AppError>
     {
         return Ok(true);
     }
-    match state.store.epoch().await.map_err(store_unavailable)? {
-        Some(_) => Ok(false),
-        None => Err(recovering()),
+    if state
+        .store
+        .epoch()
+        .await
+        .map_err(store_unavailable)?
+        .is_some()
+    {
+        return Ok(false);
     }
+    store_ready(state).await?;
+    let exists = state
+        .store
+        .event(event_id)
+        .await
+        .map_err(store_unavailable)?
+        .is_some();
+    state.events.remember(event_id, exists);
+    Ok(exists)
 }
 
 fn store_unavailable(e: StoreError) -> AppError {
@@ -199,7 +222,7 @@ pub async fn put_event(
         .map_err(store_unavailable)?
         .is_none()
     {
-        return Err(recovering());
+        store_ready(&state).await?;
     }
     let (ev, created) = create_event(
         &*state.store,
