@@ -41,8 +41,10 @@ pub fn now_micros() -> u64 {
 pub struct IssueRequest {
     /// Wire version, always [`WIRE_VERSION`] when written by this build.
     pub v: u32,
-    /// The request's identity: a UUID v7 (so ids sort by time), or the client's
-    /// `Idempotency-Key`. Deduplication in the store is by this id.
+    /// The request's identity: a UUID v7 (so ids sort by time), or, when the
+    /// client sent an `Idempotency-Key`, a UUID v5 of (event, user, key), so a
+    /// client's retries are one request and no two users share one.
+    /// Deduplication in the store is by this id.
     pub request_id: Uuid,
     /// The drop this request takes part in.
     pub event_id: String,
@@ -185,9 +187,9 @@ pub enum DecisionResult {
     SoldOut,
     /// The user already holds `per_user_limit` coupons of this event.
     LimitReached,
-    /// The request id was already used by a different request (an
-    /// `Idempotency-Key` reused for another user); nothing was issued and the
-    /// earlier request's decision stands.
+    /// The request id was already used by a different request; nothing was
+    /// issued and the earlier request's decision stands. The api scopes keys
+    /// by user, so only a producer writing to Kafka directly can cause it.
     Duplicate,
 }
 
