@@ -17,11 +17,9 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use couponrush_core::producer::{ProduceError, RequestProducer};
+use couponrush_core::producer::ProduceError;
 use couponrush_core::store::{Decision, EventSpec, EventState, StoreError};
-use couponrush_core::wire::{
-    now_micros, validate_event_id, validate_user_id, EventRecord, WIRE_VERSION,
-};
+use couponrush_core::wire::{now_micros, validate_event_id, validate_user_id};
 use couponrush_core::IssueRequest;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -121,38 +119,7 @@ fn store_unavailable(e: StoreError) -> AppError {
     AppError::Unavailable("the coupon store is unavailable; retry shortly".into())
 }
 
-/// Why an event could not be created.
-#[derive(Debug, thiserror::Error)]
-pub enum CreateEventError {
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The definition did not reach the log.
-    #[error(transparent)]
-    Log(#[from] ProduceError),
-}
-
-/// Creates or resets an event durably: in the store, then its definition in
-/// the events topic (acknowledged), so a lost store can be rebuilt with it.
-pub async fn create_event(
-    store: &dyn couponrush_core::Store,
-    producer: &RequestProducer,
-    events_topic: &str,
-    event_id: &str,
-    spec: EventSpec,
-) -> Result<(EventState, bool), CreateEventError> {
-    let (ev, created) = store.put_event(event_id, spec).await?;
-    let record = EventRecord {
-        v: WIRE_VERSION,
-        event_id: event_id.to_string(),
-        stock: ev.stock,
-        per_user_limit: ev.per_user_limit,
-        generation: ev.generation,
-        written_at: now_micros(),
-    };
-    producer.publish_event(events_topic, &record).await?;
-    Ok((ev, created))
-}
+pub use couponrush_core::store::definition::{create_event, CreateEventError};
 
 /// Body of `PUT /v1/events/{event_id}`.
 #[derive(Debug, Deserialize)]
@@ -237,7 +204,7 @@ pub async fn put_event(
         CreateEventError::Log(e) => {
             tracing::warn!(error = %e, event_id, "event definition not acknowledged by the broker");
             AppError::Unavailable(
-                "the event is stored but its definition did not reach the log; retry the PUT"
+                "the event was not changed: its definition did not reach the log; retry the PUT"
                     .into(),
             )
         }
