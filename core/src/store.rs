@@ -155,12 +155,17 @@ pub struct Decision {
     pub logged: bool,
 }
 
-/// Decisions of one event whose outcomes the broker acknowledged: to be
-/// marked logged.
+/// Decisions of one event and generation whose outcomes the broker
+/// acknowledged: to be marked logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggedDecisions {
     /// The event.
     pub event_id: String,
+    /// The generation the decisions were made in (their verdict's). Marks
+    /// of a generation the event no longer has are ignored: a batch
+    /// acknowledged after an admin reset must not mark the new generation's
+    /// decisions, whose numbers restarted, as logged.
+    pub generation: u64,
     /// Each decision's request id and decision sequence number.
     pub decisions: Vec<(Uuid, u64)>,
 }
@@ -331,8 +336,9 @@ pub trait Store: Send + Sync + 'static {
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError>;
 
     /// Marks decisions logged: their outcomes are acknowledged by the
-    /// broker, so the status route may show them. Idempotent; one round trip
-    /// for the whole batch.
+    /// broker, so the status route may show them. Only marks of the event's
+    /// current generation count (atomically checked); the others are
+    /// ignored. Idempotent; one round trip for the whole batch.
     async fn mark_logged(&self, batches: &[LoggedDecisions]) -> Result<(), StoreError>;
 
     /// The store's epoch marker: `None` means the store lost its state (or

@@ -598,6 +598,7 @@ async fn only_logged_decisions_are_marked_logged(store: Arc<dyn Store>) {
     store
         .mark_logged(&[LoggedDecisions {
             event_id: ev.clone(),
+            generation: 1,
             decisions: vec![(a.request_id, ds[0].seq), (Uuid::now_v7(), 99)],
         }])
         .await
@@ -622,6 +623,7 @@ async fn only_logged_decisions_are_marked_logged(store: Arc<dyn Store>) {
     store
         .mark_logged(&[LoggedDecisions {
             event_id: ev.clone(),
+            generation: 1,
             decisions: vec![(a.request_id, ds[0].seq)],
         }])
         .await
@@ -632,6 +634,64 @@ async fn only_logged_decisions_are_marked_logged(store: Arc<dyn Store>) {
         (Issued, Some(1), true)
     );
     assert_eq!(store.event(&ev).await.unwrap().unwrap().remaining, 0);
+}
+
+async fn a_batch_acknowledged_after_a_reset_marks_nothing_of_the_new_generation(
+    store: Arc<dyn Store>,
+) {
+    let ev = new_event();
+    let spec = EventSpec {
+        stock: 5,
+        per_user_limit: 1,
+    };
+    store.put_event(&ev, spec).await.unwrap();
+    let (r, a, b) = (pending("r"), pending("a"), pending("b"));
+    // Generation 1 decides r and a; their outcomes are on their way to the log.
+    let old = decide(&*store, &ev, &[r.clone(), a.clone()]).await;
+    // An admin resets the event; r is redelivered and decided again, with b.
+    store.put_event(&ev, spec).await.unwrap();
+    let new = decide(&*store, &ev, &[r.clone(), b.clone()]).await;
+    assert_eq!(
+        (new[0].seq, new[1].seq),
+        (old[0].seq, old[1].seq),
+        "the numbering restarted"
+    );
+    // Only now is generation 1's batch acknowledged.
+    store
+        .mark_logged(&[LoggedDecisions {
+            event_id: ev.clone(),
+            generation: 1,
+            decisions: vec![(r.request_id, old[0].seq), (a.request_id, old[1].seq)],
+        }])
+        .await
+        .unwrap();
+    for p in [&r, &b] {
+        let d = store.decision(&ev, p.request_id).await.unwrap().unwrap();
+        assert!(
+            !d.logged,
+            "{}'s generation-2 decision is not in the log yet",
+            p.user_id
+        );
+    }
+    // Generation 2's own batch marks them.
+    store
+        .mark_logged(&[LoggedDecisions {
+            event_id: ev.clone(),
+            generation: 2,
+            decisions: vec![(r.request_id, new[0].seq), (b.request_id, new[1].seq)],
+        }])
+        .await
+        .unwrap();
+    for p in [&r, &b] {
+        assert!(
+            store
+                .decision(&ev, p.request_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .logged
+        );
+    }
 }
 
 async fn a_restored_event_continues_where_the_ledger_left_off(store: Arc<dyn Store>) {
@@ -978,6 +1038,7 @@ conformance!(
     a_request_id_reused_by_another_user_is_a_duplicate,
     reset_voids_earlier_decisions,
     a_definition_is_applied_only_if_newer,
+    a_batch_acknowledged_after_a_reset_marks_nothing_of_the_new_generation,
     status_lookup_sees_decisions_only,
     batches_larger_than_one_script_call_stay_in_order,
     dedup_records_expire_after_retention,

@@ -136,14 +136,16 @@ impl Plan {
 
 /// The decisions to mark logged once their outcomes are acknowledged:
 /// every decided request but `duplicate`s (whose id belongs to another
-/// request, whose own outcome marks it).
+/// request, whose own outcome marks it), by event and by the generation
+/// they were decided in (so a batch acknowledged after a reset marks
+/// nothing of the new generation).
 pub fn logged_decisions(dispositions: &[Disposition]) -> Vec<LoggedDecisions> {
-    let mut by_event: HashMap<&str, Vec<(uuid::Uuid, u64)>> = HashMap::new();
+    let mut by_event: HashMap<(&str, u64), Vec<(uuid::Uuid, u64)>> = HashMap::new();
     for d in dispositions {
         if let Disposition::Decided(o) = d {
             if o.result != couponrush_core::DecisionResult::Duplicate {
                 by_event
-                    .entry(&o.event_id)
+                    .entry((&o.event_id, o.generation))
                     .or_default()
                     .push((o.request_id, o.decision_seq));
             }
@@ -151,8 +153,9 @@ pub fn logged_decisions(dispositions: &[Disposition]) -> Vec<LoggedDecisions> {
     }
     by_event
         .into_iter()
-        .map(|(event_id, decisions)| LoggedDecisions {
+        .map(|((event_id, generation), decisions)| LoggedDecisions {
             event_id: event_id.to_string(),
+            generation,
             decisions,
         })
         .collect()
@@ -244,6 +247,10 @@ mod tests {
         assert_eq!(out[1], Disposition::Dead(Poison::UnknownEvent("b".into())));
         let logged = logged_decisions(&out);
         assert_eq!(logged.len(), 1);
+        assert_eq!(
+            logged[0].generation, 3,
+            "marked in the verdict's generation"
+        );
         assert_eq!(
             logged[0].decisions,
             [(a1.request_id, 1), (a2.request_id, 1)]

@@ -330,11 +330,20 @@ impl Store for MemoryStore {
     async fn mark_logged(&self, batches: &[LoggedDecisions]) -> Result<(), StoreError> {
         let mut events = self.lock();
         for b in batches {
-            if let Some(ev) = events.get_mut(&b.event_id) {
-                for (id, seq) in &b.decisions {
-                    if let Some(r) = ev.decided.get_mut(id).filter(|r| r.decision.seq == *seq) {
-                        r.decision.logged = true;
-                    }
+            let Some(ev) = events.get_mut(&b.event_id).filter(|e| {
+                e.state
+                    .as_ref()
+                    .is_some_and(|s| s.generation == b.generation)
+            }) else {
+                continue;
+            };
+            for (id, seq) in &b.decisions {
+                if let Some(r) = ev
+                    .decided
+                    .get_mut(id)
+                    .filter(|r| r.generation == b.generation && r.decision.seq == *seq)
+                {
+                    r.decision.logged = true;
                 }
             }
         }

@@ -11,7 +11,7 @@
 //! | `cr:{E}:holders`          | hash   | user id → coupons held |
 //! | `cr:{E}:coupons`          | hash   | rank → request id ‖ user id |
 //! | `cr:{E}:req:<request id>` | string | the decision, expiring after the dedup retention |
-//! | `cr:{E}:confirmed`        | zset   | ranges `lo-hi` of logged decision numbers: their outcomes are in the log (score `lo`) |
+//! | `cr:{E}:confirmed`        | zset   | ranges `lo-hi` of logged decision numbers of the current generation: their outcomes are in the log (score `lo`; added only while the event has the generation they were decided in) |
 //! | `cr:{E}:free`             | list   | ranks a recovery found unused below the highest (given out first) |
 //! | `cr:{E}:claimed`          | string | the highest generation claimed for a definition (applied or not) |
 //! | `cr:events`               | set    | every event id (for lookups by request id alone) |
@@ -71,6 +71,22 @@ local generation = math.max(held, tonumber(redis.call('GET', KEYS[2]) or '0')) +
 redis.call('SET', KEYS[2], generation)
 return generation
 ";
+
+/// Marks decision numbers of one event logged, only if the event still has
+/// the generation they were decided in. KEYS[1] the event, KEYS[2] its
+/// logged ranges; ARGV[1] the generation, then score and member of each
+/// range (`lo`, `lo-hi`). Returns 1 when marked, 0 when the generation is
+/// gone.
+const MARK_LOGGED_LUA: &str = r"
+if tonumber(redis.call('HGET', KEYS[1], 'generation')) ~= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[2], unpack(ARGV, 2))
+return 1
+";
+
+/// Ranges per [`MARK_LOGGED_LUA`] call (two arguments each: fits Lua's stack).
+const MARK_LOGGED_RANGES_PER_CALL: usize = 1000;
 
 /// Releases the recovery lock only if the caller holds it.
 const UNLOCK_LUA: &str = r"
@@ -210,6 +226,7 @@ pub struct RedisStore {
     decide_sha: String,
     define_sha: String,
     claim_sha: String,
+    mark_logged_sha: String,
     unlock_sha: String,
     extend_sha: String,
     fenced_sha: String,
@@ -235,6 +252,7 @@ impl RedisStore {
             decide_sha: sha(DECIDE_LUA),
             define_sha: sha(DEFINE_LUA),
             claim_sha: sha(CLAIM_LUA),
+            mark_logged_sha: sha(MARK_LOGGED_LUA),
             unlock_sha: sha(UNLOCK_LUA),
             extend_sha: sha(EXTEND_LUA),
             fenced_sha: sha(FENCED_LUA),
@@ -248,7 +266,13 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         for script in [
-            DECIDE_LUA, DEFINE_LUA, CLAIM_LUA, UNLOCK_LUA, EXTEND_LUA, FENCED_LUA,
+            DECIDE_LUA,
+            DEFINE_LUA,
+            CLAIM_LUA,
+            MARK_LOGGED_LUA,
+            UNLOCK_LUA,
+            EXTEND_LUA,
+            FENCED_LUA,
         ] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(script);
         }
@@ -672,19 +696,24 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         for batch in batches {
             let ranges = seq_ranges(batch.decisions.iter().map(|(_, seq)| *seq));
-            if ranges.is_empty() {
-                continue;
+            for chunk in ranges.chunks(MARK_LOGGED_RANGES_PER_CALL) {
+                let cmd = pipe
+                    .cmd("EVALSHA")
+                    .arg(&self.mark_logged_sha)
+                    .arg(2)
+                    .arg(event_key(&batch.event_id))
+                    .arg(logged_key(&batch.event_id))
+                    .arg(batch.generation);
+                for (lo, hi) in chunk {
+                    cmd.arg(lo).arg(format!("{lo}-{hi}"));
+                }
+                cmd.ignore();
             }
-            let cmd = pipe.cmd("ZADD").arg(logged_key(&batch.event_id));
-            for (lo, hi) in ranges {
-                cmd.arg(lo).arg(format!("{lo}-{hi}"));
-            }
-            cmd.ignore();
         }
         if pipe.is_empty() {
             return Ok(());
         }
-        let () = self.query(&pipe).await?;
+        let () = self.query_scripts(&pipe).await?;
         Ok(())
     }
 
