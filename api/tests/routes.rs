@@ -401,7 +401,11 @@ async fn status_shows_a_decision_only_once_it_is_logged() {
         )
         .await
         .unwrap();
-    let BatchVerdict::Decided { decisions, .. } = &verdicts[0] else {
+    let BatchVerdict::Decided {
+        generation,
+        decisions,
+    } = &verdicts[0]
+    else {
         panic!("unknown event")
     };
     let (_, json, _) = call(&f.router, Method::GET, &uri, &[], Body::empty()).await;
@@ -412,6 +416,7 @@ async fn status_shows_a_decision_only_once_it_is_logged() {
     f.store
         .mark_logged(&[LoggedDecisions {
             event_id: "drop".into(),
+            generation: *generation,
             decisions: vec![(id, decisions[0].seq)],
         }])
         .await
@@ -498,12 +503,17 @@ async fn a_reused_idempotency_key_never_shows_one_user_another_users_decision() 
         )
         .await
         .unwrap();
-    let BatchVerdict::Decided { decisions, .. } = &verdicts[0] else {
+    let BatchVerdict::Decided {
+        generation,
+        decisions,
+    } = &verdicts[0]
+    else {
         panic!("unknown event")
     };
     f.store
         .mark_logged(&[LoggedDecisions {
             event_id: "drop".into(),
+            generation: *generation,
             decisions: records
                 .iter()
                 .zip(decisions)
