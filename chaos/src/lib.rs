@@ -11,6 +11,8 @@
 //! | scenario | fault |
 //! |---|---|
 //! | `kill9-issuer` | an issuer SIGKILLed mid-drop, restarted |
+//! | `kill9-restart-now` | an issuer SIGKILLed mid-drop and restarted within a second, as a supervisor would (tansu), poison mixed in |
+//! | `kill9-restart-now-mock` | the same on the mock cluster |
 //! | `scale-1-4-2` | issuers scaled 1 → 4 → 2 mid-drop (rebalances with batches in flight) |
 //! | `redis-lost` | Redis restarted empty mid-drop: rebuilt from the log |
 //! | `broker-kill` | tansu (sqlite) SIGKILLed and restarted mid-drop |
@@ -70,6 +72,10 @@ use rig::{Broker, BrokerKind, RigSpec};
 pub enum Scenario {
     /// An issuer SIGKILLed mid-drop and restarted.
     Kill9Issuer,
+    /// An issuer SIGKILLed mid-drop and restarted within a second (tansu).
+    Kill9RestartNow,
+    /// An issuer SIGKILLed mid-drop and restarted within a second (mock cluster).
+    Kill9RestartNowMock,
     /// Issuers scaled 1 → 4 → 2 mid-drop.
     #[value(name = "scale-1-4-2")]
     Scale142,
@@ -93,8 +99,10 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::Kill9Issuer,
+        Scenario::Kill9RestartNow,
+        Scenario::Kill9RestartNowMock,
         Scenario::Scale142,
         Scenario::RedisLost,
         Scenario::BrokerKill,
@@ -410,6 +418,53 @@ pub async fn run_scenario(
             row.recover_s = longest_wait(&report, fault);
             Ok(row)
         }
+        Scenario::Kill9RestartNow | Scenario::Kill9RestartNowMock => {
+            let broker = if scenario == Scenario::Kill9RestartNow {
+                BrokerKind::TansuMemory
+            } else {
+                BrokerKind::Mock
+            };
+            let mut rig = rig(spec(broker, 2), &dir).await?;
+            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
+            // Poison throughout: the DLQ must be exact too, and poison on a
+            // partition nobody reads would never get there.
+            let poisoned = tokio::spawn(poison(
+                rig.kafka.brokers.clone(),
+                rig.topics.requests.clone(),
+                dims.poison / 4,
+                dims.seconds * 0.8,
+            ));
+            sleep_until_load(started, fault_at).await;
+            let fault = now_micros();
+            rig.kill_issuer(0);
+            // A supervisor restarts a crashed process at once: well within
+            // the session timeout, so the dead member is still in the group.
+            let restart_after = 0.3 + 0.6 * fraction(seed + 1000);
+            tokio::time::sleep(Duration::from_secs_f64(restart_after)).await;
+            rig.add_issuer()?;
+            let expected = poisoned.await.map_err(|e| e.to_string())??;
+            let report = drop.await.map_err(|e| e.to_string())??;
+            let mut row = Row::from_report(scenario, seed, &report, &dir);
+            row.fault_at_s = Some(fault_at);
+            row.recover_s = longest_wait(&report, fault);
+            // The killed issuer's uncommitted poison is redelivered and
+            // dead-lettered again, as its decisions are replayed: the DLQ
+            // must hold every poison record, each at least once.
+            let (brokers, topic) = (rig.kafka.brokers.clone(), rig.topics.dlq.clone());
+            let (originals, copies) =
+                tokio::task::spawn_blocking(move || dead_letter_originals(&brokers, &topic))
+                    .await
+                    .map_err(|e| e.to_string())??;
+            row.notes.push(format!(
+                "restarted {restart_after:.1}s after the kill; DLQ by reason {originals:?}, \
+                 {copies} redelivered copies"
+            ));
+            row.check(
+                originals == expected,
+                format!("the DLQ holds every poison record {expected:?}"),
+            );
+            Ok(row)
+        }
         Scenario::Scale142 => {
             let mut rig = rig(spec(BrokerKind::TansuMemory, 1), &dir).await?;
             let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
@@ -578,7 +633,13 @@ pub async fn run_scenario(
             let rig = rig(spec(BrokerKind::TansuMemory, 2), &dir).await?;
             let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
             sleep_until_load(started, dims.seconds * 0.2).await;
-            let expected = poison(&rig, dims.poison, dims.seconds * 0.6).await?;
+            let expected = poison(
+                rig.kafka.brokers.clone(),
+                rig.topics.requests.clone(),
+                dims.poison,
+                dims.seconds * 0.6,
+            )
+            .await?;
             let report = drop.await.map_err(|e| e.to_string())??;
             let mut row = Row::from_report(scenario, seed, &report, &dir);
             row.notes
@@ -679,14 +740,40 @@ async fn probe_statuses(
     told
 }
 
+/// The DLQ's records by reason, each original record (partition, offset)
+/// counted once, and how many records were copies of one already counted.
+fn dead_letter_originals(
+    brokers: &str,
+    topic: &str,
+) -> Result<(BTreeMap<String, u64>, u64), ChaosError> {
+    use couponrush_core::wire::dlq_headers;
+    let reader = couponrush_harness::TopicReader::new(brokers, topic).map_err(|e| e.to_string())?;
+    let mut seen = std::collections::HashSet::new();
+    let (mut originals, mut copies) = (BTreeMap::<String, u64>::new(), 0);
+    for r in reader.poll_for(Duration::from_secs(5)) {
+        let header = |k: &str| r.headers.get(k).cloned().unwrap_or_default();
+        let original = (
+            header(dlq_headers::ORIGINAL_PARTITION),
+            header(dlq_headers::ORIGINAL_OFFSET),
+        );
+        if seen.insert(original) {
+            *originals.entry(header(dlq_headers::REASON)).or_default() += 1;
+        } else {
+            copies += 1;
+        }
+    }
+    Ok((originals, copies))
+}
+
 /// Produces `count` poison records of five kinds over `seconds`; returns the
 /// DLQ reasons they must produce.
 async fn poison(
-    rig: &Deployment,
+    brokers: String,
+    topic: String,
     count: u64,
     seconds: f64,
 ) -> Result<BTreeMap<String, u64>, ChaosError> {
-    let producer: FutureProducer = KafkaSettings::new(rig.kafka.brokers.clone())
+    let producer: FutureProducer = KafkaSettings::new(brokers)
         .producer_config("chaos-poisoner", 10_000)
         .create()
         .map_err(|e| e.to_string())?;
@@ -724,7 +811,7 @@ async fn poison(
         *expected.entry(reason.to_string()).or_default() += 1;
         producer
             .send(
-                FutureRecord::<(), [u8]>::to(&rig.topics.requests)
+                FutureRecord::<(), [u8]>::to(&topic)
                     .payload(payload.as_slice())
                     .partition((i % 8) as i32),
                 Duration::from_secs(10),

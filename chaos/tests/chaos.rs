@@ -39,6 +39,8 @@ macro_rules! scenarios {
 
 scenarios!(
     nothing_lost_or_doubled_when_an_issuer_is_killed_and_restarted => Scenario::Kill9Issuer,
+    an_issuer_restarted_at_once_after_a_kill_finishes_the_drop_on_tansu => Scenario::Kill9RestartNow,
+    an_issuer_restarted_at_once_after_a_kill_finishes_the_drop_on_the_mock_cluster => Scenario::Kill9RestartNowMock,
     never_oversells_while_issuers_scale_1_4_2 => Scenario::Scale142,
     a_lost_redis_is_rebuilt_from_the_log_without_oversell => Scenario::RedisLost,
     nothing_lost_when_the_broker_is_killed_and_restarted => Scenario::BrokerKill,

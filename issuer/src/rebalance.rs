@@ -6,7 +6,9 @@
 //! member that takes them over resumes right after the last decided and
 //! published record, and redelivers (as replays) at most what was in flight.
 //! On assignment the partitions are counted, paused if the loop is retrying,
-//! and their committed offsets handed to the [`broker_quirk`] check.
+//! and their committed offsets handed to the [`broker_quirk`] check. Between
+//! batches the loop asks [`Shared::watch_orphans`] whether a partition has
+//! been left without a live owner (another broker quirk) and rejoins if so.
 //!
 //! [`broker_quirk`]: crate::broker_quirk
 
@@ -20,12 +22,12 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::ClientContext;
 
-use crate::broker_quirk::ResumeGuard;
+use crate::broker_quirk::{OrphanWatch, ResumeGuard};
 use crate::offsets::{CommitCause, Offsets, Tp};
 use crate::{Config, Probe};
 
 /// State shared between the loop and librdkafka's callbacks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Shared {
     /// What is done and what is committed, per owned partition.
     pub offsets: Offsets,
@@ -33,7 +35,22 @@ pub struct Shared {
     pub resume: ResumeGuard,
     /// Set while retrying: partitions assigned meanwhile are paused too.
     pub paused: AtomicBool,
+    /// Partitions left without a live owner (a broker quirk).
+    orphans: OrphanWatch,
     probe: Probe,
+}
+
+impl Shared {
+    /// Between batches: rejoins the group if a partition with records to
+    /// decide has been left without a live owner. Not while retrying: this
+    /// issuer's own trouble would look like everyone else's.
+    pub fn watch_orphans<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        if self.paused.load(Ordering::Relaxed) {
+            self.orphans.forget();
+        } else {
+            self.orphans.watch(consumer);
+        }
+    }
 }
 
 /// librdkafka callbacks of an issuer.
@@ -72,6 +89,7 @@ impl ConsumerContext for IssuerContext {
                 offsets.commit(consumer, &done, CommitCause::Revoke);
                 let assigned = offsets.revoke(&revoked);
                 self.shared.resume.on_revoke(&revoked);
+                self.shared.orphans.forget();
                 self.shared.probe.set_assigned(assigned);
                 tracing::info!(revoked = revoked.len(), "partitions revoked");
             }
@@ -90,6 +108,7 @@ impl ConsumerContext for IssuerContext {
             );
             self.shared.probe.set_assigned(assigned);
             self.shared.resume.on_assign(consumer, tpl);
+            self.shared.orphans.forget();
             let mut partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             partitions.sort_unstable();
             tracing::info!(?partitions, "partitions assigned");
@@ -117,8 +136,11 @@ pub fn create_consumer(
     probe: Probe,
 ) -> KafkaResult<(BaseConsumer<IssuerContext>, Arc<Shared>)> {
     let shared = Arc::new(Shared {
+        offsets: Offsets::default(),
+        resume: ResumeGuard::default(),
+        paused: AtomicBool::new(false),
+        orphans: OrphanWatch::new(&config.topics.requests, config.session_timeout),
         probe,
-        ..Shared::default()
     });
     let cfg = config.kafka.client_config_with(&config.client_id, |cfg| {
         cfg.set("group.id", &config.group_id)

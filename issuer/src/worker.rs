@@ -76,6 +76,7 @@ impl Worker {
         // order, so a commit never covers a batch that is not done.
         let mut in_flight: Option<InFlight> = None;
         while !self.shutdown.is_cancelled() {
+            self.shared.watch_orphans(&self.consumer);
             let batch = self.collect();
             if batch.is_empty() {
                 if let Some(prev) = in_flight.take() {
