@@ -698,19 +698,29 @@ async fn probe_statuses(
     let mut n = 0u64;
     while !stop.is_cancelled() {
         n += 1;
-        let id = Uuid::now_v7();
+        let key = Uuid::now_v7();
         let body = format!("{{\"user_id\":\"probe-{n}\"}}");
-        let accepted = matches!(
-            http.call(
+        // The 202 names the request id (the api scopes the key by event and
+        // user); the status is asked under that id.
+        let accepted = match http
+            .call(
                 Method::POST,
                 &format!("/v1/events/{event}/issue"),
-                &[("idempotency-key", id.to_string())],
+                &[("idempotency-key", key.to_string())],
                 body.into(),
             )
-            .await,
-            Ok((StatusCode::ACCEPTED, _))
-        );
-        if accepted {
+            .await
+        {
+            Ok((StatusCode::ACCEPTED, body)) => serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| {
+                    v["request_id"]
+                        .as_str()
+                        .and_then(|s| Uuid::try_parse(s).ok())
+                }),
+            _ => None,
+        };
+        if let Some(id) = accepted {
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline && !stop.is_cancelled() {
                 if let Ok((StatusCode::OK, body)) = http
