@@ -12,7 +12,10 @@
 //! decided and committed already (skipped); a first record *beyond* it means
 //! the broker skipped, and the partition is rewound further and further back
 //! until the committed offset comes back (records read again below it are
-//! skipped as above).
+//! skipped as above). Resuming a paused partition (the loop pauses while
+//! the store is failing or being rebuilt) is the same fetch from a position
+//! that may sit mid-batch, so it is guarded the same way, from the
+//! application's position.
 //!
 //! ## tansu 0.6 leaves a dead member's partitions assigned
 //! A member that dies without leaving (SIGKILL) is dropped from the group
@@ -80,6 +83,22 @@ impl ResumeGuard {
             return;
         };
         for e in committed.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                self.expect((e.topic().to_string(), e.partition()), o);
+            }
+        }
+    }
+
+    /// On resuming paused partitions: librdkafka dropped what it had fetched
+    /// for them and fetches again from the application's position, which can
+    /// sit in the middle of a producer batch, where tansu 0.6 skips to the
+    /// next batch. So the first record read from each of them must be at
+    /// that position, exactly as after an assignment.
+    pub fn on_resume<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        let Ok(positions) = consumer.position() else {
+            return;
+        };
+        for e in positions.elements() {
             if let Offset::Offset(o) = e.offset() {
                 self.expect((e.topic().to_string(), e.partition()), o);
             }

@@ -388,11 +388,12 @@ impl Worker {
     fn set_paused(&self, paused: bool) {
         self.shared.paused.store(paused, Ordering::Relaxed);
         if let Ok(a) = self.consumer.assignment() {
-            let _ = if paused {
-                self.consumer.pause(&a)
+            if paused {
+                let _ = self.consumer.pause(&a);
             } else {
-                self.consumer.resume(&a)
-            };
+                self.shared.resume.on_resume(&self.consumer);
+                let _ = self.consumer.resume(&a);
+            }
         }
     }
 

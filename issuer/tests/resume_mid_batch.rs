@@ -1,17 +1,24 @@
-//! An issuer that takes over a partition resumes exactly at the committed
-//! offset, even on a broker that skips records when a fetch starts in the
-//! middle of a producer batch (tansu 0.6.0 does): every accepted request
-//! after the commit is decided, none is passed over.
+//! An issuer resumes a partition exactly where it must, even on a broker
+//! that skips records when a fetch starts in the middle of a producer batch
+//! (tansu 0.6.0 does): when it takes a partition over (at the committed
+//! offset) and when it resumes partitions it paused while the store was
+//! failing (at its own position). Every accepted request is decided, none is
+//! passed over.
 
 mod common;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use couponrush_core::kafka::{ensure_topics, KafkaSettings};
 use couponrush_core::store::memory::MemoryStore;
-use couponrush_core::store::{EventSpec, Store};
+use couponrush_core::store::{
+    BatchVerdict, Decision, Defined, EventBatch, EventSnapshot, EventSpec, EventState, Ledger,
+    LoggedDecisions, Store, StoreError,
+};
 use couponrush_core::{IssueRequest, Topics};
 use couponrush_harness::{Tansu, TansuStorage};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -22,28 +29,9 @@ use uuid::Uuid;
 
 use common::read_outcomes;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_request_is_passed_over_when_a_partition_resumes_mid_batch() {
-    let tansu =
-        Tansu::start(TansuStorage::Memory, None).expect("tansu: run scripts/dev-up --install-only");
-    let kafka = KafkaSettings::new(tansu.brokers());
-    let topics = Topics::default();
-    ensure_topics(&kafka, &topics.specs(1, 1), Duration::from_secs(10))
-        .await
-        .unwrap();
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-    store
-        .put_event(
-            "resume",
-            EventSpec {
-                stock: 10,
-                per_user_limit: 1,
-            },
-        )
-        .await
-        .unwrap();
-
-    // Two producer batches of 25 records: offsets 0..25 and 25..50.
+/// Two producer batches of 25 records on partition 0: offsets 0..25 and
+/// 25..50. Returns their request ids in offset order.
+async fn two_producer_batches(kafka: &KafkaSettings, topics: &Topics) -> Vec<Uuid> {
     let producer: FutureProducer = kafka.producer_config("t", 10_000).create().unwrap();
     let mut ids = Vec::new();
     for chunk in 0..2 {
@@ -69,6 +57,32 @@ async fn no_request_is_passed_over_when_a_partition_resumes_mid_batch() {
         }
         ids.extend(reqs.iter().map(|r| r.request_id));
     }
+
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_is_passed_over_when_a_partition_resumes_mid_batch() {
+    let tansu =
+        Tansu::start(TansuStorage::Memory, None).expect("tansu: run scripts/dev-up --install-only");
+    let kafka = KafkaSettings::new(tansu.brokers());
+    let topics = Topics::default();
+    ensure_topics(&kafka, &topics.specs(1, 1), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    store
+        .put_event(
+            "resume",
+            EventSpec {
+                stock: 10,
+                per_user_limit: 1,
+            },
+        )
+        .await
+        .unwrap();
+
+    let ids = two_producer_batches(&kafka, &topics).await;
 
     // An earlier member decided offsets 0..10 and committed 10: mid-batch.
     let group = format!("resume-{}", Uuid::new_v4().simple());
@@ -114,4 +128,127 @@ async fn no_request_is_passed_over_when_a_partition_resumes_mid_batch() {
         "nothing below the committed offset is decided again"
     );
     assert_eq!(outcomes.iter().filter(|o| o.offset < 10).count(), 0);
+}
+
+/// A store whose first `decide` fails as an unreachable store does: the
+/// issuer pauses its partitions, backs off and decides the batch again.
+struct FailsOnce {
+    inner: MemoryStore,
+    failed: AtomicBool,
+}
+
+#[async_trait]
+impl Store for FailsOnce {
+    fn kind(&self) -> &'static str {
+        "fails-once"
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    async fn put_event(&self, e: &str, spec: EventSpec) -> Result<(EventState, bool), StoreError> {
+        self.inner.put_event(e, spec).await
+    }
+    async fn claim_generation(&self, e: &str) -> Result<u64, StoreError> {
+        self.inner.claim_generation(e).await
+    }
+    async fn define_event(&self, e: &str, spec: EventSpec, g: u64) -> Result<Defined, StoreError> {
+        self.inner.define_event(e, spec, g).await
+    }
+    async fn event(&self, e: &str) -> Result<Option<EventState>, StoreError> {
+        self.inner.event(e).await
+    }
+    async fn decide(&self, b: &[EventBatch], now: u64) -> Result<Vec<BatchVerdict>, StoreError> {
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "injected: the first decide fails".into(),
+            ));
+        }
+        self.inner.decide(b, now).await
+    }
+    async fn decision(&self, e: &str, id: Uuid) -> Result<Option<Decision>, StoreError> {
+        self.inner.decision(e, id).await
+    }
+    async fn find_decision(&self, id: Uuid) -> Result<Option<(String, Decision)>, StoreError> {
+        self.inner.find_decision(id).await
+    }
+    async fn ledger(&self, e: &str) -> Result<Option<Ledger>, StoreError> {
+        self.inner.ledger(e).await
+    }
+    async fn mark_logged(&self, b: &[LoggedDecisions]) -> Result<(), StoreError> {
+        self.inner.mark_logged(b).await
+    }
+    async fn epoch(&self) -> Result<Option<String>, StoreError> {
+        self.inner.epoch().await
+    }
+    async fn set_epoch(&self, epoch: &str, owner: &str) -> Result<(), StoreError> {
+        self.inner.set_epoch(epoch, owner).await
+    }
+    async fn try_lock_recovery(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.inner.try_lock_recovery(owner, ttl).await
+    }
+    async fn extend_recovery_lock(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.inner.extend_recovery_lock(owner, ttl).await
+    }
+    async fn unlock_recovery(&self, owner: &str) -> Result<(), StoreError> {
+        self.inner.unlock_recovery(owner).await
+    }
+    async fn restore(&self, s: &EventSnapshot, r: Duration, owner: &str) -> Result<(), StoreError> {
+        self.inner.restore(s, r, owner).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_is_passed_over_when_paused_partitions_resume_mid_batch() {
+    let tansu =
+        Tansu::start(TansuStorage::Memory, None).expect("tansu: run scripts/dev-up --install-only");
+    let kafka = KafkaSettings::new(tansu.brokers());
+    let topics = Topics::default();
+    ensure_topics(&kafka, &topics.specs(1, 1), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let store = Arc::new(FailsOnce {
+        inner: MemoryStore::default(),
+        failed: AtomicBool::new(false),
+    });
+    store
+        .put_event(
+            "resume",
+            EventSpec {
+                stock: 10,
+                per_user_limit: 1,
+            },
+        )
+        .await
+        .unwrap();
+    let ids = two_producer_batches(&kafka, &topics).await;
+
+    // Batches of 10: the first (offsets 0..10) fails once, so the issuer
+    // pauses with its position at 10, in the middle of the first producer
+    // batch, and resumes there once the retry succeeded.
+    let mut config = couponrush_issuer::Config::local(&tansu.brokers());
+    config.group_id = format!("pause-{}", Uuid::new_v4().simple());
+    config.batch_size = 10;
+    let stop = CancellationToken::new();
+    let issuer = tokio::spawn(couponrush_issuer::run_issuer(
+        config,
+        store.clone(),
+        stop.clone(),
+    ));
+    let reader = common::reader(&tansu.brokers(), &topics.outcomes);
+    let mut outcomes = Vec::new();
+    read_outcomes(&reader, &mut outcomes, Duration::from_secs(30), |o| {
+        o.iter().map(|o| o.request_id).collect::<HashSet<_>>().len() >= ids.len()
+    });
+    stop.cancel();
+    issuer.await.unwrap().unwrap();
+    assert!(store.failed.load(Ordering::SeqCst), "the store failed once");
+    let decided: HashSet<Uuid> = outcomes.iter().map(|o| o.request_id).collect();
+    let passed_over: Vec<usize> = (0..ids.len())
+        .filter(|i| !decided.contains(&ids[*i]))
+        .collect();
+    assert!(
+        passed_over.is_empty(),
+        "{} requests were passed over after the resume (offsets {passed_over:?})",
+        passed_over.len()
+    );
 }
