@@ -29,9 +29,27 @@ use uuid::Uuid;
 
 use common::read_outcomes;
 
-/// Two producer batches of 25 records on partition 0: offsets 0..25 and
-/// 25..50. Returns their request ids in offset order.
-async fn two_producer_batches(kafka: &KafkaSettings, topics: &Topics) -> Vec<Uuid> {
+/// A private tansu whose one request partition holds two producer batches
+/// of 25 requests for event `resume` (stock 10, set up in `store`): offsets
+/// 0..25 and 25..50. Returns the broker and the request ids in offset order.
+async fn two_producer_batches(store: &dyn Store) -> (Tansu, KafkaSettings, Topics, Vec<Uuid>) {
+    let tansu =
+        Tansu::start(TansuStorage::Memory, None).expect("tansu: run scripts/dev-up --install-only");
+    let kafka = KafkaSettings::new(tansu.brokers());
+    let topics = Topics::default();
+    ensure_topics(&kafka, &topics.specs(1, 1), Duration::from_secs(10))
+        .await
+        .unwrap();
+    store
+        .put_event(
+            "resume",
+            EventSpec {
+                stock: 10,
+                per_user_limit: 1,
+            },
+        )
+        .await
+        .unwrap();
     let producer: FutureProducer = kafka.producer_config("t", 10_000).create().unwrap();
     let mut ids = Vec::new();
     for chunk in 0..2 {
@@ -58,31 +76,13 @@ async fn two_producer_batches(kafka: &KafkaSettings, topics: &Topics) -> Vec<Uui
         ids.extend(reqs.iter().map(|r| r.request_id));
     }
 
-    ids
+    (tansu, kafka, topics, ids)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_is_passed_over_when_a_partition_resumes_mid_batch() {
-    let tansu =
-        Tansu::start(TansuStorage::Memory, None).expect("tansu: run scripts/dev-up --install-only");
-    let kafka = KafkaSettings::new(tansu.brokers());
-    let topics = Topics::default();
-    ensure_topics(&kafka, &topics.specs(1, 1), Duration::from_secs(10))
-        .await
-        .unwrap();
     let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-    store
-        .put_event(
-            "resume",
-            EventSpec {
-                stock: 10,
-                per_user_limit: 1,
-            },
-        )
-        .await
-        .unwrap();
-
-    let ids = two_producer_batches(&kafka, &topics).await;
+    let (tansu, kafka, topics, ids) = two_producer_batches(&*store).await;
 
     // An earlier member decided offsets 0..10 and committed 10: mid-batch.
     let group = format!("resume-{}", Uuid::new_v4().simple());
@@ -199,28 +199,11 @@ impl Store for FailsOnce {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_is_passed_over_when_paused_partitions_resume_mid_batch() {
-    let tansu =
-        Tansu::start(TansuStorage::Memory, None).expect("tansu: run scripts/dev-up --install-only");
-    let kafka = KafkaSettings::new(tansu.brokers());
-    let topics = Topics::default();
-    ensure_topics(&kafka, &topics.specs(1, 1), Duration::from_secs(10))
-        .await
-        .unwrap();
     let store = Arc::new(FailsOnce {
         inner: MemoryStore::default(),
         failed: AtomicBool::new(false),
     });
-    store
-        .put_event(
-            "resume",
-            EventSpec {
-                stock: 10,
-                per_user_limit: 1,
-            },
-        )
-        .await
-        .unwrap();
-    let ids = two_producer_batches(&kafka, &topics).await;
+    let (tansu, _, topics, ids) = two_producer_batches(&*store).await;
 
     // Batches of 10: the first (offsets 0..10) fails once, so the issuer
     // pauses with its position at 10, in the middle of the first producer
