@@ -127,6 +127,13 @@ pub struct Cli {
     /// Client id (defaults to coupon-issuer-<host>-<pid>-<random>).
     #[arg(long, env = "ISSUER_ID")]
     pub client_id: Option<String>,
+    /// Static group membership (group.instance.id), unique per issuer: an
+    /// issuer restarted with the same id gets its predecessor's partitions
+    /// back. A stopped static member does not leave the group: its partitions
+    /// wait for it up to the session timeout. Not with tansu 0.6, whose
+    /// coordinator never settles a group of static members.
+    #[arg(long, env = "ISSUER_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub log: LogArgs,
@@ -139,6 +146,7 @@ impl Cli {
             kafka: self.kafka.settings(),
             topics: self.topics.topics(),
             group_id: self.group_id.clone(),
+            instance_id: self.instance_id.clone(),
             client_id: self
                 .client_id
                 .clone()
@@ -168,6 +176,8 @@ pub struct Config {
     pub topics: Topics,
     /// Consumer group id.
     pub group_id: String,
+    /// `group.instance.id` (static membership), if any.
+    pub instance_id: Option<String>,
     /// Client id of this member.
     pub client_id: String,
     /// Most records per batch.

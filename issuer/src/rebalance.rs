@@ -161,6 +161,9 @@ pub fn create_consumer(
             .set("partition.assignment.strategy", &config.assignment)
             .set("queued.max.messages.kbytes", "16384")
             .set("statistics.interval.ms", "2000");
+        if let Some(id) = &config.instance_id {
+            cfg.set("group.instance.id", id);
+        }
     });
     let consumer = cfg.create_with_context(IssuerContext {
         shared: shared.clone(),
