@@ -11,10 +11,13 @@
 //!    the marker is simply written;
 //! 2. waits out the **fence**: outcomes decided before the loss may still be
 //!    on their way to the log (an issuer publishing a batch it decided just
-//!    before). An outcome is enqueued right after its decision and librdkafka
-//!    gives up on it after `message.timeout.ms`, after which the issuer
-//!    decides the batch again rather than republish it; so after the fence no
-//!    decision taken against the lost state can still appear;
+//!    before). An outcome is enqueued right after its decision, and no
+//!    produce request for it can land later than the outcome producer's
+//!    delivery bound (message timeout, librdkafka's timeout scan, request
+//!    timeout and linger, as configured after every `--kafka-opt`), after
+//!    which the issuer decides the batch again rather than republish it. An
+//!    issuer refuses to start unless its fence exceeds that bound, so after
+//!    the fence no decision taken against the lost state can still appear;
 //! 3. reads `coupon.outcomes` to its end and rebuilds, per event and for its
 //!    latest generation: the coupons by rank, the holders, every decided
 //!    request id (as logged: it is in the log), the decision sequence, and
