@@ -154,8 +154,11 @@ impl ResumeGuard {
             resume.remove(&tp);
             return true;
         }
-        r.rewind = if r.rewind == 0 { REWIND } else { r.rewind * 2 };
-        let target = (r.expect - r.rewind).max(0);
+        // The rewind grows only once a seek to it succeeded: a failed seek
+        // retries the same target on the next record, so the guard never
+        // gives up on records it did not read.
+        let next = if r.rewind == 0 { REWIND } else { r.rewind * 2 };
+        let target = (r.expect - next).max(0);
         metrics::counter!("couponrush_issuer_broker_skips_total").increment(1);
         tracing::warn!(
             partition,
@@ -165,13 +168,20 @@ impl ResumeGuard {
             "the broker resumed past the committed offset; rewinding so no record is passed over"
         );
         drop(resume);
-        if let Err(e) = consumer.seek(
+        match consumer.seek(
             topic,
             partition,
             Offset::Offset(target),
             Duration::from_secs(5),
         ) {
-            tracing::warn!(error = %e, partition, "rewind failed; retrying on the next record");
+            Ok(()) => {
+                if let Some(r) = self.resume().get_mut(&tp) {
+                    r.rewind = next;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, partition, "rewind failed; retrying on the next record")
+            }
         }
         false
     }

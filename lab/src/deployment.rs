@@ -221,8 +221,6 @@ pub struct Deployment {
     pub topics: Topics,
     /// A client of the store.
     pub store: Arc<dyn Store>,
-    /// The private redis-server, if one was started.
-    pub redis: Option<RedisServer>,
     /// Logs and data.
     pub dir: PathBuf,
     /// Each issuer slot's Prometheus address (child processes only).
@@ -234,7 +232,13 @@ pub struct Deployment {
     spec: Spec,
     group: String,
     shutdown: CancellationToken,
-    /// Dropped last: the cluster must outlive its clients.
+    /// The private redis-server, if one was started; dropped after the
+    /// members.
+    pub redis: Option<RedisServer>,
+    /// Dropped last, so the cluster outlives its clients. [`Deployment::stop`]
+    /// waits for in-process members to finish; a deployment merely dropped
+    /// (an early error) tells them to stop but does not wait, so their last
+    /// commit may fail against a cluster already gone (replays, nothing lost).
     pub broker: Broker,
 }
 
@@ -491,11 +495,16 @@ impl Deployment {
     }
 
     /// Kills an issuer without a chance to commit or leave the group
-    /// (SIGKILL for a process, abort for a task).
+    /// (SIGKILL). An issuer in this process cannot be killed so: its loop
+    /// runs on a thread of its own, which is told to stop (it finishes its
+    /// batch, commits and leaves), so kill faults need child processes.
     pub fn kill_issuer(&mut self, slot: usize) {
         match self.issuers.get_mut(slot).and_then(Option::take) {
             Some(Member::Process(mut p)) => p.kill(),
-            Some(Member::Task { handle, .. }) => handle.abort(),
+            Some(Member::Task { handle, stop }) => {
+                stop.cancel();
+                handle.abort();
+            }
             None => {}
         }
     }

@@ -260,6 +260,8 @@ struct ProgressDisplay {
     bar: ProgressBar,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// Stops the redraws if the run is dropped before [`Self::finish`].
+    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 impl ProgressDisplay {
@@ -296,7 +298,12 @@ impl ProgressDisplay {
                 (last_acc, last_dec) = (acc, dec);
             }
         });
-        Self { bar, stop, task }
+        Self {
+            bar,
+            _stop_on_drop: stop.clone().drop_guard(),
+            stop,
+            task,
+        }
     }
 
     /// Stops the redraws, waits for the task to end, clears the bar.
