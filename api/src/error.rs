@@ -40,6 +40,19 @@ pub enum AppError {
     /// Admin route without a valid token.
     #[error("admin routes need 'Authorization: Bearer <ADMIN_TOKEN>'")]
     Unauthorized,
+    /// Someone else's resource (a hold of another user): nothing about it
+    /// is revealed.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The resource is in a state that refuses the request (a claim after
+    /// the hold expired), with a code saying which.
+    #[error("{message}")]
+    Conflict {
+        /// Stable code, e.g. `hold_expired`.
+        code: &'static str,
+        /// What happened and what to do.
+        message: String,
+    },
     /// Too much load right now; nothing was accepted.
     #[error("{0}")]
     Overloaded(String),
@@ -73,6 +86,8 @@ impl AppError {
             AppError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_value"),
             AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AppError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            AppError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            AppError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             AppError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
@@ -103,7 +118,7 @@ impl From<JsonRejection> for AppError {
     fn from(r: JsonRejection) -> Self {
         // A body that did not arrive in time (a slow or stalled client) is a
         // 408, not a malformed body. axum only exposes it as text.
-        if r.body_text().contains("designated timeout") {
+        if r.body_text().contains(crate::guard::BODY_TIMEOUT) {
             return AppError::Rejected {
                 status: StatusCode::REQUEST_TIMEOUT,
                 message: format!(

@@ -80,6 +80,7 @@ mod tests {
                 EventSpec {
                     stock: 1,
                     per_user_limit: 1,
+                    claim_window_us: 0,
                 },
             )
             .await

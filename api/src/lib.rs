@@ -23,16 +23,21 @@
 //!   [`Api::serve`]; [`run`] is what `coupon-api` does.
 //! - [`app`]: the [`axum::Router`], shared by `main` and tests.
 //! - [`routes`]: the handlers, one per route.
+//! - [`guard`]: what every request passes once: the bound on requests in
+//!   flight, a panic turned into a 503, the request counter.
 //! - [`error`]: the one error type, [`error::AppError`], and its JSON shape.
 //! - [`events`]: the cache of known events.
 //! - [`readiness`]: whether the store is ready, new, or being rebuilt.
 //! - [`request_id`]: the request id an `Idempotency-Key` stands for.
+//! - [`line`]: the waiting room's routes and the issue route's gate.
 //! - The request producer it answers with is
 //!   [`couponrush_core::producer::RequestProducer`], shared with
 //!   `coupon-loadgen run --direct`.
 
 pub mod error;
 pub mod events;
+pub mod guard;
+pub mod line;
 pub mod readiness;
 pub mod request_id;
 pub mod routes;
@@ -41,10 +46,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::error_handling::HandleErrorLayer;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{get, post, put};
 use axum::Router;
 use clap::Parser;
@@ -64,9 +67,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceBuilder;
 
-use crate::error::AppError;
 use crate::events::EventCache;
 use crate::readiness::Readiness;
 
@@ -127,6 +128,9 @@ pub struct Cli {
     pub recovery_fence: Duration,
     #[command(flatten)]
     #[allow(missing_docs)]
+    pub line: crate::line::LineArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
     pub log: LogArgs,
 }
 
@@ -147,6 +151,7 @@ impl Cli {
             produce_timeout: self.produce_timeout,
             recovery_fence: self.recovery_fence,
             dedup_retention: self.store.dedup_retention,
+            line: self.line.config(&self.store.redis_url),
         }
     }
 }
@@ -181,11 +186,14 @@ pub struct Config {
     pub recovery_fence: Duration,
     /// Lifetime of dedup records restored by a recovery.
     pub dedup_retention: Duration,
+    /// The waiting room, `None` when off.
+    pub line: Option<crate::line::LineConfig>,
 }
 
 impl Config {
     /// Defaults for a broker at `brokers`, listening on a free loopback port,
     /// for tests and in-process deployments: the environment is ignored.
+    /// Waiting rooms are off: an in-process api may have no Redis.
     pub fn local(brokers: &str) -> Self {
         parse_ignoring_env::<Cli>(&[
             "coupon-api",
@@ -193,6 +201,8 @@ impl Config {
             brokers,
             "--listen",
             "127.0.0.1:0",
+            "--line-backend",
+            "none",
         ])
         .config()
     }
@@ -250,30 +260,47 @@ pub struct AppState {
     pub produce_timeout: Duration,
     /// Where event definitions are written.
     pub events_topic: String,
+    /// Where claim and cancel actions are written.
+    pub compensations_topic: String,
     /// The Prometheus handle, when this process's recorder is ours.
     pub metrics: Option<PrometheusHandle>,
+    /// The waiting room, when on.
+    pub line: Option<Arc<crate::line::LineState>>,
 }
 
 /// The router: every route, the body limit, overload shedding and metrics.
 pub fn app(state: Arc<AppState>) -> Router {
     // Beyond the issue path's own in-flight bound, every route together may
-    // hold at most this many requests; the rest are shed with a 503.
+    // hold at most this many requests; the rest are shed with a 503
+    // (`guard`, with the panic guard and the request counter).
     let max_concurrent = state.max_in_flight.saturating_mul(2).max(64);
-    // Only requests with a body pay for the body timer (a timer per request
-    // costs ~15% of a GET's throughput, measured).
-    let body_timeout = tower_http::timeout::RequestBodyTimeoutLayer::new(CLIENT_TIMEOUT);
     Router::new()
         .route(
             "/v1/events/{event_id}",
-            get(routes::get_event).merge(put(routes::put_event).route_layer(body_timeout.clone())),
+            get(routes::get_event).merge(put(routes::put_event)),
         )
         .route(
-            "/v1/events/{event_id}/issue",
-            post(routes::issue).route_layer(body_timeout),
+            "/v1/events/{event_id}/line",
+            post(line::join)
+                .merge(put(line::open))
+                .merge(get(line::room)),
         )
+        .route(
+            "/v1/events/{event_id}/line/{ticket_id}",
+            get(line::poll).delete(line::leave),
+        )
+        .route("/v1/events/{event_id}/issue", post(routes::issue))
         .route(
             "/v1/events/{event_id}/requests/{request_id}",
             get(routes::event_request_status),
+        )
+        .route(
+            "/v1/events/{event_id}/requests/{request_id}/claim",
+            post(routes::claim),
+        )
+        .route(
+            "/v1/events/{event_id}/requests/{request_id}/cancel",
+            post(routes::cancel),
         )
         .route("/v1/requests/{request_id}", get(routes::request_status))
         .route("/healthz", get(routes::healthz))
@@ -282,68 +309,11 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn(record_metrics))
-        .layer(
-            ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
-                    metrics::counter!("couponrush_api_shed_total", "reason" => "concurrency")
-                        .increment(1);
-                    AppError::Overloaded(
-                        "too many concurrent requests; retry after a second".into(),
-                    )
-                }))
-                .load_shed()
-                .concurrency_limit(max_concurrent),
-        )
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-            |_: Box<dyn std::any::Any + Send>| {
-                tracing::error!("a handler panicked");
-                AppError::Unavailable("internal fault; retry shortly".into()).into_response()
-            },
+        .layer(middleware::from_fn_with_state(
+            Arc::new(guard::Guard::new(max_concurrent)),
+            guard::guard,
         ))
         .with_state(state)
-}
-
-/// Counts requests by route and status. Labels are static strings: no
-/// allocation on the hot path.
-async fn record_metrics(req: Request, next: Next) -> Response {
-    let route: &'static str = match req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str)
-    {
-        Some("/v1/events/{event_id}/issue") => "/v1/events/{event_id}/issue",
-        Some("/v1/events/{event_id}") => "/v1/events/{event_id}",
-        Some("/v1/events/{event_id}/requests/{request_id}") => {
-            "/v1/events/{event_id}/requests/{request_id}"
-        }
-        Some("/v1/requests/{request_id}") => "/v1/requests/{request_id}",
-        Some("/healthz") => "/healthz",
-        Some("/readyz") => "/readyz",
-        Some("/metrics") => "/metrics",
-        Some(_) => "other",
-        None => "unmatched",
-    };
-    let resp = next.run(req).await;
-    let status: &'static str = match resp.status().as_u16() {
-        200 => "200",
-        201 => "201",
-        202 => "202",
-        400 => "400",
-        401 => "401",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        413 => "413",
-        415 => "415",
-        422 => "422",
-        503 => "503",
-        s if s < 500 => "4xx",
-        _ => "5xx",
-    };
-    metrics::counter!("couponrush_api_requests_total", "route" => route, "status" => status)
-        .increment(1);
-    resp
 }
 
 /// The topics this api creates when they are missing, replicated as the
@@ -366,7 +336,7 @@ pub async fn topic_specs(
 }
 
 /// Brokers in the cluster, from one metadata request. Blocking.
-fn cluster_brokers(kafka: &KafkaSettings, topic: &str) -> Result<usize, TopicError> {
+pub(crate) fn cluster_brokers(kafka: &KafkaSettings, topic: &str) -> Result<usize, TopicError> {
     let admin_err = |source| TopicError::Admin {
         brokers: kafka.brokers.clone(),
         source,
@@ -379,6 +349,31 @@ fn cluster_brokers(kafka: &KafkaSettings, topic: &str) -> Result<usize, TopicErr
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .map_err(admin_err)?;
     Ok(md.brokers().len())
+}
+
+/// The request producer the api answers with, as `config` sets it up: the
+/// requests topic's partition count read from the broker (the topic must
+/// exist), librdkafka's queue bounded by `producer_queue`, and a record
+/// given up after `produce_timeout` (when the client gives up on its HTTP
+/// answer). `coupon-lab bare --produce` uses this too, so the baseline the
+/// api is measured against produces exactly as the api does.
+pub async fn request_producer(config: &Config) -> Result<RequestProducer, StartError> {
+    let kafka = config.kafka.clone();
+    let topic = config.topics.requests.clone();
+    let partitions = tokio::task::spawn_blocking(move || {
+        couponrush_core::kafka::partition_counts(&kafka, &[&topic], Duration::from_secs(10))
+    })
+    .await
+    .map_err(|e| StartError::Config(e.to_string()))??[&config.topics.requests];
+    let message_timeout = config.produce_timeout.max(Duration::from_secs(1));
+    Ok(RequestProducer::with_message_timeout(
+        &config.kafka,
+        config.topics.requests.clone(),
+        config.partitioner,
+        partitions,
+        config.producer_queue,
+        Some(message_timeout),
+    )?)
 }
 
 /// A bound, ready-to-serve api.
@@ -415,23 +410,8 @@ impl Api {
                 tracing::info!(topics = ?created, partitions = n, "created topics");
             }
         }
-        let kafka = config.kafka.clone();
-        let topic = config.topics.requests.clone();
-        let partitions = tokio::task::spawn_blocking(move || {
-            couponrush_core::kafka::partition_counts(&kafka, &[&topic], Duration::from_secs(10))
-        })
-        .await
-        .map_err(|e| StartError::Config(e.to_string()))??[&config.topics.requests];
-        // Give up on a record when the client gives up on its HTTP answer.
-        let message_timeout = config.produce_timeout.max(Duration::from_secs(1));
-        let producer = Arc::new(RequestProducer::with_message_timeout(
-            &config.kafka,
-            config.topics.requests.clone(),
-            config.partitioner,
-            partitions,
-            config.producer_queue,
-            Some(message_timeout),
-        )?);
+        let producer = Arc::new(request_producer(&config).await?);
+        let partitions = producer.partitions();
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -446,6 +426,10 @@ impl Api {
             store = store.kind(),
             "api ready"
         );
+        let line = match &config.line {
+            Some(l) => Some(crate::line::LineState::start(l, &config).await?),
+            None => None,
+        };
         let recovery = Recovery {
             kafka: config.kafka.clone(),
             topics: config.topics.clone(),
@@ -464,7 +448,9 @@ impl Api {
             max_in_flight: config.max_in_flight,
             produce_timeout: config.produce_timeout,
             events_topic: config.topics.events.clone(),
+            compensations_topic: config.topics.compensations.clone(),
             metrics,
+            line,
         });
         Ok(Api {
             listener,
@@ -501,6 +487,7 @@ impl Api {
         // construction, a bounded number of connections whatever the clients do.
         let permits = Arc::new(Semaphore::new(self.max_connections));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let line = self.state.line.clone();
         let router = app(self.state);
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
@@ -536,6 +523,9 @@ impl Api {
             });
         }
         drop(self.listener);
+        if let Some(line) = line {
+            line.stop();
+        }
         tokio::select! {
             _ = graceful.shutdown() => {}
             _ = tokio::time::sleep(Duration::from_secs(10)) => {

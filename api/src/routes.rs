@@ -6,20 +6,25 @@
 //! | `GET /v1/events/{event_id}`               | stock, remaining, issued, sold out |
 //! | `POST /v1/events/{event_id}/issue`        | ask for a coupon → `202 {request_id}` |
 //! | `GET /v1/requests/{request_id}`           | pending, or the decision |
-//! | `GET /v1/events/{event_id}/requests/{id}` | the same, one store lookup |
+//! | `GET /v1/events/{event_id}/requests/{id}` | the same, one store lookup (with the hold, in an event with holds) |
+//! | `POST /v1/events/{event_id}/requests/{id}/claim`  | the holder makes a held coupon final → `202` |
+//! | `POST /v1/events/{event_id}/requests/{id}/cancel` | the holder gives a held coupon back → `202` |
 //! | `GET /healthz`, `/readyz`, `/metrics`     | liveness, readiness, Prometheus |
+//! | `…/{event_id}/line…`                      | the waiting room, see [`crate::line`] |
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{FromRequest, FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use couponrush_core::producer::ProduceError;
-use couponrush_core::store::{Decision, EventSpec, EventState, StoreError};
-use couponrush_core::wire::{now_micros, validate_event_id, validate_user_id};
+use couponrush_core::store::{Decision, EventSpec, EventState, HoldStatus, StoreError};
+use couponrush_core::wire::{
+    now_micros, validate_event_id, validate_user_id, HoldAction, HoldState, HoldVerb,
+};
 use couponrush_core::IssueRequest;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -85,7 +90,7 @@ async fn store_ready(state: &AppState) -> Result<(), AppError> {
 
 /// Whether the event exists; an unknown event while the store has no epoch
 /// is the store not being ready, not a client mistake.
-async fn known_event(state: &AppState, event_id: &str) -> Result<bool, AppError> {
+pub(crate) async fn known_event(state: &AppState, event_id: &str) -> Result<bool, AppError> {
     if state
         .events
         .exists(event_id)
@@ -116,6 +121,11 @@ async fn known_event(state: &AppState, event_id: &str) -> Result<bool, AppError>
 
 fn store_unavailable(e: StoreError) -> AppError {
     tracing::warn!(error = %e, "store call failed");
+    if matches!(e, StoreError::Lost(_)) {
+        return AppError::Unavailable(
+            "the coupon store came back behind its log and is being rebuilt from it; nothing was changed; retry shortly".into(),
+        );
+    }
     AppError::Unavailable("the coupon store is unavailable; retry shortly".into())
 }
 
@@ -130,6 +140,10 @@ pub struct PutEventBody {
     /// Coupons one user may hold (default 1).
     #[serde(default = "one")]
     pub per_user_limit: u32,
+    /// Holds: an issued coupon is held this long for its claim, ms
+    /// (default 0: no holds, a coupon is final when issued).
+    #[serde(default)]
+    pub claim_window_ms: u64,
 }
 
 fn one() -> u32 {
@@ -145,14 +159,30 @@ pub struct EventView {
     pub stock: u32,
     /// Coupons one user may hold.
     pub per_user_limit: u32,
-    /// Coupons left.
+    /// Coupons left in stock (never issued, or returned by a hold's end).
     pub remaining: u32,
-    /// Coupons issued.
+    /// Coupons out now (held, claimed, or final at issue).
     pub issued: u32,
     /// True when none are left.
     pub sold_out: bool,
     /// Bumped by every reset.
     pub generation: u64,
+    /// The claim window, ms (0: no holds).
+    #[serde(default)]
+    pub claim_window_ms: u64,
+    /// Every `issued` decision, re-issues included:
+    /// `issued_total − released + remaining = stock`.
+    #[serde(default)]
+    pub issued_total: u32,
+    /// Coupons returned by a cancel or an expiry.
+    #[serde(default)]
+    pub released: u32,
+    /// Holds claimed.
+    #[serde(default)]
+    pub claimed: u32,
+    /// Holds waiting for their claim.
+    #[serde(default)]
+    pub held: u32,
 }
 
 impl From<EventState> for EventView {
@@ -160,6 +190,11 @@ impl From<EventState> for EventView {
         Self {
             issued: s.issued(),
             sold_out: s.sold_out(),
+            claim_window_ms: s.claim_window_us / 1000,
+            issued_total: s.issued_total(),
+            released: s.released,
+            claimed: s.claimed,
+            held: s.held(),
             event_id: s.event_id,
             stock: s.stock,
             per_user_limit: s.per_user_limit,
@@ -180,6 +215,7 @@ pub async fn put_event(
     let spec = EventSpec {
         stock: body.stock,
         per_user_limit: body.per_user_limit,
+        claim_window_us: body.claim_window_ms.saturating_mul(1000),
     };
     spec.validate().map_err(AppError::Unprocessable)?;
     if state
@@ -214,6 +250,7 @@ pub async fn put_event(
         event_id,
         stock = spec.stock,
         per_user_limit = spec.per_user_limit,
+        claim_window_us = spec.claim_window_us,
         created,
         "event put"
     );
@@ -263,9 +300,31 @@ pub struct Accepted {
     pub status_url: String,
 }
 
+/// The two headers the issue route reads, taken without copying the rest
+/// of the request's headers: the `HeaderMap` extractor clones the whole map,
+/// a few allocations and a rehash on every request (seen in a profile of the
+/// issue route under load).
+pub struct IssueHeaders {
+    /// `Idempotency-Key`, unparsed.
+    pub idempotency_key: Option<HeaderValue>,
+    /// `X-Admission-Token`, unparsed.
+    pub admission_token: Option<HeaderValue>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IssueHeaders {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self {
+            idempotency_key: parts.headers.get("idempotency-key").cloned(),
+            admission_token: parts.headers.get(crate::line::TOKEN_HEADER).cloned(),
+        })
+    }
+}
+
 /// The `Idempotency-Key` header, if any.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<Uuid>, AppError> {
-    let Some(v) = headers.get("idempotency-key") else {
+fn idempotency_key(header: Option<&HeaderValue>) -> Result<Option<Uuid>, AppError> {
+    let Some(v) = header else {
         return Ok(None);
     };
     let s = v.to_str().map_err(|_| {
@@ -284,14 +343,20 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<Uuid>, AppError> {
 pub async fn issue(
     State(state): State<Arc<AppState>>,
     Path(event_id): Path<String>,
-    headers: HeaderMap,
+    headers: IssueHeaders,
     JsonBody(body): JsonBody<IssueBody>,
 ) -> Result<Response, AppError> {
     event_path(&event_id)?;
     validate_user_id(&body.user_id).map_err(AppError::Unprocessable)?;
+    // An event with a waiting room admits only those the line let in.
+    let token = headers.admission_token.as_ref();
+    let admission = match crate::line::gate(&state, &event_id, &body.user_id, token).await {
+        Ok(a) => a,
+        Err(refused) => return Ok(refused),
+    };
     // A key is scoped by event and user: reused by someone else, it is
     // someone else's request, never this one.
-    let request_id = match idempotency_key(&headers)? {
+    let request_id = match idempotency_key(headers.idempotency_key.as_ref())? {
         Some(key) => crate::request_id::from_key(&event_id, &body.user_id, key),
         None => Uuid::now_v7(),
     };
@@ -313,6 +378,9 @@ pub async fn issue(
     match state.producer.send(&req).await {
         Ok(p) => {
             tracing::debug!(request_id = %request_id, partition = p.partition, offset = p.offset, "accepted");
+            if let (Some(ticket), Some(line)) = (admission, &state.line) {
+                line.finished(&req.event_id, &req.user_id, ticket).await;
+            }
             let status_url = format!("/v1/events/{}/requests/{request_id}", req.event_id);
             Ok((
                 StatusCode::ACCEPTED,
@@ -353,6 +421,28 @@ pub struct RequestStatus {
     /// The decision, once decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<DecisionView>,
+    /// For a coupon of an event with holds: where its hold stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldView>,
+}
+
+/// A hold as the api shows it to its holder.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HoldView {
+    /// `held`, `claimed`, `released` or `expired` (an end is shown once it
+    /// is in the log).
+    pub state: HoldState,
+    /// The claim deadline, µs since the epoch.
+    pub until: u64,
+}
+
+impl From<&HoldStatus> for HoldView {
+    fn from(h: &HoldStatus) -> Self {
+        Self {
+            state: h.shown_state(),
+            until: h.hold.until,
+        }
+    }
 }
 
 /// A decision as the status endpoint shows it.
@@ -369,7 +459,11 @@ pub struct DecisionView {
 
 /// Only logged decisions are shown: one not yet logged is not in the log
 /// and would not survive the loss of the store.
-fn status_view(request_id: Uuid, found: Option<(String, Decision)>) -> Json<RequestStatus> {
+fn status_view(
+    request_id: Uuid,
+    found: Option<(String, Decision)>,
+    hold: Option<HoldView>,
+) -> Json<RequestStatus> {
     Json(match found.filter(|(_, d)| d.logged) {
         Some((event_id, decision)) => RequestStatus {
             request_id,
@@ -380,14 +474,36 @@ fn status_view(request_id: Uuid, found: Option<(String, Decision)>) -> Json<Requ
                 issued_rank: decision.issued_rank,
                 decided_at: decision.decided_at,
             }),
+            hold,
         },
         None => RequestStatus {
             request_id,
             status: "pending".into(),
             event_id: None,
             decision: None,
+            hold: None,
         },
     })
+}
+
+/// The hold of a logged `issued` decision, if its event has holds.
+async fn hold_of(
+    state: &AppState,
+    request_id: Uuid,
+    found: &Option<(String, Decision)>,
+) -> Result<Option<HoldView>, AppError> {
+    match found {
+        Some((event_id, d)) if d.logged && d.result == couponrush_core::DecisionResult::Issued => {
+            Ok(state
+                .store
+                .hold(event_id, request_id)
+                .await
+                .map_err(store_unavailable)?
+                .as_ref()
+                .map(HoldView::from))
+        }
+        _ => Ok(None),
+    }
 }
 
 fn parse_request_id(s: &str) -> Result<Uuid, AppError> {
@@ -406,7 +522,31 @@ pub async fn request_status(
         .find_decision(request_id)
         .await
         .map_err(store_unavailable)?;
-    Ok(status_view(request_id, found))
+    not_found_while_rebuilding(&state, &found).await?;
+    let hold = hold_of(&state, request_id, &found).await?;
+    Ok(status_view(request_id, found, hold))
+}
+
+/// A decision not found in a store without its epoch (lost, or being
+/// rebuilt) may be one the rebuild restores: "pending" would take back
+/// what a client was already told, so the answer is "retry shortly".
+async fn not_found_while_rebuilding<T>(
+    state: &AppState,
+    found: &Option<T>,
+) -> Result<(), AppError> {
+    if found.is_none()
+        && state
+            .store
+            .epoch()
+            .await
+            .map_err(store_unavailable)?
+            .is_none()
+    {
+        return Err(AppError::Unavailable(
+            "the coupon store is being rebuilt from the log; this request's decision may be restored; retry shortly".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// `GET /v1/events/{event_id}/requests/{request_id}`.
@@ -422,7 +562,202 @@ pub async fn event_request_status(
         .await
         .map_err(store_unavailable)?
         .map(|d| (event_id, d));
-    Ok(status_view(request_id, found))
+    not_found_while_rebuilding(&state, &found).await?;
+    let hold = hold_of(&state, request_id, &found).await?;
+    Ok(status_view(request_id, found, hold))
+}
+
+/// Body of `POST …/requests/{id}/claim` and `…/cancel`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldBody {
+    /// Who asks: must be the holder.
+    pub user_id: String,
+}
+
+/// The `202` answer to a claim or a cancel.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HoldAccepted {
+    /// The request whose coupon it is.
+    pub request_id: Uuid,
+    /// What was asked.
+    pub action: HoldVerb,
+    /// When the api accepted it, µs since the epoch (a claim accepted
+    /// before the deadline is in time, unless the expiry was applied first).
+    pub accepted_at: u64,
+    /// Where to poll for the hold's state.
+    pub status_url: String,
+}
+
+/// The `200` answer to an action that already happened.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HoldDone {
+    /// The request whose coupon it is.
+    pub request_id: Uuid,
+    /// Where its hold stands.
+    pub hold: HoldView,
+}
+
+/// `POST /v1/events/{event_id}/requests/{request_id}/claim`.
+pub async fn claim(
+    State(state): State<Arc<AppState>>,
+    Path((event_id, request_id)): Path<(String, String)>,
+    JsonBody(body): JsonBody<HoldBody>,
+) -> Result<Response, AppError> {
+    hold_action(&state, event_id, request_id, body, HoldVerb::Claim).await
+}
+
+/// `POST /v1/events/{event_id}/requests/{request_id}/cancel`.
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Path((event_id, request_id)): Path<(String, String)>,
+    JsonBody(body): JsonBody<HoldBody>,
+) -> Result<Response, AppError> {
+    hold_action(&state, event_id, request_id, body, HoldVerb::Cancel).await
+}
+
+/// Checks a claim or a cancel against the store (its logged state), then
+/// produces the action and answers `202` once the broker acknowledged it.
+/// The store decides it again when an issuer applies it: the checks here
+/// answer the client early, the store's are the ones that count.
+async fn hold_action(
+    state: &AppState,
+    event_id: String,
+    request_id: String,
+    body: HoldBody,
+    verb: HoldVerb,
+) -> Result<Response, AppError> {
+    event_path(&event_id)?;
+    let request_id = parse_request_id(&request_id)?;
+    validate_user_id(&body.user_id).map_err(AppError::Unprocessable)?;
+    // The in-flight bound covers the store's checks too.
+    let Ok(_permit) = state.in_flight.try_acquire() else {
+        metrics::counter!("couponrush_api_shed_total", "reason" => "in_flight").increment(1);
+        return Err(AppError::Overloaded(format!(
+            "more than {} requests in flight; retry after a second",
+            state.max_in_flight
+        )));
+    };
+    let no_event = || AppError::NotFound(format!("no event {event_id:?}"));
+    if !known_event(state, &event_id).await? {
+        return Err(no_event());
+    }
+    let ev = state
+        .store
+        .event(&event_id)
+        .await
+        .map_err(store_unavailable)?
+        .ok_or_else(no_event)?;
+    if ev.claim_window_us == 0 {
+        return Err(AppError::Conflict {
+            code: "no_holds",
+            message: format!("event {event_id:?} has no holds: its coupons are final when issued"),
+        });
+    }
+    // The same answer for a request that won nothing and for another
+    // user's coupon: a caller learns nothing about a request not its own.
+    let not_issued = || {
+        AppError::NotFound(format!(
+            "no coupon of this user was issued to request {request_id} of event {event_id:?} \
+             (or its decision is not out yet)"
+        ))
+    };
+    let found = state
+        .store
+        .decision(&event_id, request_id)
+        .await
+        .map_err(store_unavailable)?
+        .filter(|d| d.logged);
+    not_found_while_rebuilding(state, &found).await?;
+    if found.is_none_or(|d| d.result != couponrush_core::DecisionResult::Issued) {
+        return Err(not_issued());
+    }
+    let status = state
+        .store
+        .hold(&event_id, request_id)
+        .await
+        .map_err(store_unavailable)?
+        .ok_or_else(not_issued)?;
+    if status.hold.user_id != body.user_id {
+        // Nothing about the hold (that there is one, whose, which state).
+        return Err(not_issued());
+    }
+    let view = HoldView::from(&status);
+    let now = now_micros();
+    let conflict = |code, message: &str| {
+        Err(AppError::Conflict {
+            code,
+            message: message.to_string(),
+        })
+    };
+    match (verb, view.state) {
+        (HoldVerb::Claim, HoldState::Claimed) | (HoldVerb::Cancel, HoldState::Released) => {
+            return Ok((
+                StatusCode::OK,
+                Json(HoldDone {
+                    request_id,
+                    hold: view,
+                }),
+            )
+                .into_response());
+        }
+        (HoldVerb::Claim, HoldState::Held) if now >= view.until => {
+            return conflict(
+                "hold_expired",
+                "the claim window has ended: the coupon goes back to stock",
+            )
+        }
+        (_, HoldState::Expired) => {
+            return conflict(
+                "hold_expired",
+                "the claim window ended without a claim: the coupon went back to stock",
+            )
+        }
+        (HoldVerb::Claim, HoldState::Released) => {
+            return conflict(
+                "hold_released",
+                "the coupon was cancelled and went back to stock",
+            )
+        }
+        (HoldVerb::Cancel, HoldState::Claimed) => {
+            return conflict(
+                "hold_claimed",
+                "the coupon was claimed: a claimed coupon is final",
+            )
+        }
+        _ => {}
+    }
+    let action = HoldAction::new(verb, request_id, event_id, body.user_id, now);
+    match state
+        .producer
+        .publish_action(&state.compensations_topic, &action)
+        .await
+    {
+        Ok(()) => Ok((
+            StatusCode::ACCEPTED,
+            Json(HoldAccepted {
+                request_id,
+                action: verb,
+                accepted_at: now,
+                status_url: format!("/v1/events/{}/requests/{request_id}", action.event_id),
+            }),
+        )
+            .into_response()),
+        Err(ProduceError::QueueFull) => {
+            metrics::counter!("couponrush_api_shed_total", "reason" => "queue_full").increment(1);
+            Err(AppError::Overloaded(
+                "the producer queue is full; retry after a second".into(),
+            ))
+        }
+        Err(ProduceError::Broker(e)) => {
+            tracing::warn!(error = %e, request_id = %request_id, "produce of a hold action failed");
+            Err(AppError::Unavailable(format!(
+                "the broker did not acknowledge the {} within {:?}; retry (repeating it is harmless)",
+                verb.as_str(),
+                state.produce_timeout
+            )))
+        }
+    }
 }
 
 /// `GET /healthz`: the process is alive.

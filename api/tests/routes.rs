@@ -44,6 +44,7 @@ async fn fixture(admin_token: Option<&str>) -> Fixture {
             EventSpec {
                 stock: 3,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -396,6 +397,7 @@ async fn status_shows_a_decision_only_once_it_is_logged() {
                     request_id: id,
                     user_id: "u".into(),
                 }],
+                actions: Vec::new(),
             }],
             now_micros(),
         )
@@ -404,6 +406,7 @@ async fn status_shows_a_decision_only_once_it_is_logged() {
     let BatchVerdict::Decided {
         generation,
         decisions,
+        ..
     } = &verdicts[0]
     else {
         panic!("unknown event")
@@ -498,6 +501,7 @@ async fn a_reused_idempotency_key_never_shows_one_user_another_users_decision() 
                         user_id: r.user_id.clone(),
                     })
                     .collect(),
+                actions: Vec::new(),
             }],
             now_micros(),
         )
@@ -506,6 +510,7 @@ async fn a_reused_idempotency_key_never_shows_one_user_another_users_decision() 
     let BatchVerdict::Decided {
         generation,
         decisions,
+        ..
     } = &verdicts[0]
     else {
         panic!("unknown event")
@@ -561,4 +566,36 @@ async fn a_reused_idempotency_key_never_shows_one_user_another_users_decision() 
         (DecisionResult::Issued, Some(2)),
         "bob's request is his own, decided on its own"
     );
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_is_a_408_and_the_route_serves_on() {
+    let f = fixture(None).await;
+    // Headers sent, the body never comes (a slow client, slowloris).
+    let stalled = Body::from_stream(futures::stream::pending::<
+        Result<axum::body::Bytes, std::io::Error>,
+    >());
+    let (status, json, _) = tokio::time::timeout(
+        Duration::from_secs(30),
+        call(
+            &f.router,
+            Method::POST,
+            "/v1/events/drop/issue",
+            &[JSON],
+            stalled,
+        ),
+    )
+    .await
+    .expect("a stalled body is answered, not held forever");
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{json}");
+    assert_eq!(json["error"], "request_timeout");
+    let (status, json, _) = call(
+        &f.router,
+        Method::POST,
+        "/v1/events/drop/issue",
+        &[JSON],
+        r#"{"user_id":"u"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{json}");
 }

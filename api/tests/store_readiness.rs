@@ -170,6 +170,7 @@ async fn a_lost_store() -> Deployment {
         per_user_limit: 1,
         generation: 1,
         written_at: now_micros(),
+        claim_window_us: 0,
     };
     d.state
         .producer
@@ -190,6 +191,23 @@ async fn a_lost_store() -> Deployment {
         assert!(
             json["message"].as_str().unwrap().contains(LOST),
             "{uri}: {json}"
+        );
+    }
+    // A status lookup finds nothing yet: that is not "pending" (the rebuild
+    // may restore a decision the client was already shown), but "retry".
+    for uri in [
+        format!("/v1/events/spring/requests/{}", Uuid::now_v7()),
+        format!("/v1/requests/{}", Uuid::now_v7()),
+    ] {
+        let (status, json) = d.call(Method::GET, &uri, "").await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a status lookup mid-rebuild, {uri}: {json}"
+        );
+        assert!(
+            json["message"].as_str().unwrap().contains("being rebuilt"),
+            "{json}"
         );
     }
     d.stop().await

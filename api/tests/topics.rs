@@ -17,7 +17,11 @@ async fn on_three_brokers_topics_get_three_replicas_without_flags() {
     let mock = MockKafka::start(3).unwrap();
     let config = Config::local(&mock.brokers());
     let specs = topic_specs(&config, 4).await.unwrap();
-    assert_eq!(specs.len(), 4);
+    assert_eq!(
+        specs.len(),
+        6,
+        "requests, outcomes, DLQ, events, checkpoints, compensations"
+    );
     for spec in &specs {
         assert_eq!(
             spec.replication, 3,
@@ -71,6 +75,7 @@ async fn a_single_local_broker_gets_its_topics_without_flags() {
         &topics.outcomes,
         &topics.dlq,
         &topics.events,
+        &topics.compensations,
     ] {
         let md = client
             .fetch_metadata(Some(topic), Duration::from_secs(10))

@@ -15,6 +15,10 @@
 //! | `kill9-restart-now-mock` | the same on the mock cluster |
 //! | `scale-1-4-2` | issuers scaled 1 → 4 → 2 mid-drop (rebalances with batches in flight) |
 //! | `redis-lost` | Redis restarted empty mid-drop: rebuilt from the log |
+//! | `redis-stale` | Redis restarted mid-drop from a snapshot 2 s old (behind, not empty): noticed before it decides, rebuilt from the log |
+//! | `reused-key` | pairs of users send one `Idempotency-Key`: each gets its own request id and only its own decision |
+//! | `racing-put` | eight `PUT`s of one event race, then Redis is lost mid-drop: store and log agree on the winner before and after the rebuild |
+//! | `slow-recovery` | Redis lost mid-drop and the recoverer frozen past its lock's lifetime: another rebuilds, the frozen one writes nothing |
 //! | `broker-kill` | tansu (sqlite) SIGKILLed and restarted mid-drop |
 //! | `mock-faults` | mock cluster: a broker down, leaders moved, produce/fetch/commit errors (one request in flight: the mock checks no sequences) |
 //! | `poison` | poison records mixed into live traffic |
@@ -22,6 +26,10 @@
 //! | `api-fuzz` | hostile requests and slow clients |
 //! | `overload` | twice the capacity, then half |
 //! | `admin` | the admin routes without the token; the issue path cannot change stock |
+//! | `holds-notifier-kill` | a drop with holds (20 % cancel, 10 % never claim) and a `coupon-notifier`: the notifier SIGKILLed mid-drop, a new one started |
+//! | `holds-webhook-down` | the same drop: the webhook answers 503 for 10 s, then comes back |
+//! | `holds-issuer-kill` | the same drop: an issuer SIGKILLed while cancels and expiries are decided, restarted |
+//! | `holds-redis-lost` | the same drop: Redis lost with holds outstanding, rebuilt from decisions and hold ends |
 
 //!
 //! # Layout
@@ -32,7 +40,9 @@
 
 mod error;
 pub mod fuzz;
+mod holds;
 pub mod rig;
+mod trust;
 
 pub use error::ChaosError;
 
@@ -81,6 +91,15 @@ pub enum Scenario {
     Scale142,
     /// Redis restarted mid-drop with its state lost.
     RedisLost,
+    /// Redis restarted mid-drop from a snapshot taken 2 s earlier: it comes
+    /// back behind, not empty.
+    RedisStale,
+    /// Pairs of users sending one Idempotency-Key: own ids, own statuses.
+    ReusedKey,
+    /// Racing PUTs of one event, then Redis lost: store and log agree.
+    RacingPut,
+    /// Redis lost, and the recoverer frozen past its lock's lifetime.
+    SlowRecovery,
     /// The broker SIGKILLed and restarted mid-drop.
     BrokerKill,
     /// librdkafka mock cluster faults.
@@ -95,16 +114,28 @@ pub enum Scenario {
     Overload,
     /// Admin routes without the token.
     Admin,
+    /// Holds and the hand-off: the notifier SIGKILLed mid-drop.
+    HoldsNotifierKill,
+    /// Holds and the hand-off: the webhook down for 10 s.
+    HoldsWebhookDown,
+    /// Holds and the hand-off: an issuer SIGKILLed while compensations are decided.
+    HoldsIssuerKill,
+    /// Holds and the hand-off: Redis lost with holds outstanding.
+    HoldsRedisLost,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 20] = [
         Scenario::Kill9Issuer,
         Scenario::Kill9RestartNow,
         Scenario::Kill9RestartNowMock,
         Scenario::Scale142,
         Scenario::RedisLost,
+        Scenario::RedisStale,
+        Scenario::ReusedKey,
+        Scenario::RacingPut,
+        Scenario::SlowRecovery,
         Scenario::BrokerKill,
         Scenario::MockFaults,
         Scenario::Poison,
@@ -112,6 +143,10 @@ impl Scenario {
         Scenario::ApiFuzz,
         Scenario::Overload,
         Scenario::Admin,
+        Scenario::HoldsNotifierKill,
+        Scenario::HoldsWebhookDown,
+        Scenario::HoldsIssuerKill,
+        Scenario::HoldsRedisLost,
     ];
 
     /// The scenario's name on the command line.
@@ -140,6 +175,9 @@ struct Dims {
     fuzz: u64,
     slowloris: usize,
     poison: u64,
+    /// Seconds of load of the drops with holds (each winner also claims or
+    /// cancels, and a notifier delivers: heavier per request).
+    hold_seconds: f64,
 }
 
 impl Size {
@@ -153,6 +191,7 @@ impl Size {
                 fuzz: 20_000,
                 slowloris: 100,
                 poison: 100,
+                hold_seconds: 5.0,
             },
             Size::Full => Dims {
                 rate: 2000.0,
@@ -162,6 +201,7 @@ impl Size {
                 fuzz: 100_000,
                 slowloris: 400,
                 poison: 500,
+                hold_seconds: 20.0,
             },
         }
     }
@@ -302,6 +342,26 @@ fn longest_wait(r: &Report, fault: u64) -> Option<f64> {
         .map(|us| us as f64 / 1e6)
 }
 
+/// The store's server SIGKILLed and restarted half a second later with its
+/// files deleted: it comes back empty.
+async fn lose_redis(rig: &mut Deployment) -> Result<(), ChaosError> {
+    rig.private_redis()?.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rig.private_redis()?
+        .restart(true)
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The drop most scenarios run: 2 % client retries.
+fn plain_offer(seed: u64) -> Offer {
+    Offer {
+        retry_ratio: 0.02,
+        seed,
+        admin_token: None,
+    }
+}
+
 /// What a scenario varies in its drop.
 struct Offer {
     retry_ratio: f64,
@@ -346,6 +406,8 @@ async fn start_drop(
         progress: false,
         keep_raw: true,
         config: serde_json::json!({ "chaos": true }),
+        live: None,
+        holds: None,
     };
     let started = now_micros();
     let handle = rig
@@ -486,7 +548,19 @@ pub async fn run_scenario(
             row.check(rig.running_issuers() == 2, "two issuers left");
             Ok(row)
         }
-        Scenario::RedisLost => {
+        Scenario::RedisLost | Scenario::RedisStale => {
+            let stale = scenario == Scenario::RedisStale;
+            // Behind, the store must still have stock to sell twice when it
+            // comes back: the snapshot early, the stock above what is
+            // accepted by the restart.
+            let (dims, fault_at) = if stale {
+                let requests = dims.rate * dims.seconds;
+                let stock = (requests * 0.6) as u32;
+                let at = dims.seconds * (0.15 + 0.15 * fraction(seed));
+                (Dims { stock, ..dims }, at)
+            } else {
+                (dims, fault_at)
+            };
             let mut rig = rig(spec(BrokerKind::TansuMemory, 2), &dir).await?;
             let endpoint = Endpoint::parse(&rig.api_url()).await?;
             let probe_event = format!("probe-{}", Uuid::new_v4().simple());
@@ -500,11 +574,27 @@ pub async fn run_scenario(
             ));
             sleep_until_load(started, fault_at).await;
             let fault = now_micros();
-            rig.private_redis()?.kill();
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            rig.private_redis()?
-                .restart(true)
-                .map_err(|e| e.to_string())?;
+            if stale {
+                // A snapshot, two more seconds of decisions, then the server
+                // dies and comes back from the snapshot: an RDB restart, or a
+                // replica promoted two seconds behind.
+                let client = redis::Client::open(rig.redis_url()?).map_err(|e| e.to_string())?;
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let () = redis::cmd("SAVE")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                rig.private_redis()?.kill();
+                rig.private_redis()?
+                    .restart(false)
+                    .map_err(|e| e.to_string())?;
+            } else {
+                lose_redis(&mut rig).await?;
+            }
             let report = drop.await.map_err(|e| e.to_string())??;
             stop.cancel();
             let told = probe.await.map_err(|e| e.to_string())?;
@@ -686,9 +776,25 @@ pub async fn run_scenario(
             );
             Ok(row)
         }
+        Scenario::ReusedKey => trust::reused_key(seed, dims, &dir).await,
+        Scenario::RacingPut => trust::racing_put(seed, dims, fault_at, &dir).await,
+        Scenario::SlowRecovery => trust::slow_recovery(seed, dims, fault_at, &dir).await,
         Scenario::ApiFuzz => api_fuzz(seed, dims, &dir).await,
         Scenario::Overload => overload(seed, &dir).await,
         Scenario::Admin => admin(seed, dims, &dir).await,
+        Scenario::HoldsNotifierKill
+        | Scenario::HoldsWebhookDown
+        | Scenario::HoldsIssuerKill
+        | Scenario::HoldsRedisLost => {
+            let fault = match scenario {
+                Scenario::HoldsNotifierKill => holds::HoldFault::NotifierKill,
+                Scenario::HoldsWebhookDown => holds::HoldFault::WebhookDown,
+                Scenario::HoldsIssuerKill => holds::HoldFault::IssuerKill,
+                _ => holds::HoldFault::RedisLost,
+            };
+            let at = holds::fault_at(seed, dims);
+            holds::run(scenario, fault, seed, dims, at, &dir).await
+        }
     }
 }
 
@@ -708,51 +814,12 @@ async fn probe_statuses(
     let mut n = 0u64;
     while !stop.is_cancelled() {
         n += 1;
-        let key = Uuid::now_v7();
-        let body = format!("{{\"user_id\":\"probe-{n}\"}}");
         // The 202 names the request id (the api scopes the key by event and
         // user); the status is asked under that id.
-        let accepted = match http
-            .call(
-                Method::POST,
-                &format!("/v1/events/{event}/issue"),
-                &[("idempotency-key", key.to_string())],
-                body.into(),
-            )
-            .await
-        {
-            Ok((StatusCode::ACCEPTED, body)) => serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| {
-                    v["request_id"]
-                        .as_str()
-                        .and_then(|s| Uuid::try_parse(s).ok())
-                }),
-            _ => None,
-        };
-        if let Some(id) = accepted {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline && !stop.is_cancelled() {
-                if let Ok((StatusCode::OK, body)) = http
-                    .call(
-                        Method::GET,
-                        &format!("/v1/events/{event}/requests/{id}"),
-                        &[],
-                        Default::default(),
-                    )
-                    .await
-                {
-                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                    if v["status"] == "decided" {
-                        if let Ok(r) = serde_json::from_value::<DecisionResult>(
-                            v["decision"]["result"].clone(),
-                        ) {
-                            told.push((id, r));
-                        }
-                        break;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let user = format!("probe-{n}");
+        if let Some(id) = trust::issue(&mut http, &event, &user, Uuid::now_v7()).await {
+            if let Some((result, _)) = trust::decided(&mut http, &event, id).await {
+                told.push((id, result));
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -241,6 +241,7 @@ async fn an_outcome_forged_on_the_topic_fails_the_audit() {
             decision_seq: 1,
             accepted_at: now_micros(),
             generation: 1,
+            hold_until: None,
         };
         let bytes = forged.to_bytes();
         producer

@@ -105,6 +105,7 @@ async fn no_coupon_issued_twice_nothing_lost_when_an_issuer_is_killed_mid_drop()
             EventSpec {
                 stock: STOCK,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await

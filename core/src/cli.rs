@@ -75,6 +75,14 @@ pub struct TopicArgs {
     /// Compacted topic of event definitions (for rebuilding a lost store).
     #[arg(long, env = "EVENTS_TOPIC", default_value = crate::topics::EVENTS)]
     pub events_topic: String,
+    /// Compacted topic of ledger checkpoints (a rebuild reads the latest and
+    /// the outcomes after it).
+    #[arg(long, env = "CHECKPOINTS_TOPIC", default_value = crate::topics::CHECKPOINTS)]
+    pub checkpoints_topic: String,
+    /// Topic of actions on held coupons (claim, cancel, expire), decided by
+    /// the issuers beside the requests.
+    #[arg(long, env = "COMPENSATIONS_TOPIC", default_value = crate::topics::COMPENSATIONS)]
+    pub compensations_topic: String,
 }
 
 impl TopicArgs {
@@ -85,6 +93,8 @@ impl TopicArgs {
             outcomes: self.outcomes_topic.clone(),
             dlq: self.dlq_topic.clone(),
             events: self.events_topic.clone(),
+            checkpoints: self.checkpoints_topic.clone(),
+            compensations: self.compensations_topic.clone(),
         }
     }
 }
@@ -92,7 +102,8 @@ impl TopicArgs {
 /// Where the store is.
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
-    /// Redis URL of the coupon store.
+    /// Redis URL of the coupon store: redis://host:port/db for one server,
+    /// redis+cluster://host:port,host:port,… for a Redis Cluster.
     #[arg(
         long = "redis",
         env = "REDIS_URL",

@@ -396,6 +396,24 @@ pub fn partition_counts(
     Ok(counts)
 }
 
+/// Sets the gauge `metric` (labels `topic`, `partition`) to each partition's
+/// consumer lag in a librdkafka statistics report: what a consumer's
+/// `ClientContext::stats` does with `statistics.interval.ms` set.
+pub fn record_consumer_lag(stats: &rdkafka::Statistics, metric: &'static str) {
+    for topic in stats.topics.values() {
+        for p in topic.partitions.values() {
+            if p.partition >= 0 && p.consumer_lag >= 0 {
+                metrics::gauge!(
+                    metric,
+                    "topic" => topic.topic.clone(),
+                    "partition" => p.partition.to_string()
+                )
+                .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

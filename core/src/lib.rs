@@ -28,13 +28,23 @@
 //!   administration.
 //! - [`cli`]: flags every binary shares (`--brokers`, `--redis`, topics).
 //! - [`recovery`]: rebuilding a lost store from the events and outcomes topics.
+//! - [`redis_conn`]: one connection to Redis, a single server or a Redis
+//!   Cluster (`redis+cluster://…`), for the store and the line.
+//! - [`checkpoint`]: the ledger folded and checkpointed to a compacted topic,
+//!   so a rebuild reads a checkpoint and the tail, bounded by what was sold.
+//! - [`line`]: the waiting room before an event's door (a [`line::Line`]
+//!   in Redis or in one Kafka partition per room), its admitter and the
+//!   admission tokens the issue route checks.
 //! - [`telemetry`]: logs, Prometheus metrics and the shutdown signal.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod kafka;
+pub mod line;
 pub mod partitioner;
 pub mod producer;
 pub mod recovery;
+pub mod redis_conn;
 pub mod store;
 pub mod telemetry;
 pub mod topics;

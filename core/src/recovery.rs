@@ -9,7 +9,9 @@
 //!
 //! 1. reads `coupon.events`: if it is empty, this is a fresh deployment, and
 //!    the marker is simply written;
-//! 2. waits out the **fence**: outcomes decided before the loss may still be
+//! 2. marks the store as being rebuilt ([`Store::begin_rebuild`]: nothing is
+//!    decided from then on, and a copy of the store taken mid-rebuild says
+//!    so when it comes back) and waits out the **fence**: outcomes decided before the loss may still be
 //!    on their way to the log (an issuer publishing a batch it decided just
 //!    before). An outcome is enqueued right after its decision, and no
 //!    produce request for it can land later than the outcome producer's
@@ -18,11 +20,24 @@
 //!    which the issuer decides the batch again rather than republish it. An
 //!    issuer refuses to start unless its fence exceeds that bound, so after
 //!    the fence no decision taken against the lost state can still appear;
-//! 3. reads `coupon.outcomes` to its end and rebuilds, per event and for its
-//!    latest generation: the coupons by rank, the holders, every decided
-//!    request id (as logged: it is in the log), the decision sequence, and
-//!    the stock left;
-//! 4. restores each event, then writes a new epoch marker.
+//! 3. reads the latest checkpoint (`coupon.checkpoints`, see
+//!    [`crate::checkpoint`]) and the outcomes after it to the end of the log
+//!    (decisions and hold ends alike, [`LedgerRecord::parse`]), and
+//!    rebuilds, per event and for its latest generation: the coupons out by
+//!    rank, the holders, the decided request ids (as logged: they are in the
+//!    log), the holds with their deadlines and ends, the free ranks, the
+//!    `released` and `claimed` counters, the decision sequence, and the
+//!    stock left. Decision numbers, not reading order, say which came first
+//!    (a coupon's issue and its hold's end may reach different partitions in
+//!    either order). Memory and time are
+//!    the coupons sold plus the tail, not the whole ledger, and a ledger
+//!    older than the outcomes' retention is still counted;
+//! 4. restores each event (its stale dedup records dropped), then writes a
+//!    new epoch marker.
+//!
+//! The reading runs on a blocking thread; an issuer that recovers keeps
+//! polling its (paused) consumer meanwhile, so a slow recovery does not
+//! cost it its place in the group (`max.poll.interval.ms`).
 //!
 //! The lock expires ([`LOCK_TTL`]) so a crashed recoverer does not block the
 //! others forever; its holder extends it while it works and stops as soon as
@@ -54,12 +69,11 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::checkpoint::{self, CheckpointError, Fold};
 use crate::kafka::KafkaSettings;
-use crate::store::{
-    Coupon, Decision, EventSnapshot, EventState, RestoredDecision, Store, StoreError,
-};
-use crate::wire::{EventRecord, Outcome};
-use crate::{DecisionResult, Topics};
+use crate::store::{EventSnapshot, Store, StoreError};
+use crate::wire::{EventRecord, LedgerRecord, Outcome};
+use crate::Topics;
 
 /// Default fence: the outcome producers' message timeout plus a margin.
 pub const DEFAULT_FENCE: Duration = Duration::from_secs(15);
@@ -86,6 +100,18 @@ pub enum RecoveryError {
     /// Someone else is recovering and did not finish in time.
     #[error("the store is still being recovered by another process after {0:?}")]
     Timeout(Duration),
+    /// The ledger cannot be rebuilt from the checkpoint and the log.
+    #[error(transparent)]
+    Checkpoint(CheckpointError),
+}
+
+impl From<CheckpointError> for RecoveryError {
+    fn from(e: CheckpointError) -> Self {
+        match e {
+            CheckpointError::Kafka(k) => RecoveryError::Kafka(k),
+            other => RecoveryError::Checkpoint(other),
+        }
+    }
 }
 
 impl From<StoreError> for RecoveryError {
@@ -102,8 +128,10 @@ impl From<StoreError> for RecoveryError {
 pub struct Recovered {
     /// Events restored.
     pub events: usize,
-    /// Outcome records read.
+    /// Outcome records read (the tail after the checkpoint).
     pub outcomes_read: u64,
+    /// The checkpoint the tail was read after, if there was one.
+    pub checkpoint: Option<Uuid>,
     /// Decisions restored.
     pub decisions: usize,
     /// Coupons restored.
@@ -203,15 +231,31 @@ impl Recovery {
                 fence = ?self.fence,
                 "the store lost its state; waiting out the fence, then rebuilding it from the log"
             );
+            self.store.begin_rebuild(&self.owner).await?;
             tokio::time::sleep(self.fence).await;
             report.fenced = true;
-            let (kafka, topic) = (self.kafka.clone(), self.topics.outcomes.clone());
-            let (outcomes, read) =
-                tokio::task::spawn_blocking(move || read_outcomes(&kafka, &topic))
-                    .await
-                    .map_err(|_| KafkaError::Canceled)??;
+            let (kafka, topics) = (self.kafka.clone(), self.topics.clone());
+            let (fold, tail, read, checkpoint) = tokio::task::spawn_blocking(move || {
+                let (checkpoint, mut fold) =
+                    match checkpoint::read_latest(&kafka, &topics.checkpoints)? {
+                        Some((manifest, fold)) => (Some(manifest.id), fold),
+                        None => (None, Fold::default()),
+                    };
+                let mut tail = Vec::new();
+                let read = fold.advance(&kafka, &topics.outcomes, Some(&mut tail))?;
+                Ok::<_, CheckpointError>((fold, tail, read, checkpoint))
+            })
+            .await
+            .map_err(|_| KafkaError::Canceled)??;
             report.outcomes_read = read;
-            for snapshot in rebuild(&events, &outcomes) {
+            report.checkpoint = checkpoint;
+            if fold.rank_conflicts() > 0 {
+                tracing::error!(
+                    conflicts = fold.rank_conflicts(),
+                    "the log holds ranks out with two requests at once; the later issue of each keeps it"
+                );
+            }
+            for snapshot in fold.snapshots(&events, &tail) {
                 report.events += 1;
                 report.decisions += snapshot.decided.len();
                 report.coupons += snapshot.coupons.len();
@@ -255,76 +299,33 @@ async fn keep_lock(store: Arc<dyn Store>, owner: String, ttl: Duration, lost: Ca
 }
 
 /// Rebuilds each event's state from its latest definition and the outcomes
-/// of that generation. Pure.
+/// of that generation, read from the beginning (one partition, in order):
+/// [`Fold`] without a checkpoint. Pure.
 pub fn rebuild(events: &HashMap<String, EventRecord>, outcomes: &[Outcome]) -> Vec<EventSnapshot> {
-    let mut by_event: HashMap<&str, Vec<&Outcome>> = HashMap::new();
-    for o in outcomes {
-        if let Some(e) = events.get(&o.event_id) {
-            if o.generation == e.generation && o.result != DecisionResult::Duplicate {
-                by_event.entry(&o.event_id).or_default().push(o);
-            }
+    let records: Vec<LedgerRecord> = outcomes
+        .iter()
+        .cloned()
+        .map(LedgerRecord::Decision)
+        .collect();
+    rebuild_ledger(events, &records)
+}
+
+/// [`rebuild`] from every record of the outcomes topic, hold ends
+/// included, in any order of partitions: the fold orders by decision
+/// number. Pure.
+pub fn rebuild_ledger(
+    events: &HashMap<String, EventRecord>,
+    records: &[LedgerRecord],
+) -> Vec<EventSnapshot> {
+    let mut fold = Fold::default();
+    let mut tail = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        fold.apply_record(0, i as i64, r);
+        if let LedgerRecord::Decision(o) = r {
+            tail.push(o.clone());
         }
     }
-    let mut snapshots: Vec<EventSnapshot> = events
-        .values()
-        .map(|e| {
-            let mut first: HashMap<Uuid, &Outcome> = HashMap::new();
-            for o in by_event.get(e.event_id.as_str()).into_iter().flatten() {
-                first.entry(o.request_id).or_insert(o);
-            }
-            let mut coupons: Vec<Coupon> = Vec::new();
-            let mut holders: HashMap<String, u32> = HashMap::new();
-            let mut seq = 0;
-            let mut decided = Vec::with_capacity(first.len());
-            for o in first.values() {
-                seq = seq.max(o.decision_seq);
-                if o.result == DecisionResult::Issued {
-                    if let Some(rank) = o.issued_rank {
-                        coupons.push(Coupon {
-                            rank,
-                            request_id: o.request_id,
-                            user_id: o.user_id.clone(),
-                        });
-                        *holders.entry(o.user_id.clone()).or_default() += 1;
-                    }
-                }
-                decided.push(RestoredDecision {
-                    request_id: o.request_id,
-                    user_id: o.user_id.clone(),
-                    decision: Decision {
-                        result: o.result,
-                        issued_rank: o.issued_rank,
-                        decided_at: o.decided_at,
-                        replay: true,
-                        seq: o.decision_seq,
-                        logged: true,
-                    },
-                });
-            }
-            coupons.sort_by_key(|c| c.rank);
-            let held: std::collections::HashSet<u32> = coupons.iter().map(|c| c.rank).collect();
-            let max_rank = coupons.last().map_or(0, |c| c.rank);
-            let free_ranks: Vec<u32> = (1..=max_rank).filter(|r| !held.contains(r)).collect();
-            let mut holders: Vec<(String, u32)> = holders.into_iter().collect();
-            holders.sort();
-            EventSnapshot {
-                state: EventState {
-                    event_id: e.event_id.clone(),
-                    stock: e.stock,
-                    per_user_limit: e.per_user_limit,
-                    remaining: e.stock.saturating_sub(coupons.len() as u32),
-                    generation: e.generation,
-                },
-                seq,
-                holders,
-                coupons,
-                decided,
-                free_ranks,
-            }
-        })
-        .collect();
-    snapshots.sort_by(|a, b| a.state.event_id.cmp(&b.state.event_id));
-    snapshots
+    fold.snapshots(events, &tail)
 }
 
 /// The default client context, except that the end of an empty partition
@@ -345,16 +346,28 @@ impl ClientContext for QuietEof {
 impl ConsumerContext for QuietEof {}
 
 /// Reads every record of `topic` from the beginning to its end. Blocking.
+pub fn read_topic(
+    kafka: &KafkaSettings,
+    topic: &str,
+    mut each: impl FnMut(&[u8]),
+) -> Result<u64, KafkaError> {
+    read_topic_from(kafka, topic, |_| 0, |_, _, bytes| each(bytes))
+}
+
+/// Reads `topic` from `from(partition)` (an offset; below the log's start
+/// means its start) to its end, handing each record's partition, offset and
+/// payload (empty for a tombstone) to `each`. Blocking.
 ///
 /// The end is where the broker's fetches say each partition ends
 /// (partition EOF), then a quiet second with nothing more: brokers' offset
 /// listings are not trusted (tansu 0.6.0 reports the last *batch* as the end,
 /// which would cut a read short; `core/tests/read_log.rs`). Recovery reads
 /// after the fence, when nothing new is being written.
-pub fn read_topic(
+pub fn read_topic_from(
     kafka: &KafkaSettings,
     topic: &str,
-    mut each: impl FnMut(&[u8]),
+    from: impl Fn(i32) -> i64,
+    mut each: impl FnMut(i32, i64, &[u8]),
 ) -> Result<u64, KafkaError> {
     let consumer: BaseConsumer<QuietEof> = kafka
         .client_config("couponrush-recovery")
@@ -364,6 +377,10 @@ pub fn read_topic(
         )
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        // It assigns, never joins; a short session timeout only keeps
+        // librdkafka from refusing a user's short max.poll.interval.ms.
+        .set("session.timeout.ms", "6000")
         .set("fetch.wait.max.ms", "100")
         .create_with_context(QuietEof)?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
@@ -372,7 +389,11 @@ pub fn read_topic(
     for t in md.topics().iter().filter(|t| t.name() == topic) {
         for p in t.partitions() {
             open.insert(p.id());
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+            let offset = match from(p.id()) {
+                o if o <= 0 => Offset::Beginning,
+                o => Offset::Offset(o),
+            };
+            tpl.add_partition_offset(topic, p.id(), offset)?;
         }
     }
     if open.is_empty() {
@@ -394,7 +415,7 @@ pub fn read_topic(
             Some(Ok(m)) => {
                 read += 1;
                 last_news = Instant::now();
-                each(m.payload().unwrap_or_default());
+                each(m.partition(), m.offset(), m.payload().unwrap_or_default());
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 open.remove(&p);
@@ -441,24 +462,11 @@ pub fn latest_definitions(
     events
 }
 
-/// Every parsable outcome, and how many records were read.
-pub fn read_outcomes(
-    kafka: &KafkaSettings,
-    topic: &str,
-) -> Result<(Vec<Outcome>, u64), KafkaError> {
-    let mut outcomes = Vec::new();
-    let read = read_topic(kafka, topic, |bytes| {
-        if let Ok(o) = Outcome::parse(bytes) {
-            outcomes.push(o);
-        }
-    })?;
-    Ok((outcomes, read))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::wire::WIRE_VERSION;
+    use crate::DecisionResult;
 
     fn event(id: &str, stock: u32, generation: u64) -> EventRecord {
         EventRecord {
@@ -468,6 +476,7 @@ mod tests {
             per_user_limit: 1,
             generation,
             written_at: 0,
+            claim_window_us: 0,
         }
     }
 
@@ -494,6 +503,7 @@ mod tests {
             decision_seq: seq,
             accepted_at: 1,
             generation,
+            hold_until: None,
         }
     }
 

@@ -12,12 +12,47 @@
 //!    *same* decision back, marked `replay`: redelivery is harmless;
 //! 2. a user already holding `per_user_limit` coupons gets `limit_reached`;
 //! 3. no stock left gets `sold_out`;
-//! 4. otherwise stock is decremented and the coupon recorded with its rank.
+//! 4. otherwise stock is decremented and the coupon recorded with its rank
+//!    (the lowest free rank first: one left by a recovery, or returned by a
+//!    hold's end).
 //!
-//! Dedup records expire after the configured retention, which must be at
-//! least the requests topic's retention: a request redelivered after its
-//! record expired would be decided again (the per-user limit still stops a
-//! second coupon, but a `sold_out` could become `limit_reached`).
+//! ## What a hold guarantees (events with a claim window)
+//! In an event whose `claim_window_us` is not 0, an issued coupon is
+//! **held** until `decided_at + claim_window_us` ([`Decision`]'s hold ends
+//! there; the outcome carries it as `hold_until`). The batch's hold actions
+//! ([`PendingAction`]) are applied first, in the same atomic step as its
+//! requests, so a coupon returned by one goes to the requests of the same
+//! batch:
+//! 1. a **claim** by the holder, while held, with `at` before the deadline
+//!    makes it `claimed` (final);
+//! 2. a **cancel** by the holder while held makes it `released`; an
+//!    **expire** while held and `now ≥ until` makes it `expired`. Both give
+//!    the coupon back: `remaining + 1`, `released + 1`, the holder's count of
+//!    coupons held − 1 (the per-user limit counts coupons held now), and the
+//!    rank joins the event's free ranks, so the next request issued gets it
+//!    (ranks stay unique among coupons out);
+//! 3. anything else (a hold already ended, another user, an unknown request,
+//!    a claim too late, an expiry not yet due) decides nothing; an action
+//!    that already moved the hold to the state it asks for restates that end
+//!    (`replay`, same `decided_at` and sequence number), so a lost publish is
+//!    republished. Releasing twice changes nothing, and of an expiry and a
+//!    claim exactly one wins: whichever the store applies first;
+//! 4. every hold end takes the event's next decision sequence number: one
+//!    order for everything the store decides.
+//!
+//! Decisions never flip: the returned coupon goes to the **next undecided**
+//! request; a request already told `sold_out` stays so (docs/HOLDS.md).
+//!
+//! The invariant the store keeps, and `GET /v1/events/{e}` shows:
+//! `issued_total − released + remaining = stock`, where `issued_total`
+//! counts every `issued` decision (re-issues of a returned rank included).
+//!
+//! Dedup records live at least the configured retention (the Redis store
+//! keeps them up to about twice that: it drops them a retention window at a
+//! time), which must be at least the requests topic's retention: a request
+//! redelivered after its record expired would be decided again (the
+//! per-user limit still stops a second coupon, but a `sold_out` could
+//! become `limit_reached`).
 
 pub mod definition;
 pub mod memory;
@@ -29,10 +64,14 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::wire::DecisionResult;
+use crate::wire::{DecisionResult, HoldState, HoldVerb};
 
 /// The largest stock an event may have.
 pub const MAX_STOCK: u32 = 10_000_000;
+
+/// The longest claim window an event may have: a day, far below the dedup
+/// retention the holds' requests are remembered for.
+pub const MAX_CLAIM_WINDOW_US: u64 = 24 * 3600 * 1_000_000;
 
 /// Default lifetime of a dedup record: the requests topic's default retention.
 pub const DEFAULT_DEDUP_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -44,6 +83,10 @@ pub struct EventSpec {
     pub stock: u32,
     /// Coupons one user may hold, at least 1.
     pub per_user_limit: u32,
+    /// How long an issued coupon is held for its claim, µs; 0: no holds (a
+    /// coupon is final when issued). At most [`MAX_CLAIM_WINDOW_US`].
+    #[serde(default)]
+    pub claim_window_us: u64,
 }
 
 impl EventSpec {
@@ -54,6 +97,12 @@ impl EventSpec {
         }
         if self.per_user_limit == 0 {
             return Err("per_user_limit must be at least 1".into());
+        }
+        if self.claim_window_us > MAX_CLAIM_WINDOW_US {
+            return Err(format!(
+                "the claim window must be at most {} ms (a day)",
+                MAX_CLAIM_WINDOW_US / 1000
+            ));
         }
         Ok(())
     }
@@ -68,16 +117,49 @@ pub struct EventState {
     pub stock: u32,
     /// Coupons one user may hold.
     pub per_user_limit: u32,
-    /// Coupons not yet issued.
+    /// Coupons in stock: never issued, or returned by a hold's end.
     pub remaining: u32,
     /// Incremented by every reset; dedup records of older generations are void.
     pub generation: u64,
+    /// The claim window, µs (0: no holds).
+    #[serde(default)]
+    pub claim_window_us: u64,
+    /// Coupons returned to stock by a cancel or an expiry.
+    #[serde(default)]
+    pub released: u32,
+    /// Holds claimed (final).
+    #[serde(default)]
+    pub claimed: u32,
 }
 
 impl EventState {
-    /// Coupons issued so far.
+    /// Coupons out now (held, claimed, or final at issue).
     pub fn issued(&self) -> u32 {
         self.stock - self.remaining
+    }
+
+    /// Every `issued` decision so far, re-issues of returned coupons
+    /// included: `issued_total − released + remaining = stock`.
+    pub fn issued_total(&self) -> u32 {
+        self.issued() + self.released
+    }
+
+    /// Coupons held now, waiting for their claim (0 without holds).
+    pub fn held(&self) -> u32 {
+        if self.claim_window_us == 0 {
+            0
+        } else {
+            self.issued().saturating_sub(self.claimed)
+        }
+    }
+
+    /// The definition this state was made from.
+    pub fn spec(&self) -> EventSpec {
+        EventSpec {
+            stock: self.stock,
+            per_user_limit: self.per_user_limit,
+            claim_window_us: self.claim_window_us,
+        }
     }
 
     /// True when nothing is left.
@@ -107,13 +189,40 @@ pub struct Pending {
     pub user_id: String,
 }
 
-/// Requests of one event, in arrival (partition) order.
+/// One action on a hold to apply (the event is the batch's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingAction {
+    /// The request whose coupon is held.
+    pub request_id: Uuid,
+    /// Who asks: only the holder's actions decide anything.
+    pub user_id: String,
+    /// Claim, cancel or expire.
+    pub verb: HoldVerb,
+    /// When it was asked, µs (a claim must be asked before the deadline).
+    pub at: u64,
+}
+
+/// Hold actions and requests of one event, each in arrival (partition)
+/// order: the actions are applied first, in the same atomic step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventBatch {
     /// The event all requests belong to.
     pub event_id: String,
     /// The requests, decided in this order.
     pub requests: Vec<Pending>,
+    /// Actions on holds, applied in this order before the requests.
+    pub actions: Vec<PendingAction>,
+}
+
+impl EventBatch {
+    /// A batch of requests alone.
+    pub fn requests(event_id: impl Into<String>, requests: Vec<Pending>) -> Self {
+        Self {
+            event_id: event_id.into(),
+            requests,
+            actions: Vec::new(),
+        }
+    }
 }
 
 /// The store's answer for one [`EventBatch`].
@@ -128,7 +237,82 @@ pub enum BatchVerdict {
         generation: u64,
         /// The decisions.
         decisions: Vec<Decision>,
+        /// One answer per action, in the batch's order: `None` when it
+        /// decided nothing (and nothing is published).
+        holds: Vec<Option<HoldEnd>>,
+        /// The event's claim window, µs (0: no holds): an issued coupon is
+        /// held until `decided_at` plus this.
+        claim_window_us: u64,
     },
+}
+
+/// What a hold action decided: the end of a hold (or a restatement of it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldEnd {
+    /// `claimed`, `released` or `expired`.
+    pub state: HoldState,
+    /// The coupon's rank.
+    pub rank: u32,
+    /// When the store ended the hold, µs.
+    pub decided_at: u64,
+    /// True when this restates an earlier end (a redelivery or a repeat).
+    pub replay: bool,
+    /// The event's decision sequence number the end took.
+    pub seq: u64,
+}
+
+/// One hold, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// The request whose coupon it is.
+    pub request_id: Uuid,
+    /// The holder.
+    pub user_id: String,
+    /// The coupon's rank.
+    pub rank: u32,
+    /// The claim deadline, µs.
+    pub until: u64,
+    /// Where it stands.
+    pub state: HoldState,
+    /// When it ended, µs (0 while held).
+    pub ended_at: u64,
+    /// The decision sequence number of its end (0 while held).
+    pub end_seq: u64,
+}
+
+/// A hold and whether its end is logged (its hold outcome acknowledged on
+/// `coupon.outcomes`): an end not yet logged is shown as `held`, as the
+/// store would be rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldStatus {
+    /// The hold.
+    pub hold: Hold,
+    /// True when its end (if any) is in the log.
+    pub end_logged: bool,
+}
+
+impl HoldStatus {
+    /// The state a client may be shown: an end not yet logged is `held`.
+    pub fn shown_state(&self) -> HoldState {
+        if self.end_logged {
+            self.hold.state
+        } else {
+            HoldState::Held
+        }
+    }
+}
+
+/// A hold whose deadline passed, for the expiry sweep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueHold {
+    /// Its event.
+    pub event_id: String,
+    /// Its request.
+    pub request_id: Uuid,
+    /// The holder (the expiry is written in the holder's name).
+    pub user_id: String,
+    /// Its deadline, µs.
+    pub until: u64,
 }
 
 /// The decision for one request.
@@ -214,10 +398,12 @@ pub struct EventSnapshot {
     pub coupons: Vec<Coupon>,
     /// Every decision of the generation.
     pub decided: Vec<RestoredDecision>,
-    /// Ranks below the highest issued that no coupon in the log holds: their
-    /// decisions were lost with the store. Given out first, so a rank is
-    /// never issued twice.
+    /// Ranks below the highest issued that no coupon out holds: returned by
+    /// a hold's end, or their decisions were lost with the store. Given out
+    /// first (lowest first), so a rank is never out twice.
     pub free_ranks: Vec<u32>,
+    /// Every hold of the generation (ended ones included).
+    pub holds: Vec<Hold>,
 }
 
 /// One issued coupon, as recorded in the store.
@@ -236,10 +422,16 @@ pub struct Coupon {
 pub struct Ledger {
     /// The event's counters.
     pub state: EventState,
-    /// Every coupon issued in this generation, by rank.
+    /// Every coupon out now (issued and not returned), by rank.
     pub coupons: Vec<Coupon>,
     /// Coupons held per user, as the limit check sees them.
     pub holders: Vec<(String, u32)>,
+    /// Free ranks below the highest issued, lowest first.
+    #[serde(default)]
+    pub free_ranks: Vec<u32>,
+    /// Every hold of the generation, by request id.
+    #[serde(default)]
+    pub holds: Vec<Hold>,
 }
 
 /// A store failure. Business outcomes are never errors; these are.
@@ -260,6 +452,13 @@ pub enum StoreError {
     /// was written; the caller must stop recovering.
     #[error("recovery write refused: {0}")]
     Fenced(String),
+    /// The store's server is not the one whose state was last vouched for:
+    /// it restarted (perhaps from an older snapshot) or a replica was
+    /// promoted (perhaps before it caught up). Its state may be behind the
+    /// log, so nothing was decided: it is marked lost and rebuilt from the
+    /// log (see [`crate::recovery`]) before it decides again.
+    #[error("the store's server restarted or failed over, so its state may be behind the log; nothing was decided, and it is being rebuilt from the log: {0}")]
+    Lost(String),
 }
 
 impl StoreError {
@@ -335,8 +534,22 @@ pub trait Store: Send + Sync + 'static {
     /// The full ledger of an event, for audits.
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError>;
 
-    /// Marks decisions logged: their outcomes are acknowledged by the
-    /// broker, so the status route may show them. Only marks of the event's
+    /// The hold of a request of an event with holds, if it was issued one,
+    /// with whether its end is logged.
+    async fn hold(
+        &self,
+        event_id: &str,
+        request_id: Uuid,
+    ) -> Result<Option<HoldStatus>, StoreError>;
+
+    /// Holds still `held` whose deadline is at or before `now`, at most
+    /// `limit`, across every event with holds (earliest first within an
+    /// event): what the expiry sweep turns into `expire` actions.
+    async fn due_holds(&self, now: u64, limit: usize) -> Result<Vec<DueHold>, StoreError>;
+
+    /// Marks decisions (and hold ends, by their sequence numbers) logged:
+    /// their outcomes are acknowledged by the broker, so the status route
+    /// may show them. Only marks of the event's
     /// current generation count (atomically checked); the others are
     /// ignored. Idempotent; one round trip for the whole batch.
     async fn mark_logged(&self, batches: &[LoggedDecisions]) -> Result<(), StoreError>;
@@ -344,6 +557,17 @@ pub trait Store: Send + Sync + 'static {
     /// The store's epoch marker: `None` means the store lost its state (or
     /// never had any) and must be recovered before anything is decided.
     async fn epoch(&self) -> Result<Option<String>, StoreError>;
+
+    /// Marks the store as being rebuilt (the first step of a rebuild, once
+    /// the log is known to hold definitions), fenced like
+    /// [`Store::restore`]: from then on nothing is decided or defined until
+    /// [`Store::set_epoch`], and a copy of the store taken mid-rebuild (a
+    /// snapshot, a replica) says so when it comes back. A store with
+    /// nothing to be stale about (in memory) needs no mark.
+    async fn begin_rebuild(&self, owner: &str) -> Result<(), StoreError> {
+        let _ = owner;
+        Ok(())
+    }
 
     /// Writes the epoch marker (the last step of a recovery), fenced like
     /// [`Store::restore`]: refused ([`StoreError::Fenced`]) unless `owner`
@@ -361,8 +585,10 @@ pub trait Store: Send + Sync + 'static {
     /// Releases the recovery lock if `owner` holds it.
     async fn unlock_recovery(&self, owner: &str) -> Result<(), StoreError>;
 
-    /// Replaces an event's whole state with `snapshot`; dedup records get
-    /// `retention` to live.
+    /// Replaces an event's whole state with `snapshot`: every dedup record
+    /// the store held for the event is dropped (a store that came back
+    /// behind may hold decisions the log does not) and the snapshot's are
+    /// written, with `retention` to live.
     ///
     /// Fenced: every write is refused ([`StoreError::Fenced`]) unless, in
     /// the same atomic step, `owner` holds the recovery lock and the store
@@ -374,6 +600,36 @@ pub trait Store: Send + Sync + 'static {
         retention: Duration,
         owner: &str,
     ) -> Result<(), StoreError>;
+}
+
+/// Hold state codes shared by the Lua script and the Rust side.
+pub(crate) fn hold_state_from_code(code: i64) -> Option<HoldState> {
+    match code {
+        1 => Some(HoldState::Held),
+        2 => Some(HoldState::Claimed),
+        3 => Some(HoldState::Released),
+        4 => Some(HoldState::Expired),
+        _ => None,
+    }
+}
+
+/// The code of a hold state, see [`hold_state_from_code`].
+pub(crate) fn hold_state_code(state: HoldState) -> i64 {
+    match state {
+        HoldState::Held => 1,
+        HoldState::Claimed => 2,
+        HoldState::Released => 3,
+        HoldState::Expired => 4,
+    }
+}
+
+/// The code of a verb in the script's arguments.
+pub(crate) fn verb_code(verb: HoldVerb) -> i64 {
+    match verb {
+        HoldVerb::Claim => 1,
+        HoldVerb::Cancel => 2,
+        HoldVerb::Expire => 3,
+    }
 }
 
 /// Result codes shared by the Lua script and the Rust side.

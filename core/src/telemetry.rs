@@ -34,6 +34,9 @@ pub fn init_tracing_with(json: bool, default_filter: &str) {
     };
 }
 
+/// How often a recorder without a listener drains its histograms.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Latency buckets (seconds) for every histogram: 50 µs to 10 s.
 const BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -91,6 +94,17 @@ pub fn install_metrics(
             if metrics::set_global_recorder(recorder).is_err() {
                 return Ok(None);
             }
+            // Histograms keep every sample until they are drained: by a
+            // render (a scrape) or by upkeep. Without a listener's upkeep
+            // task, a process nobody scrapes would grow without bound.
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(UPKEEP_EVERY);
+                loop {
+                    every.tick().await;
+                    upkeep.run_upkeep();
+                }
+            });
             Ok(Some(handle))
         }
     }

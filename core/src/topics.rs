@@ -27,6 +27,10 @@ pub const OUTCOMES: &str = "coupon.outcomes";
 pub const DLQ: &str = "coupon.requests.dlq";
 /// Default name of the event definitions topic (compacted: latest per event).
 pub const EVENTS: &str = "coupon.events";
+/// Default name of the ledger checkpoints topic (compacted).
+pub const CHECKPOINTS: &str = "coupon.checkpoints";
+/// Default name of the hold actions topic (claim, cancel, expire).
+pub const COMPENSATIONS: &str = "coupon.compensations";
 
 /// The topic names one deployment uses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +44,14 @@ pub struct Topics {
     /// Where the api writes event definitions (stock, limit, generation), so
     /// a lost store can be rebuilt together with the outcomes.
     pub events: String,
+    /// Where issuers write checkpoints of the ledger (compacted), so a
+    /// rebuild reads a checkpoint and the outcomes after it, not the whole
+    /// ledger (see [`crate::checkpoint`]).
+    pub checkpoints: String,
+    /// Where the api (claim, cancel) and the issuers' expiry sweep write
+    /// actions on holds (key: the request id, so one hold's actions are in
+    /// log order); the issuers consume it beside the requests.
+    pub compensations: String,
 }
 
 impl Default for Topics {
@@ -49,6 +61,24 @@ impl Default for Topics {
             outcomes: OUTCOMES.into(),
             dlq: DLQ.into(),
             events: EVENTS.into(),
+            checkpoints: CHECKPOINTS.into(),
+            compensations: COMPENSATIONS.into(),
+        }
+    }
+}
+
+impl Topics {
+    /// The default names with `.{suffix}` appended: a deployment of its own
+    /// on a shared broker.
+    pub fn suffixed(suffix: &str) -> Self {
+        let d = Self::default();
+        Self {
+            requests: format!("{}.{suffix}", d.requests),
+            outcomes: format!("{}.{suffix}", d.outcomes),
+            dlq: format!("{}.{suffix}", d.dlq),
+            events: format!("{}.{suffix}", d.events),
+            checkpoints: format!("{}.{suffix}", d.checkpoints),
+            compensations: format!("{}.{suffix}", d.compensations),
         }
     }
 }
@@ -237,6 +267,27 @@ impl Topics {
                     ("retention.ms".into(), "-1".into()),
                 ],
             },
+            TopicSpec {
+                name: self.checkpoints.clone(),
+                partitions: 1,
+                replication,
+                configs: vec![
+                    ("cleanup.policy".into(), "compact".into()),
+                    ("retention.ms".into(), "-1".into()),
+                    // A checkpoint's parts are written in one go, and
+                    // replaced (tombstoned) by the next: compact soon.
+                    ("min.cleanable.dirty.ratio".into(), "0.1".into()),
+                    ("delete.retention.ms".into(), "3600000".into()),
+                ],
+            },
+            // Actions are redelivered until decided, like requests, and
+            // are few (one per hold at most a couple).
+            TopicSpec {
+                name: self.compensations.clone(),
+                partitions: outcome_partitions,
+                replication,
+                configs: REQUESTS_RETENTION.configs(),
+            },
         ]
     }
 }
@@ -248,12 +299,20 @@ mod tests {
     #[test]
     fn every_topic_gets_explicit_retention() {
         let specs = Topics::default().specs(8, 3);
-        assert_eq!(specs.len(), 4);
+        assert_eq!(specs.len(), 6);
+        assert_eq!(specs[5].name, COMPENSATIONS);
+        assert!(specs[5]
+            .configs
+            .contains(&("cleanup.policy".into(), "delete".into())));
         assert_eq!(specs[0].partitions, 8);
-        assert_eq!(
-            specs[3].configs[0],
-            ("cleanup.policy".into(), "compact".into())
-        );
+        for compacted in &specs[3..5] {
+            assert_eq!(
+                compacted.configs[0],
+                ("cleanup.policy".into(), "compact".into()),
+                "{}",
+                compacted.name
+            );
+        }
         for spec in &specs[..3] {
             assert_eq!(spec.replication, 3);
             let keys: Vec<&str> = spec.configs.iter().map(|(k, _)| k.as_str()).collect();

@@ -259,6 +259,12 @@ pub struct Outcome {
     /// one); a lost store is rebuilt from the outcomes of the latest one.
     #[serde(default)]
     pub generation: u64,
+    /// For an issued coupon of an event with holds: the end of its claim
+    /// window, µs since the epoch (it is `held` until claimed, cancelled or
+    /// expired; a [`HoldOutcome`] tells which). Absent when the coupon is
+    /// final at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_until: Option<u64>,
 }
 
 impl Outcome {
@@ -273,6 +279,221 @@ impl Outcome {
             Ok(o) if o.v != WIRE_VERSION => Err(Poison::UnknownVersion(o.v)),
             Ok(o) => Ok(o),
             Err(err) => Err(classify_parse_error(bytes, err)),
+        }
+    }
+}
+
+/// What a holder (or the expiry sweep) asks of a held coupon, on the
+/// compensations topic (`coupon.compensations`, key: the request id, so the
+/// actions on one hold are in one partition, in the order they were
+/// accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldVerb {
+    /// Make the hold final (the payment went through): `claimed`.
+    Claim,
+    /// Give the coupon back (the payment failed, the user changed their
+    /// mind): `released`, the coupon returns to stock.
+    Cancel,
+    /// The claim window passed without a claim: `expired`, the coupon
+    /// returns to stock. Written by the issuers' expiry sweep, never by a
+    /// client.
+    Expire,
+}
+
+impl HoldVerb {
+    /// The snake_case name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldVerb::Claim => "claim",
+            HoldVerb::Cancel => "cancel",
+            HoldVerb::Expire => "expire",
+        }
+    }
+}
+
+/// One action on a hold, as accepted by the api (claim, cancel) or written
+/// by the expiry sweep (expire). Zero payload, like a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldAction {
+    /// Wire version.
+    pub v: u32,
+    /// What is asked.
+    pub action: HoldVerb,
+    /// The request whose coupon is held.
+    pub request_id: Uuid,
+    /// Its event.
+    pub event_id: String,
+    /// Who asks: must be the holder (checked by the api and again by the
+    /// store, which decides nothing for anyone else).
+    pub user_id: String,
+    /// When the api accepted the action (or the sweep found the hold due),
+    /// µs since the epoch: a claim accepted before the hold's deadline is in
+    /// time.
+    pub at: u64,
+}
+
+impl HoldAction {
+    /// An action of the current wire version.
+    pub fn new(
+        action: HoldVerb,
+        request_id: Uuid,
+        event_id: String,
+        user_id: String,
+        at: u64,
+    ) -> Self {
+        Self {
+            v: WIRE_VERSION,
+            action,
+            request_id,
+            event_id,
+            user_id,
+            at,
+        }
+    }
+
+    /// Serializes the record for the compensations topic.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a hold action always serializes")
+    }
+
+    /// Parses and validates a record of the compensations topic.
+    pub fn parse(bytes: &[u8]) -> Result<Self, Poison> {
+        if bytes.len() > MAX_RECORD_BYTES {
+            return Err(Poison::Oversized(bytes.len()));
+        }
+        match serde_json::from_slice::<HoldAction>(bytes) {
+            Ok(a) if a.v != WIRE_VERSION => Err(Poison::UnknownVersion(a.v)),
+            Ok(a) => {
+                validate_event_id(&a.event_id).map_err(Poison::InvalidField)?;
+                validate_user_id(&a.user_id).map_err(Poison::InvalidField)?;
+                Ok(a)
+            }
+            Err(err) => Err(classify_parse_error(bytes, err)),
+        }
+    }
+}
+
+/// Where a held coupon ended: the state a [`HoldAction`] moved it to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldState {
+    /// Issued and waiting for its claim, until `hold_until`.
+    Held,
+    /// Final: the holder claimed it in time.
+    Claimed,
+    /// The holder cancelled: back in stock.
+    Released,
+    /// Not claimed in time: back in stock.
+    Expired,
+}
+
+impl HoldState {
+    /// The snake_case name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldState::Held => "held",
+            HoldState::Claimed => "claimed",
+            HoldState::Released => "released",
+            HoldState::Expired => "expired",
+        }
+    }
+
+    /// True when the coupon went back to stock.
+    pub fn returned(self) -> bool {
+        matches!(self, HoldState::Released | HoldState::Expired)
+    }
+}
+
+impl fmt::Display for HoldState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the store decided for a [`HoldAction`], as published on
+/// `coupon.outcomes` beside the drop's [`Outcome`]s (`"kind": "hold"` tells
+/// them apart; [`LedgerRecord::parse`] reads both). Only actions that moved
+/// a hold are published: a second cancel, an expiry after the claim, a claim
+/// by someone else decide nothing and leave no record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldOutcome {
+    /// Wire version.
+    pub v: u32,
+    /// Always `"hold"`.
+    pub kind: String,
+    /// The request whose coupon it is.
+    pub request_id: Uuid,
+    /// Its event.
+    pub event_id: String,
+    /// The holder.
+    pub user_id: String,
+    /// `claimed`, `released` or `expired` (never `held`).
+    pub state: HoldState,
+    /// The coupon's rank.
+    pub issued_rank: u32,
+    /// Partition of the action record decided.
+    pub partition: i32,
+    /// Offset of the action record decided.
+    pub offset: i64,
+    /// The action's `at`.
+    pub action_at: u64,
+    /// When the store decided the action, µs since the epoch.
+    pub decided_at: u64,
+    /// True when this restates an earlier decision (a redelivery).
+    #[serde(default)]
+    pub replay: bool,
+    /// The event's decision sequence number (shared with the drop's
+    /// decisions: one order for everything the store decided).
+    pub decision_seq: u64,
+    /// The event's generation.
+    pub generation: u64,
+}
+
+/// The `kind` of a [`HoldOutcome`].
+pub const HOLD_KIND: &str = "hold";
+
+impl HoldOutcome {
+    /// Serializes the record for the outcomes topic.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a hold outcome always serializes")
+    }
+}
+
+/// A record of the outcomes topic: a request's decision or a hold's end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerRecord {
+    /// A request decided.
+    Decision(Outcome),
+    /// A hold claimed, released or expired.
+    Hold(HoldOutcome),
+}
+
+impl LedgerRecord {
+    /// Parses either kind.
+    pub fn parse(bytes: &[u8]) -> Result<Self, Poison> {
+        #[derive(Deserialize)]
+        struct KindOnly {
+            #[serde(default)]
+            kind: Option<String>,
+        }
+        match serde_json::from_slice::<KindOnly>(bytes) {
+            Ok(KindOnly { kind: Some(k) }) if k == HOLD_KIND => {
+                match serde_json::from_slice::<HoldOutcome>(bytes) {
+                    Ok(h) if h.v != WIRE_VERSION => Err(Poison::UnknownVersion(h.v)),
+                    Ok(h) => Ok(LedgerRecord::Hold(h)),
+                    Err(err) => Err(classify_parse_error(bytes, err)),
+                }
+            }
+            _ => Outcome::parse(bytes).map(LedgerRecord::Decision),
+        }
+    }
+
+    /// The event the record belongs to.
+    pub fn event_id(&self) -> &str {
+        match self {
+            LedgerRecord::Decision(o) => &o.event_id,
+            LedgerRecord::Hold(h) => &h.event_id,
         }
     }
 }
@@ -293,6 +514,10 @@ pub struct EventRecord {
     pub generation: u64,
     /// When it was written, µs since the epoch.
     pub written_at: u64,
+    /// The claim window, µs (0: no holds; absent in records written before
+    /// holds existed).
+    #[serde(default)]
+    pub claim_window_us: u64,
 }
 
 impl EventRecord {
@@ -323,6 +548,13 @@ pub mod dlq_headers {
     pub const ORIGINAL_PARTITION: &str = "x-original-partition";
     /// Offset the record was read from.
     pub const ORIGINAL_OFFSET: &str = "x-original-offset";
+}
+
+/// Headers of outcome records (optional: readers must do without them).
+pub mod outcome_headers {
+    /// The client id of the issuer that published the outcome, so a report
+    /// can show each issuer's share of the decisions.
+    pub const ISSUER: &str = "x-issuer";
 }
 
 #[cfg(test)]
@@ -373,6 +605,7 @@ mod tests {
             decision_seq: 1,
             accepted_at: 4,
             generation: 2,
+            hold_until: None,
         };
         assert_eq!(Outcome::parse(&o.to_bytes()).unwrap(), o);
         o.result = DecisionResult::SoldOut;
@@ -384,6 +617,68 @@ mod tests {
     }
 
     #[test]
+    fn the_ledger_tells_a_decision_from_a_hold_and_actions_round_trip() {
+        let a = HoldAction::new(
+            HoldVerb::Claim,
+            Uuid::now_v7(),
+            "drop".into(),
+            "u".into(),
+            7,
+        );
+        assert_eq!(HoldAction::parse(&a.to_bytes()).unwrap(), a);
+        assert!(String::from_utf8_lossy(&a.to_bytes()).contains("\"claim\""));
+        let mut bad = a.clone();
+        bad.event_id = "{slot}".into();
+        assert!(matches!(
+            HoldAction::parse(&bad.to_bytes()),
+            Err(Poison::InvalidField(_))
+        ));
+        let h = HoldOutcome {
+            v: WIRE_VERSION,
+            kind: HOLD_KIND.into(),
+            request_id: a.request_id,
+            event_id: "drop".into(),
+            user_id: "u".into(),
+            state: HoldState::Released,
+            issued_rank: 3,
+            partition: 0,
+            offset: 1,
+            action_at: 7,
+            decided_at: 8,
+            replay: false,
+            decision_seq: 9,
+            generation: 1,
+        };
+        assert_eq!(
+            LedgerRecord::parse(&h.to_bytes()).unwrap(),
+            LedgerRecord::Hold(h.clone())
+        );
+        // A hold record is never mistaken for a decision, and back.
+        assert!(Outcome::parse(&h.to_bytes()).is_err());
+        let o = Outcome {
+            v: WIRE_VERSION,
+            request_id: a.request_id,
+            event_id: "drop".into(),
+            user_id: "u".into(),
+            result: DecisionResult::Issued,
+            issued_rank: Some(3),
+            partition: 0,
+            offset: 0,
+            decided_at: 1,
+            replay: false,
+            decision_seq: 1,
+            accepted_at: 1,
+            generation: 1,
+            hold_until: Some(99),
+        };
+        assert_eq!(
+            LedgerRecord::parse(&o.to_bytes()).unwrap(),
+            LedgerRecord::Decision(o)
+        );
+        assert!(HoldState::Expired.returned() && !HoldState::Claimed.returned());
+    }
+
+    #[test]
     fn event_record_round_trips() {
         let e = EventRecord {
             v: WIRE_VERSION,
@@ -392,7 +687,11 @@ mod tests {
             per_user_limit: 1,
             generation: 3,
             written_at: 9,
+            claim_window_us: 0,
         };
+        // A record written before holds existed still reads.
+        let old = br#"{"v":1,"event_id":"drop","stock":10,"per_user_limit":1,"generation":3,"written_at":9}"#;
+        assert_eq!(EventRecord::parse(old).unwrap(), e);
         assert_eq!(EventRecord::parse(&e.to_bytes()).unwrap(), e);
         assert!(EventRecord::parse(b"{}").is_err());
     }

@@ -113,6 +113,20 @@ impl Store for Gated {
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError> {
         self.inner.ledger(event_id).await
     }
+    async fn hold(
+        &self,
+        event_id: &str,
+        id: Uuid,
+    ) -> Result<Option<couponrush_core::store::HoldStatus>, StoreError> {
+        self.inner.hold(event_id, id).await
+    }
+    async fn due_holds(
+        &self,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<couponrush_core::store::DueHold>, StoreError> {
+        self.inner.due_holds(now, limit).await
+    }
     async fn mark_logged(&self, batches: &[LoggedDecisions]) -> Result<(), StoreError> {
         self.inner.mark_logged(batches).await
     }
@@ -145,6 +159,7 @@ fn spec(stock: u32) -> EventSpec {
     EventSpec {
         stock,
         per_user_limit: 1,
+        claim_window_us: 0,
     }
 }
 
@@ -302,12 +317,19 @@ macro_rules! both_stores {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let url = std::env::var("REDIS_URL")
-                        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-                    let store = super::RedisStore::connect(&url, super::Duration::from_secs(3600))
+                    // A server of its own: the shared one's epoch belongs to
+                    // whichever build last rebuilt it (a build whose scripts
+                    // differ finds it lost until a recovery runs).
+                    let dir = std::env::temp_dir()
+                        .join(format!("couponrush-definitions-{}", super::Uuid::new_v4()));
+                    let server = couponrush_harness::RedisServer::start(&dir, false)
+                        .expect("redis-server on the PATH");
+                    let store = super::RedisStore::connect(&server.url(), super::Duration::from_secs(3600))
                         .await
-                        .expect("a Redis at REDIS_URL (scripts/dev-up)");
-                    super::$name(std::sync::Arc::new(store)).await
+                        .expect("the private redis-server answers");
+                    super::$name(std::sync::Arc::new(store)).await;
+                    drop(server);
+                    let _ = std::fs::remove_dir_all(&dir);
                 }
             )*
         }

@@ -45,6 +45,8 @@ fn topics() -> Topics {
         outcomes: "t.outcomes".into(),
         dlq: "t.dlq".into(),
         events: "t.events".into(),
+        checkpoints: "t.checkpoints".into(),
+        compensations: "t.compensations".into(),
     }
 }
 
@@ -105,6 +107,7 @@ async fn a_recoverer_whose_lock_expired_does_not_overwrite_later_decisions() {
         per_user_limit: 1,
         generation: 1,
         written_at: now_micros(),
+        claim_window_us: 0,
     };
     produce(&kafka, &t.events, "e", &event.to_bytes()).await;
     let first_coupon = Outcome {
@@ -121,6 +124,7 @@ async fn a_recoverer_whose_lock_expired_does_not_overwrite_later_decisions() {
         decision_seq: 1,
         accepted_at: now_micros(),
         generation: 1,
+        hold_until: None,
     };
     produce(&kafka, &t.outcomes, "e", &first_coupon.to_bytes()).await;
 
@@ -166,6 +170,7 @@ async fn a_recoverer_whose_lock_expired_does_not_overwrite_later_decisions() {
                 user_id: u.to_string(),
             })
             .collect(),
+        actions: Vec::new(),
     };
     let verdict = store.decide(&[batch], now_micros()).await.unwrap();
     let BatchVerdict::Decided { decisions, .. } = &verdict[0] else {

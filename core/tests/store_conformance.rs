@@ -1,6 +1,7 @@
 //! One conformance suite, run against every store: the Redis store (against a
-//! real redis-server at `REDIS_URL`, default `redis://127.0.0.1:6379`) and the
-//! in-memory store. Each test uses fresh random event ids, so tests run in
+//! real redis-server at `REDIS_URL`, default `redis://127.0.0.1:6379`, and
+//! against a real Redis Cluster of three masters with a replica each, which
+//! the tests start) and the in-memory store. Each test uses fresh random event ids, so tests run in
 //! parallel against one server without seeing each other. Recovery tests
 //! (`fresh_*`) each get a store that never held state (a private
 //! redis-server; a memory store without its epoch): they take the global
@@ -17,22 +18,27 @@ use couponrush_core::store::{
     LoggedDecisions, Pending, RestoredDecision, Store, StoreError,
 };
 use couponrush_core::wire::{now_micros, DecisionResult};
-use couponrush_harness::RedisServer;
+use couponrush_harness::{RedisCluster, RedisServer};
 use uuid::Uuid;
 
 use DecisionResult::*;
 
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-async fn redis_store(retention: Duration) -> Arc<dyn Store> {
-    Arc::new(
-        RedisStore::connect(&redis_url(), retention)
-            .await
-            .unwrap_or_else(|e| {
-                panic!("these tests need a real Redis ({e}); run scripts/dev-up or set REDIS_URL")
-            }),
+/// A Redis store on a redis-server of its own (stopped and its directory
+/// removed when the guard drops). Not the machine's shared server: whose
+/// epoch it holds depends on which build last rebuilt it, and a build whose
+/// scripts differ finds it lost until a recovery runs.
+async fn redis_store(retention: Duration) -> (Arc<dyn Store>, PrivateRedis) {
+    let dir = std::env::temp_dir().join(format!("couponrush-conformance-{}", Uuid::new_v4()));
+    let server = RedisServer::start(&dir, false).expect("redis-server on the PATH");
+    let store = RedisStore::connect(&server.url(), retention)
+        .await
+        .expect("the private redis-server answers");
+    (
+        Arc::new(store),
+        PrivateRedis {
+            server: Some(server),
+            dir,
+        },
     )
 }
 
@@ -69,6 +75,31 @@ async fn fresh_redis_store() -> (Arc<dyn Store>, PrivateRedis) {
     (Arc::new(store), guard)
 }
 
+/// A Redis store on the shared cluster; keep the cluster while testing.
+async fn cluster_store(retention: Duration) -> (Arc<dyn Store>, Arc<RedisCluster>) {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::shared)
+        .await
+        .unwrap()
+        .expect("redis-server and redis-cli on the PATH");
+    let store = RedisStore::connect(&cluster.url(), retention)
+        .await
+        .unwrap();
+    (Arc::new(store), cluster)
+}
+
+/// A Redis store on a cluster of its own that never held state.
+async fn fresh_cluster_store() -> (Arc<dyn Store>, RedisCluster) {
+    let dir = std::env::temp_dir().join(format!("couponrush-cluster-{}", Uuid::new_v4()));
+    let cluster = tokio::task::spawn_blocking(move || RedisCluster::start(&dir))
+        .await
+        .unwrap()
+        .expect("redis-server and redis-cli on the PATH");
+    let store = RedisStore::connect(&cluster.url(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    (Arc::new(store), cluster)
+}
+
 /// A memory store that has lost its state (no epoch), like a Redis
 /// restarted without persistence.
 async fn fresh_memory_store() -> (Arc<dyn Store>, ()) {
@@ -93,6 +124,7 @@ async fn decide(store: &dyn Store, event: &str, reqs: &[Pending]) -> Vec<Decisio
     let batch = EventBatch {
         event_id: event.to_string(),
         requests: reqs.to_vec(),
+        actions: Vec::new(),
     };
     match store
         .decide(&[batch], now_micros())
@@ -132,6 +164,7 @@ async fn first_delivery_issues_in_arrival_order(store: Arc<dyn Store>) {
             EventSpec {
                 stock: 2,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -162,6 +195,7 @@ async fn replay_of_every_result_is_the_same_decision(store: Arc<dyn Store>) {
             EventSpec {
                 stock: 1,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -204,6 +238,7 @@ async fn the_same_request_twice_in_one_batch_is_decided_once(store: Arc<dyn Stor
             EventSpec {
                 stock: 5,
                 per_user_limit: 3,
+                claim_window_us: 0,
             },
         )
         .await
@@ -229,6 +264,7 @@ async fn per_user_limit_counts_coupons_held(store: Arc<dyn Store>) {
             EventSpec {
                 stock: 10,
                 per_user_limit: 2,
+                claim_window_us: 0,
             },
         )
         .await
@@ -263,6 +299,7 @@ async fn limit_is_checked_before_stock(store: Arc<dyn Store>) {
             EventSpec {
                 stock: 1,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -279,6 +316,7 @@ async fn zero_stock_sells_nothing(store: Arc<dyn Store>) {
             EventSpec {
                 stock: 0,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -295,6 +333,7 @@ async fn last_unit_goes_to_exactly_one_of_concurrent_batches(store: Arc<dyn Stor
             EventSpec {
                 stock: 1,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -332,6 +371,7 @@ async fn unknown_event_is_reported_not_decided(store: Arc<dyn Store>) {
             EventSpec {
                 stock: 1,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -340,16 +380,18 @@ async fn unknown_event_is_reported_not_decided(store: Arc<dyn Store>) {
         EventBatch {
             event_id: new_event(),
             requests: vec![pending("a")],
+            actions: Vec::new(),
         },
         EventBatch {
             event_id: known.clone(),
             requests: vec![pending("a")],
+            actions: Vec::new(),
         },
     ];
     let verdicts = store.decide(&batches, now_micros()).await.unwrap();
     assert_eq!(verdicts[0], BatchVerdict::UnknownEvent);
     assert!(
-        matches!(&verdicts[1], BatchVerdict::Decided { generation: 1, decisions } if decisions[0].result == Issued)
+        matches!(&verdicts[1], BatchVerdict::Decided { generation: 1, decisions, .. } if decisions[0].result == Issued)
     );
     assert!(store.event(&batches[0].event_id).await.unwrap().is_none());
 }
@@ -362,6 +404,7 @@ async fn a_request_id_reused_by_another_user_is_a_duplicate(store: Arc<dyn Store
             EventSpec {
                 stock: 5,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -393,6 +436,7 @@ async fn reset_voids_earlier_decisions(store: Arc<dyn Store>) {
             EventSpec {
                 stock: 1,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -405,6 +449,7 @@ async fn reset_voids_earlier_decisions(store: Arc<dyn Store>) {
             EventSpec {
                 stock: 3,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -424,6 +469,7 @@ async fn a_definition_is_applied_only_if_newer(store: Arc<dyn Store>) {
     let spec = |stock| EventSpec {
         stock,
         per_user_limit: 1,
+        claim_window_us: 0,
     };
     // Two PUTs claim their generations, then apply them in the other order.
     let older = store.claim_generation(&ev).await.unwrap();
@@ -463,6 +509,7 @@ async fn status_lookup_sees_decisions_only(store: Arc<dyn Store>) {
             EventSpec {
                 stock: 1,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -492,6 +539,7 @@ async fn batches_larger_than_one_script_call_stay_in_order(store: Arc<dyn Store>
             EventSpec {
                 stock,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -523,6 +571,7 @@ async fn dedup_records_expire_after_retention(store: Arc<dyn Store>) {
             EventSpec {
                 stock: 5,
                 per_user_limit: 5,
+                claim_window_us: 0,
             },
         )
         .await
@@ -544,7 +593,8 @@ async fn invalid_specs_are_refused(store: Arc<dyn Store>) {
             &ev,
             EventSpec {
                 stock: 1,
-                per_user_limit: 0
+                per_user_limit: 0,
+                claim_window_us: 0,
             }
         )
         .await
@@ -560,6 +610,7 @@ async fn user_ids_with_separators_round_trip(store: Arc<dyn Store>) {
             EventSpec {
                 stock: 2,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -581,6 +632,7 @@ async fn only_logged_decisions_are_marked_logged(store: Arc<dyn Store>) {
             EventSpec {
                 stock: 2,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -643,6 +695,7 @@ async fn a_batch_acknowledged_after_a_reset_marks_nothing_of_the_new_generation(
     let spec = EventSpec {
         stock: 5,
         per_user_limit: 1,
+        claim_window_us: 0,
     };
     store.put_event(&ev, spec).await.unwrap();
     let (r, a, b) = (pending("r"), pending("a"), pending("b"));
@@ -714,9 +767,13 @@ async fn a_restored_event_continues_where_the_ledger_left_off(store: Arc<dyn Sto
             per_user_limit: 1,
             remaining: 1,
             generation: 7,
+            claim_window_us: 0,
+            released: 0,
+            claimed: 0,
         },
         seq: 2,
         free_ranks: vec![],
+        holds: vec![],
         holders: vec![("a".into(), 1)],
         coupons: vec![Coupon {
             rank: 1,
@@ -796,12 +853,16 @@ async fn ranks_left_free_by_a_recovery_are_issued_first_and_never_twice(store: A
             per_user_limit: 1,
             remaining: 3,
             generation: 1,
+            claim_window_us: 0,
+            released: 0,
+            claimed: 0,
         },
         seq: 3,
         holders: vec![("a".into(), 1), ("c".into(), 1)],
         coupons: vec![coupon(1, &r1), coupon(3, &r3)],
         decided: vec![],
         free_ranks: vec![2],
+        holds: Vec::new(),
     };
     restore_as_recoverer(&*store, &snapshot).await;
     let ds = decide(
@@ -897,6 +958,9 @@ async fn a_recoverer_that_lost_the_lock_cannot_overwrite_later_decisions(store: 
             per_user_limit: 1,
             remaining: 4,
             generation: 1,
+            claim_window_us: 0,
+            released: 0,
+            claimed: 0,
         },
         seq: 1,
         holders: vec![("a".into(), 1)],
@@ -911,6 +975,7 @@ async fn a_recoverer_that_lost_the_lock_cannot_overwrite_later_decisions(store: 
             decision: issued,
         }],
         free_ranks: vec![],
+        holds: Vec::new(),
     };
     let retention = Duration::from_secs(60);
     // The first recoverer's lock expires while it still reads the log...
@@ -978,7 +1043,18 @@ macro_rules! conformance {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    super::$name(super::redis_store(super::retention(stringify!($name))).await).await
+                    let (store, _server) = super::redis_store(super::retention(stringify!($name))).await;
+                    super::$name(store).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (store, _cluster) =
+                        super::cluster_store(super::retention(stringify!($name))).await;
+                    super::$name(store).await
                 }
             )*
         }
@@ -1002,6 +1078,15 @@ macro_rules! conformance_fresh {
                 #[tokio::test]
                 async fn $name() {
                     let (store, _server) = super::fresh_redis_store().await;
+                    super::$name(store).await
+                }
+            )*
+        }
+        mod fresh_cluster {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (store, _cluster) = super::fresh_cluster_store().await;
                     super::$name(store).await
                 }
             )*

@@ -7,6 +7,9 @@
 //!   `scripts/dev-up` installs), in memory or on sqlite (survives SIGKILL).
 //! - [`RedisServer`]: a private `redis-server`, for tests that stop, kill or
 //!   wipe it; most tests share the one at `REDIS_URL` instead.
+//! - [`RedisCluster`]: a real Redis Cluster (three masters with a replica
+//!   each, made by `redis-cli --cluster create`), whose masters can be
+//!   killed, paused or failed over.
 //! - [`MockKafka`]: librdkafka's in-process mock cluster (several brokers,
 //!   replication, fault injection), owned by a thread of its own so it can be
 //!   shared and driven from any task.
@@ -27,8 +30,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod redis_cluster;
 mod topic_reader;
 
+pub use redis_cluster::{ClusterNode, RedisCluster};
 pub use topic_reader::{Raw, TopicReader};
 
 use nix::sys::signal::{kill, Signal};
@@ -106,6 +111,28 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> io::Result<()> {
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Builds this checkout's binaries (`coupon-api`, `coupon-issuer`,
+/// `coupon-loadgen`, `coupon-notifier`, …) that a test spawns, as `cargo
+/// test --workspace` builds them: `cargo test -p <one package>` alone would
+/// not rebuild them. Under `scripts/test` it is a no-op.
+///
+/// Not `cargo build -p …` of the binaries: cargo unifies features over the
+/// packages it is asked for, so that build differs from the workspace's
+/// test build, recompiled the binaries and their dependencies in every
+/// `scripts/test` (minutes; once it filled the disk here), and replaced the
+/// binaries another test lane was starting.
+pub fn build_workspace_binaries() {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["test", "--workspace", "--locked", "--no-run", "--quiet"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()
+        .expect("cargo runs");
+    assert!(
+        status.success(),
+        "building the workspace's binaries (cargo test --workspace --no-run) failed"
+    );
 }
 
 /// The shared Redis of the dev and CI machines (`REDIS_URL`).
@@ -284,6 +311,11 @@ impl Tansu {
         self.proc.kill();
     }
 
+    /// The broker's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     /// Starts the broker again on the same port and storage.
     pub fn restart(&mut self) -> io::Result<()> {
         self.proc.kill();
@@ -297,6 +329,7 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     appendonly: bool,
+    replica_of: Option<u16>,
     proc: Proc,
 }
 
@@ -305,16 +338,38 @@ impl RedisServer {
     pub fn start(dir: &Path, appendonly: bool) -> io::Result<Self> {
         let port = free_port();
         std::fs::create_dir_all(dir)?;
-        let proc = Self::spawn(port, dir, appendonly)?;
+        let proc = Self::spawn(port, dir, appendonly, None)?;
         Ok(Self {
             port,
             dir: dir.to_path_buf(),
             appendonly,
+            replica_of: None,
             proc,
         })
     }
 
-    fn spawn(port: u16, dir: &Path, appendonly: bool) -> io::Result<Proc> {
+    /// Starts a replica of this server in `dir` (a directory of its own),
+    /// on another free port. Promote it with `REPLICAOF NO ONE`, as a
+    /// failover does.
+    pub fn start_replica(&self, dir: &Path) -> io::Result<Self> {
+        let port = free_port();
+        std::fs::create_dir_all(dir)?;
+        let proc = Self::spawn(port, dir, self.appendonly, Some(self.port))?;
+        Ok(Self {
+            port,
+            dir: dir.to_path_buf(),
+            appendonly: self.appendonly,
+            replica_of: Some(self.port),
+            proc,
+        })
+    }
+
+    /// The loopback port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn spawn(port: u16, dir: &Path, appendonly: bool, replica_of: Option<u16>) -> io::Result<Proc> {
         let mut cmd = Command::new("redis-server");
         cmd.args([
             "--bind",
@@ -328,9 +383,17 @@ impl RedisServer {
         .args(["--appendfsync", "always"])
         .arg("--dir")
         .arg(dir);
+        if let Some(master) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+        }
         let proc = Proc::spawn("redis-server", cmd, Some(&dir.join("redis.log")))?;
         wait_for_port(port, Duration::from_secs(10))?;
         Ok(proc)
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -344,7 +407,9 @@ impl RedisServer {
     }
 
     /// Starts it again on the same port; with `wipe`, its files are deleted
-    /// first, so it comes back empty (a lost store).
+    /// first, so it comes back empty (a lost store). Without, it loads what
+    /// it last wrote: its AOF, or the snapshot of its last `SAVE`, so it
+    /// can come back behind (a stale store).
     pub fn restart(&mut self, wipe: bool) -> io::Result<()> {
         self.proc.kill();
         if wipe {
@@ -359,7 +424,7 @@ impl RedisServer {
                 }
             }
         }
-        self.proc = Self::spawn(self.port, &self.dir, self.appendonly)?;
+        self.proc = Self::spawn(self.port, &self.dir, self.appendonly, self.replica_of)?;
         Ok(())
     }
 }

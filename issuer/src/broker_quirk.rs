@@ -230,19 +230,23 @@ impl Stalls {
 /// owner (the second quirk above).
 #[derive(Debug)]
 pub struct OrphanWatch {
-    topic: String,
+    /// Every topic the member subscribes to, all watched, all subscribed
+    /// to again by a rejoin (a rejoin that left one out would leave its
+    /// partitions, the issuers' hold actions say, read by no one).
+    topics: Vec<String>,
     /// How long a partition may stand still with records to decide.
     limit: Duration,
-    state: Mutex<(Stalls, Option<Instant>)>,
+    state: Mutex<(HashMap<String, Stalls>, Option<Instant>)>,
 }
 
 impl OrphanWatch {
-    /// Watches `topic`'s partitions; `session_timeout` is the group's.
-    pub fn new(topic: &str, session_timeout: Duration) -> Self {
+    /// Watches the partitions of `topics` (the member's whole
+    /// subscription); `session_timeout` is the group's.
+    pub fn new(topics: &[&str], session_timeout: Duration) -> Self {
         Self {
-            topic: topic.to_string(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
             limit: session_timeout * 2,
-            state: Mutex::new((Stalls::default(), None)),
+            state: Mutex::new((HashMap::new(), None)),
         }
     }
 
@@ -282,9 +286,15 @@ impl OrphanWatch {
         // The rebalance callbacks (served later, in poll) take the lock.
         drop(state);
         consumer.unsubscribe();
-        if let Err(e) = consumer.subscribe(&[&self.topic]) {
+        if let Err(e) = consumer.subscribe(&self.topics()) {
             tracing::error!(error = %e, "rejoining the group failed");
         }
+    }
+
+    /// The member's whole subscription, as its loop and every rejoin
+    /// subscribe to it: one list, so a rejoin cannot leave a topic out.
+    pub fn topics(&self) -> Vec<&str> {
+        self.topics.iter().map(String::as_str).collect()
     }
 
     /// Forgets what it saw: time spent not deciding, or before this
@@ -294,50 +304,54 @@ impl OrphanWatch {
         state.0.clear();
     }
 
-    /// Partitions not owned here that have stood still for the limit.
+    /// Partitions of every watched topic not owned here that have stood
+    /// still for the limit.
     fn orphans<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
-        stalls: &mut Stalls,
+        stalls: &mut HashMap<String, Stalls>,
         now: Instant,
-    ) -> rdkafka::error::KafkaResult<Vec<i32>> {
-        let owned: HashSet<i32> = consumer
-            .assignment()?
-            .elements_for_topic(&self.topic)
-            .iter()
-            .map(|e| e.partition())
-            .collect();
-        if owned.is_empty() {
+    ) -> rdkafka::error::KafkaResult<Vec<(String, i32)>> {
+        let assignment = consumer.assignment()?;
+        if assignment.count() == 0 {
             // In a rebalance, or more issuers than partitions: the members
             // that own partitions watch.
             stalls.clear();
             return Ok(Vec::new());
         }
-        let metadata = consumer.fetch_metadata(Some(&self.topic), WATCH_REQUEST_TIMEOUT)?;
-        let mut others = TopicPartitionList::new();
-        for t in metadata.topics().iter().filter(|t| t.name() == self.topic) {
-            for p in t.partitions() {
-                if !owned.contains(&p.id()) {
-                    others.add_partition(&self.topic, p.id());
+        let mut orphans = Vec::new();
+        for topic in &self.topics {
+            let stalls = stalls.entry(topic.clone()).or_default();
+            let owned: HashSet<i32> = assignment
+                .elements_for_topic(topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect();
+            let metadata = consumer.fetch_metadata(Some(topic), WATCH_REQUEST_TIMEOUT)?;
+            let mut others = TopicPartitionList::new();
+            for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+                for p in t.partitions() {
+                    if !owned.contains(&p.id()) {
+                        others.add_partition(topic, p.id());
+                    }
                 }
             }
-        }
-        if others.count() == 0 {
-            stalls.clear();
-            return Ok(Vec::new());
-        }
-        let committed = consumer.committed_offsets(others, WATCH_REQUEST_TIMEOUT)?;
-        let mut orphans = Vec::new();
-        for e in committed.elements() {
-            let partition = e.partition();
-            let (low, high) =
-                consumer.fetch_watermarks(&self.topic, partition, WATCH_REQUEST_TIMEOUT)?;
-            let committed = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => low,
-            };
-            if stalls.stalled(partition, committed, high, now, self.limit) {
-                orphans.push(partition);
+            if others.count() == 0 {
+                stalls.clear();
+                continue;
+            }
+            let committed = consumer.committed_offsets(others, WATCH_REQUEST_TIMEOUT)?;
+            for e in committed.elements() {
+                let partition = e.partition();
+                let (low, high) =
+                    consumer.fetch_watermarks(topic, partition, WATCH_REQUEST_TIMEOUT)?;
+                let committed = match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => low,
+                };
+                if stalls.stalled(partition, committed, high, now, self.limit) {
+                    orphans.push((topic.clone(), partition));
+                }
             }
         }
         Ok(orphans)

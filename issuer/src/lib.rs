@@ -34,14 +34,30 @@
 //! - [`offsets`]: what is done and may be committed, and the commit itself.
 //! - [`rebalance`]: group membership; on revoke, a synchronous commit of
 //!   what is done.
+//! - [`experiment`]: the lab's switches: simulated per-record work, and the
+//!   unsafe arms (`--unsafe-…`, refused without `--i-know-this-is-unsafe`).
 //! - [`broker_quirk`]: a workaround for tansu 0.6, which can resume a fetch
 //!   past the committed offset; the issuer rewinds.
+//! - [`sweep`]: the expiry sweep: due holds become `expire` actions on the
+//!   compensations topic.
+//!
+//! ## Holds
+//! The issuers consume `coupon.compensations` (claim, cancel, expire) in the
+//! same group subscription as the requests, and a batch's actions of an
+//! event go to the store in the same script call as its requests, actions
+//! first ([`batch`]). A hold end is published to `coupon.outcomes` as a
+//! [`couponrush_core::wire::HoldOutcome`] with the same discipline as a
+//! decision: decide → publish and await every ack → mark logged → commit
+//! (the compensations topic's offsets too), so an action is never committed
+//! before its end is in the log; a redelivered action restates the end.
 
 pub mod batch;
 pub mod broker_quirk;
+pub mod experiment;
 pub mod offsets;
 pub mod publish;
 pub mod rebalance;
+pub mod sweep;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -50,6 +66,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use couponrush_core::checkpoint::Checkpointer;
 use couponrush_core::cli::{
     parse_duration, parse_ignoring_env, KafkaArgs, LogArgs, StoreArgs, TopicArgs,
 };
@@ -64,6 +81,7 @@ use rdkafka::consumer::CommitMode;
 use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 
+use crate::experiment::{Arms, UnsafeRefused};
 use crate::publish::Publisher;
 use crate::rebalance::create_consumer;
 use crate::worker::Worker;
@@ -121,6 +139,15 @@ pub struct Cli {
     /// the timeouts --kafka-opt sets (checked at start-up).
     #[arg(long, env = "RECOVERY_FENCE", default_value = "15s", value_parser = parse_duration)]
     pub recovery_fence: Duration,
+    /// Sweep for holds whose claim window passed this often (0s: never),
+    /// producing an expire action for each to the compensations topic.
+    #[arg(long, env = "SWEEP_EVERY", default_value = "500ms", value_parser = parse_duration)]
+    pub sweep_every: Duration,
+    /// Checkpoint the ledger this often (0s: never): a store rebuild then
+    /// reads the latest checkpoint and the outcomes after it, instead of
+    /// the whole ledger, and survives the outcomes' retention.
+    #[arg(long, env = "CHECKPOINT_EVERY", default_value = "60s", value_parser = parse_duration)]
+    pub checkpoint_every: Duration,
     /// Serve Prometheus /metrics on this address.
     #[arg(long, env = "METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -134,6 +161,26 @@ pub struct Cli {
     /// coordinator never settles a group of static members.
     #[arg(long, env = "ISSUER_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// Simulated processing cost per record (e.g. 200us), slept before each
+    /// batch is decided: for experiments where the issuer, not the api, is
+    /// the bottleneck (docs/LAB.md).
+    #[arg(long, env = "WORK_PER_RECORD", default_value = "0s", value_parser = parse_duration)]
+    pub work_per_record: Duration,
+    /// UNSAFE, for the lab's experiments: decide every delivery under a new
+    /// request id, so redeliveries and client retries are issued again.
+    /// Refused without --i-know-this-is-unsafe. No environment variable, on
+    /// purpose: it must be asked for on the command line.
+    #[arg(long)]
+    pub unsafe_no_dedup: bool,
+    /// UNSAFE, for the lab's experiments: auto-commit, at this interval, the
+    /// offsets stored when records are polled, instead of committing decided
+    /// batches by hand: a crash loses requests. Refused without
+    /// --i-know-this-is-unsafe.
+    #[arg(long, value_parser = parse_duration, value_name = "INTERVAL")]
+    pub unsafe_auto_commit: Option<Duration>,
+    /// Lets an --unsafe-… switch run.
+    #[arg(long)]
+    pub i_know_this_is_unsafe: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub log: LogArgs,
@@ -162,7 +209,19 @@ impl Cli {
             max_backoff: self.max_backoff,
             publish_timeout: self.publish_timeout,
             recovery_fence: self.recovery_fence,
+            checkpoint_every: self.checkpoint_every,
+            sweep_every: self.sweep_every,
             dedup_retention: self.store.dedup_retention,
+            arms: self.arms(),
+        }
+    }
+
+    /// The experiment switches these flags ask for (see [`experiment`]).
+    pub fn arms(&self) -> Arms {
+        Arms {
+            work_per_record: self.work_per_record,
+            unsafe_no_dedup: self.unsafe_no_dedup,
+            unsafe_auto_commit: self.unsafe_auto_commit,
         }
     }
 }
@@ -200,8 +259,15 @@ pub struct Config {
     /// must exceed the outcome producer's delivery bound
     /// ([`Config::outcome_producer`]).
     pub recovery_fence: Duration,
+    /// Between checkpoints of the ledger (zero: none; see
+    /// `couponrush_core::checkpoint`).
+    pub checkpoint_every: Duration,
+    /// Between expiry sweeps (zero: none; see [`sweep`]).
+    pub sweep_every: Duration,
     /// Lifetime of dedup records restored by a recovery.
     pub dedup_retention: Duration,
+    /// The lab's experiment switches; the default changes nothing.
+    pub arms: Arms,
 }
 
 impl Config {
@@ -264,6 +330,10 @@ pub struct Totals {
     pub issued: u64,
     /// Records sent to the DLQ.
     pub dead: u64,
+    /// Holds ended (claimed, released, expired), first time.
+    pub hold_ends: u64,
+    /// Hold actions that decided nothing.
+    pub actions_ignored: u64,
 }
 
 /// Why an issuer stopped abnormally.
@@ -287,6 +357,9 @@ pub enum IssuerError {
     /// A recovery fence an outcome could outlast.
     #[error(transparent)]
     Fence(#[from] FenceError),
+    /// An unsafe experiment switch without --i-know-this-is-unsafe.
+    #[error(transparent)]
+    Unsafe(#[from] UnsafeRefused),
 }
 
 /// A live view of a running issuer (for embedded deployments and tests).
@@ -296,7 +369,9 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// Partitions assigned to the issuer right now.
+    /// Partitions of the requests topic assigned to the issuer right now
+    /// (the hold actions' partitions are not counted: a group is formed when
+    /// every request partition has an owner).
     pub fn assigned(&self) -> usize {
         self.assigned.load(Ordering::Relaxed)
     }
@@ -337,20 +412,52 @@ pub async fn run_issuer_probed(
     };
     // A store without its epoch is recovered (or initialised) before any decision.
     recovery.ensure_ready(Duration::from_secs(3600)).await?;
-    let (consumer, shared) = create_consumer(&config, probe)?;
+    let unsafe_flags = config.arms.unsafe_flags();
+    if !unsafe_flags.is_empty() {
+        tracing::warn!(switches = ?unsafe_flags, "UNSAFE experiment switches on: this issuer breaks its delivery guarantee on purpose");
+    }
+    // The arms' consumer properties go last, over the issuer's own.
+    let mut consumer_config = config.clone();
+    consumer_config
+        .kafka
+        .extra
+        .extend(config.arms.consumer_props());
+    let (consumer, shared) = create_consumer(&consumer_config, probe)?;
+    if config.arms.unsafe_auto_commit.is_some() {
+        shared.offsets.leave_commits_to_the_timer();
+    }
     let publisher = Arc::new(Publisher::from_config(&producer, config.topics.clone())?);
     let worker = Worker {
         consumer,
         shared,
         store,
         publisher,
-        recovery,
+        recovery: Arc::new(recovery),
         rt: tokio::runtime::Handle::current(),
         config,
         shutdown,
         carry: Vec::new(),
         totals: Totals::default(),
     };
+    if !worker.config.checkpoint_every.is_zero() {
+        let checkpointer = Checkpointer {
+            kafka: worker.config.kafka.clone(),
+            outcomes: worker.config.topics.outcomes.clone(),
+            checkpoints: worker.config.topics.checkpoints.clone(),
+            writer: worker.config.client_id.clone(),
+            every: worker.config.checkpoint_every,
+        };
+        tokio::spawn(checkpointer.run(worker.shutdown.clone()));
+    }
+    if !worker.config.sweep_every.is_zero() {
+        let sweeper = sweep::Sweeper::new(
+            &worker.config.kafka,
+            &worker.config.client_id,
+            &worker.config.topics.compensations,
+            worker.store.clone(),
+        )?;
+        tokio::spawn(sweeper.run(worker.config.sweep_every, worker.shutdown.clone()));
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("issuer-consume".into())
@@ -366,6 +473,7 @@ pub async fn run_issuer_probed(
 
 /// Runs the issuer as `coupon-issuer` does: Redis store, metrics.
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<Totals, IssuerError> {
+    cli.arms().check(cli.i_know_this_is_unsafe)?;
     if cli.metrics_listen.is_some() {
         couponrush_core::telemetry::install_metrics(cli.metrics_listen)?;
     }

@@ -7,8 +7,13 @@
 //! left to its new owner, which redelivers (replays, harmless). What the
 //! broker confirmed committed is remembered, so a revoke or a shutdown
 //! commits exactly what is done and not yet committed.
+//!
+//! The one exception is the lab's unsafe arm `--unsafe-auto-commit`
+//! ([`Offsets::leave_commits_to_the_timer`]): then nothing is committed by
+//! hand and librdkafka's timer commits what poll handed out, decided or not.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -34,6 +39,8 @@ pub enum CommitCause {
 #[derive(Debug, Default)]
 pub struct Offsets {
     state: Mutex<State>,
+    /// `--unsafe-auto-commit`: librdkafka's timer commits, this never does.
+    timer_commits: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -51,11 +58,26 @@ impl Offsets {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// UNSAFE (the lab's `--unsafe-auto-commit`): commit nothing by hand from
+    /// now on; the consumer's auto-commit timer commits instead.
+    pub fn leave_commits_to_the_timer(&self) {
+        self.timer_commits.store(true, Ordering::Relaxed);
+    }
+
     /// Takes ownership of `partitions`; returns how many are owned now.
     pub fn assign(&self, partitions: impl IntoIterator<Item = Tp>) -> usize {
         let mut state = self.state();
         state.assigned.extend(partitions);
         state.assigned.len()
+    }
+
+    /// Partitions of `topic` owned now.
+    pub fn owned_of(&self, topic: &str) -> usize {
+        self.state()
+            .assigned
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .count()
     }
 
     /// Forgets everything about `partitions` (revoked); returns how many
@@ -124,7 +146,7 @@ impl Offsets {
         tpl: &TopicPartitionList,
         cause: CommitCause,
     ) {
-        if tpl.count() == 0 {
+        if tpl.count() == 0 || self.timer_commits.load(Ordering::Relaxed) {
             return;
         }
         let mode = match cause {

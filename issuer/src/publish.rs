@@ -1,10 +1,14 @@
-//! Publishing a batch's results: each decision to `coupon.outcomes`, each
-//! poison record to the DLQ (its original key and bytes, with headers saying
+//! Publishing a batch's results: each decision and each hold end to
+//! `coupon.outcomes` (key: the request id, so a coupon's issue and the end
+//! of its hold share a partition), each poison record to the DLQ (its original key and bytes, with headers saying
 //! why and where it came from).
 //!
 //! [`Publisher::publish`] returns only when the broker has acknowledged every
 //! record of the batch (idempotent producer, `acks=all`), or with the first
 //! error; the caller commits offsets only after an `Ok`.
+//!
+//! Each outcome carries its issuer's client id in the `x-issuer` header
+//! (for the report's per-issuer share); the record itself is unchanged.
 //!
 //! The guarantee the recovery fence rests on: **an outcome not acknowledged
 //! within the publish timeout never reaches the log.** librdkafka's message
@@ -18,7 +22,7 @@
 use std::time::Duration;
 
 use couponrush_core::kafka::{all_acknowledged, KafkaSettings, TIMEOUT_SCAN_SLACK};
-use couponrush_core::wire::dlq_headers;
+use couponrush_core::wire::{dlq_headers, outcome_headers};
 use couponrush_core::Topics;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -46,6 +50,8 @@ pub struct Published {
 pub struct Publisher {
     producer: FutureProducer,
     topics: Topics,
+    /// This issuer's client id, sent with every outcome (header `x-issuer`).
+    issuer: String,
 }
 
 impl Publisher {
@@ -83,6 +89,7 @@ impl Publisher {
         Ok(Self {
             producer: cfg.create()?,
             topics,
+            issuer: cfg.get("client.id").unwrap_or_default().to_string(),
         })
     }
 
@@ -96,18 +103,30 @@ impl Publisher {
         let mut counts = Published::default();
         for (rec, disp) in records.iter().zip(dispositions) {
             let future = match disp {
-                Disposition::Decided(outcome) => {
+                // A decision and a hold's end go to the ledger alike, keyed
+                // by the request.
+                Disposition::Decided(_) | Disposition::Hold(_) => {
+                    let (request_id, payload) = match disp {
+                        Disposition::Decided(o) => (o.request_id, o.to_bytes()),
+                        Disposition::Hold(h) => (h.request_id, h.to_bytes()),
+                        _ => unreachable!("matched above"),
+                    };
                     counts.outcomes += 1;
-                    let key = outcome.request_id.to_string();
-                    let payload = outcome.to_bytes();
+                    let key = request_id.to_string();
+                    let headers = OwnedHeaders::new().insert(Header {
+                        key: outcome_headers::ISSUER,
+                        value: Some(&self.issuer),
+                    });
                     self.send(
                         FutureRecord::to(&self.topics.outcomes)
                             .key(key.as_bytes())
-                            .payload(payload.as_slice()),
+                            .payload(payload.as_slice())
+                            .headers(headers),
                         &mut pending,
                     )
                     .await?
                 }
+                Disposition::Nothing => continue,
                 Disposition::Dead(reason) => {
                     counts.dead += 1;
                     let partition = rec.partition.to_string();

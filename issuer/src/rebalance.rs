@@ -38,6 +38,9 @@ pub struct Shared {
     /// Partitions left without a live owner (a broker quirk).
     orphans: OrphanWatch,
     probe: Probe,
+    /// The requests topic: the probe counts its partitions (those of the
+    /// drop; the hold actions' come with them).
+    requests: String,
 }
 
 impl Shared {
@@ -51,6 +54,12 @@ impl Shared {
             self.orphans.watch(consumer);
         }
     }
+
+    /// The topics the issuer subscribes to (the requests and the hold
+    /// actions), the same list every rejoin subscribes to again.
+    pub fn subscription(&self) -> Vec<&str> {
+        self.orphans.topics()
+    }
 }
 
 /// librdkafka callbacks of an issuer.
@@ -60,18 +69,7 @@ pub struct IssuerContext {
 
 impl ClientContext for IssuerContext {
     fn stats(&self, stats: Statistics) {
-        for topic in stats.topics.values() {
-            for p in topic.partitions.values() {
-                if p.partition >= 0 && p.consumer_lag >= 0 {
-                    metrics::gauge!(
-                        "couponrush_issuer_consumer_lag",
-                        "topic" => topic.topic.clone(),
-                        "partition" => p.partition.to_string()
-                    )
-                    .set(p.consumer_lag as f64);
-                }
-            }
-        }
+        couponrush_core::kafka::record_consumer_lag(&stats, "couponrush_issuer_consumer_lag");
     }
 }
 
@@ -87,10 +85,12 @@ impl ConsumerContext for IssuerContext {
                 let offsets = &self.shared.offsets;
                 let done = offsets.uncommitted(Some(&revoked));
                 offsets.commit(consumer, &done, CommitCause::Revoke);
-                let assigned = offsets.revoke(&revoked);
+                offsets.revoke(&revoked);
                 self.shared.resume.on_revoke(&revoked);
                 self.shared.orphans.forget();
-                self.shared.probe.set_assigned(assigned);
+                self.shared
+                    .probe
+                    .set_assigned(offsets.owned_of(&self.shared.requests));
                 tracing::info!(revoked = revoked.len(), "partitions revoked");
             }
             Rebalance::Assign(_) => {}
@@ -101,19 +101,27 @@ impl ConsumerContext for IssuerContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             metrics::counter!("couponrush_issuer_rebalances_total").increment(1);
-            let assigned = self.shared.offsets.assign(
+            self.shared.offsets.assign(
                 tpl.elements()
                     .iter()
                     .map(|e| (e.topic().to_string(), e.partition())),
             );
-            self.shared.probe.set_assigned(assigned);
+            self.shared
+                .probe
+                .set_assigned(self.shared.offsets.owned_of(&self.shared.requests));
             self.shared.resume.on_assign(consumer, tpl);
             self.shared.orphans.forget();
             let mut partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             partitions.sort_unstable();
             tracing::info!(?partitions, "partitions assigned");
+            // librdkafka keeps a partition's pause across a revoke and a
+            // new assignment: one paused during a retry, revoked before the
+            // retry ended (so never resumed), would come back paused and
+            // never be read again. Every assignment states it explicitly.
             if self.shared.paused.load(Ordering::Relaxed) {
                 let _ = consumer.pause(tpl);
+            } else {
+                let _ = consumer.resume(tpl);
             }
         }
     }
@@ -139,8 +147,12 @@ pub fn create_consumer(
         offsets: Offsets::default(),
         resume: ResumeGuard::default(),
         paused: AtomicBool::new(false),
-        orphans: OrphanWatch::new(&config.topics.requests, config.session_timeout),
+        orphans: OrphanWatch::new(
+            &[&config.topics.requests, &config.topics.compensations],
+            config.session_timeout,
+        ),
         probe,
+        requests: config.topics.requests.clone(),
     });
     let cfg = config.kafka.client_config_with(&config.client_id, |cfg| {
         cfg.set("group.id", &config.group_id)
@@ -169,4 +181,23 @@ pub fn create_consumer(
         shared: shared.clone(),
     })?;
     Ok((consumer, shared))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loop_and_every_rejoin_subscribe_to_the_requests_and_the_hold_actions() {
+        // Creating the consumer does not connect.
+        let config = crate::Config::local("127.0.0.1:9");
+        let (_consumer, shared) = create_consumer(&config, crate::Probe::default()).unwrap();
+        assert_eq!(
+            shared.subscription(),
+            [
+                config.topics.requests.as_str(),
+                config.topics.compensations.as_str()
+            ]
+        );
+    }
 }

@@ -22,8 +22,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use couponrush_core::recovery::Recovery;
-use couponrush_core::store::{BatchVerdict, Store};
+use couponrush_core::recovery::{Recovery, RecoveryError};
+use couponrush_core::store::{BatchVerdict, Store, StoreError};
 use couponrush_core::wire::now_micros;
 use couponrush_core::DecisionResult;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -55,7 +55,7 @@ pub struct Worker {
     pub(crate) shared: Arc<Shared>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) publisher: Arc<Publisher>,
-    pub(crate) recovery: Recovery,
+    pub(crate) recovery: Arc<Recovery>,
     pub(crate) rt: Handle,
     pub(crate) config: Config,
     pub(crate) shutdown: CancellationToken,
@@ -68,8 +68,11 @@ pub struct Worker {
 impl Worker {
     /// Runs until shutdown; returns what it did.
     pub fn run(mut self) -> KafkaResult<Totals> {
-        self.consumer.subscribe(&[&self.config.topics.requests])?;
-        tracing::info!(group = %self.config.group_id, topic = %self.config.topics.requests, "issuer joined");
+        // Hold actions in the same subscription as the requests: a batch's
+        // actions and requests of one event are one store step.
+        // The orphan watch's rejoins subscribe to this same list.
+        self.consumer.subscribe(&self.shared.subscription())?;
+        tracing::info!(group = %self.config.group_id, topic = %self.config.topics.requests, actions = %self.config.topics.compensations, "issuer joined");
         // Two batches at most are in flight: while one batch's outcomes are on
         // their way to the broker, the next is read and decided, and its
         // outcomes enqueued at once. Batches complete (mark logged, commit) in
@@ -171,7 +174,8 @@ impl Worker {
     /// Decides `batch` (retrying a failing or recovering store) and enqueues
     /// its outcomes at once. None if shutdown came first.
     fn decide(&mut self, batch: Vec<Received>) -> Option<InFlight> {
-        let plan = Plan::new(&batch);
+        self.config.arms.simulate_work(batch.len());
+        let plan = Plan::with_arms(&batch, &self.config.arms, &self.config.topics.compensations);
         let mut attempt: u32 = 0;
         let dispositions = self.decide_plan(&plan, &batch, &mut attempt)?;
         let publish = self.enqueue(&batch, &dispositions);
@@ -217,6 +221,10 @@ impl Worker {
                         continue;
                     }
                     return Some(plan.resolve(batch, &verdicts));
+                }
+                Err(StoreError::Lost(why)) => {
+                    tracing::error!(%why, "the store came back behind the log; nothing decided");
+                    self.store_lost(attempt);
                 }
                 Err(e) => {
                     metrics::counter!("couponrush_issuer_store_errors_total").increment(1);
@@ -288,10 +296,7 @@ impl Worker {
                     "the store has no epoch: it lost its state; recovering before deciding"
                 );
                 self.set_paused(true);
-                match self
-                    .rt
-                    .block_on(self.recovery.ensure_ready(Duration::from_secs(3600)))
-                {
+                match self.recover_polling() {
                     Ok(Some(r)) => tracing::warn!(
                         events = r.events,
                         decisions = r.decisions,
@@ -314,6 +319,44 @@ impl Worker {
         }
     }
 
+    /// Makes the store ready (recovering it, or waiting for whoever does)
+    /// while polling the paused consumer: a recovery may take longer than
+    /// `max.poll.interval.ms`, and a member that stops polling that long is
+    /// put out of its group, its partitions moved mid-recovery.
+    fn recover_polling(
+        &mut self,
+    ) -> Result<Option<couponrush_core::recovery::Recovered>, RecoveryError> {
+        let recovery = self.recovery.clone();
+        let task = self
+            .rt
+            .spawn(async move { recovery.ensure_ready(Duration::from_secs(3600)).await });
+        while !task.is_finished() {
+            if self.shutdown.is_cancelled() {
+                task.abort();
+                return Err(RecoveryError::Timeout(Duration::ZERO));
+            }
+            self.poll_paused(Duration::from_millis(100));
+        }
+        self.rt
+            .block_on(task)
+            .unwrap_or(Err(RecoveryError::Timeout(Duration::ZERO)))
+    }
+
+    /// One poll of the paused consumer: keeps the member in its group. A
+    /// record from a partition assigned meanwhile (not paused yet) is
+    /// carried to the next batch, and that partition paused too.
+    fn poll_paused(&mut self, timeout: Duration) {
+        if let Some(Ok(m)) = self.consumer.poll(timeout) {
+            let Some(record) = self.admitted(&m) else {
+                return;
+            };
+            self.carry.push(record);
+            if let Ok(a) = self.consumer.assignment() {
+                let _ = self.consumer.pause(&a);
+            }
+        }
+    }
+
     /// Marks the batch's decisions logged in the store (their outcomes are
     /// in the log, so the status route may show them), retrying a failing
     /// store. False if shutdown came first.
@@ -325,6 +368,16 @@ impl Worker {
         loop {
             match self.rt.block_on(self.store.mark_logged(&logged)) {
                 Ok(()) => return true,
+                // The rebuild restores these decisions as logged (their
+                // outcomes are acknowledged, so in the log it reads); the
+                // mark is then repeated, harmlessly.
+                Err(StoreError::Lost(why)) => {
+                    tracing::error!(%why, "the store came back behind the log while marking decisions logged");
+                    if self.shutdown.is_cancelled() {
+                        return false;
+                    }
+                    self.store_lost(attempt);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "marking decisions logged failed; retrying");
                     if self.shutdown.is_cancelled() {
@@ -353,6 +406,17 @@ impl Worker {
                         self.totals.replays += 1;
                     }
                 }
+                Disposition::Hold(h) => {
+                    let replay = if h.replay { "true" } else { "false" };
+                    metrics::counter!("couponrush_issuer_hold_ends_total", "state" => h.state.as_str(), "replay" => replay).increment(1);
+                    if !h.replay {
+                        self.totals.hold_ends += 1;
+                    }
+                }
+                Disposition::Nothing => {
+                    metrics::counter!("couponrush_issuer_hold_actions_ignored_total").increment(1);
+                    self.totals.actions_ignored += 1;
+                }
                 Disposition::Dead(p) => {
                     metrics::counter!("couponrush_issuer_dlq_total", "reason" => p.code())
                         .increment(1);
@@ -373,15 +437,7 @@ impl Worker {
         *attempt += 1;
         let until = Instant::now() + wait;
         while Instant::now() < until && !self.shutdown.is_cancelled() {
-            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(20)) {
-                let Some(record) = self.admitted(&m) else {
-                    continue;
-                };
-                self.carry.push(record);
-                if let Ok(a) = self.consumer.assignment() {
-                    let _ = self.consumer.pause(&a);
-                }
-            }
+            self.poll_paused(Duration::from_millis(20));
         }
     }
 

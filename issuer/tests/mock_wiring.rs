@@ -37,6 +37,7 @@ async fn requests_flow_from_http_to_outcomes_through_the_mock_cluster() {
             EventSpec {
                 stock: 5,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await

@@ -46,6 +46,7 @@ async fn two_producer_batches(store: &dyn Store) -> (Tansu, KafkaSettings, Topic
             EventSpec {
                 stock: 10,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await
@@ -173,6 +174,20 @@ impl Store for FailsOnce {
     }
     async fn ledger(&self, e: &str) -> Result<Option<Ledger>, StoreError> {
         self.inner.ledger(e).await
+    }
+    async fn hold(
+        &self,
+        e: &str,
+        id: Uuid,
+    ) -> Result<Option<couponrush_core::store::HoldStatus>, StoreError> {
+        self.inner.hold(e, id).await
+    }
+    async fn due_holds(
+        &self,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<couponrush_core::store::DueHold>, StoreError> {
+        self.inner.due_holds(now, limit).await
     }
     async fn mark_logged(&self, b: &[LoggedDecisions]) -> Result<(), StoreError> {
         self.inner.mark_logged(b).await

@@ -3,22 +3,35 @@
 //! - `bare`: an HTTP server that answers the api's routes the way the api
 //!   does, but does nothing else: the ceiling a real handler is compared to,
 //!   and the fastest endpoint to compare load generators against.
+//! - `bare --produce`: the api's contract and nothing else: the issue body
+//!   parsed, the request produced to the requests topic by the api's own
+//!   producer ([`couponrush_api::request_producer`], same configuration),
+//!   `202` only after the broker's acknowledgement, `503` when it does not
+//!   come. The api's real ceiling: what it adds beyond this is its own cost.
 //! - `bench-issuer`: pre-fills a requests topic, then starts the issuers and
 //!   times how fast they decide it.
+//! - `bench-store`: the issuer's ceiling: the same batches `bench-issuer`'s
+//!   issuer sends to the store (same size, stock, users, request ids), made
+//!   beforehand and sent straight to Redis, no Kafka in the way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::Path;
-use axum::http::StatusCode;
-use axum::routing::{post, put};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{post, put, MethodRouter};
 use axum::{Json, Router};
 use clap::Args;
+use couponrush_api::routes::{Accepted, IssueBody};
 use couponrush_core::producer::RequestProducer;
-use couponrush_core::store::EventSpec;
+use couponrush_core::store::redis::RedisStore;
+use couponrush_core::store::{
+    BatchVerdict, EventBatch, EventSpec, Pending, Store, DEFAULT_DEDUP_RETENTION,
+};
 use couponrush_core::wire::now_micros;
-use couponrush_core::Partitioner;
+use couponrush_core::{IssueRequest, Partitioner};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -36,25 +49,43 @@ pub struct BareArgs {
     /// Address to listen on.
     #[arg(long, env = "BARE_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
+    /// Produce each issue request to the requests topic with the api's
+    /// producer and answer 202 only after the broker's ack (503 without it),
+    /// as the api does, and nothing else.
+    #[arg(long, env = "BARE_PRODUCE")]
+    pub produce: bool,
+    /// Kafka bootstrap servers (with --produce); the requests topic must exist.
+    #[arg(long, env = "BARE_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Topic to produce to (with --produce).
+    #[arg(long, env = "BARE_REQUESTS_TOPIC", default_value = "coupon.requests")]
+    pub requests_topic: String,
+    /// How long to wait for the broker's ack before answering 503 (with
+    /// --produce); default: the api's.
+    #[arg(long, env = "BARE_PRODUCE_TIMEOUT", value_parser = couponrush_core::cli::parse_duration)]
+    pub produce_timeout: Option<Duration>,
 }
 
 /// The bare router: 202 with a request id for every issue request.
 pub fn bare_router() -> Router {
-    Router::new()
-        .route(
-            "/v1/events/{event_id}/issue",
-            post(|Path(event_id): Path<String>| async move {
-                let id = Uuid::now_v7();
-                (
-                    StatusCode::ACCEPTED,
-                    Json(serde_json::json!({
-                        "request_id": id,
-                        "accepted_at": now_micros(),
-                        "status_url": format!("/v1/events/{event_id}/requests/{id}"),
-                    })),
-                )
-            }),
+    with_issue_route(post(|Path(event_id): Path<String>| async move {
+        let id = Uuid::now_v7();
+        (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({
+                "request_id": id,
+                "accepted_at": now_micros(),
+                "status_url": format!("/v1/events/{event_id}/requests/{id}"),
+            })),
         )
+    }))
+}
+
+/// The api's issue route answered by `issue`, and a `PUT` of an event that
+/// answers `201` (so a load generator can set its event up) and keeps nothing.
+fn with_issue_route(issue: MethodRouter) -> Router {
+    Router::new()
+        .route("/v1/events/{event_id}/issue", issue)
         .route(
             "/v1/events/{event_id}",
             put(|Path(event_id): Path<String>| async move {
@@ -66,17 +97,87 @@ pub fn bare_router() -> Router {
         )
 }
 
-/// Serves [`bare_router`] until `cancel`.
+/// The bare-produce router: an issue request is produced by the api's
+/// request producer, and answered `202` (the api's body) once the broker
+/// acknowledged it, `503` with `Retry-After` otherwise.
+pub fn bare_produce_router(producer: Arc<RequestProducer>) -> Router {
+    with_issue_route(
+        post(
+            |State(producer): State<Arc<RequestProducer>>,
+             Path(event_id): Path<String>,
+             Json(body): Json<IssueBody>| async move {
+                let request_id = Uuid::now_v7();
+                let req = IssueRequest::new(request_id, event_id, body.user_id, now_micros());
+                match producer.send(&req).await {
+                    Ok(_) => (
+                        StatusCode::ACCEPTED,
+                        Json(Accepted {
+                            request_id,
+                            accepted_at: req.accepted_at,
+                            status_url: format!(
+                                "/v1/events/{}/requests/{request_id}",
+                                req.event_id
+                            ),
+                        }),
+                    )
+                        .into_response(),
+                    Err(e) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [(header::RETRY_AFTER, "1")],
+                        Json(serde_json::json!({
+                            "error": "unavailable",
+                            "message": format!("{e}; retry"),
+                        })),
+                    )
+                        .into_response(),
+                }
+            },
+        )
+        .with_state(producer),
+    )
+}
+
+/// The router `args` ask for: [`bare_produce_router`] over the api's own
+/// request producer with `--produce`, else [`bare_router`].
+pub async fn bare_app(args: &BareArgs) -> Result<Router, LabError> {
+    if !args.produce {
+        return Ok(bare_router());
+    }
+    // The api's defaults, then the few settings bare takes.
+    let mut config = couponrush_api::Config::local(&args.brokers);
+    config.topics.requests = args.requests_topic.clone();
+    if let Some(t) = args.produce_timeout {
+        config.produce_timeout = t;
+    }
+    let producer = couponrush_api::request_producer(&config)
+        .await
+        .map_err(|e| LabError::Bare(format!("cannot produce to {}: {e}", args.requests_topic)))?;
+    Ok(bare_produce_router(Arc::new(producer)))
+}
+
+/// Serves [`bare_app`] until `cancel`.
 pub async fn bare(args: BareArgs, cancel: CancellationToken) -> Result<(), LabError> {
     let listen_err = |source| LabError::Listen {
         addr: args.listen.to_string(),
         source,
     };
+    let app = bare_app(&args).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(listen_err)?;
-    println!("bare server on http://{}", args.listen);
-    axum::serve(listener, bare_router())
+    println!(
+        "bare server on http://{}{}",
+        args.listen,
+        if args.produce {
+            format!(
+                " (202 after the ack of {} at {})",
+                args.requests_topic, args.brokers
+            )
+        } else {
+            String::new()
+        }
+    );
+    axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
         .map_err(listen_err)
@@ -136,6 +237,7 @@ pub async fn bench_issuer(
             EventSpec {
                 stock,
                 per_user_limit: 1,
+                claim_window_us: 0,
             },
         )
         .await?;
@@ -155,6 +257,7 @@ pub async fn bench_issuer(
         EventSpec {
             stock,
             per_user_limit: 1,
+            claim_window_us: 0,
         },
     )
     .await?;
@@ -221,4 +324,124 @@ pub async fn bench_issuer(
     } else {
         Verdict::Fail
     })
+}
+
+/// `coupon-lab bench-store`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchStoreArgs {
+    /// Redis URL of the store. Use a server of its own: the benchmark's
+    /// event is left behind.
+    #[arg(long = "redis", env = "BENCH_REDIS_URL")]
+    pub redis: String,
+    /// Requests to decide.
+    #[arg(long, env = "BENCH_REQUESTS", default_value_t = 200_000)]
+    pub requests: u64,
+    /// Requests per batch (an issuer batch: `bench-issuer --batch-size`).
+    #[arg(long, env = "BENCH_BATCH_SIZE", default_value_t = 2000)]
+    pub batch_size: usize,
+    /// Batches in flight at once, each a pipelined store call.
+    #[arg(long, env = "BENCH_IN_FLIGHT", default_value_t = 2)]
+    pub in_flight: usize,
+    /// Stock of the event (default: a tenth of the requests).
+    #[arg(long, env = "BENCH_STOCK")]
+    pub stock: Option<u32>,
+}
+
+/// The batches `bench-issuer` decides, made up front: `requests` requests
+/// of uniform users (the same population and seed as its pre-fill), fresh
+/// UUID v7 ids, in batches of `batch_size` of one event.
+pub fn issuer_batches(event: &str, requests: u64, batch_size: usize) -> Vec<EventBatch> {
+    let population = Population::new(requests, UserDist::Uniform, 0.0, 7);
+    let all: Vec<Pending> = (0..requests)
+        .map(|i| Pending {
+            request_id: Uuid::now_v7(),
+            user_id: population.user(i),
+        })
+        .collect();
+    all.chunks(batch_size.max(1))
+        .map(|c| EventBatch::requests(event, c.to_vec()))
+        .collect()
+}
+
+/// Decides the pre-made batches as fast as the store takes them. Prints one
+/// JSON line of results; FAIL unless every request was decided once and
+/// exactly the stock was issued.
+pub async fn bench_store(
+    args: BenchStoreArgs,
+    cancel: CancellationToken,
+) -> Result<Verdict, LabError> {
+    let store = Arc::new(RedisStore::connect(&args.redis, DEFAULT_DEDUP_RETENTION).await?);
+    let event = format!("bench-store-{}", Uuid::new_v4().simple());
+    let stock = args.stock.unwrap_or((args.requests / 10) as u32);
+    store
+        .put_event(
+            &event,
+            EventSpec {
+                stock,
+                per_user_limit: 1,
+                claim_window_us: 0,
+            },
+        )
+        .await?;
+    let batches = Arc::new(issuer_batches(&event, args.requests, args.batch_size));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..args.in_flight.max(1))
+        .map(|_| {
+            let (store, batches, next, cancel) =
+                (store.clone(), batches.clone(), next.clone(), cancel.clone());
+            tokio::spawn(async move {
+                let (mut decided, mut issued, mut replays) = (0u64, 0u64, 0u64);
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(batch) = batches.get(i) else { break };
+                    if cancel.is_cancelled() {
+                        return Err(LabError::Cancelled);
+                    }
+                    let verdict = store
+                        .decide(std::slice::from_ref(batch), now_micros())
+                        .await?;
+                    if let [BatchVerdict::Decided { decisions, .. }] = &verdict[..] {
+                        decided += decisions.len() as u64;
+                        issued +=
+                            decisions.iter().filter(|d| d.issued_rank.is_some()).count() as u64;
+                        replays += decisions.iter().filter(|d| d.replay).count() as u64;
+                    }
+                }
+                Ok((decided, issued, replays))
+            })
+        })
+        .collect();
+    let (mut decided, mut issued, mut replays) = (0, 0, 0);
+    for w in workers {
+        let (d, i, r) = w.await??;
+        decided += d;
+        issued += i;
+        replays += r;
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-6);
+    let left = store.event(&event).await?.map(|e| e.remaining);
+    let result = serde_json::json!({
+        "requests": args.requests,
+        "decided": decided,
+        "decided_per_s": decided as f64 / secs,
+        "decide_seconds": secs,
+        "issued": issued,
+        "replays": replays,
+        "remaining": left,
+        "batches": batches.len(),
+        "batch_size": args.batch_size,
+        "in_flight": args.in_flight,
+        "stock": stock,
+        "store": store.kind(),
+    });
+    println!("{result}");
+    let expected_issued = u64::from(stock).min(args.requests);
+    Ok(
+        if decided == args.requests && replays == 0 && issued == expected_issued {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        },
+    )
 }

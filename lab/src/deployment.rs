@@ -32,12 +32,15 @@ use couponrush_core::{Partitioner, Topics};
 use couponrush_harness::{
     free_port, wait_for_port, MockKafka, Proc, RedisServer, Tansu, TansuStorage,
 };
+use couponrush_issuer::experiment::Arms;
 use couponrush_issuer::{Probe, Totals};
+use couponrush_loadgen::dashboard::{Dashboard, DashboardArgs};
+use couponrush_loadgen::drive::holders::HoldPlan;
 use couponrush_loadgen::drive::http::Endpoint;
 use couponrush_loadgen::drive::LoadPlan;
 use couponrush_loadgen::measure::audit::EventTerms;
 use couponrush_loadgen::report::Report;
-use couponrush_loadgen::run::{run_drop, DropRun, Via};
+use couponrush_loadgen::run::{run_drop_with_holds, DropRun, Via};
 
 use crate::LabError;
 use tokio::task::JoinHandle;
@@ -174,6 +177,38 @@ pub struct DropSpec {
     pub keep_raw: bool,
     /// Settings for the report.
     pub config: serde_json::Value,
+    /// The live page that shows the drop as it happens, if one is open.
+    pub live: Option<LivePage>,
+    /// For an event with holds: how long a winner's hold lasts and what the
+    /// winners do with it (claim, cancel, never claim). Needs the api.
+    pub holds: Option<HoldPlan>,
+}
+
+/// A live page (`--dashboard`) drops feed: one page follows a demo's, a
+/// sweep's or an experiment's drops one after another, each from its start.
+#[derive(Clone)]
+pub struct LivePage(pub Arc<Dashboard>);
+
+impl std::fmt::Debug for LivePage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LivePage({})", self.0.url())
+    }
+}
+
+impl LivePage {
+    /// Opens the page `args` ask for (its URL printed), if any.
+    pub async fn open(args: &DashboardArgs) -> Result<Option<LivePage>, LabError> {
+        Ok(args.start().await?.map(|d| LivePage(Arc::new(d))))
+    }
+
+    /// After the last drop: keeps the final page up for the linger `args`
+    /// ask for, then stops serving.
+    pub async fn close(self, args: &DashboardArgs, cancel: &CancellationToken) {
+        self.0.linger(args.dashboard_linger, cancel).await;
+        if let Some(d) = Arc::into_inner(self.0) {
+            d.stop().await;
+        }
+    }
 }
 
 /// Why a deployment could not start.
@@ -212,6 +247,22 @@ enum Member<T> {
 
 type IssuerTask = Result<Totals, couponrush_issuer::IssuerError>;
 
+/// See [`Deployment::tune_issuers`].
+type IssuerTune = Arc<dyn Fn(&mut couponrush_issuer::Config) + Send + Sync>;
+
+/// A deployment's processes, by role ([`Deployment::pids`]).
+#[derive(Debug, Clone, Default)]
+pub struct Pids {
+    /// `coupon-api`.
+    pub api: Option<u32>,
+    /// Every running `coupon-issuer`.
+    pub issuers: Vec<u32>,
+    /// The private tansu.
+    pub broker: Option<u32>,
+    /// The private redis-server.
+    pub redis: Option<u32>,
+}
+
 /// A running deployment. Dropping it kills what it started; [`Deployment::stop`]
 /// stops it cleanly.
 pub struct Deployment {
@@ -228,9 +279,16 @@ pub struct Deployment {
     api_addr: Option<SocketAddr>,
     api: Option<Member<std::io::Result<()>>>,
     issuers: Vec<Option<Member<IssuerTask>>>,
+    /// `coupon-notifier` processes, by slot.
+    notifiers: Vec<Option<Proc>>,
     probes: Vec<Option<Probe>>,
     spec: Spec,
     group: String,
+    /// Experiment switches for the issuers started from now on.
+    arms: Arms,
+    /// Changes to the configuration of in-process issuers started from now
+    /// on (processes take flags instead).
+    tune: Option<IssuerTune>,
     shutdown: CancellationToken,
     /// The private redis-server, if one was started; dropped after the
     /// members.
@@ -302,12 +360,7 @@ impl Deployment {
             KafkaChoice::External(kafka) => {
                 // Fresh topic names per deployment: a partition count cannot
                 // shrink, and deleting topics is slow and racy on some brokers.
-                let topics = Topics {
-                    requests: format!("coupon.requests.{run}"),
-                    outcomes: format!("coupon.outcomes.{run}"),
-                    dlq: format!("coupon.requests.dlq.{run}"),
-                    events: format!("coupon.events.{run}"),
-                };
+                let topics = Topics::suffixed(&run.to_string());
                 ensure_topics(
                     &kafka,
                     &topics.specs(spec.partitions, 1),
@@ -349,8 +402,11 @@ impl Deployment {
             api_addr: None,
             api: None,
             issuers: Vec::new(),
+            notifiers: Vec::new(),
             probes: Vec::new(),
             group: format!("coupon-issuer-{run}"),
+            arms: Arms::default(),
+            tune: None,
             shutdown: CancellationToken::new(),
             broker,
             spec,
@@ -433,6 +489,50 @@ impl Deployment {
         Ok(())
     }
 
+    /// The experiment switches (`couponrush_issuer::experiment`) of every
+    /// issuer started from now on (start the deployment with
+    /// `start_issuers: false` to give them to all). Unsafe arms are passed
+    /// to child processes with `--i-know-this-is-unsafe`: the lab insists.
+    pub fn set_issuer_arms(&mut self, arms: Arms) {
+        self.arms = arms;
+    }
+
+    /// Changes the configuration of every in-process issuer started from
+    /// now on (e.g. its assignment strategy or session timeout); issuer
+    /// processes take `Members::Processes`' flags instead.
+    pub fn tune_issuers(
+        &mut self,
+        tune: impl Fn(&mut couponrush_issuer::Config) + Send + Sync + 'static,
+    ) {
+        self.tune = Some(Arc::new(tune));
+    }
+
+    /// The experiment switches as `coupon-issuer` flags.
+    fn arm_args(&self) -> Vec<String> {
+        let a = &self.arms;
+        let mut args = Vec::new();
+        if !a.work_per_record.is_zero() {
+            args.push("--work-per-record".to_string());
+            args.push(format!("{}us", a.work_per_record.as_micros()));
+        }
+        if a.unsafe_no_dedup {
+            args.push("--unsafe-no-dedup".to_string());
+        }
+        if let Some(interval) = a.unsafe_auto_commit {
+            args.push("--unsafe-auto-commit".to_string());
+            args.push(format!("{}ms", interval.as_millis()));
+        }
+        if !a.unsafe_flags().is_empty() {
+            args.push("--i-know-this-is-unsafe".to_string());
+        }
+        args
+    }
+
+    /// The consumer group of the issuers.
+    pub fn group_id(&self) -> &str {
+        &self.group
+    }
+
     /// Starts the configured issuers (once).
     pub fn start_issuers(&mut self) -> Result<(), DeploymentError> {
         if !self.issuers.is_empty() {
@@ -456,6 +556,10 @@ impl Deployment {
                 config.group_id = self.group.clone();
                 config.client_id = client_id;
                 config.batch_size = self.spec.batch_size;
+                config.arms = self.arms;
+                if let Some(tune) = &self.tune {
+                    tune(&mut config);
+                }
                 let probe = Probe::default();
                 let stop = self.shutdown.child_token();
                 let handle = tokio::spawn(couponrush_issuer::run_issuer_probed(
@@ -481,6 +585,7 @@ impl Deployment {
                 .args(["--batch-size", &self.spec.batch_size.to_string()])
                 .args(self.kafka_opt_args())
                 .args(&issuer_args)
+                .args(self.arm_args())
                 .env("RUST_LOG", "info");
                 let name = format!("issuer-{n}");
                 let log = self.dir.join(format!("{name}.log"));
@@ -507,6 +612,56 @@ impl Deployment {
             }
             None => {}
         }
+    }
+
+    /// Starts a `coupon-notifier` process that hands every final coupon of
+    /// this deployment's ledger to `webhook`, in a consumer group of its own
+    /// (the same for every notifier of the deployment, so a restarted one
+    /// resumes from what the last one committed); `args` are more flags.
+    /// Returns its slot.
+    pub fn start_notifier(
+        &mut self,
+        webhook: &str,
+        args: &[String],
+    ) -> Result<usize, DeploymentError> {
+        let n = self.notifiers.len();
+        let mut cmd = our_binary("coupon-notifier")?;
+        cmd.args(["--brokers", &self.kafka.brokers, "--webhook", webhook])
+            .args(["--outcomes-topic", &self.topics.outcomes])
+            .args(["--group-id", &format!("{}-notifier", self.group)])
+            .args(["--client-id", &format!("{}-notifier-{n}", self.group)])
+            .args(self.kafka_opt_args())
+            .args(args)
+            .env("RUST_LOG", "info");
+        let name = format!("notifier-{n}");
+        let log = self.dir.join(format!("{name}.log"));
+        let proc = Proc::spawn(&name, cmd, Some(&log)).map_err(start_err("coupon-notifier"))?;
+        self.notifiers.push(Some(proc));
+        Ok(n)
+    }
+
+    /// Kills a notifier (SIGKILL): nothing committed or drained.
+    pub fn kill_notifier(&mut self, slot: usize) {
+        if let Some(mut p) = self.notifiers.get_mut(slot).and_then(Option::take) {
+            p.kill();
+        }
+    }
+
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) an issuer process: every
+    /// thread stops where it is, timers included, so what it has committed
+    /// and decided stands still while it is looked at. False for an issuer
+    /// that is not a running process.
+    pub fn freeze_issuer(&mut self, slot: usize, frozen: bool) -> bool {
+        let Some(Some(Member::Process(p))) = self.issuers.get_mut(slot) else {
+            return false;
+        };
+        let Some(pid) = p.pid() else {
+            return false;
+        };
+        std::process::Command::new("kill")
+            .args([if frozen { "-STOP" } else { "-CONT" }, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     /// Stops an issuer cleanly (finish the batch, commit, leave) and returns
@@ -582,6 +737,35 @@ impl Deployment {
         counts
     }
 
+    /// The sum, over the issuer processes running now, of the metric
+    /// samples whose line starts with `prefix` (e.g.
+    /// `couponrush_issuer_commits_total{mode="async"}`); 0 for in-process
+    /// issuers, which export no metrics of their own.
+    pub async fn issuer_metric(&mut self, prefix: &str) -> f64 {
+        let mut total = 0.0;
+        for slot in 0..self.issuers.len() {
+            let running = match &mut self.issuers[slot] {
+                Some(Member::Process(p)) => p.is_running(),
+                _ => false,
+            };
+            if running {
+                let (addr, prefix) = (self.issuer_metrics[slot], prefix.to_string());
+                total += tokio::task::spawn_blocking(move || scrape_sum(addr, &prefix))
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0.0);
+            }
+        }
+        total
+    }
+
+    /// Partitions each running issuer owns now (in-process issuers from
+    /// their probe, processes from their metrics).
+    pub async fn assigned_partitions(&self) -> Vec<usize> {
+        self.assigned().await
+    }
+
     /// The api's address.
     pub fn api_addr(&self) -> Option<SocketAddr> {
         self.api_addr
@@ -592,6 +776,32 @@ impl Deployment {
         self.api_addr
             .map(|a| format!("http://{a}"))
             .unwrap_or_default()
+    }
+
+    /// The process ids of what this deployment runs as processes, by role
+    /// (a member running as a task here has none; so has someone else's
+    /// broker or Redis).
+    pub fn pids(&self) -> Pids {
+        let process = |m: &Option<Member<_>>| match m {
+            Some(Member::Process(p)) => p.pid(),
+            _ => None,
+        };
+        Pids {
+            api: process(&self.api),
+            issuers: self
+                .issuers
+                .iter()
+                .filter_map(|m| match m {
+                    Some(Member::Process(p)) => p.pid(),
+                    _ => None,
+                })
+                .collect(),
+            broker: match &self.broker {
+                Broker::Tansu(t) => t.pid(),
+                _ => None,
+            },
+            redis: self.redis.as_ref().and_then(RedisServer::pid),
+        }
     }
 
     /// Resident memory of the api process, in KiB (0 for a task or unknown).
@@ -661,7 +871,10 @@ impl Deployment {
             config: d.config,
             observe: true,
         };
-        Ok(tokio::spawn(run_drop(run, cancel)))
+        let (live, holds) = (d.live, d.holds);
+        Ok(tokio::spawn(async move {
+            run_drop_with_holds(run, holds, live.as_ref().map(|l| &*l.0), cancel).await
+        }))
     }
 
     /// Runs an audited drop through the api (see [`Deployment::start_drop`]).
@@ -689,6 +902,9 @@ impl Deployment {
     /// leave; the api drains) and returns what each in-process issuer did.
     pub async fn stop(mut self) -> Vec<Totals> {
         self.shutdown.cancel();
+        for mut p in std::mem::take(&mut self.notifiers).into_iter().flatten() {
+            let _ = tokio::task::spawn_blocking(move || p.terminate(Duration::from_secs(30))).await;
+        }
         let mut totals = Vec::new();
         for member in std::mem::take(&mut self.issuers).into_iter().flatten() {
             match member {
@@ -774,17 +990,24 @@ fn our_binary(name: &str) -> Result<Command, DeploymentError> {
 
 /// `couponrush_issuer_assigned_partitions` from an issuer's metrics.
 fn scrape_assigned(addr: SocketAddr) -> Option<usize> {
+    scrape_sum(addr, "couponrush_issuer_assigned_partitions").map(|v| v as usize)
+}
+
+/// The sum of the samples of an issuer's metrics whose line starts with
+/// `prefix` (a name, or a name with labels: `name{mode="sync"}`).
+fn scrape_sum(addr: SocketAddr, prefix: &str) -> Option<f64> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
         .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find(|l| l.starts_with("couponrush_issuer_assigned_partitions"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as usize)
+    let samples: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .collect();
+    (!samples.is_empty()).then(|| samples.iter().sum())
 }
 
 /// VmRSS of a process, in KiB.

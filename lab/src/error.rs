@@ -37,6 +37,14 @@ pub enum LabError {
         #[source]
         source: std::io::Error,
     },
+    /// The capacity model could not be measured; the message says why.
+    #[error("{0}")]
+    Capacity(String),
+    /// The bare-produce baseline could not set up its producer.
+    #[error(
+        "{0}; start the broker and create the topic first (e.g. coupon-api --topic-partitions 8)"
+    )]
+    Bare(String),
     /// The store refused the benchmark's event.
     #[error("the store refused the benchmark's event: {0}")]
     Store(#[from] couponrush_core::store::StoreError),
@@ -49,6 +57,9 @@ pub enum LabError {
     /// A drop through the api of a deployment that runs none.
     #[error("this deployment runs no api (it was started without one)")]
     NoApi,
+    /// An experiment could not go on; the message says why and what to check.
+    #[error("{0}")]
+    Experiment(String),
     /// Ctrl-C.
     #[error("cancelled")]
     Cancelled,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use couponrush_core::telemetry::{init_tracing_with, shutdown_signal};
-use couponrush_lab::Cli;
+use couponrush_lab::{Cli, Command};
 use couponrush_loadgen::Verdict;
 
 // Many small allocations per request, from the runtime and librdkafka
@@ -18,7 +18,16 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // The load generator's output is its report; logs stay at warnings
     // unless RUST_LOG asks for more.
-    init_tracing_with(cli.log.log_json, "warn,rdkafka=error,librdkafka=error");
+    // The experiments dead-letter and redeliver on purpose: the issuers'
+    // warning per dead letter or failed commit is the expected result there,
+    // shown in the table instead.
+    let filter = match cli.command {
+        Command::Experiment(_) | Command::Experiments(_) | Command::Dlq(_) => {
+            "warn,rdkafka=error,librdkafka=error,couponrush_issuer::worker=error"
+        }
+        _ => "warn,rdkafka=error,librdkafka=error",
+    };
+    init_tracing_with(cli.log.log_json, filter);
     match couponrush_lab::main(cli, shutdown_signal()).await {
         Ok(Verdict::Pass) => ExitCode::SUCCESS,
         Ok(Verdict::Fail) => ExitCode::from(1),

@@ -14,10 +14,13 @@ use couponrush_core::Partitioner;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::deployment::{store_choice, Deployment, DropSpec, KafkaChoice, Spec, StoreChoice};
+use crate::deployment::{
+    store_choice, Deployment, DropSpec, KafkaChoice, LivePage, Spec, StoreChoice,
+};
 use crate::LabError;
 use couponrush_harness::TansuStorage;
 use couponrush_loadgen::chart::{document, Panel, Series};
+use couponrush_loadgen::dashboard::DashboardArgs;
 use couponrush_loadgen::measure::audit::EventTerms;
 
 use couponrush_loadgen::{LoadArgs, LoadDefaults, Verdict};
@@ -52,7 +55,9 @@ pub struct SweepArgs {
     /// Use these Kafka brokers (default: an embedded mock cluster per point).
     #[arg(long = "brokers", env = "SWEEP_BROKERS")]
     pub brokers: Option<String>,
-    /// Use the Redis at this URL as the store (default: in-memory).
+    /// Use the Redis at this URL as the store: redis://host:port/db for one
+    /// server, redis+cluster://host:port,host:port,… for a Redis Cluster
+    /// (default: in-memory).
     #[arg(long = "redis", env = "SWEEP_REDIS_URL")]
     pub redis: Option<String>,
     /// Coupons per drop.
@@ -78,6 +83,9 @@ pub struct SweepArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub load: LoadArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub live: DashboardArgs,
 }
 
 /// One measured point.
@@ -132,6 +140,8 @@ pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict
         }
     }
     let rounds = args.repeat.max(1);
+    // One page follows every point's drop, one after another.
+    let live = LivePage::open(&args.live).await?;
     let mut runs: Vec<Vec<couponrush_loadgen::report::Report>> =
         grid.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
@@ -139,7 +149,15 @@ pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict
             if cancel.is_cancelled() {
                 return Err(LabError::Cancelled);
             }
-            let r = point_run(&args, partitions, issuers, partitioner, &cancel).await?;
+            let r = point_run(
+                &args,
+                partitions,
+                issuers,
+                partitioner,
+                live.as_ref(),
+                &cancel,
+            )
+            .await?;
             eprintln!(
                 "[round {round}/{rounds}, {}/{}] {partitioner} p={partitions} issuers={issuers}: issued {:.0}/s, decided {:.0}/s, accepted {:.0}/s, inversions {:.4}",
                 i + 1,
@@ -198,6 +216,9 @@ pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict
         "wrote sweep.json, sweep.txt and sweep.svg to {}",
         args.out.display()
     );
+    if let Some(page) = live {
+        page.close(&args.live, &cancel).await;
+    }
     Ok(if points.iter().all(|p| p.failures == 0) {
         Verdict::Pass
     } else {
@@ -210,6 +231,7 @@ async fn point_run(
     partitions: i32,
     issuers: usize,
     partitioner: Partitioner,
+    live: Option<&LivePage>,
     cancel: &CancellationToken,
 ) -> Result<couponrush_loadgen::report::Report, LabError> {
     let services = args.out.join(".services");
@@ -263,6 +285,8 @@ async fn point_run(
             "partitioner": partitioner,
             "entry": if args.direct { "direct" } else { "api" },
         }),
+        live: live.cloned(),
+        holds: None,
     };
     let report = if args.direct {
         deployment.drop_direct(drop, cancel.clone()).await

@@ -48,6 +48,8 @@ async fn a_drop_with_its_progress_bar_on_reports() {
                 progress: true,
                 keep_raw: false,
                 config: serde_json::json!({}),
+                live: None,
+                holds: None,
             },
             CancellationToken::new(),
         )

@@ -60,6 +60,9 @@ pub enum Error {
     /// `--no-setup` on an event that does not exist.
     #[error("event {0} does not exist: run without --no-setup to create it")]
     NoSuchEvent(String),
+    /// `--claim-window` against an api that made the event without holds.
+    #[error("the api set up event {0} without a claim window: it has no holds (run an api with the claim and cancel routes, or leave out --claim-window)")]
+    NoHolds(String),
     /// `--direct` without a store to set up the event in.
     #[error("--direct needs --redis to set up and audit the event")]
     DirectNeedsStore,
@@ -112,6 +115,14 @@ pub enum Error {
         /// Which file.
         path: PathBuf,
         /// Why.
+        problem: String,
+    },
+    /// The live page could not be served there.
+    #[error("cannot serve the live page at {addr}: {problem}")]
+    Dashboard {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why, and what to do.
         problem: String,
     },
     /// Reports that are not of one drop, or lack what a merge needs.

@@ -12,15 +12,22 @@
 //! # Layout
 //! - [`Cli`]: the subcommands `run` and `merge`; [`main`] dispatches them.
 //! - [`run`]: one drop end to end; [`drive`]: the load models and targets
-//!   (HTTP, or Kafka directly); [`population`]: users and retries;
+//!   (HTTP, or Kafka directly), the line mode ([`drive::line`]: a drop
+//!   behind a waiting room) and the holders ([`drive::holders`]: winners
+//!   who claim, cancel or never claim); [`population`]: users and retries;
 //!   [`observe`]: the outcome watcher.
 //! - [`measure`]: latency histograms, ordering skew, the audit (pure
 //!   functions, unit-tested on hand-made data).
 //! - [`report`]: figures, text, JSON, merges; [`chart`]: SVG charts.
+//! - [`dashboard`]: the live page (`--dashboard`), fed while the drop runs;
+//!   [`html`]: the same page as one self-contained report file (`--html`,
+//!   `coupon-loadgen html`).
 
 pub mod chart;
+pub mod dashboard;
 pub mod drive;
 mod error;
+pub mod html;
 pub mod measure;
 pub mod observe;
 pub mod population;
@@ -41,11 +48,12 @@ use couponrush_core::store::{Store, DEFAULT_DEDUP_RETENTION};
 use couponrush_core::Partitioner;
 use tokio_util::sync::CancellationToken;
 
+use crate::drive::holders::HoldPlan;
 use crate::drive::{LoadModel, LoadPlan};
 use crate::measure::audit::EventTerms;
 use crate::population::{Population, UserDist};
 use crate::report::Report;
-use crate::run::{run_drop, DropRun, Via};
+use crate::run::{run_drop_with_holds, DropRun, Via};
 
 pub use crate::error::Error;
 
@@ -68,6 +76,115 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Merge the JSON reports of several load generators of one drop.
     Merge(MergeArgs),
+    /// A drop behind a waiting room: clients join, poll, some walk away,
+    /// the admitted issue; the line and the drop are measured and audited.
+    Line(Box<LineCmdArgs>),
+    /// Write the self-contained HTML report of a JSON report (a merged one too).
+    Html(html::HtmlArgs),
+}
+
+/// `coupon-loadgen line`.
+#[derive(Debug, Clone, Args)]
+pub struct LineCmdArgs {
+    /// The api's base URL (its --line-backend must not be none).
+    #[arg(long, env = "LOADGEN_TARGET", default_value = "http://127.0.0.1:8080")]
+    pub target: String,
+    /// Admin token for setting up the event and its room.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Redis URL of the coupon store, to audit it: redis://host:port/db for
+    /// one server, redis+cluster://host:port,host:port,… for a Redis Cluster.
+    #[arg(long = "redis", env = "LOADGEN_REDIS_URL")]
+    pub redis: Option<String>,
+    /// Per-request HTTP timeout.
+    #[arg(long, env = "LOADGEN_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Wait at most this long after the clients for the last decisions.
+    #[arg(long, env = "LOADGEN_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub topics: TopicArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub event: EventArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub line: drive::line::LineArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub output: OutputArgs,
+}
+
+/// Runs `coupon-loadgen line`.
+pub async fn line(
+    args: LineCmdArgs,
+    cancel: CancellationToken,
+) -> Result<drive::line::LineReport, Error> {
+    let store = match &args.redis {
+        Some(url) => Some(redis_store(url).await?),
+        None => None,
+    };
+    let event = args.event.event_id();
+    let config = serde_json::json!({
+        "command": "line",
+        "target": args.target,
+        "load": args.line.describe(),
+        "event": event,
+        "stock": args.event.stock,
+    });
+    let run = drive::line::LineRun {
+        endpoint: drive::http::Endpoint::parse(&args.target).await?,
+        admin_token: args.admin_token.clone(),
+        kafka: args.kafka.settings(),
+        topics: args.topics.topics(),
+        store,
+        event_id: event,
+        terms: EventTerms {
+            stock: args.event.stock,
+            per_user_limit: args.event.per_user_limit,
+        },
+        line: args.line.clone(),
+        timeout: args.request_timeout,
+        drain_timeout: args.drain_timeout,
+        keep_raw: !args.output.no_raw,
+        config,
+        progress: !args.output.quiet,
+    };
+    drive::line::run_line(run, cancel).await
+}
+
+impl OutputArgs {
+    /// Prints a line run's report and writes its JSON.
+    pub fn emit_line(&self, report: &drive::line::LineReport) -> Result<(), Error> {
+        println!("{}", report.text());
+        if let Some(path) = &self.json {
+            let json = serde_json::to_vec_pretty(report).expect("a report serialises");
+            std::fs::write(path, json).map_err(|source| Error::File {
+                doing: "write",
+                path: path.clone(),
+                source,
+            })?;
+            println!("report written to {}", path.display());
+        }
+        let drop = report.drop_with_line_notes();
+        if let Some(path) = &self.chart {
+            std::fs::write(path, chart::drop_chart(&drop)).map_err(|source| Error::File {
+                doing: "write",
+                path: path.clone(),
+                source,
+            })?;
+            println!("chart written to {}", path.display());
+        }
+        if let Some(path) = &self.html {
+            html::write(&drop, path)?;
+            println!("HTML report written to {}", path.display());
+        }
+        Ok(())
+    }
 }
 
 /// How much load, shaped how.
@@ -181,6 +298,70 @@ impl LoadArgs {
     }
 }
 
+/// Holds: each issued coupon is held for a claim window, and the winners
+/// claim, cancel or never claim it.
+#[derive(Debug, Clone, Args)]
+pub struct HoldArgs {
+    /// Create the event with holds: each coupon is held this long for its
+    /// claim, then expires back to stock (default: no holds, coupons are final).
+    #[arg(long, env = "LOADGEN_CLAIM_WINDOW", value_parser = parse_duration)]
+    pub claim_window: Option<Duration>,
+    /// Fraction of winners who cancel their hold (chosen by seed and user).
+    #[arg(
+        long,
+        env = "LOADGEN_CANCEL_RATIO",
+        default_value_t = 0.0,
+        requires = "claim_window"
+    )]
+    pub cancel_ratio: f64,
+    /// Fraction of winners who never claim (their hold expires).
+    #[arg(
+        long,
+        env = "LOADGEN_NO_CLAIM_RATIO",
+        default_value_t = 0.0,
+        requires = "claim_window"
+    )]
+    pub no_claim_ratio: f64,
+    /// Longest think time before a winner claims or cancels (default: a
+    /// quarter of the claim window, at most 1s).
+    #[arg(long, env = "LOADGEN_THINK_TIME", value_parser = parse_duration, requires = "claim_window")]
+    pub think_time: Option<Duration>,
+    /// How long past its deadline a hold may take to end (the expiry sweep's
+    /// period); the run waits that long at most, and the audit calls a hold
+    /// still held after it stuck.
+    #[arg(long, env = "LOADGEN_HOLD_SLACK", default_value = "10s", value_parser = parse_duration)]
+    pub hold_slack: Duration,
+}
+
+impl HoldArgs {
+    /// The holders' plan, when `--claim-window` asks for holds.
+    pub fn plan(&self, seed: u64, connections: usize) -> Option<HoldPlan> {
+        let window = self.claim_window?;
+        Some(HoldPlan {
+            claim_window: window,
+            cancel_ratio: self.cancel_ratio,
+            no_claim_ratio: self.no_claim_ratio,
+            think_time: self
+                .think_time
+                .unwrap_or_else(|| (window / 4).min(Duration::from_secs(1))),
+            slack: self.hold_slack,
+            connections: connections.clamp(1, 64),
+            seed,
+        })
+    }
+
+    /// A one-line description of `plan`, for reports.
+    pub fn describe(plan: &HoldPlan) -> String {
+        format!(
+            "claim window {:?}; {:.0}% of winners cancel, {:.0}% never claim, the rest claim, after up to {:?}",
+            plan.claim_window,
+            plan.cancel_ratio * 100.0,
+            plan.no_claim_ratio * 100.0,
+            plan.think_time
+        )
+    }
+}
+
 /// The event to drop.
 #[derive(Debug, Clone, Args)]
 pub struct EventArgs {
@@ -216,6 +397,9 @@ pub struct OutputArgs {
     /// Write an SVG chart here.
     #[arg(long, env = "LOADGEN_CHART")]
     pub chart: Option<PathBuf>,
+    /// Write the self-contained HTML report here (one file, opens offline).
+    #[arg(long, env = "LOADGEN_HTML")]
+    pub html: Option<PathBuf>,
     /// Leave the raw per-request data out of the JSON (smaller; merges become approximate).
     #[arg(long, env = "LOADGEN_NO_RAW", value_parser = FalseyValueParser::new())]
     pub no_raw: bool,
@@ -244,6 +428,10 @@ impl OutputArgs {
             write(path, chart::drop_chart(report).as_bytes())?;
             println!("chart written to {}", path.display());
         }
+        if let Some(path) = &self.html {
+            html::write(report, path)?;
+            println!("HTML report written to {}", path.display());
+        }
         Ok(())
     }
 }
@@ -263,7 +451,9 @@ pub struct RunArgs {
     /// Admin token for setting up the event.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Redis URL of the store, to audit it (and to set up the event with --direct).
+    /// Redis URL of the store, to audit it (and to set up the event with
+    /// --direct): redis://host:port/db for one server,
+    /// redis+cluster://host:port,host:port,… for a Redis Cluster.
     #[arg(long = "redis", env = "LOADGEN_REDIS_URL")]
     pub redis: Option<String>,
     /// Per-request HTTP timeout.
@@ -286,7 +476,13 @@ pub struct RunArgs {
     pub load: LoadArgs,
     #[command(flatten)]
     #[allow(missing_docs)]
+    pub holds: HoldArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
     pub output: OutputArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub live: dashboard::DashboardArgs,
 }
 
 /// `coupon-loadgen merge`.
@@ -323,6 +519,15 @@ pub async fn redis_store(url: &str) -> Result<Arc<dyn Store>, Error> {
 
 /// Runs `coupon-loadgen run`.
 pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, Error> {
+    run_live(args, None, cancel).await
+}
+
+/// Runs `coupon-loadgen run`, shown on `dashboard` when given.
+pub async fn run_live(
+    args: RunArgs,
+    dashboard: Option<&dashboard::Dashboard>,
+    cancel: CancellationToken,
+) -> Result<Report, Error> {
     let event = args.event.event_id();
     let plan = args.load.plan(
         &event,
@@ -367,7 +572,8 @@ pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, Err
             timeout: args.request_timeout,
         }
     };
-    let config = serde_json::json!({
+    let holds = args.holds.plan(args.load.seed, args.load.connections);
+    let mut config = serde_json::json!({
         "command": "run",
         "target": if args.direct { format!("kafka {} (direct, {})", kafka.brokers, args.partitioner) } else { args.target.clone() },
         "load": LoadArgs::describe(&plan),
@@ -377,6 +583,9 @@ pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, Err
         "topics": topics,
         "seed": args.load.seed,
     });
+    if let Some(h) = &holds {
+        config["holds"] = HoldArgs::describe(h).into();
+    }
     let drop = DropRun {
         via,
         kafka,
@@ -394,7 +603,7 @@ pub async fn run(args: RunArgs, cancel: CancellationToken) -> Result<Report, Err
         config,
         observe: !args.no_observe,
     };
-    run_drop(drop, cancel).await
+    run_drop_with_holds(drop, holds, dashboard, cancel).await
 }
 
 /// Runs `coupon-loadgen merge`.
@@ -443,14 +652,75 @@ pub async fn main(cli: Cli, cancel: CancellationToken) -> Result<Verdict, Error>
     match cli.command {
         Command::Run(args) => {
             let output = args.output.clone();
-            let report = run(*args, cancel).await?;
+            let live = args.live.clone();
+            let dashboard = live.start().await?;
+            let report = run_live(*args, dashboard.as_ref(), cancel.clone()).await?;
             output.emit(&report)?;
+            if let Some(d) = dashboard {
+                d.linger(live.dashboard_linger, &cancel).await;
+                d.stop().await;
+            }
             Ok(judged(&report))
+        }
+        Command::Html(args) => {
+            html::html(&args)?;
+            Ok(Verdict::Pass)
         }
         Command::Merge(args) => {
             let report = merge(&args)?;
             args.output.emit(&report)?;
             Ok(judged(&report))
         }
+        Command::Line(args) => {
+            let output = args.output.clone();
+            let report = line(*args, cancel).await?;
+            output.emit_line(&report)?;
+            Ok(if report.passed {
+                Verdict::Pass
+            } else {
+                Verdict::Fail
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["coupon-loadgen", "run"].iter().chain(args))?;
+        match cli.command {
+            Command::Run(args) => Ok(*args),
+            other => panic!("not a run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hold_flags_make_a_plan_and_the_ratios_need_a_claim_window() {
+        let a = run_args(&[
+            "--claim-window",
+            "2s",
+            "--cancel-ratio",
+            "0.2",
+            "--no-claim-ratio",
+            "0.1",
+            "--seed",
+            "9",
+            "--connections",
+            "500",
+        ])
+        .unwrap();
+        let plan = a.holds.plan(a.load.seed, a.load.connections).unwrap();
+        assert_eq!(plan.claim_window, Duration::from_secs(2));
+        assert_eq!(plan.think_time, Duration::from_millis(500), "a quarter");
+        assert_eq!((plan.cancel_ratio, plan.no_claim_ratio), (0.2, 0.1));
+        assert_eq!((plan.seed, plan.connections), (9, 64));
+        assert!(plan.validate().is_ok());
+        // Without a window: no holds, and ratios alone are refused.
+        let plain = run_args(&[]).unwrap();
+        assert!(plain.holds.plan(1, 8).is_none());
+        assert!(run_args(&["--cancel-ratio", "0.2"]).is_err());
+        assert!(run_args(&["--claim-window", "nonsense"]).is_err());
     }
 }

@@ -9,16 +9,18 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
 use couponrush_core::store::Ledger;
+use couponrush_core::wire::HoldOutcome;
 use couponrush_core::{DecisionResult, Outcome};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::drive::holders::HoldActions;
 use crate::drive::Acceptance;
-use crate::measure::audit::{audit, EventTerms, StoreFigures};
+use crate::measure::audit::{audit_with_holds, AuditEnd, EventTerms, HoldAudit, StoreFigures};
 use crate::measure::latency::{self, LatencySummary};
 use crate::measure::skew::{skew, Ordered, Skew};
-use crate::observe::Observed;
+use crate::observe::{Observed, ObservedHold};
 use crate::Error;
 
 /// The schema name written into every report.
@@ -48,6 +50,12 @@ pub struct Facts {
     pub accepted: HashMap<Uuid, Acceptance>,
     /// Outcomes of the event, in read order.
     pub outcomes: Vec<Observed>,
+    /// Hold ends of the event, in read order.
+    pub holds: Vec<ObservedHold>,
+    /// What the holders did (a drop with holds).
+    pub hold_actions: Option<HoldActions>,
+    /// How the event stood at the end (for the holds' audit).
+    pub end: Option<AuditEnd>,
     /// DLQ records by reason.
     pub dlq: BTreeMap<String, u64>,
     /// The store's ledger of the event, when audited.
@@ -130,6 +138,45 @@ pub struct RawOutcome {
     pub outcome: Outcome,
     /// When it was observed.
     pub observed_at: u64,
+    /// The issuer that published it, if it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+}
+
+/// Who decided what: each request's first decision, counted by the issuer
+/// that published it and by the partition its record was on. Shows whether
+/// the work was spread (`--partitioner spread`) or fell on one partition and
+/// one issuer (`--partitioner event`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shares {
+    /// First decisions by issuer client id (`unknown` when an outcome did
+    /// not say).
+    pub by_issuer: BTreeMap<String, u64>,
+    /// First decisions by request partition.
+    pub by_partition: BTreeMap<i32, u64>,
+}
+
+impl Shares {
+    /// The largest share one issuer took, 0..=1 (0 when nothing was decided).
+    pub fn busiest_issuer(&self) -> f64 {
+        let total: u64 = self.by_issuer.values().sum();
+        let max = self.by_issuer.values().copied().max().unwrap_or(0);
+        if total == 0 {
+            0.0
+        } else {
+            max as f64 / total as f64
+        }
+    }
+}
+
+/// One hold end, raw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawHold {
+    /// The record.
+    #[serde(flatten)]
+    pub hold: HoldOutcome,
+    /// When it was observed.
+    pub observed_at: u64,
 }
 
 /// The raw facts, so merges can recompute every figure exactly.
@@ -139,6 +186,12 @@ pub struct Raw {
     pub accepted: Vec<RawAccept>,
     /// Outcome records.
     pub outcomes: Vec<RawOutcome>,
+    /// Hold end records (a drop with holds).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holds: Vec<RawHold>,
+    /// How the event stood at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<AuditEnd>,
     /// The store's coupons, when audited.
     pub ledger: Option<Ledger>,
 }
@@ -196,6 +249,17 @@ pub struct Report {
     pub dlq_reasons: BTreeMap<String, u64>,
     /// The store's figures, when audited.
     pub store: Option<StoreFigures>,
+    /// A drop with holds: issued, claimed, cancelled, expired, re-issued,
+    /// the invariant and the holds' faults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holds: Option<HoldAudit>,
+    /// A drop with holds: what the winners chose and how the api answered
+    /// their claims and cancels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_actions: Option<HoldActions>,
+    /// First decisions by issuer and by partition.
+    #[serde(default)]
+    pub shares: Shares,
     /// Rates.
     pub throughput: Throughput,
     /// Latencies in milliseconds.
@@ -222,12 +286,20 @@ impl Report {
     /// Computes every figure from `facts`; keeps the raw facts if `keep_raw`.
     pub fn build(mut facts: Facts, keep_raw: bool) -> Report {
         let outcomes: Vec<Outcome> = facts.outcomes.iter().map(|o| o.outcome.clone()).collect();
+        let holds: Vec<HoldOutcome> = facts.holds.iter().map(|h| h.hold.clone()).collect();
         let users: HashMap<Uuid, String> = facts
             .accepted
             .iter()
             .map(|(id, a)| (*id, a.user_id.clone()))
             .collect();
-        let mut a = audit(facts.terms, &users, &outcomes, facts.ledger.as_ref());
+        let mut a = audit_with_holds(
+            facts.terms,
+            &users,
+            &outcomes,
+            &holds,
+            facts.ledger.as_ref(),
+            facts.end.as_ref(),
+        );
         if !facts.observed {
             // Load only: nothing was watched, so nothing can be judged.
             a.lost = 0;
@@ -255,6 +327,12 @@ impl Report {
             }
         }
         let skew = skew(&ordered, facts.terms.stock);
+        let mut shares = Shares::default();
+        for o in first.values() {
+            let issuer = o.issuer.clone().unwrap_or_else(|| "unknown".into());
+            *shares.by_issuer.entry(issuer).or_default() += 1;
+            *shares.by_partition.entry(o.outcome.partition).or_default() += 1;
+        }
 
         let secs = |t: u64| t.saturating_sub(facts.started_at) as f64 / 1e6;
         let load_seconds = secs(facts.load_finished_at).max(1e-6);
@@ -311,8 +389,18 @@ impl Report {
                 .map(|o| RawOutcome {
                     outcome: o.outcome.clone(),
                     observed_at: o.observed_at,
+                    issuer: o.issuer.clone(),
                 })
                 .collect(),
+            holds: facts
+                .holds
+                .iter()
+                .map(|h| RawHold {
+                    hold: h.hold.clone(),
+                    observed_at: h.observed_at,
+                })
+                .collect(),
+            end: facts.end,
             ledger: facts.ledger.clone(),
         });
         Report {
@@ -341,6 +429,9 @@ impl Report {
             dlq: facts.dlq.values().sum(),
             dlq_reasons: facts.dlq,
             store: a.store.clone(),
+            holds: a.holds.clone(),
+            hold_actions: facts.hold_actions,
+            shares,
             throughput,
             latency_ms: Latencies {
                 accept: latency::summary(&facts.accept),
@@ -374,6 +465,7 @@ impl Report {
                 .store
                 .as_ref()
                 .map_or(0, |s| u64::from(s.counter_mismatch))
+            + self.holds.as_ref().map_or(0, HoldAudit::failures)
     }
 
     /// The human summary.
@@ -481,6 +573,9 @@ impl Report {
             "  correctness  oversold {}, double issued {}, lost {}, phantom {}, inconsistent replays {}, ledger mismatch {}",
             self.oversold, self.double_issued, self.lost, self.phantom, self.inconsistent_replays, self.ledger_mismatch
         );
+        if let Some(h) = &self.holds {
+            self.holds_text(&mut s, h);
+        }
         let _ = writeln!(s, "  DLQ          {} {:?}", self.dlq, self.dlq_reasons);
         match &self.store {
             Some(st) => {
@@ -520,6 +615,91 @@ impl Report {
     }
 }
 
+impl Report {
+    /// The holds' lines of the human summary.
+    fn holds_text(&self, s: &mut String, h: &HoldAudit) {
+        let n = |x: u64| group(x);
+        let _ = writeln!(
+            s,
+            "  holds        {} issued: {} claimed (placed), {} cancelled, {} expired, {} re-issued{}",
+            n(h.issued),
+            n(h.claimed),
+            n(h.cancelled),
+            n(h.expired),
+            n(h.reissued),
+            if h.open > 0 {
+                format!(", {} still within their window", n(h.open))
+            } else {
+                String::new()
+            }
+        );
+        let (r, a) = (&h.release_to_reissue_ms, &h.action_to_reissue_ms);
+        if r.count > 0 {
+            let _ = writeln!(
+                s,
+                "  re-issue     {} ranks; back in stock to issued again p50 {:.1} / p90 {:.1} / max {:.1} ms; \
+                 from the cancel or expiry asked p50 {:.1} / p90 {:.1} / max {:.1} ms",
+                n(r.count),
+                r.p50,
+                r.p90,
+                r.max,
+                a.p50,
+                a.p90,
+                a.max
+            );
+        }
+        let invariant = match h.remaining {
+            Some(left) => format!(
+                "issued {} - returned {} + remaining {} = {} (stock {}){}",
+                n(h.issued_total),
+                n(h.returned),
+                n(left),
+                n((h.issued_total + left).saturating_sub(h.returned)),
+                n(u64::from(self.stock)),
+                if h.invariant_off == 0 { "" } else { " BROKEN" }
+            ),
+            None => "remaining unknown (not checked)".into(),
+        };
+        let _ = writeln!(s, "  invariant    {invariant}");
+        let _ = writeln!(
+            s,
+            "  hold faults  rank conflicts {}, claimed and returned {}, orphan ends {}, out of time {}, stuck {}",
+            h.rank_conflicts, h.claimed_and_returned, h.orphan_ends, h.out_of_time, h.stuck
+        );
+        if let Some(acts) = &self.hold_actions {
+            let chosen: Vec<String> = acts
+                .chosen
+                .iter()
+                .map(|(b, v)| format!("{b} {}", n(*v)))
+                .collect();
+            let answers: Vec<String> = acts
+                .answers
+                .iter()
+                .map(|(verb, by)| {
+                    let by: Vec<String> =
+                        by.iter().map(|(k, v)| format!("{k}: {}", n(*v))).collect();
+                    format!("{verb} [{}]", by.join(", "))
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "  winners      chose {}; answered {}{}",
+                chosen.join(", "),
+                if answers.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    answers.join(", ")
+                },
+                if acts.gave_up + acts.skipped > 0 {
+                    format!("; gave up {}, skipped {}", acts.gave_up, acts.skipped)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -551,6 +731,10 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, Error> {
     let mut accepted: HashMap<Uuid, Acceptance> = HashMap::new();
     let mut outcomes: Vec<Observed> = Vec::new();
     let mut seen: HashSet<(i32, i64, Uuid, bool)> = HashSet::new();
+    let mut holds: Vec<ObservedHold> = Vec::new();
+    let mut seen_holds: HashSet<(i32, i64, Uuid, bool)> = HashSet::new();
+    let mut hold_actions: Option<HoldActions> = None;
+    let mut looked: Option<AuditEnd> = None;
     let mut ledger: Option<Ledger> = None;
     let mut ledger_at = 0u64;
     let mut accept = latency::histogram();
@@ -589,8 +773,34 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, Error> {
                 outcomes.push(Observed {
                     outcome: o.outcome.clone(),
                     observed_at: o.observed_at,
+                    issuer: o.issuer.clone(),
                 });
             }
+        }
+        for h in &raw.holds {
+            let key = (
+                h.hold.partition,
+                h.hold.offset,
+                h.hold.request_id,
+                h.hold.replay,
+            );
+            if seen_holds.insert(key) {
+                holds.push(ObservedHold {
+                    hold: h.hold.clone(),
+                    observed_at: h.observed_at,
+                });
+            }
+        }
+        // The latest look at the event is the most complete.
+        if let Some(e) = raw.end {
+            if looked.is_none_or(|old| e.at >= old.at) {
+                looked = Some(e);
+            }
+        }
+        if let Some(acts) = &r.hold_actions {
+            hold_actions
+                .get_or_insert_with(HoldActions::default)
+                .absorb(acts.clone());
         }
         // The latest audit of the store is the most complete.
         let audited_at = r.started_at + ((r.load_seconds + r.drain_seconds) * 1e6) as u64;
@@ -618,6 +828,7 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, Error> {
         end = end.max(r.started_at + ((r.load_seconds + r.drain_seconds) * 1e6) as u64);
     }
     outcomes.sort_by_key(|o| o.observed_at);
+    holds.sort_by_key(|h| h.observed_at);
     Ok(Facts {
         config: serde_json::json!({ "merged": reports.iter().map(|r| r.config.clone()).collect::<Vec<_>>() }),
         event_id: first.event_id.clone(),
@@ -633,6 +844,9 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, Error> {
         answers,
         accepted,
         outcomes,
+        holds,
+        hold_actions,
+        end: looked,
         dlq,
         ledger,
         accept,
@@ -692,6 +906,12 @@ pub fn merge_summaries(reports: &[Report]) -> Result<Report, Error> {
         merged.inconsistent_replays = merged.inconsistent_replays.max(r.inconsistent_replays);
         merged.ledger_mismatch = merged.ledger_mismatch.max(r.ledger_mismatch);
         merged.dlq = merged.dlq.max(r.dlq);
+        if let Some(acts) = &r.hold_actions {
+            merged
+                .hold_actions
+                .get_or_insert_with(HoldActions::default)
+                .absorb(acts.clone());
+        }
         merged.phantom = merged.phantom.min(r.phantom);
     }
     merged.latency_ms = Latencies {
@@ -763,8 +983,10 @@ mod tests {
                     decision_seq: if i % 2 == 0 { i + 2 } else { i },
                     accepted_at: 1_000 + i,
                     generation: 1,
+                    hold_until: None,
                 },
                 observed_at: 3_000 + i,
+                issuer: Some(format!("issuer-{}", i % 2)),
             });
         }
         Facts {
@@ -784,6 +1006,9 @@ mod tests {
                 .collect(),
             accepted,
             outcomes,
+            holds: Vec::new(),
+            hold_actions: None,
+            end: None,
             dlq: BTreeMap::new(),
             ledger: None,
             accept_uncorrected: accept.clone(),
@@ -813,6 +1038,13 @@ mod tests {
             assert_eq!(m, w);
         }
         assert_eq!(merged.skew, whole.skew, "the skew is recomputed exactly");
+        assert_eq!(merged.shares, whole.shares, "shares are recomputed exactly");
+        assert_eq!(
+            whole.shares.by_issuer.values().copied().collect::<Vec<_>>(),
+            [200, 200],
+            "each request counted once, for the issuer that published it"
+        );
+        assert_eq!(whole.shares.busiest_issuer(), 0.5);
         assert_eq!(whole.skew.inversions, 200, "each adjacent pair swapped");
         assert_eq!(
             merged.latency_ms, whole.latency_ms,
@@ -840,6 +1072,123 @@ mod tests {
         b.event_id = "other".into();
         assert!(merge_facts(&[a.clone(), b.clone()]).is_err());
         assert!(merge_summaries(&[a, b]).is_err());
+    }
+
+    /// [`facts`] of 40 requests and a stock of 10, with holds: request 1
+    /// cancels, its rank goes to request 41, every other winner claims.
+    fn hold_facts(generator: Option<u64>) -> Facts {
+        use couponrush_core::wire::{HoldState, HOLD_KIND};
+        let mut f = facts(40, 10, generator);
+        for o in &mut f.outcomes {
+            if o.outcome.result == DecisionResult::Issued {
+                o.outcome.hold_until = Some(o.outcome.decided_at + 1_000);
+            }
+        }
+        let id = |i: u128| Uuid::from_u128(i);
+        let late = Outcome {
+            request_id: id(41),
+            user_id: "u40".into(),
+            issued_rank: Some(1),
+            offset: 40,
+            decision_seq: 51,
+            decided_at: 2_500,
+            hold_until: Some(3_500),
+            ..f.outcomes[0].outcome.clone()
+        };
+        if generator.is_none_or(|g| g == 0) {
+            f.accepted.insert(
+                id(41),
+                Acceptance {
+                    user_id: "u40".into(),
+                    accepted_at: 1_040,
+                    intended_at: 940,
+                },
+            );
+        }
+        f.outcomes.push(Observed {
+            outcome: late,
+            observed_at: 3_040,
+            issuer: None,
+        });
+        let end = |i: u128, rank: u32, state: HoldState, seq: u64| ObservedHold {
+            hold: HoldOutcome {
+                v: WIRE_VERSION,
+                kind: HOLD_KIND.into(),
+                request_id: id(i),
+                event_id: "e".into(),
+                user_id: format!("u{}", i - 1),
+                state,
+                issued_rank: rank,
+                partition: 1,
+                offset: seq as i64,
+                action_at: 2_400,
+                decided_at: 2_401,
+                replay: false,
+                decision_seq: seq,
+                generation: 1,
+            },
+            observed_at: 3_500 + seq,
+        };
+        f.holds.push(end(1, 1, HoldState::Released, 50));
+        for i in 2..=10u128 {
+            f.holds
+                .push(end(i, i as u32, HoldState::Claimed, 50 + i as u64));
+        }
+        f.holds.push(end(41, 1, HoldState::Claimed, 61));
+        f.end = Some(AuditEnd {
+            at: 10_000,
+            remaining: Some(0),
+            slack_us: 1_000,
+        });
+        let mut acts = HoldActions::default();
+        acts.answers
+            .entry("claim".into())
+            .or_default()
+            .insert("202".into(), if generator.is_some() { 5 } else { 10 });
+        f.hold_actions = Some(acts);
+        f
+    }
+
+    #[test]
+    fn a_drop_with_holds_reports_and_merges_its_holds_exactly() {
+        let whole = Report::build(hold_facts(None), true);
+        assert!(whole.passed, "{}", whole.text());
+        let h = whole.holds.clone().expect("hold figures");
+        assert_eq!(
+            (h.issued, h.claimed, h.cancelled, h.reissued, h.returned),
+            (11, 10, 1, 1, 1)
+        );
+        assert_eq!((h.invariant_off, h.remaining), (0, Some(0)));
+        let text = whole.text();
+        for line in [
+            "holds        11 issued",
+            "invariant    issued 11 - returned 1",
+            "claim [202: 10]",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
+        }
+        let snap = crate::dashboard::Snapshot::from_report(&whole);
+        assert_eq!(snap.holds.as_ref().map(|h| h.reissued), Some(1));
+        assert_eq!(snap.audit.invariant_off, Some(0));
+
+        let a = Report::build(hold_facts(Some(0)), true);
+        let b = Report::build(hold_facts(Some(1)), true);
+        let merged = Report::build(merge_facts(&[a.clone(), b.clone()]).unwrap(), true);
+        assert_eq!(merged.holds, whole.holds, "hold figures merge exactly");
+        assert_eq!(merged.hold_actions, whole.hold_actions, "actions add up");
+        let back: Report = serde_json::from_slice(&serde_json::to_vec(&whole).unwrap()).unwrap();
+        assert_eq!(back.holds, whole.holds);
+        assert_eq!(back.raw.unwrap().holds.len(), 11);
+
+        // The invariant broken in the report fails it.
+        let mut f = hold_facts(None);
+        f.end = Some(AuditEnd {
+            remaining: Some(1),
+            ..f.end.unwrap()
+        });
+        let broken = Report::build(f, false);
+        assert!(!broken.passed);
+        assert!(broken.text().contains("BROKEN"), "{}", broken.text());
     }
 
     #[test]

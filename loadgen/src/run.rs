@@ -1,5 +1,11 @@
 //! One drop, start to finish: set up the event, start watching outcomes,
 //! offer the load, wait for the last decisions, audit the store, report.
+//!
+//! A drop with holds ([`run_drop_with_holds`]) also creates the event with
+//! its claim window, acts for the winners as they are observed
+//! ([`crate::drive::holders`]), and after the last decision waits for every
+//! hold to end (its deadline plus the slack, bounded) before it reads the
+//! event's `remaining` and audits: every coupon claimed or back in stock.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -14,11 +20,13 @@ use couponrush_core::Topics;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
+use crate::dashboard::{Dashboard, RunInfo};
 use crate::drive::direct::DirectFactory;
-use crate::drive::http::{self, Endpoint, HttpFactory};
+use crate::drive::holders::{HoldPlan, Holders, WINNERS_BUFFER};
+use crate::drive::http::{self, Endpoint, EventSetup, HttpFactory, Pool};
 use crate::drive::{drive, Driven, LoadPlan, Progress};
-use crate::measure::audit::EventTerms;
-use crate::observe::{DecidedCount, Observer};
+use crate::measure::audit::{AuditEnd, EventTerms};
+use crate::observe::{DecidedCount, Observer, Watch};
 use crate::report::{Facts, Report};
 use crate::Error;
 
@@ -71,25 +79,114 @@ pub struct DropRun {
 /// Runs `drop` and reports; `cancel` stops the load early (the drain and
 /// audit still run).
 pub async fn run_drop(drop: DropRun, cancel: CancellationToken) -> Result<Report, Error> {
-    let event = drop.plan.event_id.clone();
-    let terms = setup(&drop).await?;
+    run_drop_live(drop, None, cancel).await
+}
 
+/// [`run_drop`], shown live on `dashboard` when given: the page follows
+/// the drop as it runs and shows the report's figures at the end.
+pub async fn run_drop_live(
+    drop: DropRun,
+    dashboard: Option<&Dashboard>,
+    cancel: CancellationToken,
+) -> Result<Report, Error> {
+    run_drop_with_holds(drop, None, dashboard, cancel).await
+}
+
+/// [`run_drop_live`] of an event with holds when `holds` is given: the
+/// winners claim, cancel or never claim as `holds` says.
+pub async fn run_drop_with_holds(
+    drop: DropRun,
+    holds: Option<HoldPlan>,
+    dashboard: Option<&Dashboard>,
+    cancel: CancellationToken,
+) -> Result<Report, Error> {
+    let event = drop.plan.event_id.clone();
+    if let Some(plan) = &holds {
+        plan.validate().map_err(|expected| Error::BadFlag {
+            flag: "--claim-window",
+            expected,
+        })?;
+        if matches!(drop.via, Via::Direct { .. }) {
+            return Err(Error::BadFlag {
+                flag: "--claim-window",
+                expected: "needs the api: claims and cancels are its routes (leave out --direct)",
+            });
+        }
+        if !drop.observe {
+            return Err(Error::BadFlag {
+                flag: "--claim-window",
+                expected: "needs the outcomes watched: the winners are learned from them (leave out --no-observe)",
+            });
+        }
+    }
+    let terms = setup(&drop, holds.as_ref()).await?;
+    let live = dashboard.map(|d| {
+        d.begin(RunInfo {
+            config: drop.config.clone(),
+            event_id: event.clone(),
+            terms,
+            kafka: drop
+                .observe
+                .then(|| (drop.kafka.clone(), drop.topics.requests.clone())),
+        })
+    });
+
+    let (winners, holders_rx) = match holds {
+        Some(_) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(WINNERS_BUFFER);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     let observer = if drop.observe {
         let (kafka, topics, event) = (drop.kafka.clone(), drop.topics.clone(), event.clone());
-        let observer =
-            tokio::task::spawn_blocking(move || Observer::start(&kafka, &topics, &event))
-                .await?
-                .map_err(|source| Error::Kafka {
-                    doing: "watch the outcomes",
-                    brokers: drop.kafka.brokers.clone(),
-                    source,
-                })?;
+        let watch = Watch {
+            live: live.clone(),
+            winners,
+        };
+        let observer = tokio::task::spawn_blocking(move || {
+            Observer::start_watching(&kafka, &topics, &event, watch)
+        })
+        .await?
+        .map_err(|source| Error::Kafka {
+            doing: "watch the outcomes",
+            brokers: drop.kafka.brokers.clone(),
+            source,
+        })?;
         Some(observer)
     } else {
         None
     };
 
-    let progress = Arc::new(Progress::default());
+    let holders = match (holds, holders_rx, &drop.via) {
+        (
+            Some(plan),
+            Some(rx),
+            Via::Http {
+                endpoint, timeout, ..
+            },
+        ) => {
+            let pool = Arc::new(Pool::new(
+                HttpFactory {
+                    endpoint: endpoint.clone(),
+                    timeout: *timeout,
+                },
+                plan.connections,
+            ));
+            Some(Holders::start(
+                plan,
+                pool,
+                event.clone(),
+                rx,
+                cancel.clone(),
+            ))
+        }
+        _ => None,
+    };
+    let progress = Arc::new(Progress {
+        live,
+        ..Progress::default()
+    });
     let display = drop.progress.then(|| {
         ProgressDisplay::start(
             progress.clone(),
@@ -115,10 +212,21 @@ pub async fn run_drop(drop: DropRun, cancel: CancellationToken) -> Result<Report
         }
     };
     let load_finished_at = driven.finished_at;
+    if let Some(live) = &progress.live {
+        live.load_finished();
+    }
     let mut undecided = 0;
+    let mut open_holds = 0;
     if let Some(observer) = &observer {
         let ids: HashSet<_> = driven.accepted.keys().copied().collect();
         undecided = observer.wait_for(&ids, drop.drain_timeout).await;
+        if let Some(plan) = &holds {
+            // Every hold ends by its deadline (claimed, cancelled or swept):
+            // wait for the last one, and a bounded while more at most.
+            open_holds = observer
+                .wait_for_holds(plan.slack, plan.claim_window + plan.slack * 2)
+                .await;
+        }
         // A little longer, so late replays of the last batches are seen too.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -126,9 +234,49 @@ pub async fn run_drop(drop: DropRun, cancel: CancellationToken) -> Result<Report
         display.finish().await;
     }
     let finished_at = now_micros();
+    // The observer's end closes the winners' channel: the holders finish.
     let observations = observer.map(Observer::finish).unwrap_or_default();
+    let hold_actions = match holders {
+        Some(h) => Some(h.finish().await),
+        None => None,
+    };
 
     let mut notes = Vec::new();
+    let mut end = None;
+    if let (Some(plan), Via::Http { endpoint, .. }) = (&holds, &drop.via) {
+        if open_holds > 0 {
+            notes.push(format!(
+                "{open_holds} holds had not ended {:?} past their deadline",
+                plan.slack
+            ));
+        }
+        let issued_any = observations
+            .outcomes
+            .iter()
+            .any(|o| o.outcome.result == couponrush_core::DecisionResult::Issued);
+        if issued_any
+            && observations
+                .outcomes
+                .iter()
+                .all(|o| o.outcome.hold_until.is_none())
+        {
+            notes.push(
+                "coupons were issued without a claim window: does the api know claim_window_ms?"
+                    .into(),
+            );
+        }
+        let info = http::get_event(endpoint, &event).await?;
+        if info.remaining.is_none() {
+            notes.push(
+                "the api did not show remaining: the invariant is checked against the store".into(),
+            );
+        }
+        end = Some(AuditEnd {
+            at: now_micros(),
+            remaining: info.remaining.map(u64::from),
+            slack_us: plan.slack.as_micros() as u64,
+        });
+    }
     if undecided > 0 {
         notes.push(format!(
             "{undecided} accepted requests were still undecided after the {:?} drain (counted as lost)",
@@ -157,6 +305,9 @@ pub async fn run_drop(drop: DropRun, cancel: CancellationToken) -> Result<Report
         answers: driven.answers,
         accepted: driven.accepted,
         outcomes: observations.outcomes,
+        holds: observations.holds,
+        hold_actions,
+        end,
         dlq: observations.dlq,
         ledger,
         accept: driven.accept,
@@ -164,12 +315,16 @@ pub async fn run_drop(drop: DropRun, cancel: CancellationToken) -> Result<Report
         notes,
         observed: drop.observe,
     };
-    Ok(Report::build(facts, drop.keep_raw))
+    let report = Report::build(facts, drop.keep_raw);
+    if let Some(d) = dashboard {
+        d.finish(&report).await;
+    }
+    Ok(report)
 }
 
 /// Reads the event's ledger, retrying a store that is reconnecting (a
 /// restarted Redis breaks the first call on the old connection).
-async fn audit_ledger(store: &dyn Store, event: &str) -> Result<Option<Ledger>, Error> {
+pub(crate) async fn audit_ledger(store: &dyn Store, event: &str) -> Result<Option<Ledger>, Error> {
     let mut attempt = 0;
     loop {
         match store.ledger(event).await {
@@ -188,11 +343,12 @@ async fn audit_ledger(store: &dyn Store, event: &str) -> Result<Option<Ledger>, 
     }
 }
 
-async fn setup(drop: &DropRun) -> Result<EventTerms, Error> {
+async fn setup(drop: &DropRun, holds: Option<&HoldPlan>) -> Result<EventTerms, Error> {
     let event = &drop.plan.event_id;
     let spec = EventSpec {
         stock: drop.terms.stock,
         per_user_limit: drop.terms.per_user_limit,
+        claim_window_us: 0,
     };
     match (&drop.via, drop.setup, &drop.store) {
         (
@@ -204,11 +360,14 @@ async fn setup(drop: &DropRun) -> Result<EventTerms, Error> {
             true,
             _,
         ) => {
-            let e = http::put_event(
+            let e = http::define_event(
                 endpoint,
                 event,
-                spec.stock,
-                spec.per_user_limit,
+                EventSetup {
+                    stock: spec.stock,
+                    per_user_limit: spec.per_user_limit,
+                    claim_window: holds.map(|h| h.claim_window),
+                },
                 admin_token.as_deref(),
             )
             .await?;

@@ -9,7 +9,7 @@
 //! a value the flag cannot parse. The infrastructure is checked for what
 //! couponrush's guarantees rest on: three brokers that replicate every record
 //! three times and acknowledge on two, a Redis that fsyncs every decision, and
-//! the four topics created with explicit retention.
+//! the five topics created with explicit retention.
 //!
 //! Compose interpolation is resolved as with nothing set on the host
 //! (`${X:-d}` is `d`), and the test process's own environment is kept out of
@@ -680,6 +680,8 @@ fn check_topics(doc: &Value) -> Vec<String> {
         topics::OUTCOMES,
         topics::DLQ,
         topics::EVENTS,
+        topics::CHECKPOINTS,
+        topics::COMPENSATIONS,
     ]
     .into();
     assert_eq!(
@@ -958,7 +960,7 @@ fn redis_fsyncs_every_decision_before_answering() {
 }
 
 #[test]
-fn init_creates_the_four_topics_with_the_retention_core_specifies() {
+fn init_creates_every_topic_with_the_retention_core_specifies() {
     assert_clean(check_topics(&load(COMPOSE)));
 }
 

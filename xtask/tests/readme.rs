@@ -26,6 +26,7 @@ fn help(which: &str) -> String {
     let mut cmd = match words.next() {
         Some("coupon-api") => plain(couponrush_api::Cli::command()),
         Some("coupon-issuer") => plain(couponrush_issuer::Cli::command()),
+        Some("coupon-notifier") => plain(couponrush_notifier::Cli::command()),
         Some("coupon-loadgen") => plain(couponrush_loadgen::Cli::command()),
         Some("coupon-lab") => plain(couponrush_lab::Cli::command()),
         Some("coupon-chaos") => plain(couponrush_chaos::Cli::command()),
@@ -89,7 +90,12 @@ fn readme_flag_reference_matches_the_binaries() {
 #[test]
 fn every_binary_and_subcommand_is_documented() {
     let readme = std::fs::read_to_string(readme_path()).expect("README.md");
-    for binary in ["coupon-api", "coupon-issuer", "coupon-chaos"] {
+    for binary in [
+        "coupon-api",
+        "coupon-issuer",
+        "coupon-notifier",
+        "coupon-chaos",
+    ] {
         assert!(
             readme.contains(&format!("<!-- help:{binary} -->")),
             "README has no flag reference for `{binary}`"

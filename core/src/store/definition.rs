@@ -85,11 +85,7 @@ async fn restate(
     mut live: EventState,
 ) -> EventState {
     for _ in 0..MAX_RESTATEMENTS {
-        let spec = EventSpec {
-            stock: live.stock,
-            per_user_limit: live.per_user_limit,
-        };
-        let record = record(&live.event_id, spec, live.generation);
+        let record = record(&live.event_id, live.spec(), live.generation);
         if let Err(e) = producer.publish_event(events_topic, &record).await {
             tracing::warn!(
                 event_id = live.event_id,
@@ -122,5 +118,6 @@ fn record(event_id: &str, spec: EventSpec, generation: u64) -> EventRecord {
         per_user_limit: spec.per_user_limit,
         generation,
         written_at: now_micros(),
+        claim_window_us: spec.claim_window_us,
     }
 }

@@ -4,7 +4,7 @@
 //! The epoch marker and the recovery lock behave as the Redis store's do, so
 //! recovery can be tested without a server.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -12,10 +12,11 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{
-    BatchVerdict, Coupon, Decision, Defined, EventBatch, EventSnapshot, EventSpec, EventState,
-    Ledger, LoggedDecisions, Store, StoreError,
+    BatchVerdict, Coupon, Decision, Defined, DueHold, EventBatch, EventSnapshot, EventSpec,
+    EventState, Hold, HoldEnd, HoldStatus, Ledger, LoggedDecisions, PendingAction, Store,
+    StoreError,
 };
-use crate::wire::DecisionResult;
+use crate::wire::{DecisionResult, HoldState, HoldVerb};
 
 #[derive(Debug)]
 struct DedupRecord {
@@ -33,7 +34,9 @@ struct MemEvent {
     decided: HashMap<Uuid, DedupRecord>,
     decided_since_sweep: usize,
     seq: u64,
-    free_ranks: std::collections::VecDeque<u32>,
+    free_ranks: BTreeSet<u32>,
+    /// Holds by request, with whether their end is logged.
+    holds: HashMap<Uuid, (Hold, bool)>,
     /// The highest generation claimed for a definition.
     claimed: u64,
 }
@@ -62,12 +65,16 @@ impl MemEvent {
             per_user_limit: spec.per_user_limit,
             remaining: spec.stock,
             generation,
+            claim_window_us: spec.claim_window_us,
+            released: 0,
+            claimed: 0,
         };
         self.state = Some(state.clone());
         self.holders.clear();
         self.coupons.clear();
         self.seq = 0;
         self.free_ranks.clear();
+        self.holds.clear();
         Defined {
             state,
             applied: true,
@@ -77,6 +84,64 @@ impl MemEvent {
 }
 
 impl MemEvent {
+    /// Applies one action on a hold (see the store's module doc): the end
+    /// it made or restated, `None` when it decided nothing.
+    fn act(&mut self, a: &PendingAction, now: u64) -> Option<HoldEnd> {
+        let state = self.state.as_mut()?;
+        let (hold, logged) = self.holds.get_mut(&a.request_id)?;
+        if hold.user_id != a.user_id {
+            return None;
+        }
+        let target = match a.verb {
+            HoldVerb::Claim => HoldState::Claimed,
+            HoldVerb::Cancel => HoldState::Released,
+            HoldVerb::Expire => HoldState::Expired,
+        };
+        if hold.state != HoldState::Held {
+            return (hold.state == target).then_some(HoldEnd {
+                state: target,
+                rank: hold.rank,
+                decided_at: hold.ended_at,
+                replay: true,
+                seq: hold.end_seq,
+            });
+        }
+        let allowed = match a.verb {
+            HoldVerb::Claim => a.at < hold.until,
+            HoldVerb::Cancel => true,
+            HoldVerb::Expire => now >= hold.until,
+        };
+        if !allowed {
+            return None;
+        }
+        self.seq += 1;
+        if target == HoldState::Claimed {
+            state.claimed += 1;
+        } else {
+            state.remaining += 1;
+            state.released += 1;
+            if let Some(n) = self.holders.get_mut(&hold.user_id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.holders.remove(&hold.user_id);
+                }
+            }
+            self.coupons.remove(&hold.rank);
+            self.free_ranks.insert(hold.rank);
+        }
+        hold.state = target;
+        hold.ended_at = now;
+        hold.end_seq = self.seq;
+        *logged = false;
+        Some(HoldEnd {
+            state: target,
+            rank: hold.rank,
+            decided_at: now,
+            replay: false,
+            seq: self.seq,
+        })
+    }
+
     /// Drops expired dedup records once the map has doubled since the last
     /// sweep, so memory stays proportional to what the retention keeps.
     fn sweep(&mut self, now: u64) {
@@ -222,6 +287,8 @@ impl Store for MemoryStore {
                 verdicts.push(BatchVerdict::UnknownEvent);
                 continue;
             };
+            let holds: Vec<Option<HoldEnd>> =
+                batch.actions.iter().map(|a| ev.act(a, now)).collect();
             let mut decisions = Vec::with_capacity(batch.requests.len());
             for p in &batch.requests {
                 let state = ev.state.as_mut().expect("filtered above");
@@ -256,10 +323,22 @@ impl Store for MemoryStore {
                     state.remaining -= 1;
                     let rank = ev
                         .free_ranks
-                        .pop_front()
+                        .pop_first()
                         .unwrap_or(state.stock - state.remaining);
                     *ev.holders.entry(p.user_id.clone()).or_default() += 1;
                     ev.coupons.insert(rank, (p.request_id, p.user_id.clone()));
+                    if state.claim_window_us > 0 {
+                        let hold = Hold {
+                            request_id: p.request_id,
+                            user_id: p.user_id.clone(),
+                            rank,
+                            until: now + state.claim_window_us,
+                            state: HoldState::Held,
+                            ended_at: 0,
+                            end_seq: 0,
+                        };
+                        ev.holds.insert(p.request_id, (hold, true));
+                    }
                     (DecisionResult::Issued, Some(rank))
                 };
                 ev.seq += 1;
@@ -284,10 +363,12 @@ impl Store for MemoryStore {
                 ev.sweep(now);
                 decisions.push(decision);
             }
-            let generation = ev.state.as_ref().map_or(0, |s| s.generation);
+            let state = ev.state.as_ref().expect("filtered above");
             verdicts.push(BatchVerdict::Decided {
-                generation,
+                generation: state.generation,
                 decisions,
+                holds,
+                claim_window_us: state.claim_window_us,
             });
         }
         Ok(verdicts)
@@ -344,6 +425,13 @@ impl Store for MemoryStore {
                     .filter(|r| r.generation == b.generation && r.decision.seq == *seq)
                 {
                     r.decision.logged = true;
+                }
+                if let Some((_, logged)) = ev
+                    .holds
+                    .get_mut(id)
+                    .filter(|(h, _)| h.end_seq == *seq && *seq > 0)
+                {
+                    *logged = true;
                 }
             }
         }
@@ -404,6 +492,11 @@ impl Store for MemoryStore {
         ev.state = Some(snap.state.clone());
         ev.seq = snap.seq;
         ev.free_ranks = snap.free_ranks.iter().copied().collect();
+        ev.holds = snap
+            .holds
+            .iter()
+            .map(|h| (h.request_id, (h.clone(), true)))
+            .collect();
         ev.holders = snap.holders.iter().cloned().collect();
         ev.coupons = snap
             .coupons
@@ -451,6 +544,48 @@ impl Store for MemoryStore {
                 })
                 .collect(),
             holders,
+            free_ranks: ev.free_ranks.iter().copied().collect(),
+            holds: {
+                let mut holds: Vec<Hold> = ev.holds.values().map(|(h, _)| h.clone()).collect();
+                holds.sort_by_key(|h| h.request_id);
+                holds
+            },
         }))
+    }
+
+    async fn hold(
+        &self,
+        event_id: &str,
+        request_id: Uuid,
+    ) -> Result<Option<HoldStatus>, StoreError> {
+        Ok(self
+            .lock()
+            .get(event_id)
+            .and_then(|e| e.holds.get(&request_id))
+            .map(|(hold, logged)| HoldStatus {
+                hold: hold.clone(),
+                end_logged: *logged,
+            }))
+    }
+
+    async fn due_holds(&self, now: u64, limit: usize) -> Result<Vec<DueHold>, StoreError> {
+        let events = self.lock();
+        let mut due: Vec<DueHold> = events
+            .iter()
+            .flat_map(|(event_id, e)| {
+                e.holds
+                    .values()
+                    .filter(|(h, _)| h.state == HoldState::Held && h.until <= now)
+                    .map(|(h, _)| DueHold {
+                        event_id: event_id.clone(),
+                        request_id: h.request_id,
+                        user_id: h.user_id.clone(),
+                        until: h.until,
+                    })
+            })
+            .collect();
+        due.sort_by_key(|d| (d.until, d.request_id));
+        due.truncate(limit);
+        Ok(due)
     }
 }

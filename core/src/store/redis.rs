@@ -7,30 +7,118 @@
 //!
 //! | key                       | type   | holds |
 //! |---------------------------|--------|-------|
-//! | `cr:{E}:event`            | hash   | stock, remaining, per_user_limit, generation, seq |
-//! | `cr:{E}:holders`          | hash   | user id → coupons held |
-//! | `cr:{E}:coupons`          | hash   | rank → request id ‖ user id |
-//! | `cr:{E}:req:<request id>` | string | the decision, expiring after the dedup retention |
+//! | `cr:{E}:event`            | hash   | stock, remaining, per_user_limit, generation, seq, claim_window (µs), released, claimed, dedup_since (µs, Redis's clock), layout |
+//! | `cr:{E}:holders`          | hash   | user id → coupons held now |
+//! | `cr:{E}:coupons`          | hash   | rank → request id ‖ user id, the coupons out now |
+//! | `cr:{E}:holds`            | hash   | request id → `state\|rank\|until\|ended_at\|end_seq\|user id` (events with holds) |
+//! | `cr:{E}:due`              | zset   | request ids still held, scored by deadline (the expiry sweep's list) |
+//! | `cr:{E}:dedup`            | hash   | request id → `generation\|code\|rank\|decided_at\|seq\|user id`: the dedup records written since `dedup_since` |
+//! | `cr:{E}:dedup:old`        | hash   | the dedup records of the window before |
+//! | `cr:{E}:req:<request id>` | string | a dedup record as an earlier version kept it (one key each, expiring after the retention): read, never written, see below |
 //! | `cr:{E}:confirmed`        | zset   | ranges `lo-hi` of logged decision numbers of the current generation: their outcomes are in the log (score `lo`; added only while the event has the generation they were decided in) |
-//! | `cr:{E}:free`             | list   | ranks a recovery found unused below the highest (given out first) |
+//! | `cr:{E}:free_ranks`       | zset   | ranks below the highest issued that no coupon out holds: returned by a hold's end, or found unused by a recovery (lowest given out first). The list `cr:{E}:free` an earlier version kept them in is moved into it by the next decision (and deleted by a definition or a restore) |
 //! | `cr:{E}:claimed`          | string | the highest generation claimed for a definition (applied or not) |
 //! | `cr:events`               | set    | every event id (for lookups by request id alone) |
-//! | `cr:epoch`                | string | the epoch marker; absent = state lost, recover first |
-//! | `cr:recovery`             | string | the recovery lock |
+//! | `cr:epoch`                | string | the epoch marker; absent = never held state or lost it, `lost:<epoch>` = came back behind; either way, recover first (`cr:{cr}:epoch` on a cluster) |
+//! | `cr:recovery`             | string | the recovery lock (`cr:{cr}:recovery` on a cluster) |
+//! | `cr:{T}:slot-epoch`       | string | on a cluster only: the epoch marker of the slot tag `T` hashes to, as the scripts of that slot's events check it |
+//!
+//! ## Dedup records: two hashes per event, turned over by the retention
+//!
+//! A decision's dedup record is a field of `cr:{E}:dedup`. Once that hash is
+//! one retention `R` old (by Redis's own clock, `TIME`, as `SET EX` kept
+//! the records before), the decide script renames it `cr:{E}:dedup:old`,
+//! dropping the `old` one before it, all of whose records are at least `R`
+//! old; each hash also expires `R` after its last write. So a record lives
+//! at least `R` (the rule: keep it ≥ the requests topic's retention) and at
+//! most about `2R`, and a batch costs one `HMGET` per hash and one `HSET`,
+//! not a `GET` and a `SET EX` per request (docs/BENCHMARKS.md, issuer). A
+//! definition drops both hashes (records of another generation are void
+//! anyway); a restore writes the log's records into `cr:{E}:dedup`.
+//!
+//! **An earlier version's records** (`cr:{E}:req:<id>`, one string key
+//! each) are still **read, not migrated**: an event whose hash has no
+//! `layout` 2 (defined by an earlier version and not defined or restored
+//! since) may hold them, so its decide calls pass those keys and the script
+//! looks a request up there when the hashes do not have it; new records go
+//! to the hashes. The store learns from each reply which events have
+//! layout 2 and stops passing the keys for them (a call that finds it
+//! wrong decides nothing and answers [`StoreError::Unavailable`]: the
+//! batch is retried). The next definition or restore of the event (a
+//! restore purges the old keys by `SCAN`) gives it layout 2. Running
+//! earlier and later versions side by side against one store is not
+//! supported: an earlier issuer would write records the later one does
+//! not read.
+//!
+//! ## A server that comes back behind
+//!
+//! A redis-server restarted from an older snapshot (RDB or AOF not synced
+//! on every write), or a replica promoted before it caught up, still holds
+//! `cr:epoch`: its data looks whole, but the last decisions are missing, so
+//! it would sell their stock and ranks again. What such a server has always
+//! lost is its **script cache** (Redis ≥ 7 neither persists nor replicates
+//! it). So every script that decides or changes an event's state is
+//! **bound to the epoch**: its text names the epoch, it checks in the same
+//! atomic step that the store still holds that epoch (so nothing is decided
+//! while a rebuild, which marks the store `lost:` first, is under way), and
+//! it is loaded only by the recovery that writes that epoch, *before*
+//! writing it. A call that
+//! finds its script missing while the server still holds that epoch has
+//! found a server that restarted or failed over since the epoch was
+//! vouched for: it decides nothing, marks the store `lost:<epoch>`, and
+//! reports [`StoreError::Lost`]; the store is then rebuilt from the log
+//! behind the fence like a store that came back empty, stale dedup records
+//! included ([`Store::restore`] replaces an event's every key). The cost: a
+//! restart that lost nothing (AOF with `appendfsync always`) or a
+//! `SCRIPT FLUSH` is rebuilt too, which is safe and takes the fence plus a
+//! read of the log. Redis 7 or newer is required (checked at connect): an
+//! older one replicated and replayed its scripts.
+//!
+//! ## On a Redis Cluster (`redis+cluster://host:port,…`)
+//!
+//! A script may touch one slot only, so the epoch is kept **per slot**:
+//! besides the store's marker `cr:{cr}:epoch` (and the lock
+//! `cr:{cr}:recovery`, one hash tag so the fenced script checks both), every
+//! one of the 16,384 slots has a marker `cr:{T}:slot-epoch`, `T` a tag that
+//! hashes to that slot. An event's bound scripts check the marker of their
+//! event's slot; a missing script is judged, as above, by the markers of
+//! the slots the call touched: a slot that holds the very epoch, or none
+//! while the store holds one, lost its node's data or scripts (a replica
+//! promoted behind, a restarted master), and is marked lost with the store.
+//! The rebuild stays whole-store: [`Store::begin_rebuild`] marks the store,
+//! then every slot (over the old epoch the slots of the masters that did
+//! not fail still hold); the restore's writes of an event are fenced by its
+//! slot's marker (refused once it holds an epoch) in the same atomic step,
+//! and by the lock checked before each round trip (the lock is on another
+//! slot: a recoverer whose lock lapses between that check and its write can
+//! still write, but only into slots with no epoch yet, and after its own
+//! fence, so what it writes is what the log held); [`Store::set_epoch`]
+//! loads the bound scripts on every master, writes every slot, then the
+//! store's marker. The cost: a rebuild writes 16,384 markers twice (about
+//! 32 round trips), and a failover of one master rebuilds every event.
+//! A pipeline is split by slot ([`crate::redis_conn`]): a node that lost
+//! its scripts refuses its own calls only, the others' run but their
+//! replies are not returned (the caller retries: a replay, or a rebuild).
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_routing::Slot;
 use redis::{Pipeline, RedisError};
 use uuid::Uuid;
 
 use super::{
-    result_from_code, seq_ranges, BatchVerdict, Coupon, Decision, Defined, EventBatch,
-    EventSnapshot, EventSpec, EventState, Ledger, LoggedDecisions, Store, StoreError,
-    MAX_LOGGED_RANGE,
+    hold_state_code, hold_state_from_code, result_from_code, seq_ranges, verb_code, BatchVerdict,
+    Coupon, Decision, Defined, DueHold, EventBatch, EventSnapshot, EventSpec, EventState, Hold,
+    HoldEnd, HoldStatus, Ledger, LoggedDecisions, Store, StoreError, MAX_LOGGED_RANGE,
 };
-use crate::wire::DecisionResult;
+use crate::redis_conn::{ConnectError, RedisConn};
+use crate::wire::{DecisionResult, HoldState};
 
 /// The decide script, see its header for the contract.
 pub const DECIDE_LUA: &str = include_str!("decide.lua");
@@ -39,12 +127,15 @@ pub const DECIDE_LUA: &str = include_str!("decide.lua");
 /// stock, no holders, the decision numbering (and its logged marks)
 /// restarted.
 ///
-/// KEYS[1..5] the event, holders, coupons, logged and free keys, KEYS[6]
-/// the highest claimed generation; ARGV[1] stock, ARGV[2] per-user limit,
-/// ARGV[3] the generation (0: claim the next one, for a definition without
-/// the log). Applied only if the generation is above the one held. Returns
-/// {existed, applied, generation, stock, remaining, per_user_limit}, the
-/// last four as the event is now.
+/// KEYS[1..5] the event, holders, coupons, logged and free ranks keys,
+/// KEYS[6] the highest claimed generation, KEYS[7..9] the holds, due and
+/// (old) free list keys, KEYS[10..11] the dedup hashes; ARGV[1] stock, ARGV[2] per-user limit, ARGV[3] the
+/// generation (0: claim the next one, for a definition without the log),
+/// ARGV[4] the claim window (µs). Applied only if the generation is above
+/// the one held. Returns {existed, applied, generation, stock, remaining,
+/// per_user_limit, claim_window, released, claimed}, all but the first two
+/// as the event is now. The event gets layout 2: no dedup record of it is a
+/// string key (those of earlier generations are void).
 const DEFINE_LUA: &str = r"
 local existed = redis.call('EXISTS', KEYS[1])
 local held = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
@@ -55,12 +146,13 @@ if generation == 0 then
 end
 local applied = 0
 if generation > held then
-  redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'remaining', ARGV[1], 'per_user_limit', ARGV[2], 'generation', generation, 'seq', 0)
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'remaining', ARGV[1], 'per_user_limit', ARGV[2], 'generation', generation, 'seq', 0, 'claim_window', ARGV[4], 'released', 0, 'claimed', 0, 'layout', 2)
+  redis.call('HDEL', KEYS[1], 'dedup_since')
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11])
   applied = 1
 end
-local s = redis.call('HMGET', KEYS[1], 'generation', 'stock', 'remaining', 'per_user_limit')
-return {existed, applied, tonumber(s[1]), tonumber(s[2]), tonumber(s[3]), tonumber(s[4])}
+local s = redis.call('HMGET', KEYS[1], 'generation', 'stock', 'remaining', 'per_user_limit', 'claim_window', 'released', 'claimed')
+return {existed, applied, tonumber(s[1]), tonumber(s[2]), tonumber(s[3]), tonumber(s[4]), tonumber(s[5] or '0'), tonumber(s[6] or '0'), tonumber(s[7] or '0')}
 ";
 
 /// Claims the next generation of an event: above the one held (KEYS[1])
@@ -105,7 +197,8 @@ return 0
 ";
 
 /// Runs recovery writes only if, in the same atomic step, the caller holds
-/// the recovery lock and the store has no epoch yet. Returns 1 when the
+/// the recovery lock and the store has no epoch yet (none, or a `lost:`
+/// marker). Returns 1 when the
 /// writes ran, 0 when the lock is someone else's (or expired), -1 when the
 /// epoch is set (a rebuild already finished).
 ///
@@ -117,7 +210,8 @@ const FENCED_LUA: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-if redis.call('EXISTS', KEYS[2]) == 1 then
+local epoch = redis.call('GET', KEYS[2])
+if epoch and string.sub(epoch, 1, 5) ~= 'lost:' then
   return -1
 end
 local i = 2
@@ -128,6 +222,43 @@ while i <= #ARGV do
 end
 return 1
 ";
+
+/// [`FENCED_LUA`] for one slot of a Redis Cluster: runs the writes only if
+/// the slot's epoch marker (KEYS[1]) holds no epoch (none, or a `lost:`
+/// marker). ARGV as [`FENCED_LUA`]'s (the owner is checked apart, see
+/// [`RedisStore::fenced`]). Returns 1 when the writes ran, -1 when the slot
+/// has its epoch.
+const SLOT_FENCED_LUA: &str = r"
+local epoch = redis.call('GET', KEYS[1])
+if epoch and string.sub(epoch, 1, 5) ~= 'lost:' then
+  return -1
+end
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+";
+
+/// Marks the store lost (`lost:<epoch>`) if it still holds the epoch
+/// ARGV[1]: the server restarted or failed over since that epoch's scripts
+/// were loaded. KEYS[1] the epoch marker.
+const FORGET_EPOCH_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], 'lost:' .. ARGV[1])
+  return 1
+end
+return 0
+";
+
+/// The prefix of an epoch marker that says the store came back behind, or
+/// is being rebuilt.
+const LOST_PREFIX: &str = "lost:";
+
+/// The error a bound script answers when the store holds another epoch.
+const EPOCH_MISMATCH: &str = "EPOCHMISMATCH";
 
 /// Commands per fenced script call (a call holds Redis briefly), calls per
 /// round trip, and arguments per command (a command fits Lua's stack).
@@ -141,10 +272,43 @@ pub const MAX_REQUESTS_PER_CALL: usize = 512;
 
 /// The set of all event ids.
 const EVENTS_KEY: &str = "cr:events";
-/// The epoch marker.
+/// The epoch marker (one server).
 const EPOCH_KEY: &str = "cr:epoch";
-/// The recovery lock.
+/// The recovery lock (one server).
 const RECOVERY_KEY: &str = "cr:recovery";
+/// The epoch marker and the recovery lock on a Redis Cluster: one hash
+/// tag, so the fenced script can check both.
+const CLUSTER_EPOCH_KEY: &str = "cr:{cr}:epoch";
+const CLUSTER_RECOVERY_KEY: &str = "cr:{cr}:recovery";
+/// Slots of a Redis Cluster.
+const SLOTS: usize = 16384;
+/// Slot markers written per round trip by a rebuild.
+const SLOT_MARKERS_PER_ROUND_TRIP: usize = 1024;
+
+/// A hash tag for every slot of a Redis Cluster (the smallest decimal
+/// number that hashes there), found once.
+fn slot_tags() -> &'static HashMap<Slot, String> {
+    static TAGS: OnceLock<HashMap<Slot, String>> = OnceLock::new();
+    TAGS.get_or_init(|| {
+        let mut tags = HashMap::with_capacity(SLOTS);
+        let mut n: u64 = 0;
+        while tags.len() < SLOTS {
+            let tag = n.to_string();
+            tags.entry(Slot::for_key(&tag)).or_insert(tag);
+            n += 1;
+        }
+        tags
+    })
+}
+
+/// The epoch marker of the slot `key` hashes to, on a Redis Cluster.
+fn slot_epoch_key(key: &str) -> String {
+    slot_marker(&slot_tags()[&Slot::for_key(key)])
+}
+
+fn slot_marker(tag: &str) -> String {
+    format!("cr:{{{tag}}}:slot-epoch")
+}
 
 fn event_key(event: &str) -> String {
     format!("cr:{{{event}}}:event")
@@ -155,8 +319,30 @@ fn holders_key(event: &str) -> String {
 fn coupons_key(event: &str) -> String {
     format!("cr:{{{event}}}:coupons")
 }
-fn request_key(event: &str, request_id: &Uuid) -> String {
-    format!("cr:{{{event}}}:req:{request_id}")
+fn dedup_key(event: &str) -> String {
+    format!("cr:{{{event}}}:dedup")
+}
+fn old_dedup_key(event: &str) -> String {
+    format!("cr:{{{event}}}:dedup:old")
+}
+/// A dedup record as an earlier version kept it (read, never written; see
+/// the module doc).
+fn legacy_record_key(event: &str, request_id: &Uuid) -> String {
+    format!("{}{request_id}", legacy_record_key_prefix(event))
+}
+fn legacy_record_key_prefix(event: &str) -> String {
+    format!("cr:{{{event}}}:req:")
+}
+/// `s` with Redis glob metacharacters escaped, for `SCAN MATCH`.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 /// The event's logged decision numbers. The key keeps its first name
 /// (`confirmed`) so stored data stays readable.
@@ -164,7 +350,52 @@ fn logged_key(event: &str) -> String {
     format!("cr:{{{event}}}:confirmed")
 }
 fn free_key(event: &str) -> String {
+    format!("cr:{{{event}}}:free_ranks")
+}
+/// The list of free ranks [`free_key`] replaced: moved into it by the
+/// decide script on first sight, so a store upgraded in place never issues
+/// a rank its earlier recovery left free as a new one.
+fn old_free_key(event: &str) -> String {
     format!("cr:{{{event}}}:free")
+}
+fn holds_key(event: &str) -> String {
+    format!("cr:{{{event}}}:holds")
+}
+fn due_key(event: &str) -> String {
+    format!("cr:{{{event}}}:due")
+}
+
+/// Encodes a hold as the script writes it.
+fn encode_hold(h: &Hold) -> String {
+    format!(
+        "{}|{}|{}|{}|{}|{}",
+        hold_state_code(h.state),
+        h.rank,
+        h.until,
+        h.ended_at,
+        h.end_seq,
+        h.user_id
+    )
+}
+
+/// Parses a hold `state|rank|until|ended_at|end_seq|user_id`.
+fn parse_hold(request_id: Uuid, record: &str) -> Option<Hold> {
+    let mut parts = record.splitn(6, '|');
+    let state = hold_state_from_code(parts.next()?.parse().ok()?)?;
+    let rank = parts.next()?.parse().ok()?;
+    let until = parts.next()?.parse().ok()?;
+    let ended_at = parts.next()?.parse().ok()?;
+    let end_seq = parts.next()?.parse().ok()?;
+    let user_id = parts.next()?.to_string();
+    Some(Hold {
+        request_id,
+        user_id,
+        rank,
+        until,
+        state,
+        ended_at,
+        end_seq,
+    })
 }
 fn claimed_key(event: &str) -> String {
     format!("cr:{{{event}}}:claimed")
@@ -219,81 +450,384 @@ fn covered(seq: u64, ranges: &[String]) -> bool {
     })
 }
 
-/// A [`Store`] backed by one Redis server (or a Cluster-compatible proxy).
+/// The scripts that decide or change an event's state, bound to the epoch
+/// that vouched for the state they act on (see the module doc).
+#[derive(Debug)]
+struct Bound {
+    /// The epoch (`None`: the store has none yet; only a store that never
+    /// held state runs these, see [`RedisStore::query_bound`]).
+    epoch: Option<String>,
+    decide: String,
+    define: String,
+    claim: String,
+    mark_logged: String,
+}
+
+impl Bound {
+    const SCRIPTS: [&'static str; 4] = [DECIDE_LUA, DEFINE_LUA, CLAIM_LUA, MARK_LOGGED_LUA];
+
+    /// Each script's text as bound to `epoch`: its name in a comment (so
+    /// each epoch has scripts of its own, which a restarted or promoted
+    /// server has lost), then a check, in the same atomic step as the
+    /// script's work, that the store holds that epoch (none: no epoch at
+    /// all) — so nothing is decided while the store is being rebuilt
+    /// (marked `lost:`) or after it was. The caller appends the epoch key
+    /// to KEYS and [`Bound::tag`] to ARGV; the check takes both off.
+    fn texts(epoch: Option<&str>) -> [String; 4] {
+        let tag = epoch.unwrap_or("(none)");
+        Self::SCRIPTS.map(|body| {
+            format!(
+                "-- couponrush: bound to epoch {tag}\n\
+                 local epoch_held = redis.call('GET', table.remove(KEYS)) or ''\n\
+                 if epoch_held ~= table.remove(ARGV) then\n\
+                 \x20 return redis.error_reply('{EPOCH_MISMATCH} the store holds epoch ' .. epoch_held)\n\
+                 end\n{body}"
+            )
+        })
+    }
+
+    /// The epoch the scripts check for ("" for none).
+    fn tag(&self) -> &str {
+        self.epoch.as_deref().unwrap_or("")
+    }
+
+    fn new(epoch: Option<String>) -> Self {
+        let [decide, define, claim, mark_logged] =
+            Self::texts(epoch.as_deref()).map(|t| redis::Script::new(&t).get_hash().to_string());
+        Self {
+            epoch,
+            decide,
+            define,
+            claim,
+            mark_logged,
+        }
+    }
+}
+
+/// A [`Store`] backed by one Redis server or a Redis Cluster.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
-    decide_sha: String,
-    define_sha: String,
-    claim_sha: String,
-    mark_logged_sha: String,
+    conn: RedisConn,
+    bound: Arc<RwLock<Arc<Bound>>>,
     unlock_sha: String,
     extend_sha: String,
     fenced_sha: String,
+    slot_fenced_sha: String,
     dedup_retention_secs: u64,
+    /// Events known to have layout 2 (no dedup record as a string key), so
+    /// their decide calls need not pass those keys (see the module doc).
+    layout2: Arc<Mutex<HashSet<String>>>,
 }
 
+/// Events remembered in [`RedisStore`]'s `layout2` at most: forgetting one
+/// costs a decide call that passes the old keys, and it is learnt again.
+const LAYOUT2_REMEMBERED: usize = 4096;
+
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`) and loads the scripts.
+    /// Connects to `url` (`redis://host:port/db`, or
+    /// `redis+cluster://host:port,…` for a Redis Cluster) and loads the
+    /// scripts.
     pub async fn connect(url: &str, dedup_retention: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Invalid(format!("bad Redis URL {url:?}: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| unavailable(url, e))?;
+        let conn = RedisConn::connect(url).await.map_err(|e| match e {
+            ConnectError::Invalid { .. } => StoreError::Invalid(e.to_string()),
+            ConnectError::Unreachable { .. } => StoreError::Unavailable(e.to_string()),
+        })?;
         let sha = |s: &str| redis::Script::new(s).get_hash().to_string();
         let store = Self {
             conn,
-            decide_sha: sha(DECIDE_LUA),
-            define_sha: sha(DEFINE_LUA),
-            claim_sha: sha(CLAIM_LUA),
-            mark_logged_sha: sha(MARK_LOGGED_LUA),
+            bound: Arc::new(RwLock::new(Arc::new(Bound::new(None)))),
             unlock_sha: sha(UNLOCK_LUA),
             extend_sha: sha(EXTEND_LUA),
             fenced_sha: sha(FENCED_LUA),
+            slot_fenced_sha: sha(SLOT_FENCED_LUA),
             dedup_retention_secs: dedup_retention.as_secs().max(1),
+            layout2: Arc::default(),
         };
+        store.require_redis_7().await?;
         store.load_scripts().await?;
         Ok(store)
     }
 
+    /// Refuses a Redis older than 7: before 7, a replica got the primary's
+    /// scripts and an AOF restart replayed them, so a store that came back
+    /// behind would keep its scripts and go unnoticed (see the module doc).
+    async fn require_redis_7(&self) -> Result<(), StoreError> {
+        // One server answers a text; a cluster, a text per master.
+        let (info,): (redis::Value,) = self.query(redis::pipe().cmd("INFO").arg("server")).await?;
+        let infos: Vec<String> = match redis::from_redis_value::<String>(info.clone()) {
+            Ok(one) => vec![one],
+            Err(_) => redis::from_redis_value::<HashMap<String, String>>(info)
+                .map_err(|e| StoreError::Protocol(format!("INFO server: {e}")))?
+                .into_values()
+                .collect(),
+        };
+        for info in infos {
+            let version = info
+                .lines()
+                .find_map(|l| l.strip_prefix("redis_version:"))
+                .map(str::trim)
+                .unwrap_or("unknown")
+                .to_string();
+            match version
+                .split('.')
+                .next()
+                .and_then(|m| m.parse::<u32>().ok())
+            {
+                Some(major) if major >= 7 => {}
+                _ => {
+                    return Err(StoreError::Invalid(format!(
+                        "Redis {version} is too old: couponrush needs Redis 7 or newer, whose script \
+                         cache is neither persisted nor replicated (that is how a store that came back \
+                         behind its log is noticed); upgrade the server"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The store's epoch marker.
+    fn epoch_key(&self) -> &'static str {
+        if self.conn.is_cluster() {
+            CLUSTER_EPOCH_KEY
+        } else {
+            EPOCH_KEY
+        }
+    }
+
+    /// The recovery lock.
+    fn recovery_key(&self) -> &'static str {
+        if self.conn.is_cluster() {
+            CLUSTER_RECOVERY_KEY
+        } else {
+            RECOVERY_KEY
+        }
+    }
+
+    /// The epoch marker the scripts of `event` check: the store's on one
+    /// server, its slot's on a cluster (see the module doc).
+    fn epoch_key_of(&self, event: &str) -> String {
+        if self.conn.is_cluster() {
+            slot_epoch_key(&event_key(event))
+        } else {
+            EPOCH_KEY.to_string()
+        }
+    }
+
+    /// Loads the scripts that are not bound to an epoch (the recovery's).
     async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
-        for script in [
-            DECIDE_LUA,
-            DEFINE_LUA,
-            CLAIM_LUA,
-            MARK_LOGGED_LUA,
-            UNLOCK_LUA,
-            EXTEND_LUA,
-            FENCED_LUA,
-        ] {
+        for script in [UNLOCK_LUA, EXTEND_LUA, FENCED_LUA, SLOT_FENCED_LUA] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(script);
         }
         let _: Vec<String> = pipe.query_async(&mut conn).await.map_err(map_err)?;
         Ok(())
     }
 
-    /// Runs a pipeline of EVALSHA calls, reloading the scripts once if Redis
-    /// lost them (a restart or `SCRIPT FLUSH`). Rerunning is safe: decisions
-    /// are idempotent by request id.
+    /// Loads the scripts bound to `epoch`: by the recovery that is about to
+    /// write it, or (`None`) by anyone while the store has no epoch at all.
+    async fn load_bound(&self, epoch: Option<&str>) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for text in Bound::texts(epoch) {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(text);
+        }
+        let _: Vec<String> = pipe.query_async(&mut conn).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    /// Runs a pipeline of EVALSHA calls of the unbound scripts, reloading
+    /// them once if Redis lost them (a restart or `SCRIPT FLUSH`).
     async fn query_scripts<T: redis::FromRedisValue>(
         &self,
         pipe: &Pipeline,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         match pipe.query_async(&mut conn).await {
-            Err(e) if e.code() == Some("NOSCRIPT") => {
+            Err(e) if answered(&e, "NOSCRIPT") => {
                 self.load_scripts().await?;
                 pipe.query_async(&mut conn).await.map_err(map_err)
             }
             other => other.map_err(map_err),
+        }
+    }
+
+    /// Runs the pipeline `build` makes of the scripts bound to the store's
+    /// epoch. A missing script means the server lost its script cache:
+    /// - it holds another epoch (a recovery since): bind to it, run again;
+    /// - it holds none (it never held state, or lost it all): the unbound
+    ///   scripts are loaded and run (on a store that lost its state every
+    ///   event is unknown, which sends the caller to the recovery);
+    /// - it holds the very epoch the scripts are bound to: it restarted or
+    ///   failed over since that epoch was written, and may be behind the
+    ///   log. It is marked `lost:` and nothing is run ([`StoreError::Lost`]).
+    ///
+    /// On one server, a pipeline refused for a missing script ran none of
+    /// its scripts. On a cluster the epoch is read from the slots of
+    /// `events` (the events the pipeline's scripts act on), and a node that
+    /// lost its scripts refused its own calls only: the other nodes' ran,
+    /// but the caller is answered an error and sees none of their replies
+    /// (their decisions are replayed, or rebuilt from the log).
+    async fn query_bound<T: redis::FromRedisValue>(
+        &self,
+        events: &[&str],
+        build: impl Fn(&Bound) -> Pipeline,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut bound = self.bound.read().expect("bound scripts lock").clone();
+        for _ in 0..3 {
+            let noscript = match build(&bound).query_async(&mut conn).await {
+                Err(e) if answered(&e, "NOSCRIPT") => true,
+                Err(e) if answered(&e, EPOCH_MISMATCH) => false,
+                other => return other.map_err(map_err),
+            };
+            let held = if self.conn.is_cluster() {
+                self.held_by_slots(events).await?
+            } else {
+                self.raw_epoch().await?
+            };
+            match held {
+                Some(e) if e.starts_with(LOST_PREFIX) => {
+                    return Err(StoreError::Lost(format!(
+                        "the store is marked {e:?}: it will be rebuilt from the log"
+                    )))
+                }
+                // The epoch changed back between the script and this read:
+                // run again.
+                Some(e) if !noscript && bound.epoch.as_deref() == Some(e.as_str()) => {}
+                Some(e) if bound.epoch.as_deref() == Some(e.as_str()) => {
+                    let marked = self.forget_epoch(&e, events).await?;
+                    tracing::error!(
+                        epoch = %e,
+                        marked,
+                        "the Redis server lost the scripts of its epoch: it restarted or failed over and may be behind the log; marked lost, to be rebuilt from the log"
+                    );
+                    return Err(StoreError::Lost(format!(
+                        "the server still holds epoch {e} but not its scripts (a restart or a failover since): it will be rebuilt from the log"
+                    )));
+                }
+                Some(e) => bound = Arc::new(Bound::new(Some(e))),
+                None => {
+                    self.load_bound(None).await?;
+                    bound = Arc::new(Bound::new(None));
+                }
+            }
+            *self.bound.write().expect("bound scripts lock") = bound.clone();
+        }
+        Err(StoreError::Unavailable(
+            "the store's epoch changed three times during one call; retrying".into(),
+        ))
+    }
+
+    /// The epoch marker as stored (a `lost:` marker included).
+    async fn raw_epoch(&self) -> Result<Option<String>, StoreError> {
+        let (epoch,): (Option<String>,) = self
+            .query(redis::pipe().cmd("GET").arg(self.epoch_key()))
+            .await?;
+        Ok(epoch)
+    }
+
+    /// Marks `epoch` lost where it is still held: the store's marker, and
+    /// on a cluster the markers of the slots of `events` too. True when
+    /// the store's marker was changed.
+    async fn forget_epoch(&self, epoch: &str, events: &[&str]) -> Result<bool, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVAL")
+            .arg(FORGET_EPOCH_LUA)
+            .arg(1)
+            .arg(self.epoch_key())
+            .arg(epoch);
+        if self.conn.is_cluster() {
+            for ev in events {
+                pipe.cmd("EVAL")
+                    .arg(FORGET_EPOCH_LUA)
+                    .arg(1)
+                    .arg(self.epoch_key_of(ev))
+                    .arg(epoch)
+                    .ignore();
+            }
+        }
+        let (marked,): (i64,) = self.query(&pipe).await?;
+        Ok(marked == 1)
+    }
+
+    /// On a cluster, the epoch the slots of `events` hold, as
+    /// [`RedisStore::raw_epoch`] says it for one server:
+    /// - a slot marked `lost:`, or a slot without a marker while the store
+    ///   holds an epoch (its node lost data: a replica promoted before it
+    ///   got the marker), is the store lost (the store's marker is marked
+    ///   lost too, so the next [`Store::epoch`] sends everyone to the
+    ///   recovery);
+    /// - slots that all hold one epoch hold that one; slots that hold
+    ///   different ones are being written by a recovery: retry.
+    async fn held_by_slots(&self, events: &[&str]) -> Result<Option<String>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(self.epoch_key());
+        for ev in events {
+            pipe.cmd("GET").arg(self.epoch_key_of(ev));
+        }
+        let markers: Vec<Option<String>> = self.query(&pipe).await?;
+        let (store, slots) = markers.split_first().expect("the store's marker was read");
+        let store_epoch = store.clone().filter(|e| !e.starts_with(LOST_PREFIX));
+        if let Some(lost) = slots.iter().flatten().find(|e| e.starts_with(LOST_PREFIX)) {
+            if let Some(e) = &store_epoch {
+                self.forget_epoch(e, &[]).await?;
+            }
+            return Ok(Some(lost.clone()));
+        }
+        if let (Some(e), true) = (&store_epoch, slots.iter().any(Option::is_none)) {
+            self.forget_epoch(e, &[]).await?;
+            tracing::error!(
+                epoch = %e,
+                "a slot of the Redis Cluster holds no epoch marker while the store holds one: its node lost data (a failover to a replica that never had it); marked lost, to be rebuilt from the log"
+            );
+            return Ok(Some(format!("{LOST_PREFIX}{e}")));
+        }
+        let mut held = slots.iter().flatten();
+        match held.next() {
+            None => Ok(store.clone().filter(|e| e.starts_with(LOST_PREFIX))),
+            Some(first) if held.all(|e| e == first) => Ok(Some(first.clone())),
+            Some(_) => Err(StoreError::Unavailable(
+                "the cluster's slots hold different epochs: a recovery is writing them; retrying"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Deletes every dedup record of `event` an earlier version kept as a
+    /// string key (stale ones included), in fenced calls (the restore
+    /// deletes the hashes). Recovery only: a rebuild marks the store `lost:` first
+    /// ([`Store::begin_rebuild`]) and every deciding script checks the
+    /// epoch, so no record appears while this scans.
+    async fn purge_records(&self, event: &str, owner: &str) -> Result<(), StoreError> {
+        let pattern = format!("{}*", glob_escape(&legacy_record_key_prefix(event)));
+        let mut cursor: u64 = 0;
+        loop {
+            // On a cluster, the SCAN runs on the master of the event's slot.
+            let ((next, keys),): ((u64, Vec<String>),) = self
+                .conn
+                .query_on_slot_of(
+                    &event_key(event),
+                    redis::pipe()
+                        .cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await
+                .map_err(map_err)?;
+            let deletes: Vec<Vec<String>> = keys
+                .chunks(FENCED_ARGS_PER_COMMAND)
+                .map(|chunk| command("DEL", chunk.iter().cloned()))
+                .collect();
+            self.fenced(owner, Some(event), &deletes).await?;
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
         }
     }
 
@@ -310,22 +844,36 @@ impl RedisStore {
         generation: u64,
     ) -> Result<Defined, StoreError> {
         spec.validate().map_err(StoreError::Invalid)?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("EVALSHA")
-            .arg(&self.define_sha)
-            .arg(6)
-            .arg(event_key(event_id))
-            .arg(holders_key(event_id))
-            .arg(coupons_key(event_id))
-            .arg(logged_key(event_id))
-            .arg(free_key(event_id))
-            .arg(claimed_key(event_id))
-            .arg(spec.stock)
-            .arg(spec.per_user_limit)
-            .arg(generation);
-        pipe.cmd("SADD").arg(EVENTS_KEY).arg(event_id).ignore();
-        let (reply,): (Vec<i64>,) = self.query_scripts(&pipe).await?;
-        let [existed, applied, generation, stock, remaining, limit] = reply[..] else {
+        let (reply,): (Vec<i64>,) = self
+            .query_bound(&[event_id], |b| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("EVALSHA")
+                    .arg(&b.define)
+                    .arg(12)
+                    .arg(event_key(event_id))
+                    .arg(holders_key(event_id))
+                    .arg(coupons_key(event_id))
+                    .arg(logged_key(event_id))
+                    .arg(free_key(event_id))
+                    .arg(claimed_key(event_id))
+                    .arg(holds_key(event_id))
+                    .arg(due_key(event_id))
+                    .arg(old_free_key(event_id))
+                    .arg(dedup_key(event_id))
+                    .arg(old_dedup_key(event_id))
+                    .arg(self.epoch_key_of(event_id))
+                    .arg(spec.stock)
+                    .arg(spec.per_user_limit)
+                    .arg(generation)
+                    .arg(spec.claim_window_us)
+                    .arg(b.tag());
+                pipe.cmd("SADD").arg(EVENTS_KEY).arg(event_id).ignore();
+                pipe
+            })
+            .await?;
+        let [existed, applied, generation, stock, remaining, limit, window, released, claimed] =
+            reply[..]
+        else {
             return Err(StoreError::Protocol(format!(
                 "define reply of {} integers",
                 reply.len()
@@ -338,6 +886,9 @@ impl RedisStore {
                 per_user_limit: limit as u32,
                 remaining: remaining as u32,
                 generation: generation as u64,
+                claim_window_us: window as u64,
+                released: released as u32,
+                claimed: claimed as u32,
             },
             applied: applied == 1,
             created: applied == 1 && existed == 0,
@@ -349,19 +900,46 @@ impl RedisStore {
     /// lock and the store has no epoch. Commands run in order, in calls of
     /// [`FENCED_COMMANDS_PER_CALL`], each call fenced on its own: once the
     /// fence fails, every later call fails too.
-    async fn fenced(&self, owner: &str, commands: &[Vec<String>]) -> Result<(), StoreError> {
+    ///
+    /// On a cluster, commands on the keys of `event` (all on its slot) are
+    /// fenced by the slot's epoch marker, in the same atomic step, and by
+    /// the lock, checked before each round trip (the lock is on another
+    /// slot); `None`: commands on the store's own keys (its marker and
+    /// lock), fenced by both atomically as on one server.
+    async fn fenced(
+        &self,
+        owner: &str,
+        event: Option<&str>,
+        commands: &[Vec<String>],
+    ) -> Result<(), StoreError> {
+        let slot = event.filter(|_| self.conn.is_cluster());
         for calls in commands.chunks(FENCED_COMMANDS_PER_CALL * FENCED_CALLS_PER_ROUND_TRIP) {
             let mut pipe = redis::pipe();
-            for call in calls.chunks(FENCED_COMMANDS_PER_CALL) {
-                let cmd = pipe
-                    .cmd("EVALSHA")
-                    .arg(&self.fenced_sha)
-                    .arg(2)
-                    .arg(RECOVERY_KEY)
-                    .arg(EPOCH_KEY)
-                    .arg(owner);
-                for c in call {
-                    cmd.arg(c.len()).arg(c);
+            if let Some(ev) = slot {
+                self.check_lock(owner).await?;
+                for call in calls.chunks(FENCED_COMMANDS_PER_CALL) {
+                    let cmd = pipe
+                        .cmd("EVALSHA")
+                        .arg(&self.slot_fenced_sha)
+                        .arg(1)
+                        .arg(self.epoch_key_of(ev))
+                        .arg(owner);
+                    for c in call {
+                        cmd.arg(c.len()).arg(c);
+                    }
+                }
+            } else {
+                for call in calls.chunks(FENCED_COMMANDS_PER_CALL) {
+                    let cmd = pipe
+                        .cmd("EVALSHA")
+                        .arg(&self.fenced_sha)
+                        .arg(2)
+                        .arg(self.recovery_key())
+                        .arg(self.epoch_key())
+                        .arg(owner);
+                    for c in call {
+                        cmd.arg(c.len()).arg(c);
+                    }
                 }
             }
             let replies: Vec<i64> = self.query_scripts(&pipe).await?;
@@ -381,6 +959,112 @@ impl RedisStore {
             }
         }
         Ok(())
+    }
+
+    /// Refuses ([`StoreError::Fenced`]) unless `owner` holds the recovery
+    /// lock.
+    async fn check_lock(&self, owner: &str) -> Result<(), StoreError> {
+        let (holder,): (Option<String>,) = self
+            .query(redis::pipe().cmd("GET").arg(self.recovery_key()))
+            .await?;
+        if holder.as_deref() == Some(owner) {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced(format!(
+                "{owner} no longer holds the recovery lock"
+            )))
+        }
+    }
+
+    /// On a cluster, sets every slot's epoch marker to `value`,
+    /// [`SLOT_MARKERS_PER_ROUND_TRIP`] slots at a time, the lock checked
+    /// before each round trip. An epoch is fenced per slot as
+    /// [`RedisStore::fenced`] says (refused where a slot holds one); a
+    /// `lost:` marker is written over whatever a slot holds: after a
+    /// failover the slots of the masters that did not fail still hold the
+    /// old epoch, and marking a slot lost only stops deciding there (a
+    /// stray mark sends everyone to a recovery, see
+    /// [`RedisStore::held_by_slots`]), it never lets a stale state decide.
+    async fn set_slot_markers(&self, owner: &str, value: &str) -> Result<(), StoreError> {
+        let mut tags: Vec<&String> = slot_tags().values().collect();
+        tags.sort();
+        for chunk in tags.chunks(SLOT_MARKERS_PER_ROUND_TRIP) {
+            self.check_lock(owner).await?;
+            let mut pipe = redis::pipe();
+            if value.starts_with(LOST_PREFIX) {
+                for tag in chunk {
+                    pipe.cmd("SET").arg(slot_marker(tag)).arg(value).ignore();
+                }
+                self.query::<()>(&pipe).await?;
+                continue;
+            }
+            for tag in chunk {
+                let marker = slot_marker(tag);
+                pipe.cmd("EVALSHA")
+                    .arg(&self.slot_fenced_sha)
+                    .arg(1)
+                    .arg(&marker)
+                    .arg(owner)
+                    .arg(3)
+                    .arg("SET")
+                    .arg(&marker)
+                    .arg(value);
+            }
+            let replies: Vec<i64> = self.query_scripts(&pipe).await?;
+            if replies.iter().any(|r| *r != 1) {
+                return Err(StoreError::Fenced(
+                    "a slot of the cluster already has its epoch: another process finished the rebuild"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Remembers that `event` has layout 2 (bounded: forgetting costs one
+    /// call that passes the old keys).
+    fn learn_layout2(&self, event: &str) {
+        let mut layout2 = self.layout2.lock().expect("layout lock");
+        if !layout2.contains(event) {
+            if layout2.len() >= LAYOUT2_REMEMBERED {
+                layout2.clear();
+            }
+            layout2.insert(event.to_string());
+        }
+    }
+
+    /// The dedup record of `request_id`, if any, with the event's
+    /// generation: one atomic read of the event, both hashes and the old
+    /// key (newest first).
+    async fn record(
+        &self,
+        event_id: &str,
+        request_id: &Uuid,
+    ) -> Result<(Option<u64>, Option<String>), StoreError> {
+        let id = request_id.to_string();
+        let (generation, current, old, legacy): (
+            Option<u64>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ) = self
+            .query(
+                redis::pipe()
+                    .atomic()
+                    .cmd("HGET")
+                    .arg(event_key(event_id))
+                    .arg("generation")
+                    .cmd("HGET")
+                    .arg(dedup_key(event_id))
+                    .arg(&id)
+                    .cmd("HGET")
+                    .arg(old_dedup_key(event_id))
+                    .arg(&id)
+                    .cmd("GET")
+                    .arg(legacy_record_key(event_id, request_id)),
+            )
+            .await?;
+        Ok((generation, current.or(old).or(legacy)))
     }
 
     /// Marks `d` logged if its number falls in a logged range (a range
@@ -407,10 +1091,10 @@ impl RedisStore {
     }
 }
 
-fn unavailable(url: &str, e: RedisError) -> StoreError {
-    StoreError::Unavailable(format!(
-        "cannot reach Redis at {url}: {e} (is redis-server running? see scripts/dev-up)"
-    ))
+/// Whether Redis answered the error `code`, alone or inside a pipeline's
+/// failure (which wraps the commands' own errors).
+fn answered(e: &RedisError, code: &str) -> bool {
+    e.code() == Some(code) || e.to_string().contains(code)
 }
 
 fn map_err(e: RedisError) -> StoreError {
@@ -424,13 +1108,21 @@ fn map_err(e: RedisError) -> StoreError {
     }
 }
 
-const STATE_FIELDS: [&str; 4] = ["stock", "remaining", "per_user_limit", "generation"];
+const STATE_FIELDS: [&str; 7] = [
+    "stock",
+    "remaining",
+    "per_user_limit",
+    "generation",
+    "claim_window",
+    "released",
+    "claimed",
+];
 
 fn parse_state(
     event_id: &str,
     fields: &[Option<String>],
 ) -> Result<Option<EventState>, StoreError> {
-    let [stock, remaining, limit, generation] = fields else {
+    let [stock, remaining, limit, generation, window, released, claimed] = fields else {
         return Err(StoreError::Protocol(
             "event hash reply of wrong length".into(),
         ));
@@ -450,12 +1142,35 @@ fn parse_state(
         remaining: num("remaining", remaining)? as u32,
         per_user_limit: num("per_user_limit", limit)? as u32,
         generation: num("generation", generation)?,
+        claim_window_us: num("claim_window", window)?,
+        released: num("released", released)? as u32,
+        claimed: num("claimed", claimed)? as u32,
     }))
 }
 
 /// The decision in `record` if it belongs to `generation`.
 fn current(record: &str, generation: u64) -> Option<Decision> {
     parse_record(record).and_then(|(g, d)| (g == generation).then_some(d))
+}
+
+/// The script calls of one event's batch: ranges of its actions and of its
+/// requests, `(a0, a1, r0, r1)`, actions first, at most
+/// [`MAX_REQUESTS_PER_CALL`] items per call.
+fn calls(batch: &EventBatch) -> Vec<(usize, usize, usize, usize)> {
+    let (na, nr) = (batch.actions.len(), batch.requests.len());
+    let total = na + nr;
+    (0..total)
+        .step_by(MAX_REQUESTS_PER_CALL)
+        .map(|start| {
+            let end = (start + MAX_REQUESTS_PER_CALL).min(total);
+            (
+                start.min(na),
+                end.min(na),
+                start.saturating_sub(na),
+                end.saturating_sub(na),
+            )
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -480,14 +1195,17 @@ impl Store for RedisStore {
 
     async fn claim_generation(&self, event_id: &str) -> Result<u64, StoreError> {
         let (generation,): (u64,) = self
-            .query_scripts(
-                redis::pipe()
-                    .cmd("EVALSHA")
-                    .arg(&self.claim_sha)
-                    .arg(2)
+            .query_bound(&[event_id], |b| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("EVALSHA")
+                    .arg(&b.claim)
+                    .arg(3)
                     .arg(event_key(event_id))
-                    .arg(claimed_key(event_id)),
-            )
+                    .arg(claimed_key(event_id))
+                    .arg(self.epoch_key_of(event_id))
+                    .arg(b.tag());
+                pipe
+            })
             .await?;
         Ok(generation)
     }
@@ -521,69 +1239,138 @@ impl Store for RedisStore {
         batches: &[EventBatch],
         now_micros: u64,
     ) -> Result<Vec<BatchVerdict>, StoreError> {
-        // One EVALSHA per chunk of one event; the whole batch is one pipeline.
-        let mut pipe = redis::pipe();
-        let mut chunks_per_batch = Vec::with_capacity(batches.len());
-        for batch in batches {
-            let chunks = batch.requests.chunks(MAX_REQUESTS_PER_CALL);
-            chunks_per_batch.push(chunks.len());
-            for chunk in chunks {
-                let cmd = pipe
-                    .cmd("EVALSHA")
-                    .arg(&self.decide_sha)
-                    .arg(4 + chunk.len())
-                    .arg(event_key(&batch.event_id))
-                    .arg(holders_key(&batch.event_id))
-                    .arg(coupons_key(&batch.event_id))
-                    .arg(free_key(&batch.event_id));
-                for p in chunk {
-                    cmd.arg(request_key(&batch.event_id, &p.request_id));
-                }
-                cmd.arg(now_micros).arg(self.dedup_retention_secs);
-                for p in chunk {
-                    cmd.arg(p.request_id.to_string()).arg(&p.user_id);
+        // One EVALSHA per call of one event (its actions, then its requests,
+        // MAX_REQUESTS_PER_CALL items per call: a batch of that size or less
+        // is one atomic step); the whole batch is one pipeline.
+        let calls_per_batch: Vec<Vec<(usize, usize, usize, usize)>> =
+            batches.iter().map(calls).collect();
+        if calls_per_batch.iter().all(Vec::is_empty) {
+            return Ok(batches
+                .iter()
+                .map(|_| BatchVerdict::Decided {
+                    generation: 0,
+                    decisions: Vec::new(),
+                    holds: Vec::new(),
+                    claim_window_us: 0,
+                })
+                .collect());
+        }
+        // The old keys of the dedup records are passed for every event not
+        // known to have layout 2 (see the module doc).
+        let legacy: Vec<bool> = {
+            let layout2 = self.layout2.lock().expect("layout lock");
+            batches
+                .iter()
+                .map(|b| !layout2.contains(&b.event_id))
+                .collect()
+        };
+        let build = |b: &Bound| {
+            let mut pipe = redis::pipe();
+            for ((batch, calls), &legacy) in batches.iter().zip(&calls_per_batch).zip(&legacy) {
+                let ev = &batch.event_id;
+                for &(a0, a1, r0, r1) in calls {
+                    let actions = &batch.actions[a0..a1];
+                    let requests = &batch.requests[r0..r1];
+                    let cmd = pipe
+                        .cmd("EVALSHA")
+                        .arg(&b.decide)
+                        .arg(10 + if legacy { requests.len() } else { 0 })
+                        .arg(event_key(ev))
+                        .arg(holders_key(ev))
+                        .arg(coupons_key(ev))
+                        .arg(free_key(ev))
+                        .arg(holds_key(ev))
+                        .arg(due_key(ev))
+                        .arg(old_free_key(ev))
+                        .arg(dedup_key(ev))
+                        .arg(old_dedup_key(ev));
+                    if legacy {
+                        for p in requests {
+                            cmd.arg(legacy_record_key(ev, &p.request_id));
+                        }
+                    }
+                    cmd.arg(self.epoch_key_of(ev));
+                    cmd.arg(now_micros)
+                        .arg(self.dedup_retention_secs)
+                        .arg(actions.len())
+                        .arg(u8::from(legacy));
+                    for a in actions {
+                        cmd.arg(a.request_id.to_string())
+                            .arg(&a.user_id)
+                            .arg(verb_code(a.verb))
+                            .arg(a.at);
+                    }
+                    for p in requests {
+                        cmd.arg(p.request_id.to_string()).arg(&p.user_id);
+                    }
+                    cmd.arg(b.tag());
                 }
             }
-        }
-        if pipe.is_empty() {
-            return Ok(Vec::new());
-        }
-        let replies: Vec<Vec<i64>> = self.query_scripts(&pipe).await?;
+            pipe
+        };
+        let events: Vec<&str> = batches.iter().map(|b| b.event_id.as_str()).collect();
+        let replies: Vec<Vec<i64>> = self.query_bound(&events, build).await?;
         let mut replies = replies.into_iter();
         let mut verdicts = Vec::with_capacity(batches.len());
-        for (batch, chunks) in batches.iter().zip(chunks_per_batch) {
+        let mut layout_wrong = None;
+        for (batch, calls) in batches.iter().zip(&calls_per_batch) {
             let mut decisions = Vec::with_capacity(batch.requests.len());
+            let mut holds = Vec::with_capacity(batch.actions.len());
             let mut unknown = false;
             let mut generation = 0;
-            for _ in 0..chunks {
+            let mut claim_window_us = 0;
+            for _ in calls {
                 let reply = replies
                     .next()
                     .ok_or_else(|| StoreError::Protocol("missing script reply".into()))?;
-                match reply.split_first() {
-                    Some((-1, _)) => unknown = true,
-                    Some((g, rest)) if rest.len() % 5 == 0 => {
-                        generation = *g as u64;
-                        for d in rest.chunks_exact(5) {
-                            let result = result_from_code(d[0]).ok_or_else(|| {
-                                StoreError::Protocol(format!("result code {}", d[0]))
-                            })?;
-                            decisions.push(Decision {
-                                result,
-                                issued_rank: (result == DecisionResult::Issued)
-                                    .then_some(d[1] as u32),
-                                decided_at: d[2] as u64,
-                                replay: d[3] == 1,
-                                seq: d[4] as u64,
-                                logged: false,
-                            });
-                        }
-                    }
-                    _ => {
-                        return Err(StoreError::Protocol(format!(
-                            "decide reply of {} integers",
-                            reply.len()
-                        )))
-                    }
+                if reply.first() == Some(&-1) {
+                    unknown = true;
+                    continue;
+                }
+                if reply.first() == Some(&-2) {
+                    layout_wrong = Some(batch.event_id.clone());
+                    continue;
+                }
+                let bad =
+                    || StoreError::Protocol(format!("decide reply of {} integers", reply.len()));
+                let [g, window, m, layout, rest @ ..] = &reply[..] else {
+                    return Err(bad());
+                };
+                if *layout >= 2 {
+                    self.learn_layout2(&batch.event_id);
+                }
+                let m = usize::try_from(*m).map_err(|_| bad())?;
+                if rest.len() % 5 != 0 || rest.len() / 5 < m {
+                    return Err(bad());
+                }
+                generation = *g as u64;
+                claim_window_us = *window as u64;
+                let (ends, decided) = rest.split_at(m * 5);
+                for e in ends.chunks_exact(5) {
+                    holds.push(match e[0] {
+                        0 => None,
+                        code => Some(HoldEnd {
+                            state: hold_state_from_code(code).ok_or_else(|| {
+                                StoreError::Protocol(format!("hold state code {code}"))
+                            })?,
+                            rank: e[1] as u32,
+                            decided_at: e[2] as u64,
+                            replay: e[3] == 1,
+                            seq: e[4] as u64,
+                        }),
+                    });
+                }
+                for d in decided.chunks_exact(5) {
+                    let result = result_from_code(d[0])
+                        .ok_or_else(|| StoreError::Protocol(format!("result code {}", d[0])))?;
+                    decisions.push(Decision {
+                        result,
+                        issued_rank: (result == DecisionResult::Issued).then_some(d[1] as u32),
+                        decided_at: d[2] as u64,
+                        replay: d[3] == 1,
+                        seq: d[4] as u64,
+                        logged: false,
+                    });
                 }
             }
             verdicts.push(if unknown {
@@ -592,8 +1379,19 @@ impl Store for RedisStore {
                 BatchVerdict::Decided {
                     generation,
                     decisions,
+                    holds,
+                    claim_window_us,
                 }
             });
+        }
+        if let Some(event) = layout_wrong {
+            // Only a store written by another version gets here; the calls
+            // of the other events ran, so a retry replays them.
+            self.layout2.lock().expect("layout lock").remove(&event);
+            return Err(StoreError::Unavailable(format!(
+                "event {event} may keep dedup records as an earlier version did: nothing of it \
+                 was decided; retry (its old keys are passed from now on)"
+            )));
         }
         Ok(verdicts)
     }
@@ -603,16 +1401,7 @@ impl Store for RedisStore {
         event_id: &str,
         request_id: Uuid,
     ) -> Result<Option<Decision>, StoreError> {
-        let (generation, record): (Option<u64>, Option<String>) = self
-            .query(
-                redis::pipe()
-                    .cmd("HGET")
-                    .arg(event_key(event_id))
-                    .arg("generation")
-                    .cmd("GET")
-                    .arg(request_key(event_id, &request_id)),
-            )
-            .await?;
+        let (generation, record) = self.record(event_id, &request_id).await?;
         match (generation, record) {
             (Some(g), Some(r)) => match current(&r, g) {
                 Some(d) => Ok(Some(self.with_logged_mark(event_id, d).await?)),
@@ -629,15 +1418,21 @@ impl Store for RedisStore {
         let (events,): (Vec<String>,) = self
             .query(redis::pipe().cmd("SMEMBERS").arg(EVENTS_KEY))
             .await?;
+        let id = request_id.to_string();
         for chunk in events.chunks(256) {
+            // Per event, as in `record`: the current hash before the old one,
+            // so a turnover in between moves the record where it is read next.
             let mut pipe = redis::pipe();
             for ev in chunk {
                 pipe.cmd("HGET").arg(event_key(ev)).arg("generation");
-                pipe.cmd("GET").arg(request_key(ev, &request_id));
+                pipe.cmd("HGET").arg(dedup_key(ev)).arg(&id);
+                pipe.cmd("HGET").arg(old_dedup_key(ev)).arg(&id);
+                pipe.cmd("GET").arg(legacy_record_key(ev, &request_id));
             }
             let replies: Vec<Option<String>> = self.query(&pipe).await?;
-            for (ev, pair) in chunk.iter().zip(replies.chunks_exact(2)) {
-                if let (Some(g), Some(r)) = (&pair[0], &pair[1]) {
+            for (ev, four) in chunk.iter().zip(replies.chunks_exact(4)) {
+                let record = four[1].as_ref().or(four[2].as_ref()).or(four[3].as_ref());
+                if let (Some(g), Some(r)) = (&four[0], record) {
                     if let Some(d) = current(r, g.parse().unwrap_or(0)) {
                         return Ok(Some((ev.clone(), self.with_logged_mark(ev, d).await?)));
                     }
@@ -648,10 +1443,12 @@ impl Store for RedisStore {
     }
 
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError> {
-        let (fields, coupons, holders): (
+        let (fields, coupons, holders, free, holds): (
             Vec<Option<String>>,
             Vec<(u32, String)>,
             Vec<(String, u32)>,
+            Vec<u32>,
+            Vec<(String, String)>,
         ) = self
             .query(
                 redis::pipe()
@@ -662,7 +1459,13 @@ impl Store for RedisStore {
                     .cmd("HGETALL")
                     .arg(coupons_key(event_id))
                     .cmd("HGETALL")
-                    .arg(holders_key(event_id)),
+                    .arg(holders_key(event_id))
+                    .cmd("ZRANGE")
+                    .arg(free_key(event_id))
+                    .arg(0)
+                    .arg(-1)
+                    .cmd("HGETALL")
+                    .arg(holds_key(event_id)),
             )
             .await?;
         let Some(state) = parse_state(event_id, &fields)? else {
@@ -685,47 +1488,207 @@ impl Store for RedisStore {
         coupons.sort_by_key(|c| c.rank);
         let mut holders = holders;
         holders.sort();
+        let mut holds = holds
+            .into_iter()
+            .map(|(id, value)| {
+                Uuid::parse_str(&id)
+                    .ok()
+                    .and_then(|id| parse_hold(id, &value))
+                    .ok_or_else(|| {
+                        StoreError::Protocol(format!("hold {id} of {event_id}: {value:?}"))
+                    })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        holds.sort_by_key(|h| h.request_id);
         Ok(Some(Ledger {
             state,
             coupons,
             holders,
+            free_ranks: free,
+            holds,
         }))
     }
 
-    async fn mark_logged(&self, batches: &[LoggedDecisions]) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        for batch in batches {
-            let ranges = seq_ranges(batch.decisions.iter().map(|(_, seq)| *seq));
-            for chunk in ranges.chunks(MARK_LOGGED_RANGES_PER_CALL) {
-                let cmd = pipe
-                    .cmd("EVALSHA")
-                    .arg(&self.mark_logged_sha)
-                    .arg(2)
-                    .arg(event_key(&batch.event_id))
-                    .arg(logged_key(&batch.event_id))
-                    .arg(batch.generation);
-                for (lo, hi) in chunk {
-                    cmd.arg(lo).arg(format!("{lo}-{hi}"));
+    async fn hold(
+        &self,
+        event_id: &str,
+        request_id: Uuid,
+    ) -> Result<Option<HoldStatus>, StoreError> {
+        let (record,): (Option<String>,) = self
+            .query(
+                redis::pipe()
+                    .cmd("HGET")
+                    .arg(holds_key(event_id))
+                    .arg(request_id.to_string()),
+            )
+            .await?;
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let hold = parse_hold(request_id, &record).ok_or_else(|| {
+            StoreError::Protocol(format!("hold {request_id} of {event_id}: {record:?}"))
+        })?;
+        let end_logged = if hold.end_seq == 0 {
+            true
+        } else {
+            let (ranges,): (Vec<String>,) = self
+                .query(
+                    redis::pipe()
+                        .cmd("ZRANGEBYSCORE")
+                        .arg(logged_key(event_id))
+                        .arg(hold.end_seq.saturating_sub(MAX_LOGGED_RANGE))
+                        .arg(hold.end_seq),
+                )
+                .await?;
+            covered(hold.end_seq, &ranges)
+        };
+        Ok(Some(HoldStatus { hold, end_logged }))
+    }
+
+    async fn due_holds(&self, now: u64, limit: usize) -> Result<Vec<DueHold>, StoreError> {
+        let (events,): (Vec<String>,) = self
+            .query(redis::pipe().cmd("SMEMBERS").arg(EVENTS_KEY))
+            .await?;
+        let mut due = Vec::new();
+        for chunk in events.chunks(256) {
+            if due.len() >= limit {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for ev in chunk {
+                pipe.cmd("ZRANGEBYSCORE")
+                    .arg(due_key(ev))
+                    .arg("-inf")
+                    .arg(now)
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit);
+            }
+            let replies: Vec<Vec<(String, f64)>> = self.query(&pipe).await?;
+            for (ev, ids) in chunk.iter().zip(replies) {
+                let ids: Vec<(String, u64)> = ids
+                    .into_iter()
+                    .take(limit - due.len())
+                    .map(|(id, until)| (id, until as u64))
+                    .collect();
+                if ids.is_empty() {
+                    continue;
                 }
-                cmd.ignore();
+                let (records,): (Vec<Option<String>>,) = self
+                    .query(
+                        redis::pipe()
+                            .cmd("HMGET")
+                            .arg(holds_key(ev))
+                            .arg(ids.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>()),
+                    )
+                    .await?;
+                for ((id, until), record) in ids.into_iter().zip(records) {
+                    let Some(hold) = Uuid::parse_str(&id)
+                        .ok()
+                        .zip(record)
+                        .and_then(|(id, r)| parse_hold(id, &r))
+                    else {
+                        continue;
+                    };
+                    if hold.state == HoldState::Held {
+                        due.push(DueHold {
+                            event_id: ev.clone(),
+                            request_id: hold.request_id,
+                            user_id: hold.user_id,
+                            until,
+                        });
+                    }
+                }
+                if due.len() >= limit {
+                    break;
+                }
             }
         }
-        if pipe.is_empty() {
+        Ok(due)
+    }
+
+    async fn mark_logged(&self, batches: &[LoggedDecisions]) -> Result<(), StoreError> {
+        let ranges: Vec<(&LoggedDecisions, Vec<(u64, u64)>)> = batches
+            .iter()
+            .map(|b| (b, seq_ranges(b.decisions.iter().map(|(_, seq)| *seq))))
+            .filter(|(_, r)| !r.is_empty())
+            .collect();
+        if ranges.is_empty() {
             return Ok(());
         }
-        let () = self.query_scripts(&pipe).await?;
+        let events: Vec<&str> = ranges.iter().map(|(b, _)| b.event_id.as_str()).collect();
+        let () = self
+            .query_bound(&events, |b| {
+                let mut pipe = redis::pipe();
+                for (batch, ranges) in &ranges {
+                    for chunk in ranges.chunks(MARK_LOGGED_RANGES_PER_CALL) {
+                        let cmd = pipe
+                            .cmd("EVALSHA")
+                            .arg(&b.mark_logged)
+                            .arg(3)
+                            .arg(event_key(&batch.event_id))
+                            .arg(logged_key(&batch.event_id))
+                            .arg(self.epoch_key_of(&batch.event_id))
+                            .arg(batch.generation);
+                        for (lo, hi) in chunk {
+                            cmd.arg(lo).arg(format!("{lo}-{hi}"));
+                        }
+                        cmd.arg(b.tag());
+                        cmd.ignore();
+                    }
+                }
+                pipe
+            })
+            .await?;
         Ok(())
     }
 
     async fn epoch(&self) -> Result<Option<String>, StoreError> {
-        let (epoch,): (Option<String>,) =
-            self.query(redis::pipe().cmd("GET").arg(EPOCH_KEY)).await?;
-        Ok(epoch)
+        Ok(self
+            .raw_epoch()
+            .await?
+            .filter(|e| !e.starts_with(LOST_PREFIX)))
     }
 
+    /// On a cluster, every slot's marker is marked too (after the
+    /// store's), so no script decides anything in any slot from then on.
+    async fn begin_rebuild(&self, owner: &str) -> Result<(), StoreError> {
+        let marker = format!("{LOST_PREFIX}rebuilding by {owner}");
+        self.fenced(
+            owner,
+            None,
+            &[command(
+                "SET",
+                [self.epoch_key().to_string(), marker.clone()],
+            )],
+        )
+        .await?;
+        if self.conn.is_cluster() {
+            self.set_slot_markers(owner, &marker).await?;
+        }
+        Ok(())
+    }
+
+    /// Loads the scripts bound to `epoch` first, then writes it: a server
+    /// that holds the epoch without its scripts has lost them since.
     async fn set_epoch(&self, epoch: &str, owner: &str) -> Result<(), StoreError> {
-        self.fenced(owner, &[command("SET", [EPOCH_KEY, epoch])])
-            .await
+        if epoch.starts_with(LOST_PREFIX) {
+            return Err(StoreError::Invalid(format!(
+                "an epoch may not start with {LOST_PREFIX:?}"
+            )));
+        }
+        self.load_bound(Some(epoch)).await?;
+        // On a cluster the slots first, the store's marker last: whoever
+        // sees the store's epoch finds every slot holding it.
+        if self.conn.is_cluster() {
+            self.set_slot_markers(owner, epoch).await?;
+        }
+        self.fenced(owner, None, &[command("SET", [self.epoch_key(), epoch])])
+            .await?;
+        *self.bound.write().expect("bound scripts lock") =
+            Arc::new(Bound::new(Some(epoch.to_string())));
+        Ok(())
     }
 
     async fn try_lock_recovery(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
@@ -733,7 +1696,7 @@ impl Store for RedisStore {
             .query(
                 redis::pipe()
                     .cmd("SET")
-                    .arg(RECOVERY_KEY)
+                    .arg(self.recovery_key())
                     .arg(owner)
                     .arg("NX")
                     .arg("PX")
@@ -750,7 +1713,7 @@ impl Store for RedisStore {
                     .cmd("EVALSHA")
                     .arg(&self.extend_sha)
                     .arg(1)
-                    .arg(RECOVERY_KEY)
+                    .arg(self.recovery_key())
                     .arg(owner)
                     .arg(ttl.as_millis().max(1) as u64),
             )
@@ -765,7 +1728,7 @@ impl Store for RedisStore {
                     .cmd("EVALSHA")
                     .arg(&self.unlock_sha)
                     .arg(1)
-                    .arg(RECOVERY_KEY)
+                    .arg(self.recovery_key())
                     .arg(owner)
                     .ignore(),
             )
@@ -781,6 +1744,9 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let ev = &snap.state.event_id;
         let ttl = retention.as_secs().max(1).to_string();
+        // A store that came back behind holds records the log does not:
+        // they must not be replayed.
+        self.purge_records(ev, owner).await?;
         let mut commands = vec![command(
             "DEL",
             [
@@ -789,17 +1755,53 @@ impl Store for RedisStore {
                 coupons_key(ev),
                 logged_key(ev),
                 free_key(ev),
+                old_free_key(ev),
+                holds_key(ev),
+                due_key(ev),
+                dedup_key(ev),
+                old_dedup_key(ev),
             ],
         )];
         let per = FENCED_ARGS_PER_COMMAND / 2;
         for chunk in snap.free_ranks.chunks(per) {
             commands.push(command(
-                "RPUSH",
-                std::iter::once(free_key(ev)).chain(chunk.iter().map(u32::to_string)),
+                "ZADD",
+                std::iter::once(free_key(ev))
+                    .chain(chunk.iter().flat_map(|r| [r.to_string(), r.to_string()])),
             ));
         }
-        // Every restored decision is in the log: logged.
-        let ranges = seq_ranges(snap.decided.iter().map(|d| d.decision.seq));
+        for chunk in snap.holds.chunks(per) {
+            commands.push(command(
+                "HSET",
+                std::iter::once(holds_key(ev)).chain(
+                    chunk
+                        .iter()
+                        .flat_map(|h| [h.request_id.to_string(), encode_hold(h)]),
+                ),
+            ));
+        }
+        let held: Vec<&Hold> = snap
+            .holds
+            .iter()
+            .filter(|h| h.state == HoldState::Held)
+            .collect();
+        for chunk in held.chunks(per) {
+            commands.push(command(
+                "ZADD",
+                std::iter::once(due_key(ev)).chain(
+                    chunk
+                        .iter()
+                        .flat_map(|h| [h.until.to_string(), h.request_id.to_string()]),
+                ),
+            ));
+        }
+        // Every restored decision and hold end is in the log: logged.
+        let ranges = seq_ranges(
+            snap.decided
+                .iter()
+                .map(|d| d.decision.seq)
+                .chain(snap.holds.iter().map(|h| h.end_seq)),
+        );
         for chunk in ranges.chunks(per) {
             commands.push(command(
                 "ZADD",
@@ -830,15 +1832,31 @@ impl Store for RedisStore {
                 ),
             ));
         }
-        for d in &snap.decided {
+        // The log's records in the current hash, which lives the retention
+        // from now (its window starts at the event's next decision).
+        for chunk in snap.decided.chunks(per) {
+            commands.push(command(
+                "HSET",
+                std::iter::once(dedup_key(ev)).chain(chunk.iter().flat_map(|d| {
+                    [
+                        d.request_id.to_string(),
+                        encode_record(snap.state.generation, &d.decision, &d.user_id),
+                    ]
+                })),
+            ));
+        }
+        if !snap.decided.is_empty() {
+            commands.push(command("EXPIRE", [dedup_key(ev), ttl]));
+        }
+        // A generation the log holds is never claimed again, even if the
+        // store came back behind the claim.
+        let (claimed,): (Option<u64>,) = self
+            .query(redis::pipe().cmd("GET").arg(claimed_key(ev)))
+            .await?;
+        if claimed.unwrap_or(0) < snap.state.generation {
             commands.push(command(
                 "SET",
-                [
-                    request_key(ev, &d.request_id),
-                    encode_record(snap.state.generation, &d.decision, &d.user_id),
-                    "EX".into(),
-                    ttl.clone(),
-                ],
+                [claimed_key(ev), snap.state.generation.to_string()],
             ));
         }
         // The event hash last: until it exists, the event is unknown and
@@ -858,10 +1876,29 @@ impl Store for RedisStore {
                 s.generation.to_string(),
                 "seq".into(),
                 snap.seq.to_string(),
+                "claim_window".into(),
+                s.claim_window_us.to_string(),
+                "released".into(),
+                s.released.to_string(),
+                "claimed".into(),
+                s.claimed.to_string(),
+                "layout".into(),
+                "2".into(),
             ],
         ));
-        commands.push(command("SADD", [EVENTS_KEY.to_string(), ev.clone()]));
-        self.fenced(owner, &commands).await
+        if self.conn.is_cluster() {
+            // The set of events is on a slot of its own: added to once the
+            // event is restored (an id in it that is not restored is only
+            // looked up in vain).
+            self.fenced(owner, Some(ev), &commands).await?;
+            let () = self
+                .query(redis::pipe().cmd("SADD").arg(EVENTS_KEY).arg(ev).ignore())
+                .await?;
+            Ok(())
+        } else {
+            commands.push(command("SADD", [EVENTS_KEY.to_string(), ev.clone()]));
+            self.fenced(owner, Some(ev), &commands).await
+        }
     }
 }
 

@@ -228,13 +228,82 @@ impl TargetFactory for HttpFactory {
     }
 }
 
-/// The event as the api describes it.
-#[derive(Debug, Clone, Deserialize)]
+/// Keep-alive connections to the api shared by many tasks, at most `n` in
+/// use at once (the rest wait for a permit: backpressure, not a queue).
+pub struct Pool {
+    factory: HttpFactory,
+    idle: std::sync::Mutex<Vec<HttpTarget>>,
+    permits: tokio::sync::Semaphore,
+}
+
+impl Pool {
+    /// A pool of at most `n` connections (at least 1) made by `factory`.
+    pub fn new(factory: HttpFactory, n: usize) -> Self {
+        Self {
+            factory,
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: tokio::sync::Semaphore::new(n.max(1)),
+        }
+    }
+
+    /// Sends one request on an idle connection (or a new one).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let _permit = self.permits.acquire().await.map_err(|_| "closed")?;
+        let mut t = self
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_else(|| self.factory.make());
+        let r = t.call(method, path, headers, body).await;
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+        r
+    }
+}
+
+/// The event as the api describes it. The counters beyond stock and limit
+/// are read when the api shows them (an older api may not).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub struct EventInfo {
     /// Coupons at the start.
     pub stock: u32,
     /// Coupons per user.
     pub per_user_limit: u32,
+    /// Coupons left now (a coupon given back counts again).
+    #[serde(default)]
+    pub remaining: Option<u32>,
+    /// The claim window of an event with holds, ms (absent or 0: none).
+    #[serde(default)]
+    pub claim_window_ms: Option<u64>,
+    /// Every `issued` decision so far, re-issues included, as the api counts.
+    #[serde(default)]
+    pub issued_total: Option<u64>,
+    /// Holds given back so far (cancelled or expired), as the api counts.
+    #[serde(default)]
+    pub released: Option<u64>,
+    /// Holds claimed so far, as the api counts.
+    #[serde(default)]
+    pub claimed: Option<u64>,
+    /// Holds waiting for their claim now, as the api counts.
+    #[serde(default)]
+    pub held: Option<u64>,
+}
+
+/// What to create an event with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventSetup {
+    /// Coupons.
+    pub stock: u32,
+    /// Coupons per user.
+    pub per_user_limit: u32,
+    /// With holds: each issued coupon is held this long for its claim.
+    pub claim_window: Option<Duration>,
 }
 
 /// Creates or resets `event` through the api's admin route.
@@ -243,6 +312,26 @@ pub async fn put_event(
     event: &str,
     stock: u32,
     per_user_limit: u32,
+    admin_token: Option<&str>,
+) -> Result<EventInfo, Error> {
+    define_event(
+        endpoint,
+        event,
+        EventSetup {
+            stock,
+            per_user_limit,
+            claim_window: None,
+        },
+        admin_token,
+    )
+    .await
+}
+
+/// Creates or resets `event` as `setup` says, through the api's admin route.
+pub async fn define_event(
+    endpoint: &Endpoint,
+    event: &str,
+    setup: EventSetup,
     admin_token: Option<&str>,
 ) -> Result<EventInfo, Error> {
     let mut t = HttpFactory {
@@ -254,7 +343,11 @@ pub async fn put_event(
     if let Some(token) = admin_token {
         headers.push(("authorization", format!("Bearer {token}")));
     }
-    let body = serde_json::json!({ "stock": stock, "per_user_limit": per_user_limit });
+    let mut body =
+        serde_json::json!({ "stock": setup.stock, "per_user_limit": setup.per_user_limit });
+    if let Some(window) = setup.claim_window {
+        body["claim_window_ms"] = serde_json::json!(window.as_millis() as u64);
+    }
     let (status, body) = t
         .call(
             Method::PUT,
@@ -273,7 +366,11 @@ pub async fn put_event(
         };
         return Err(refused(what, status, &body, hint));
     }
-    event_body(what, &body)
+    let info = event_body(what, &body)?;
+    if setup.claim_window.is_some_and(|w| !w.is_zero()) && info.claim_window_ms.unwrap_or(0) == 0 {
+        return Err(Error::NoHolds(event.to_string()));
+    }
+    Ok(info)
 }
 
 fn unreachable_api(endpoint: &Endpoint, kind: String) -> Error {

@@ -16,7 +16,9 @@
 //! two atomic counters for the progress bar.
 
 pub mod direct;
+pub mod holders;
 pub mod http;
+pub mod line;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -140,12 +142,15 @@ pub struct Driven {
 }
 
 /// Live counters for the progress bar.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Progress {
     /// Sends completed.
     pub sent: AtomicU64,
     /// `202`s received.
     pub accepted: AtomicU64,
+    /// The live page's feed, when one watches (`--dashboard`): each worker
+    /// hands it every answer through a slot of its own.
+    pub live: Option<Arc<crate::dashboard::LiveFeed>>,
 }
 
 struct WorkerOut {
@@ -176,6 +181,9 @@ pub async fn drive<F: TargetFactory>(
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let start_micros = now_micros();
+    if let Some(live) = &progress.live {
+        live.opened(start_micros);
+    }
     let plan = Arc::new(plan);
     let mut tasks = Vec::with_capacity(workers);
     for _ in 0..workers {
@@ -262,6 +270,7 @@ async fn worker<F: TargetFactory>(
         accept: latency::histogram(),
         accept_uncorrected: latency::histogram(),
     };
+    let live = progress.live.as_ref().map(|l| l.slot());
     let mut target = factory.make();
     let mut twin: Option<F::T> = None;
     let mut reported = (0u64, 0u64);
@@ -292,10 +301,11 @@ async fn worker<F: TargetFactory>(
         let record = |out: &mut WorkerOut, sent: Sent, sent_at: Instant, user: String| {
             out.sends += 1;
             let done = Instant::now();
-            latency::record(
-                &mut out.accept,
-                done.duration_since(intended).as_micros() as u64,
-            );
+            let accept_us = done.duration_since(intended).as_micros() as u64;
+            latency::record(&mut out.accept, accept_us);
+            if let Some(slot) = &live {
+                slot.record(accept_us, &sent, intended_at);
+            }
             latency::record(
                 &mut out.accept_uncorrected,
                 done.duration_since(sent_at).as_micros() as u64,

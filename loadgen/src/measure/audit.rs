@@ -2,35 +2,61 @@
 //! two independent sources and cross-checked.
 //!
 //! Sources: what the load generator was told (`202` with a request id), the
-//! outcome stream (every record, replays included), and the store's ledger
-//! (the coupons actually held).
+//! outcome stream (every record, replays included: the drop's decisions and,
+//! for an event with holds, every hold's end), the store's ledger (the
+//! coupons actually held) and the event's `remaining` at the end.
 //!
 //! | figure               | counts |
 //! |----------------------|--------|
-//! | `oversold`           | coupons beyond stock (outcomes or store, the worse) |
+//! | `oversold`           | coupons held beyond stock at any point of the ledger (outcomes or store, the worse) |
 //! | `double_issued`      | a request issued twice, or a user beyond the per-user limit (outcomes or store, the worse) |
 //! | `lost`               | accepted requests never decided |
 //! | `phantom`            | decisions or coupons for requests never accepted |
 //! | `inconsistent_replays` | a redelivery whose decision differs from the first |
-//! | `ledger_mismatch`    | requests issued per the outcomes but not in the store, or the reverse |
+//! | `ledger_mismatch`    | requests holding a coupon per the outcomes but not in the store, or the reverse; with holds, a hold whose state the store and the outcomes disagree on |
+//!
+//! ## Holds
+//!
+//! With holds an issued coupon can come back (cancelled or expired) and its
+//! rank go to a later request, so "issued" alone no longer says what is
+//! held. The audit replays the ledger per event in `decision_seq` order (one
+//! order for decisions and hold ends: the store's) and checks at every step,
+//! in [`HoldAudit`]:
+//!
+//! | figure                 | counts |
+//! |------------------------|--------|
+//! | `rank_conflicts`       | a rank issued while another request still held it |
+//! | `claimed_and_returned` | a request both claimed and given back |
+//! | `orphan_ends`          | a hold end with no hold to end: never issued, not a hold, another rank, or already ended |
+//! | `out_of_time`          | a claim accepted after the deadline, or an expiry before it |
+//! | `stuck`                | at the end, a hold still `held` past its deadline + slack |
+//! | `invariant_off`        | how far `issued_total − returned + remaining` is from `stock` at the end |
+//!
+//! A released-then-reissued rank is not a double issue, nor is stock
+//! counted twice: only coupons held at the same moment are. Replays
+//! (identical records, at-least-once delivery) count once.
 //!
 //! Every figure must be 0; the load generator exits non-zero otherwise.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use couponrush_core::store::Ledger;
+use couponrush_core::wire::{HoldOutcome, HoldState};
 use couponrush_core::{DecisionResult, Outcome};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::measure::latency::{self, LatencySummary};
+
 /// The audit's figures.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Audit {
     /// Distinct requests accepted.
     pub accepted: u64,
     /// Distinct requests decided (first decisions).
     pub decided: u64,
-    /// Distinct requests issued a coupon, per the outcomes.
+    /// Distinct requests issued a coupon, per the outcomes (a rank given
+    /// back and issued again counts for each request that got it).
     pub issued: u64,
     /// Outcome records that restated an earlier decision.
     pub replays: u64,
@@ -46,10 +72,14 @@ pub struct Audit {
     pub phantom: u64,
     /// Replays whose decision differs from the first.
     pub inconsistent_replays: u64,
-    /// Issued per outcomes but not in the store, or the reverse.
+    /// Holding a coupon per outcomes but not in the store, or the reverse
+    /// (with holds, also a hold whose state they disagree on).
     pub ledger_mismatch: u64,
     /// What the store holds, when it was audited.
     pub store: Option<StoreFigures>,
+    /// The holds' figures, for an event with holds (or hold records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holds: Option<HoldAudit>,
 }
 
 /// The store's side of the audit.
@@ -65,6 +95,63 @@ pub struct StoreFigures {
     pub counter_mismatch: bool,
 }
 
+/// The holds of an event, replayed from the ledger in `decision_seq` order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HoldAudit {
+    /// Coupons issued as holds (each issue of a rank counts).
+    pub issued: u64,
+    /// Holds claimed: coupons finally placed.
+    pub claimed: u64,
+    /// Holds cancelled by their holder (`released`): back in stock.
+    pub cancelled: u64,
+    /// Holds not claimed in time: back in stock.
+    pub expired: u64,
+    /// Issues of a rank that had come back to stock before.
+    pub reissued: u64,
+    /// Holds with no end when the audit looked, deadline not yet passed
+    /// (plus the slack): not a fault, but not a placed coupon either.
+    pub open: u64,
+    /// Every coupon issued, holds or not (`issued_total` of the invariant).
+    pub issued_total: u64,
+    /// Coupons that came back (`cancelled + expired`).
+    pub returned: u64,
+    /// Stock left at the end, as the event said (the api, else the store);
+    /// `None` when it was not asked.
+    pub remaining: Option<u64>,
+    /// Time from a coupon coming back (the store's hold end) to its rank's
+    /// next issue, ms: 0 when the store hands it on in the same step.
+    pub release_to_reissue_ms: LatencySummary,
+    /// Time from the action that gave it back (a cancel accepted by the
+    /// api, an expiry found due by the sweep) to its rank's next issue, ms.
+    #[serde(default)]
+    pub action_to_reissue_ms: LatencySummary,
+    /// A rank issued while another request held it.
+    pub rank_conflicts: u64,
+    /// A request both claimed and given back.
+    pub claimed_and_returned: u64,
+    /// Hold ends with no hold to end.
+    pub orphan_ends: u64,
+    /// Claims after the deadline, expiries before it.
+    pub out_of_time: u64,
+    /// Holds still `held` past their deadline + slack at the end.
+    pub stuck: u64,
+    /// `|issued_total − returned + remaining − stock|` (0 when `remaining`
+    /// is unknown).
+    pub invariant_off: u64,
+}
+
+impl HoldAudit {
+    /// The sum of the holds' figures that must be zero.
+    pub fn failures(&self) -> u64 {
+        self.rank_conflicts
+            + self.claimed_and_returned
+            + self.orphan_ends
+            + self.out_of_time
+            + self.stuck
+            + self.invariant_off
+    }
+}
+
 impl Audit {
     /// The sum of every figure that must be zero.
     pub fn failures(&self) -> u64 {
@@ -78,6 +165,7 @@ impl Audit {
                 .store
                 .as_ref()
                 .map_or(0, |s| u64::from(s.counter_mismatch))
+            + self.holds.as_ref().map_or(0, HoldAudit::failures)
     }
 }
 
@@ -90,6 +178,18 @@ pub struct EventTerms {
     pub per_user_limit: u32,
 }
 
+/// How the event stood when the audit looked (for the holds' checks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEnd {
+    /// When, µs since the epoch.
+    pub at: u64,
+    /// Stock left then, as the api (or the store) said.
+    pub remaining: Option<u64>,
+    /// How long past its deadline a hold may still be open before it is
+    /// `stuck` (the expiry sweep's period and the ledger's delay), µs.
+    pub slack_us: u64,
+}
+
 /// Audits one event. `accepted` maps each accepted request id to its user;
 /// `outcomes` holds every outcome record of the event, in observed order.
 pub fn audit(
@@ -98,6 +198,35 @@ pub fn audit(
     outcomes: &[Outcome],
     ledger: Option<&Ledger>,
 ) -> Audit {
+    audit_with_holds(terms, accepted, outcomes, &[], ledger, None)
+}
+
+/// One step of the ledger, in the store's order.
+enum Step<'a> {
+    Issue(&'a Outcome, u32),
+    End(&'a HoldOutcome),
+}
+
+/// Where a request's coupon stands in the replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// Issued with no claim window: final at once.
+    Final,
+    /// A hold: `held`, `claimed`, `released` or `expired`.
+    Hold(HoldState),
+}
+
+/// [`audit`], with the event's hold ends (`holds`, every record, replays
+/// included) and how the event stood at the end (`end`), which the holds'
+/// invariant and deadline checks need.
+pub fn audit_with_holds(
+    terms: EventTerms,
+    accepted: &HashMap<Uuid, String>,
+    outcomes: &[Outcome],
+    holds: &[HoldOutcome],
+    ledger: Option<&Ledger>,
+    end: Option<&AuditEnd>,
+) -> Audit {
     let mut a = Audit {
         accepted: accepted.len() as u64,
         ..Audit::default()
@@ -105,15 +234,16 @@ pub fn audit(
     let limit = u64::from(terms.per_user_limit);
     let stock = u64::from(terms.stock);
 
-    // Outcome side.
+    // Outcome side: first decisions, replays, ranks per request.
     let mut first: HashMap<Uuid, &Outcome> = HashMap::new();
     let mut issued_ranks: HashMap<Uuid, HashSet<u32>> = HashMap::new();
+    let mut steps: Vec<(u64, u64, Step<'_>)> = Vec::new();
     for o in outcomes {
         if o.result == DecisionResult::Issued {
-            issued_ranks
-                .entry(o.request_id)
-                .or_default()
-                .insert(o.issued_rank.unwrap_or(0));
+            let rank = o.issued_rank.unwrap_or(0);
+            if issued_ranks.entry(o.request_id).or_default().insert(rank) {
+                steps.push((o.generation, o.decision_seq, Step::Issue(o, rank)));
+            }
         }
         match first.get(&o.request_id) {
             None => {
@@ -136,30 +266,25 @@ pub fn audit(
         .values()
         .map(|ranks| ranks.len() as u64 - 1)
         .sum();
-    let mut per_user: HashMap<&str, u64> = HashMap::new();
-    for id in issued_ranks.keys() {
-        if let Some(o) = first.get(id) {
-            *per_user.entry(o.user_id.as_str()).or_default() += 1;
+    // A hold end delivered twice is one end.
+    let mut seen_ends: HashSet<(Uuid, HoldState, u64)> = HashSet::new();
+    for h in holds {
+        if seen_ends.insert((h.request_id, h.state, h.decision_seq)) {
+            steps.push((h.generation, h.decision_seq, Step::End(h)));
         }
     }
-    double_outcomes += per_user
+    // The store's order; within one sequence number (a replayed decision
+    // that changed its rank) an issue before an end.
+    steps.sort_by_key(|(g, seq, s)| (*g, *seq, matches!(s, Step::End(_))));
+
+    let replay = replay(terms, &steps, end);
+    double_outcomes += replay.over_limit;
+    let beyond_stock = issued_ranks
         .values()
-        .map(|n| n.saturating_sub(limit))
-        .sum::<u64>();
-    let mut distinct_ranks: HashSet<u32> = HashSet::new();
-    let mut rank_reuse = 0u64;
-    for ranks in issued_ranks.values() {
-        for r in ranks {
-            if !distinct_ranks.insert(*r) {
-                rank_reuse += 1;
-            }
-        }
-    }
-    let beyond_stock = distinct_ranks
-        .iter()
+        .flatten()
         .filter(|r| u64::from(**r) > stock)
         .count() as u64;
-    let oversold_outcomes = (a.issued.saturating_sub(stock)).max(beyond_stock) + rank_reuse;
+    let oversold_outcomes = replay.peak_over.max(beyond_stock) + replay.holds.rank_conflicts;
 
     let decided: HashSet<Uuid> = first.keys().copied().collect();
     let accepted_ids: HashSet<Uuid> = accepted.keys().copied().collect();
@@ -168,6 +293,7 @@ pub fn audit(
 
     // Store side, cross-checked.
     let (mut oversold_store, mut double_store) = (0, 0);
+    let mut remaining = end.and_then(|e| e.remaining);
     if let Some(ledger) = ledger {
         let coupons = ledger.coupons.len() as u64;
         oversold_store = coupons.saturating_sub(stock);
@@ -186,8 +312,22 @@ pub fn audit(
             .values()
             .map(|n| n.saturating_sub(limit))
             .sum::<u64>();
-        let issued_ids: HashSet<Uuid> = issued_ranks.keys().copied().collect();
-        a.ledger_mismatch = issued_ids.symmetric_difference(&ids).count() as u64;
+        a.ledger_mismatch = replay.holding.symmetric_difference(&ids).count() as u64;
+        if ledger.state.claim_window_us > 0 || !ledger.holds.is_empty() {
+            // Every hold as the store keeps it, against the ledger's replay.
+            let mut in_store: HashSet<Uuid> = HashSet::new();
+            for sh in &ledger.holds {
+                in_store.insert(sh.request_id);
+                if replay.hold_states.get(&sh.request_id) != Some(&sh.state) {
+                    a.ledger_mismatch += 1;
+                }
+            }
+            a.ledger_mismatch += replay
+                .hold_states
+                .keys()
+                .filter(|id| !in_store.contains(*id))
+                .count() as u64;
+        }
         a.store = Some(StoreFigures {
             coupons,
             remaining: u64::from(ledger.state.remaining),
@@ -195,17 +335,174 @@ pub fn audit(
             counter_mismatch: coupons + u64::from(ledger.state.remaining)
                 != u64::from(ledger.state.stock),
         });
+        remaining = remaining.or(Some(u64::from(ledger.state.remaining)));
     }
     a.oversold = oversold_outcomes.max(oversold_store);
     a.double_issued = double_outcomes.max(double_store);
     a.phantom = phantom.len() as u64;
+    if replay.any_hold || !holds.is_empty() {
+        let mut h = replay.holds;
+        h.remaining = remaining;
+        h.invariant_off = remaining.map_or(0, |left| {
+            (h.issued_total + left).abs_diff(h.returned + stock)
+        });
+        a.holds = Some(h);
+    }
     a
+}
+
+/// What replaying the ledger in the store's order found.
+struct Replayed {
+    holds: HoldAudit,
+    /// Requests holding a coupon at the end (issued, not given back).
+    holding: HashSet<Uuid>,
+    /// Where each hold stands at the end.
+    hold_states: HashMap<Uuid, HoldState>,
+    /// The most coupons held beyond stock at one moment.
+    peak_over: u64,
+    /// Issues that took a user beyond the per-user limit of coupons held.
+    over_limit: u64,
+    /// Some coupon was issued as a hold.
+    any_hold: bool,
+}
+
+fn replay(terms: EventTerms, steps: &[(u64, u64, Step<'_>)], end: Option<&AuditEnd>) -> Replayed {
+    let stock = u64::from(terms.stock);
+    let mut h = HoldAudit::default();
+    let mut standing: HashMap<Uuid, (u32, Standing, Option<u64>, &str)> = HashMap::new();
+    let mut holder_of: HashMap<(u64, u32), Uuid> = HashMap::new();
+    // Rank → (when the store gave it back, when it was asked to).
+    let mut came_back_at: HashMap<(u64, u32), (u64, u64)> = HashMap::new();
+    let mut per_user: HashMap<&str, u64> = HashMap::new();
+    let (mut gaps, mut from_action) = (latency::histogram(), latency::histogram());
+    let (mut live, mut peak_over, mut over_limit, mut any_hold) = (0u64, 0u64, 0u64, false);
+    for (generation, _, step) in steps {
+        match step {
+            Step::Issue(o, rank) => {
+                let key = (*generation, *rank);
+                if holder_of.insert(key, o.request_id).is_some() {
+                    h.rank_conflicts += 1;
+                }
+                if standing.contains_key(&o.request_id) {
+                    // A second rank for one request: a double issue,
+                    // counted from the ranks; one request holds one coupon.
+                    continue;
+                }
+                h.issued_total += 1;
+                if let Some((back, asked)) = came_back_at.remove(&key) {
+                    h.reissued += 1;
+                    latency::record(&mut gaps, o.decided_at.saturating_sub(back));
+                    latency::record(&mut from_action, o.decided_at.saturating_sub(asked));
+                }
+                let s = match o.hold_until {
+                    Some(_) => {
+                        any_hold = true;
+                        h.issued += 1;
+                        Standing::Hold(HoldState::Held)
+                    }
+                    None => Standing::Final,
+                };
+                standing.insert(o.request_id, (*rank, s, o.hold_until, o.user_id.as_str()));
+                live += 1;
+                peak_over = peak_over.max(live.saturating_sub(stock));
+                let n = per_user.entry(o.user_id.as_str()).or_default();
+                *n += 1;
+                if *n > u64::from(terms.per_user_limit) {
+                    over_limit += 1;
+                }
+            }
+            Step::End(e) => {
+                let Some((rank, s, until, user)) = standing.get_mut(&e.request_id) else {
+                    h.orphan_ends += 1;
+                    continue;
+                };
+                if *rank != e.issued_rank {
+                    h.orphan_ends += 1;
+                    continue;
+                }
+                match (*s, e.state) {
+                    (Standing::Hold(HoldState::Held), to) if to != HoldState::Held => {
+                        *s = Standing::Hold(to);
+                        let deadline = until.unwrap_or(u64::MAX);
+                        match to {
+                            HoldState::Claimed => {
+                                h.claimed += 1;
+                                if e.action_at > deadline {
+                                    h.out_of_time += 1;
+                                }
+                            }
+                            HoldState::Released => h.cancelled += 1,
+                            HoldState::Expired => {
+                                h.expired += 1;
+                                if e.action_at < deadline {
+                                    h.out_of_time += 1;
+                                }
+                            }
+                            HoldState::Held => {}
+                        }
+                        if to.returned() {
+                            h.returned += 1;
+                            live = live.saturating_sub(1);
+                            if let Some(n) = per_user.get_mut(&**user) {
+                                *n = n.saturating_sub(1);
+                            }
+                            let key = (*generation, *rank);
+                            if holder_of.get(&key) == Some(&e.request_id) {
+                                holder_of.remove(&key);
+                            }
+                            came_back_at.insert(key, (e.decided_at, e.action_at));
+                        }
+                    }
+                    (Standing::Hold(HoldState::Claimed), to) if to.returned() => {
+                        h.claimed_and_returned += 1;
+                    }
+                    (Standing::Hold(from), HoldState::Claimed) if from.returned() => {
+                        h.claimed_and_returned += 1;
+                    }
+                    _ => h.orphan_ends += 1,
+                }
+            }
+        }
+    }
+    let mut holding = HashSet::new();
+    let mut hold_states = HashMap::new();
+    for (id, (_, s, until, _)) in &standing {
+        if let Standing::Hold(state) = s {
+            hold_states.insert(*id, *state);
+        }
+        match s {
+            Standing::Final | Standing::Hold(HoldState::Claimed) => {
+                holding.insert(*id);
+            }
+            Standing::Hold(HoldState::Held) => {
+                holding.insert(*id);
+                let due = until
+                    .unwrap_or(0)
+                    .saturating_add(end.map_or(0, |e| e.slack_us));
+                match end {
+                    Some(e) if e.at > due => h.stuck += 1,
+                    _ => h.open += 1,
+                }
+            }
+            Standing::Hold(_) => {}
+        }
+    }
+    h.release_to_reissue_ms = latency::summary(&gaps);
+    h.action_to_reissue_ms = latency::summary(&from_action);
+    Replayed {
+        holds: h,
+        holding,
+        hold_states,
+        peak_over,
+        over_limit,
+        any_hold,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use couponrush_core::store::{Coupon, EventState};
+    use couponrush_core::store::{Coupon, EventState, Hold};
     use couponrush_core::wire::WIRE_VERSION;
 
     const TERMS: EventTerms = EventTerms {
@@ -228,6 +525,7 @@ mod tests {
             decision_seq: id as u64,
             accepted_at: 1,
             generation: 1,
+            hold_until: None,
         }
     }
 
@@ -243,6 +541,9 @@ mod tests {
                 per_user_limit: 1,
                 remaining,
                 generation: 1,
+                claim_window_us: 0,
+                released: 0,
+                claimed: 0,
             },
             coupons: coupons
                 .iter()
@@ -253,6 +554,8 @@ mod tests {
                 })
                 .collect(),
             holders: holders.into_iter().collect(),
+            free_ranks: Vec::new(),
+            holds: Vec::new(),
         }
     }
 
@@ -343,5 +646,288 @@ mod tests {
         let a = audit(TERMS, &accepted, &outcomes, None);
         assert_eq!(a.failures(), 0);
         assert!(a.store.is_none());
+    }
+
+    // ---- holds ----------------------------------------------------------
+
+    /// An issue of `rank` to request `id` at sequence `seq`, decided at
+    /// `decided_at`, held until `decided_at + 100`.
+    fn held(id: u128, user: &str, rank: u32, seq: u64, decided_at: u64) -> Outcome {
+        Outcome {
+            decision_seq: seq,
+            decided_at,
+            hold_until: Some(decided_at + 100),
+            ..outcome(id, user, DecisionResult::Issued, Some(rank))
+        }
+    }
+
+    fn end(id: u128, user: &str, rank: u32, state: HoldState, seq: u64, at: u64) -> HoldOutcome {
+        HoldOutcome {
+            v: WIRE_VERSION,
+            kind: couponrush_core::wire::HOLD_KIND.into(),
+            request_id: Uuid::from_u128(id),
+            event_id: "e".into(),
+            user_id: user.into(),
+            state,
+            issued_rank: rank,
+            partition: 0,
+            offset: seq as i64,
+            action_at: at,
+            decided_at: at + 1,
+            replay: false,
+            decision_seq: seq,
+            generation: 1,
+        }
+    }
+
+    /// A drop with holds, stock 2: a and b win; d is sold out; b cancels and
+    /// rank 2 goes to c; a claims; c never claims and expires. At the end a
+    /// holds rank 1 and rank 2 is back in stock.
+    struct HoldDrop {
+        accepted: HashMap<Uuid, String>,
+        outcomes: Vec<Outcome>,
+        holds: Vec<HoldOutcome>,
+        ledger: Ledger,
+        end: AuditEnd,
+    }
+
+    fn hold_drop() -> HoldDrop {
+        let accepted = [(1, "a"), (2, "b"), (3, "c"), (4, "d")]
+            .into_iter()
+            .map(|(i, u)| (Uuid::from_u128(i), u.to_string()))
+            .collect();
+        let sold_out = Outcome {
+            decision_seq: 3,
+            ..outcome(4, "d", DecisionResult::SoldOut, None)
+        };
+        HoldDrop {
+            accepted,
+            outcomes: vec![
+                held(1, "a", 1, 1, 10),
+                held(2, "b", 2, 2, 20),
+                sold_out,
+                held(3, "c", 2, 5, 70),
+            ],
+            holds: vec![
+                end(2, "b", 2, HoldState::Released, 4, 49),
+                end(1, "a", 1, HoldState::Claimed, 6, 60),
+                end(3, "c", 2, HoldState::Expired, 7, 171),
+            ],
+            ledger: ledger(&[(1, 1, "a")], 1),
+            end: AuditEnd {
+                at: 1_000,
+                remaining: Some(1),
+                slack_us: 100,
+            },
+        }
+    }
+
+    impl HoldDrop {
+        fn audit(&self) -> Audit {
+            audit_with_holds(
+                TERMS,
+                &self.accepted,
+                &self.outcomes,
+                &self.holds,
+                Some(&self.ledger),
+                Some(&self.end),
+            )
+        }
+    }
+
+    #[test]
+    fn a_drop_whose_coupons_come_back_and_go_again_audits_clean() {
+        let d = hold_drop();
+        let a = d.audit();
+        assert_eq!(a.failures(), 0, "{a:?}");
+        let h = a.holds.expect("an event with holds has hold figures");
+        assert_eq!(
+            (
+                h.issued,
+                h.claimed,
+                h.cancelled,
+                h.expired,
+                h.reissued,
+                h.open
+            ),
+            (3, 1, 1, 1, 1, 0)
+        );
+        assert_eq!((h.issued_total, h.returned, h.remaining), (3, 2, Some(1)));
+        assert_eq!(h.release_to_reissue_ms.count, 1);
+        assert!(h.release_to_reissue_ms.max > 0.0);
+        // Three requests were issued for a stock of two: neither oversold
+        // nor a double issue, since never more than two were held at once.
+        assert_eq!((a.issued, a.oversold, a.double_issued), (3, 0, 0));
+    }
+
+    #[test]
+    fn hold_records_delivered_twice_or_out_of_order_audit_clean() {
+        let mut d = hold_drop();
+        let mut again = d.holds[0].clone();
+        again.replay = true;
+        d.holds.push(again);
+        d.holds.reverse();
+        d.outcomes.reverse();
+        assert_eq!(d.audit().failures(), 0, "{:?}", d.audit());
+    }
+
+    #[test]
+    fn a_remaining_that_does_not_add_up_breaks_the_invariant() {
+        let mut d = hold_drop();
+        d.end.remaining = Some(2);
+        let a = d.audit();
+        assert_eq!(a.holds.as_ref().unwrap().invariant_off, 1);
+        assert_eq!(a.failures(), 1);
+        // A return the ledger never recorded is caught the same way.
+        let mut d = hold_drop();
+        d.holds.pop();
+        let h = d.audit().holds.unwrap();
+        assert_eq!(h.invariant_off, 1, "{h:?}");
+    }
+
+    #[test]
+    fn a_rank_issued_while_still_held_is_a_rank_conflict_and_oversold() {
+        let mut d = hold_drop();
+        // c gets rank 2 before b gave it back.
+        d.outcomes[3].decision_seq = 3;
+        d.outcomes[2].decision_seq = 8;
+        let a = d.audit();
+        assert_eq!(a.holds.as_ref().unwrap().rank_conflicts, 1, "{a:?}");
+        assert!(a.oversold >= 1, "three coupons held at once of two");
+    }
+
+    #[test]
+    fn a_claimed_coupon_given_back_is_claimed_and_returned() {
+        let mut d = hold_drop();
+        d.holds.push(end(1, "a", 1, HoldState::Expired, 8, 200));
+        let h = d.audit().holds.unwrap();
+        assert_eq!(h.claimed_and_returned, 1, "{h:?}");
+        // And the other way round: a claim after the cancel.
+        let mut d = hold_drop();
+        d.holds.push(end(2, "b", 2, HoldState::Claimed, 8, 50));
+        assert_eq!(d.audit().holds.unwrap().claimed_and_returned, 1);
+    }
+
+    #[test]
+    fn a_hold_end_without_an_issue_is_an_orphan() {
+        for planted in [
+            end(9, "z", 2, HoldState::Released, 8, 80), // never issued
+            end(2, "b", 1, HoldState::Released, 8, 80), // another rank
+            end(2, "b", 2, HoldState::Expired, 8, 130), // already given back
+        ] {
+            let mut d = hold_drop();
+            d.holds.push(planted.clone());
+            let a = d.audit();
+            assert_eq!(a.holds.as_ref().unwrap().orphan_ends, 1, "{planted:?}");
+            assert!(a.failures() >= 1);
+        }
+        // A hold end before its issue (in the store's order) has nothing
+        // to end either.
+        let mut d = hold_drop();
+        d.holds[0].decision_seq = 1;
+        d.outcomes[1].decision_seq = 2;
+        d.outcomes[0].decision_seq = 0;
+        assert!(d.audit().holds.unwrap().orphan_ends >= 1);
+    }
+
+    #[test]
+    fn a_hold_still_held_past_its_deadline_is_stuck_but_not_before() {
+        let mut d = hold_drop();
+        d.holds.pop(); // c's expiry never came
+        d.end.remaining = Some(0);
+        d.ledger = ledger(&[(1, 1, "a"), (2, 3, "c")], 0);
+        let a = d.audit();
+        let h = a.holds.as_ref().unwrap();
+        assert_eq!((h.stuck, h.open), (1, 0), "{h:?}");
+        assert_eq!(a.failures(), 1);
+        // Within its window (plus the slack) it is open, not a fault.
+        d.end.at = 170 + 100;
+        let a = d.audit();
+        assert_eq!((a.holds.as_ref().unwrap().open, a.failures()), (1, 0));
+    }
+
+    #[test]
+    fn a_claim_after_the_deadline_or_an_expiry_before_it_is_out_of_time() {
+        let mut d = hold_drop();
+        d.holds[1].action_at = 111; // a's hold ran to 110
+        assert_eq!(d.audit().holds.unwrap().out_of_time, 1);
+        let mut d = hold_drop();
+        d.holds[2].action_at = 150; // c's hold ran to 170
+        assert_eq!(d.audit().holds.unwrap().out_of_time, 1);
+    }
+
+    #[test]
+    fn with_holds_oversold_double_and_mismatch_are_still_caught() {
+        // A third coupon while two are held.
+        let mut d = hold_drop();
+        d.accepted.insert(Uuid::from_u128(5), "e".into());
+        d.outcomes.push(held(5, "e", 3, 3, 30));
+        assert!(d.audit().oversold >= 1);
+        // b wins again while holding: beyond the per-user limit...
+        let mut d = hold_drop();
+        d.accepted.insert(Uuid::from_u128(5), "b".into());
+        d.outcomes.push(held(5, "b", 1, 3, 30));
+        assert!(d.audit().double_issued >= 1);
+        // ...but after giving the first back it is not a double issue.
+        let mut d = hold_drop();
+        d.accepted.insert(Uuid::from_u128(3), "b".into());
+        d.outcomes[3].user_id = "b".into();
+        d.holds[2].user_id = "b".into();
+        let a = d.audit();
+        assert_eq!(a.double_issued, 0, "{a:?}");
+        // A store that still lists a coupon given back disagrees.
+        let mut d = hold_drop();
+        d.ledger = ledger(&[(1, 1, "a"), (2, 2, "b")], 1);
+        let a = d.audit();
+        assert_eq!(a.ledger_mismatch, 1);
+        assert!(a.store.unwrap().counter_mismatch);
+    }
+
+    #[test]
+    fn a_store_whose_holds_disagree_with_the_ledger_is_a_ledger_mismatch() {
+        let store_hold = |id: u128, user: &str, rank: u32, state: HoldState| Hold {
+            request_id: Uuid::from_u128(id),
+            user_id: user.into(),
+            rank,
+            until: 0,
+            state,
+            ended_at: 0,
+            end_seq: 0,
+        };
+        let mut d = hold_drop();
+        d.ledger.state.claim_window_us = 100;
+        d.ledger.holds = vec![
+            store_hold(1, "a", 1, HoldState::Claimed),
+            store_hold(2, "b", 2, HoldState::Released),
+            store_hold(3, "c", 2, HoldState::Expired),
+        ];
+        let a = d.audit();
+        assert_eq!(a.failures(), 0, "{a:?}");
+        // The store says a's hold is still held; the ledger says claimed.
+        d.ledger.holds[0].state = HoldState::Held;
+        assert_eq!(d.audit().ledger_mismatch, 1);
+        // The store lost c's hold.
+        d.ledger.holds[0].state = HoldState::Claimed;
+        d.ledger.holds.pop();
+        assert_eq!(d.audit().ledger_mismatch, 1);
+    }
+
+    #[test]
+    fn a_drop_without_holds_has_no_hold_figures() {
+        let (accepted, outcomes, ledger) = clean();
+        let a = audit_with_holds(
+            TERMS,
+            &accepted,
+            &outcomes,
+            &[],
+            Some(&ledger),
+            Some(&AuditEnd {
+                at: 1,
+                remaining: Some(0),
+                slack_us: 0,
+            }),
+        );
+        assert!(a.holds.is_none());
+        assert_eq!(a.failures(), 0);
     }
 }

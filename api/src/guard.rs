@@ -1,0 +1,235 @@
+//! What every request passes through once, before its route: a bound on
+//! the requests in flight across every route (beyond it, a 503 with
+//! `Retry-After`, counted as shed), a body that must arrive within
+//! [`crate::CLIENT_TIMEOUT`] (a 408 otherwise: slow clients, slowloris), a
+//! panic in a handler turned into a 503 (logged, never a dropped
+//! connection), and the request counter by route and status.
+//!
+//! One middleware instead of the six tower layers it replaces (a load
+//! shedder, a concurrency limit and its error handler, a panic catcher, a
+//! metrics middleware, a body timeout): under load each layer's future and
+//! per-request clone showed in a profile of the issue route, and together
+//! they were most of the CPU per request the api spent beyond the same
+//! contract without them (docs/BENCHMARKS.md, section 2). It also makes the
+//! bound one bound: a concurrency-limit layer given to `Router::layer` is
+//! cloned per route, each clone with its own semaphore.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures::FutureExt;
+use tokio::sync::Semaphore;
+
+use crate::error::AppError;
+
+/// The shared bound of [`guard`].
+pub struct Guard {
+    permits: Semaphore,
+}
+
+impl Guard {
+    /// At most `max_in_flight` requests in flight across every route.
+    pub fn new(max_in_flight: usize) -> Self {
+        Self {
+            permits: Semaphore::new(max_in_flight.max(1)),
+        }
+    }
+}
+
+/// The route labels of `couponrush_api_requests_total`.
+const ROUTES: [&str; 13] = [
+    "/v1/events/{event_id}/issue",
+    "/v1/events/{event_id}",
+    "/v1/events/{event_id}/requests/{request_id}",
+    "/v1/requests/{request_id}",
+    "/v1/events/{event_id}/requests/{request_id}/claim",
+    "/v1/events/{event_id}/requests/{request_id}/cancel",
+    "/v1/events/{event_id}/line",
+    "/v1/events/{event_id}/line/{ticket_id}",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "other",
+    "unmatched",
+];
+
+/// The status labels of `couponrush_api_requests_total`.
+const STATUSES: [&str; 17] = [
+    "200", "201", "202", "400", "401", "403", "404", "405", "409", "408", "413", "415", "422",
+    "503", "4xx", "5xx", "1xx-3xx",
+];
+
+/// One counter handle per (route, status), registered with the recorder on
+/// first use and kept: `counter!` with labels builds its key and looks it up
+/// in the registry on every call, which showed in a profile of the issue
+/// route under load. The process's recorder must be installed before the
+/// first request (`run` does); a counter first used without one stays a
+/// no-op.
+static REQUEST_COUNTERS: [[OnceLock<metrics::Counter>; STATUSES.len()]; ROUTES.len()] =
+    [const { [const { OnceLock::new() }; STATUSES.len()] }; ROUTES.len()];
+
+/// What a body that did not arrive in time fails with; the JSON
+/// extractor's rejection carries it as text, which [`crate::error`] maps
+/// to a 408.
+pub const BODY_TIMEOUT: &str = "the request body was not received within the designated timeout";
+
+#[derive(Debug)]
+struct BodyTimeout;
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(BODY_TIMEOUT)
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+/// A request body that must keep arriving: each frame within `timeout` of
+/// the last. The body is polled first and the timer armed only when it is
+/// not there yet, so a small body that came with its headers (nearly every
+/// request) never touches the timer wheel; `tower_http`'s `TimeoutBody`
+/// arms one for every request.
+pub struct DeadlineBody {
+    inner: Body,
+    timeout: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl DeadlineBody {
+    /// `inner`, each frame due within `timeout`.
+    pub fn new(inner: Body, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            sleep: None,
+        }
+    }
+}
+
+impl HttpBody for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.sleep = None;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let timeout = this.timeout;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The middleware: bound, run the route with its body on a deadline and its
+/// panics caught, count.
+pub async fn guard(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(ROUTES.len() - 1, |m| {
+            ROUTES
+                .iter()
+                .position(|r| *r == m.as_str())
+                .unwrap_or(ROUTES.len() - 2)
+        });
+    let resp = match guard.permits.try_acquire() {
+        Err(_) => {
+            metrics::counter!("couponrush_api_shed_total", "reason" => "concurrency").increment(1);
+            AppError::Overloaded("too many concurrent requests; retry after a second".into())
+                .into_response()
+        }
+        Ok(_permit) => {
+            let req = req.map(|b| Body::new(DeadlineBody::new(b, crate::CLIENT_TIMEOUT)));
+            match AssertUnwindSafe(next.run(req)).catch_unwind().await {
+                Ok(resp) => resp,
+                Err(_) => {
+                    tracing::error!("a handler panicked");
+                    AppError::Unavailable("internal fault; retry shortly".into()).into_response()
+                }
+            }
+        }
+    };
+    let status = match resp.status().as_u16() {
+        200 => 0,
+        201 => 1,
+        202 => 2,
+        400 => 3,
+        401 => 4,
+        403 => 5,
+        404 => 6,
+        405 => 7,
+        409 => 8,
+        408 => 9,
+        413 => 10,
+        415 => 11,
+        422 => 12,
+        503 => 13,
+        s if (400..500).contains(&s) => 14,
+        s if s >= 500 => 15,
+        _ => 16,
+    };
+    REQUEST_COUNTERS[route][status]
+        .get_or_init(|| {
+            metrics::counter!(
+                "couponrush_api_requests_total",
+                "route" => ROUTES[route],
+                "status" => STATUSES[status]
+            )
+        })
+        .increment(1);
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_body_that_stalls_fails_with_the_timeout_and_one_that_is_there_arms_no_timer() {
+        let stalled =
+            Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
+        let mut body = DeadlineBody::new(stalled, Duration::from_millis(50));
+        let err = body
+            .frame()
+            .await
+            .expect("a frame or an error")
+            .expect_err("a stalled body times out");
+        assert_eq!(err.to_string(), BODY_TIMEOUT);
+
+        let mut body = DeadlineBody::new(Body::from("{}"), Duration::from_millis(50));
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "{}");
+        assert!(body.sleep.is_none(), "a body already there needs no timer");
+    }
+}

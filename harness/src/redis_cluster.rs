@@ -1,0 +1,371 @@
+//! A real Redis Cluster on loopback ports: three masters with a replica
+//! each, made by `redis-cli --cluster create`, every server killed on drop.
+//!
+//! The servers keep nothing on disk (`--save ''`, no AOF): a master that
+//! fails over hands its slots to its replica with whatever that replica
+//! had received, which is how a store comes back behind on a cluster. To
+//! make a replica truly behind, [`RedisCluster::cut_replica`] freezes it
+//! (SIGSTOP) and has its master drop the replication link: the writes that
+//! follow reach the master only.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::{free_port, wait_for_port, Proc};
+
+/// How long a node may be unreachable before the others mark it failed.
+const NODE_TIMEOUT_MS: u64 = 2_000;
+
+/// One server of the cluster as `CLUSTER NODES` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    /// Its loopback port.
+    pub port: u16,
+    /// Its node id.
+    pub id: String,
+    /// The id of its master, for a replica.
+    pub master_id: Option<String>,
+    /// Slot ranges it serves, for a master.
+    pub slots: Vec<(u16, u16)>,
+    /// Whether the cluster marks it failed.
+    pub failed: bool,
+}
+
+/// A Redis Cluster of three masters with a replica each.
+pub struct RedisCluster {
+    dir: PathBuf,
+    nodes: Vec<(u16, Proc)>,
+}
+
+impl RedisCluster {
+    /// Starts six servers under `dir` (one directory each), joins them
+    /// into a cluster with one replica per master, and waits until every
+    /// node reports `cluster_state:ok` and each master has its replica.
+    pub fn start(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut nodes = Vec::with_capacity(6);
+        for _ in 0..6 {
+            // The cluster bus gets a free port of its own (by default it
+            // is the port + 10000, which may be in use or ephemeral).
+            let (port, bus) = (free_port(), free_port());
+            let node_dir = dir.join(port.to_string());
+            std::fs::create_dir_all(&node_dir)?;
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-port", &bus.to_string()])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+                // A replica may take over however long it was cut off: a
+                // failover to a replica that is behind is what the tests need.
+                .args(["--cluster-replica-validity-factor", "0"])
+                .arg("--dir")
+                .arg(&node_dir);
+            let proc = Proc::spawn(
+                "redis-server (cluster)",
+                cmd,
+                Some(&node_dir.join("redis.log")),
+            )?;
+            nodes.push((port, proc));
+        }
+        for (port, _) in &nodes {
+            wait_for_port(*port, Duration::from_secs(10))?;
+        }
+        let cluster = Self {
+            dir: dir.to_path_buf(),
+            nodes,
+        };
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for (port, _) in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        let out = create.output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        cluster.wait_healthy(3, Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    /// A cluster shared by the tests of one test binary that run at once:
+    /// started by the first, stopped when the last one drops it. For tests
+    /// that neither kill nor fail over its nodes, nor take its recovery
+    /// lock or epoch.
+    pub fn shared() -> io::Result<Arc<Self>> {
+        static SHARED: Mutex<Weak<RedisCluster>> = Mutex::new(Weak::new());
+        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cluster) = shared.upgrade() {
+            return Ok(cluster);
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "couponrush-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let cluster = Arc::new(Self::start(&dir)?);
+        *shared = Arc::downgrade(&cluster);
+        Ok(cluster)
+    }
+
+    /// `redis+cluster://127.0.0.1:<port>,…`: every node as a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|(port, _)| format!("127.0.0.1:{port}"))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// The ports of the servers still running.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|(p, _)| *p).collect()
+    }
+
+    /// Runs `redis-cli -p <port> <args>` and returns its output.
+    pub fn cli(&self, port: u16, args: &[&str]) -> io::Result<String> {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() || text.starts_with("ERR") {
+            return Err(io::Error::other(format!(
+                "redis-cli -p {port} {args:?}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(text)
+    }
+
+    /// The cluster as a live node sees it.
+    pub fn nodes(&self) -> io::Result<Vec<ClusterNode>> {
+        let mut last = io::Error::other("no node of the cluster answers");
+        for (port, _) in &self.nodes {
+            match self.cli(*port, &["cluster", "nodes"]) {
+                Ok(text) => return Ok(parse_nodes(&text)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// The slot of `key` (its hash tag's).
+    pub fn slot_of(&self, key: &str) -> io::Result<u16> {
+        let port = self.nodes.first().map(|(p, _)| *p).unwrap_or(0);
+        self.cli(port, &["cluster", "keyslot", key])?
+            .trim()
+            .parse()
+            .map_err(|e| io::Error::other(format!("cluster keyslot {key}: {e}")))
+    }
+
+    /// The port of the master serving `key`'s slot.
+    pub fn master_of(&self, key: &str) -> io::Result<u16> {
+        let slot = self.slot_of(key)?;
+        self.nodes()?
+            .into_iter()
+            .find(|n| !n.failed && n.slots.iter().any(|(a, b)| *a <= slot && slot <= *b))
+            .map(|n| n.port)
+            .ok_or_else(|| io::Error::other(format!("no live master serves slot {slot}")))
+    }
+
+    /// The port of a replica of the master on `master_port`.
+    pub fn replica_of(&self, master_port: u16) -> io::Result<u16> {
+        let nodes = self.nodes()?;
+        let master = nodes
+            .iter()
+            .find(|n| n.port == master_port)
+            .ok_or_else(|| io::Error::other(format!("no node on port {master_port}")))?;
+        nodes
+            .iter()
+            .find(|n| n.master_id.as_deref() == Some(master.id.as_str()) && !n.failed)
+            .map(|n| n.port)
+            .ok_or_else(|| io::Error::other(format!("the master on {master_port} has no replica")))
+    }
+
+    /// Cuts the replica on `replica_port` off its master, so that writes
+    /// from now on reach the master only: the replica is frozen (SIGSTOP,
+    /// it cannot reconnect) and the master drops its replication link.
+    /// [`RedisCluster::take_over`] later promotes it, behind.
+    pub fn cut_replica(&self, replica_port: u16, master_port: u16) -> io::Result<()> {
+        self.signal(replica_port, Signal::SIGSTOP)?;
+        self.cli(master_port, &["client", "kill", "type", "replica"])?;
+        Ok(())
+    }
+
+    /// Waits until the replica of `master_port` has acknowledged every
+    /// write the master took so far (`WAIT 1`, again until it answers 1: it
+    /// answers 0 when its timeout passes first, as for a replica still
+    /// syncing on a busy machine).
+    pub fn wait_replicated(&self, master_port: u16) -> io::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.cli(master_port, &["wait", "1", "5000"])?.trim() != "1" {
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the replica of {master_port} never acknowledged the writes"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs the server on `port`.
+    pub fn kill(&mut self, port: u16) {
+        if let Some((_, proc)) = self.nodes.iter_mut().find(|(p, _)| *p == port) {
+            proc.kill();
+        }
+    }
+
+    /// Thaws the replica on `replica_port` (if frozen) and makes it take
+    /// its master's slots at once (`CLUSTER FAILOVER TAKEOVER`, no
+    /// agreement with the master, which may be dead); waits until the
+    /// cluster is whole again with it as a master.
+    pub fn take_over(&self, replica_port: u16) -> io::Result<()> {
+        self.signal(replica_port, Signal::SIGCONT)?;
+        self.cli(replica_port, &["cluster", "failover", "takeover"])?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let promoted = self.cli(replica_port, &["role"])?.starts_with("master");
+            if promoted && self.state_ok(replica_port) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the replica on {replica_port} did not take over"),
+                ));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn signal(&self, port: u16, signal: Signal) -> io::Result<()> {
+        let pid = self
+            .nodes
+            .iter()
+            .find(|(p, _)| *p == port)
+            .and_then(|(_, proc)| proc.pid())
+            .ok_or_else(|| io::Error::other(format!("no running server on {port}")))?;
+        kill(Pid::from_raw(pid as i32), signal).map_err(io::Error::other)
+    }
+
+    fn state_ok(&self, port: u16) -> bool {
+        self.cli(port, &["cluster", "info"])
+            .is_ok_and(|info| info.lines().any(|l| l.trim() == "cluster_state:ok"))
+    }
+
+    /// Waits until every node says `cluster_state:ok` and `masters`
+    /// masters each have a connected replica.
+    fn wait_healthy(&self, masters: usize, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let all_ok = self.nodes.iter().all(|(p, _)| self.state_ok(*p));
+            let paired = self.nodes().is_ok_and(|nodes| {
+                let ms: Vec<&ClusterNode> = nodes.iter().filter(|n| !n.slots.is_empty()).collect();
+                ms.len() == masters
+                    && ms.iter().all(|m| {
+                        nodes
+                            .iter()
+                            .any(|n| n.master_id.as_deref() == Some(m.id.as_str()))
+                    })
+            });
+            let synced = self.nodes.iter().all(|(p, _)| {
+                self.cli(*p, &["info", "replication"]).is_ok_and(|info| {
+                    !info.contains("role:slave") || info.contains("master_link_status:up")
+                })
+            });
+            if all_ok && paired && synced {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the cluster in {} did not become healthy in {timeout:?}",
+                        self.dir.display()
+                    ),
+                ));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (_, proc) in &mut self.nodes {
+            proc.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Parses `CLUSTER NODES`: `<id> <ip:port@bus> <flags> <master> … <slots>…`.
+fn parse_nodes(text: &str) -> Vec<ClusterNode> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 {
+                return None;
+            }
+            let port = f[1].split('@').next()?.rsplit(':').next()?.parse().ok()?;
+            let flags = f[2];
+            let slots = f[8..]
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| match s.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => s.parse().ok().map(|x| (x, x)),
+                })
+                .collect();
+            Some(ClusterNode {
+                port,
+                id: f[0].to_string(),
+                master_id: (f[3] != "-").then(|| f[3].to_string()),
+                slots,
+                failed: flags.contains("fail") && !flags.contains("fail?"),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_nodes_lines_are_parsed() {
+        let text = "\
+07c37dfeb235213a872192d90877d0cd55635b91 127.0.0.1:30004@31004 slave e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 0 1426238317239 4 connected
+67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1 127.0.0.1:30002@31002 master - 0 1426238316232 2 connected 5461-10922
+e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460 12000
+6ec23923021cf3ffec47632106199cb7f496ce01 127.0.0.1:30005@31005 master,fail - 1426238316232 1426238316232 5 disconnected
+";
+        let nodes = parse_nodes(text);
+        assert_eq!(nodes.len(), 4);
+        assert_eq!(nodes[0].port, 30004);
+        assert_eq!(
+            nodes[0].master_id.as_deref(),
+            Some("e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca")
+        );
+        assert_eq!(nodes[1].slots, vec![(5461, 10922)]);
+        assert_eq!(nodes[2].slots, vec![(0, 5460), (12000, 12000)]);
+        assert!(nodes[3].failed);
+        assert!(!nodes[1].failed);
+    }
+}
