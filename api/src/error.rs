@@ -3,8 +3,14 @@
 //!
 //! Client mistakes are 4xx. Overload and an unreachable broker or store are
 //! 503 with `Retry-After`: the request was not accepted, nothing was lost, and
-//! retrying with the same `Idempotency-Key` is always safe. Internal details
-//! (error chains, addresses) go to the log, never to the client.
+//! retrying with the same `Idempotency-Key` is always safe. One 503 is
+//! different, and says so: `unacknowledged` ([`AppError::InDoubt`]) means the
+//! request reached the broker and its acknowledgement did not come back in
+//! time, so it *may* have been written and decided. Its body carries the
+//! client's own request id and status URL; a retry with the same
+//! `Idempotency-Key` is the same request (decided at most once), so retrying
+//! settles it. Internal details (error chains, addresses) go to the log,
+//! never to the client.
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -59,6 +65,17 @@ pub enum AppError {
     /// A dependency (broker, store) is unreachable; nothing was accepted.
     #[error("{0}")]
     Unavailable(String),
+    /// Sent to the broker, not acknowledged in time: the request may have
+    /// been written. Never "refused": the client is told its request id.
+    #[error("{message}")]
+    InDoubt {
+        /// The client's own request (its key scoped by event and user).
+        request_id: uuid::Uuid,
+        /// Where its decision will show, if it was written.
+        status_url: String,
+        /// What happened and what to do.
+        message: String,
+    },
 }
 
 impl AppError {
@@ -90,6 +107,7 @@ impl AppError {
             AppError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             AppError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AppError::InDoubt { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unacknowledged"),
         }
     }
 }
@@ -100,7 +118,17 @@ pub const RETRY_AFTER_SECS: u32 = 1;
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let body = Json(json!({ "error": code, "message": self.to_string() }));
+        let mut body = json!({ "error": code, "message": self.to_string() });
+        if let AppError::InDoubt {
+            request_id,
+            status_url,
+            ..
+        } = &self
+        {
+            body["request_id"] = json!(request_id);
+            body["status_url"] = json!(status_url);
+        }
+        let body = Json(body);
         let mut resp = (status, body).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()

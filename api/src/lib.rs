@@ -28,7 +28,8 @@
 //! - [`error`]: the one error type, [`error::AppError`], and its JSON shape.
 //! - [`events`]: the cache of known events.
 //! - [`readiness`]: whether the store is ready, new, or being rebuilt.
-//! - [`request_id`]: the request id an `Idempotency-Key` stands for.
+//! - [`request_id`]: the request id an `Idempotency-Key` stands for (kept in
+//!   core, re-exported here).
 //! - [`line`]: the waiting room's routes and the issue route's gate.
 //! - The request producer it answers with is
 //!   [`couponrush_core::producer::RequestProducer`], shared with
@@ -39,7 +40,7 @@ pub mod events;
 pub mod guard;
 pub mod line;
 pub mod readiness;
-pub mod request_id;
+pub use couponrush_core::request_id;
 pub mod routes;
 
 use std::net::SocketAddr;

@@ -398,12 +398,26 @@ pub async fn issue(
                 "the producer queue is full; retry after a second".into(),
             ))
         }
-        Err(ProduceError::Broker(e)) => {
-            tracing::warn!(error = %e, request_id = %request_id, "produce failed");
-            Err(AppError::Unavailable(format!(
-                "the broker did not acknowledge the request within {:?}; retry with the same Idempotency-Key",
-                state.produce_timeout
-            )))
+        Err(ProduceError::NotSent(e)) => {
+            tracing::warn!(error = %e, request_id = %request_id, "produce refused before sending");
+            Err(AppError::Unavailable(
+                "the broker cannot take the request now; nothing was accepted, retry shortly"
+                    .into(),
+            ))
+        }
+        Err(ProduceError::Unacknowledged(e)) => {
+            tracing::warn!(error = %e, request_id = %request_id, "produce unacknowledged: in doubt");
+            metrics::counter!("couponrush_api_in_doubt_total").increment(1);
+            Err(AppError::InDoubt {
+                request_id,
+                status_url: format!("/v1/events/{}/requests/{request_id}", req.event_id),
+                message: format!(
+                    "the broker did not acknowledge the request within {:?}; it may still be decided: \
+                     retry with the same Idempotency-Key (the same request, decided at most once) \
+                     or poll status_url",
+                    state.produce_timeout
+                ),
+            })
         }
     }
 }
@@ -749,13 +763,25 @@ async fn hold_action(
                 "the producer queue is full; retry after a second".into(),
             ))
         }
-        Err(ProduceError::Broker(e)) => {
-            tracing::warn!(error = %e, request_id = %request_id, "produce of a hold action failed");
+        Err(ProduceError::NotSent(e)) => {
+            tracing::warn!(error = %e, request_id = %request_id, "hold action refused before sending");
             Err(AppError::Unavailable(format!(
-                "the broker did not acknowledge the {} within {:?}; retry (repeating it is harmless)",
-                verb.as_str(),
-                state.produce_timeout
+                "the broker cannot take the {} now; nothing was recorded, retry shortly",
+                verb.as_str()
             )))
+        }
+        Err(ProduceError::Unacknowledged(e)) => {
+            tracing::warn!(error = %e, request_id = %request_id, "hold action unacknowledged: in doubt");
+            Err(AppError::InDoubt {
+                request_id,
+                status_url: format!("/v1/events/{}/requests/{request_id}", action.event_id),
+                message: format!(
+                    "the broker did not acknowledge the {} within {:?}; it may still take effect: \
+                     retry (repeating it is harmless) or poll status_url",
+                    verb.as_str(),
+                    state.produce_timeout
+                ),
+            })
         }
     }
 }

@@ -17,7 +17,7 @@ use couponrush_core::store::{
 use couponrush_core::wire::now_micros;
 use couponrush_core::wire::IssueRequest;
 use couponrush_core::{DecisionResult, Topics};
-use couponrush_harness::MockKafka;
+use couponrush_harness::{Fault, MockKafka};
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
@@ -598,4 +598,74 @@ async fn a_body_that_stalls_is_a_408_and_the_route_serves_on() {
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+}
+
+/// A request the broker did not acknowledge in time may still have been
+/// written: the api says so (`503 unacknowledged` with the client's own
+/// request id and status URL), never "refused", and a retry with the same
+/// key is the same request.
+#[tokio::test]
+async fn an_unacknowledged_request_is_in_doubt_with_its_own_id_and_a_retry_is_the_same_request() {
+    let mock = MockKafka::start(1).unwrap();
+    for spec in Topics::default().specs(4, 1) {
+        mock.create_topic(&spec.name, spec.partitions, spec.replication)
+            .unwrap();
+    }
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    store
+        .put_event(
+            "drop",
+            EventSpec {
+                stock: 3,
+                per_user_limit: 1,
+                claim_window_us: 0,
+            },
+        )
+        .await
+        .unwrap();
+    let mut config = Config::local(&mock.brokers());
+    config.produce_timeout = Duration::from_secs(1);
+    let api = Api::bind(config, store, None).await.unwrap();
+    let router = app(api.state());
+    let key = "0191e4d2-7a57-7000-8000-000000000042";
+    let mine = request_id::from_key("drop", "alice", key.parse().unwrap());
+    let headers = [JSON, ("idempotency-key", key)];
+    let send = || {
+        call(
+            &router,
+            Method::POST,
+            "/v1/events/drop/issue",
+            &headers,
+            r#"{"user_id":"alice"}"#,
+        )
+    };
+    mock.inject(Fault::BrokerDown(1)).unwrap();
+    let (status, json, headers) = send().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+    assert_eq!(json["error"], "unacknowledged", "{json}");
+    assert_eq!(json["request_id"], mine.to_string(), "the client's own id");
+    assert_eq!(
+        json["status_url"],
+        format!("/v1/events/drop/requests/{mine}")
+    );
+    assert!(
+        json["message"]
+            .as_str()
+            .unwrap()
+            .contains("Idempotency-Key"),
+        "{json}"
+    );
+    assert_eq!(headers["retry-after"], "1");
+    mock.inject(Fault::BrokerUp(1)).unwrap();
+    let mut answer = send().await;
+    for _ in 0..20 {
+        if answer.0 == StatusCode::ACCEPTED {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        answer = send().await;
+    }
+    let (status, json, _) = answer;
+    assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    assert_eq!(json["request_id"], mine.to_string(), "the same request");
 }

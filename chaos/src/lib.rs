@@ -666,7 +666,9 @@ pub async fn run_scenario(
                 .map(|(_, v)| v)
                 .sum();
             row.notes.push(format!(
-                "{refused} sends refused while the broker was down (never accepted, so never lost)"
+                "{refused} sends not accepted while the broker was down; {} of them in doubt \
+                 (sent, unacknowledged: told so), {} of those decided after all",
+                report.in_doubt, report.in_doubt_decided
             ));
             Ok(row)
         }

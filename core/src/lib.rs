@@ -30,6 +30,9 @@
 //! - [`recovery`]: rebuilding a lost store from the events and outcomes topics.
 //! - [`redis_conn`]: one connection to Redis, a single server or a Redis
 //!   Cluster (`redis+cluster://…`), for the store and the line.
+//! - [`request_id`]: the request id an `Idempotency-Key` stands for (scoped
+//!   by event and user): the api derives it, a load generator that lost an
+//!   answer can too.
 //! - [`checkpoint`]: the ledger folded and checkpointed to a compacted topic,
 //!   so a rebuild reads a checkpoint and the tail, bounded by what was sold.
 //! - [`line`]: the waiting room before an event's door (a [`line::Line`]
@@ -45,6 +48,7 @@ pub mod partitioner;
 pub mod producer;
 pub mod recovery;
 pub mod redis_conn;
+pub mod request_id;
 pub mod store;
 pub mod telemetry;
 pub mod topics;

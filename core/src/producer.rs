@@ -7,6 +7,12 @@
 //! `acks=all`), so an accepted request is on every in-sync replica and cannot
 //! be lost. librdkafka's local queue is bounded; when it is full the request is
 //! refused at once (a 503) instead of queueing without limit.
+//!
+//! A record handed to the broker and not acknowledged in time is *in doubt*
+//! ([`ProduceError::Unacknowledged`]), never "refused": the broker may have
+//! written it before the connection broke or the timeout struck (a broker
+//! killed between its write and its answer does exactly that), and then it
+//! is decided like any other. The caller must say so to its client.
 
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,9 +32,15 @@ pub enum ProduceError {
     /// The local queue is full: the broker is slower than the offered load.
     #[error("the producer queue is full")]
     QueueFull,
-    /// The broker did not acknowledge in time, or refused the record.
-    #[error("the broker did not acknowledge the request: {0}")]
-    Broker(KafkaError),
+    /// librdkafka refused the record before sending it (unknown topic or
+    /// partition, record too large...): it was not written.
+    #[error("the record was not sent: {0}")]
+    NotSent(KafkaError),
+    /// Sent, and not acknowledged within the timeout (or failed after it
+    /// was sent): it may have been written, and then it will be decided.
+    /// Only a retry under the same request id settles which, exactly once.
+    #[error("the broker did not acknowledge the record; it may have been written: {0}")]
+    Unacknowledged(KafkaError),
 }
 
 /// Where an accepted request landed.
@@ -126,7 +138,7 @@ impl RequestProducer {
                 partition: d.partition,
                 offset: d.offset,
             })
-            .map_err(ProduceError::Broker);
+            .map_err(ProduceError::Unacknowledged);
         self.produce_seconds.record(started.elapsed());
         result
     }
@@ -179,7 +191,7 @@ impl RequestProducer {
         acknowledged(delivery)
             .await
             .map(drop)
-            .map_err(ProduceError::Broker)
+            .map_err(ProduceError::Unacknowledged)
     }
 
     /// Writes an action on a hold to the compensations topic (key: the
@@ -199,7 +211,7 @@ impl RequestProducer {
         acknowledged(delivery)
             .await
             .map(drop)
-            .map_err(ProduceError::Broker)
+            .map_err(ProduceError::Unacknowledged)
     }
 
     /// Hands `record` to librdkafka; a full local queue is refused at once.
@@ -213,7 +225,7 @@ impl RequestProducer {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Err(ProduceError::QueueFull)
             }
-            Err((e, _)) => Err(ProduceError::Broker(e)),
+            Err((e, _)) => Err(ProduceError::NotSent(e)),
         }
     }
 

@@ -141,9 +141,9 @@ impl LoadSlot {
                     d.accepted.push((*request_id, intended_at));
                 }
             }
-            Sent::Failed(kind) if kind == "503" => d.r503 += 1,
+            Sent::Failed(kind) | Sent::InDoubt { kind, .. } if kind == "503" => d.r503 += 1,
             Sent::Failed(kind) if kind.starts_with('4') => d.r4xx += 1,
-            Sent::Failed(_) => d.other += 1,
+            Sent::Failed(_) | Sent::InDoubt { .. } => d.other += 1,
         }
     }
 }

@@ -48,6 +48,9 @@ pub struct Facts {
     pub answers: BTreeMap<String, u64>,
     /// Accepted requests.
     pub accepted: HashMap<Uuid, Acceptance>,
+    /// Requests in doubt (sent, the answer lost or `503 unacknowledged`),
+    /// none of them accepted.
+    pub in_doubt: HashSet<Uuid>,
     /// Outcomes of the event, in read order.
     pub outcomes: Vec<Observed>,
     /// Hold ends of the event, in read order.
@@ -184,6 +187,9 @@ pub struct RawHold {
 pub struct Raw {
     /// Accepted requests.
     pub accepted: Vec<RawAccept>,
+    /// Requests in doubt, never accepted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_doubt: Vec<Uuid>,
     /// Outcome records.
     pub outcomes: Vec<RawOutcome>,
     /// Hold end records (a drop with holds).
@@ -237,8 +243,16 @@ pub struct Report {
     pub double_issued: u64,
     /// Accepted, never decided.
     pub lost: u64,
-    /// Decided or issued, never accepted.
+    /// Decided or issued, never accepted (nor in doubt).
     pub phantom: u64,
+    /// Requests in doubt: sent, and the answer lost or `503
+    /// unacknowledged` (the broker may have written them); never accepted
+    /// by a retry. Not a fault: the client was told it does not know.
+    #[serde(default)]
+    pub in_doubt: u64,
+    /// Of those, decided after all (they had been written).
+    #[serde(default)]
+    pub in_doubt_decided: u64,
     /// Replays that disagree with the first decision.
     pub inconsistent_replays: u64,
     /// Outcomes and store disagree on who holds a coupon.
@@ -295,6 +309,7 @@ impl Report {
         let mut a = audit_with_holds(
             facts.terms,
             &users,
+            &facts.in_doubt,
             &outcomes,
             &holds,
             facts.ledger.as_ref(),
@@ -383,6 +398,7 @@ impl Report {
                     acceptance: acc.clone(),
                 })
                 .collect(),
+            in_doubt: facts.in_doubt.iter().copied().collect(),
             outcomes: facts
                 .outcomes
                 .iter()
@@ -424,6 +440,8 @@ impl Report {
             double_issued: a.double_issued,
             lost: a.lost,
             phantom: a.phantom,
+            in_doubt: a.in_doubt,
+            in_doubt_decided: a.in_doubt_decided,
             inconsistent_replays: a.inconsistent_replays,
             ledger_mismatch: a.ledger_mismatch,
             dlq: facts.dlq.values().sum(),
@@ -573,6 +591,14 @@ impl Report {
             "  correctness  oversold {}, double issued {}, lost {}, phantom {}, inconsistent replays {}, ledger mismatch {}",
             self.oversold, self.double_issued, self.lost, self.phantom, self.inconsistent_replays, self.ledger_mismatch
         );
+        if self.in_doubt > 0 {
+            let _ = writeln!(
+                s,
+                "  in doubt     {} (sent, no acknowledgement: told so, not refused), {} of them decided after all",
+                n(self.in_doubt),
+                n(self.in_doubt_decided)
+            );
+        }
         if let Some(h) = &self.holds {
             self.holds_text(&mut s, h);
         }
@@ -729,6 +755,7 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, Error> {
         .first()
         .ok_or_else(|| Error::Merge("no reports".into()))?;
     let mut accepted: HashMap<Uuid, Acceptance> = HashMap::new();
+    let mut in_doubt: HashSet<Uuid> = HashSet::new();
     let mut outcomes: Vec<Observed> = Vec::new();
     let mut seen: HashSet<(i32, i64, Uuid, bool)> = HashSet::new();
     let mut holds: Vec<ObservedHold> = Vec::new();
@@ -762,6 +789,7 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, Error> {
                 .and_modify(|e| e.accepted_at = e.accepted_at.min(a.acceptance.accepted_at))
                 .or_insert_with(|| a.acceptance.clone());
         }
+        in_doubt.extend(raw.in_doubt.iter().copied());
         for o in &raw.outcomes {
             let key = (
                 o.outcome.partition,
@@ -829,6 +857,7 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, Error> {
     }
     outcomes.sort_by_key(|o| o.observed_at);
     holds.sort_by_key(|h| h.observed_at);
+    in_doubt.retain(|id| !accepted.contains_key(id));
     Ok(Facts {
         config: serde_json::json!({ "merged": reports.iter().map(|r| r.config.clone()).collect::<Vec<_>>() }),
         event_id: first.event_id.clone(),
@@ -843,6 +872,7 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, Error> {
         sends,
         answers,
         accepted,
+        in_doubt,
         outcomes,
         holds,
         hold_actions,
@@ -893,6 +923,8 @@ pub fn merge_summaries(reports: &[Report]) -> Result<Report, Error> {
         merged.sends += r.sends;
         merged.accepted += r.accepted;
         merged.lost += r.lost;
+        merged.in_doubt += r.in_doubt;
+        merged.in_doubt_decided += r.in_doubt_decided;
         for (k, v) in &r.answers {
             *merged.answers.entry(k.clone()).or_default() += v;
         }
@@ -1005,6 +1037,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             accepted,
+            in_doubt: HashSet::new(),
             outcomes,
             holds: Vec::new(),
             hold_actions: None,

@@ -304,6 +304,7 @@ pub async fn run_drop_with_holds(
         sends: driven.sends,
         answers: driven.answers,
         accepted: driven.accepted,
+        in_doubt: driven.in_doubt,
         outcomes: observations.outcomes,
         holds: observations.holds,
         hold_actions,

@@ -8,7 +8,7 @@
 //! so the test can fail. Last, the same drop through the `coupon-loadgen`
 //! binary and its flags, judged by its exit code and its JSON report.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -147,6 +147,7 @@ async fn every_coupon_of_a_drop_with_holds_ends_claimed_or_back_in_stock() {
     let planted = audit_with_holds(
         terms,
         &accepted,
+        &HashSet::new(),
         &outcomes,
         &ends,
         raw.ledger.as_ref(),

@@ -26,7 +26,11 @@ impl Target for DirectTarget {
                 request_id: req.request_id,
             },
             Err(ProduceError::QueueFull) => Sent::Failed("queue_full".into()),
-            Err(ProduceError::Broker(_)) => Sent::Failed("broker".into()),
+            Err(ProduceError::NotSent(_)) => Sent::Failed("broker".into()),
+            Err(ProduceError::Unacknowledged(_)) => Sent::InDoubt {
+                kind: "unacknowledged".into(),
+                request_id: req.request_id,
+            },
         }
     }
 }

@@ -160,7 +160,15 @@ fn accepted_at(body: &[u8]) -> Option<u64> {
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
-/// The `request_id` of a `202` body, read without a JSON parser.
+/// Whether a `503` body is the api's `unacknowledged`: the request reached
+/// the broker and may have been written.
+fn in_doubt(body: &[u8]) -> bool {
+    const CODE: &[u8] = b"\"error\":\"unacknowledged\"";
+    body.windows(CODE.len()).any(|w| w == CODE)
+}
+
+/// The `request_id` of a `202` (or `503 unacknowledged`) body, read without
+/// a JSON parser.
 fn request_id(body: &[u8]) -> Option<Uuid> {
     const FIELD: &[u8] = b"\"request_id\":\"";
     let at = body.windows(FIELD.len()).position(|w| w == FIELD)? + FIELD.len();
@@ -200,8 +208,24 @@ impl Target for HttpTarget {
                 },
                 _ => Sent::Failed("202_unparsable".into()),
             },
+            Ok((StatusCode::SERVICE_UNAVAILABLE, body)) if in_doubt(&body) => {
+                match request_id(&body) {
+                    Some(request_id) => Sent::InDoubt {
+                        kind: "503".into(),
+                        request_id,
+                    },
+                    None => Sent::Failed("503".into()),
+                }
+            }
             Ok((status, _)) => Sent::Failed(status.as_u16().to_string()),
-            Err(kind) => Sent::Failed(kind),
+            // Never connected: never sent.
+            Err(kind) if kind == "connect" => Sent::Failed(kind),
+            // Sent, and the answer lost: the api may have accepted it,
+            // under the id the key stands for.
+            Err(kind) => Sent::InDoubt {
+                kind,
+                request_id: couponrush_core::request_id::from_key(event, user, key),
+            },
         }
     }
 }

@@ -309,6 +309,9 @@ struct ClientOut {
     max_poll_gap: u64,
     polls: u64,
     issued: Option<(Uuid, Acceptance)>,
+    /// The issue request, when every try went unanswered or unacknowledged:
+    /// it may have been written (all tries carried one key).
+    in_doubt: Option<Uuid>,
     issue_sends: u64,
     failures: Vec<String>,
 }
@@ -489,10 +492,13 @@ async fn client(i: u64, ctx: Arc<Ctx>) -> ClientOut {
 
 async fn issue(ctx: &Ctx, user: &str, token: String, out: &mut ClientOut) {
     let intended = now_micros();
-    let key = Uuid::new_v4().to_string();
+    let key = Uuid::new_v4();
     let path = format!("/v1/events/{}/issue", ctx.event);
     let body = Bytes::from(serde_json::json!({ "user_id": user }).to_string());
-    let headers = [("idempotency-key", key), ("x-admission-token", token)];
+    let headers = [
+        ("idempotency-key", key.to_string()),
+        ("x-admission-token", token),
+    ];
     out.issue_sends += 1;
     let Some((status, body)) = ctx
         .pool
@@ -507,6 +513,7 @@ async fn issue(ctx: &Ctx, user: &str, token: String, out: &mut ClientOut) {
         )
         .await
     else {
+        out.in_doubt = Some(couponrush_core::request_id::from_key(&ctx.event, user, key));
         return;
     };
     #[derive(Deserialize)]
@@ -722,6 +729,7 @@ pub async fn run_line(run: LineRun, cancel: CancellationToken) -> Result<LineRep
                 .or_default() += 1;
         }
     }
+    let in_doubt: HashSet<Uuid> = outs.iter().filter_map(|o| o.in_doubt).collect();
     let ids: HashSet<Uuid> = accepted.keys().copied().collect();
     let undecided = observer.wait_for(&ids, run.drain_timeout).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -760,6 +768,7 @@ pub async fn run_line(run: LineRun, cancel: CancellationToken) -> Result<LineRep
         sends,
         answers,
         accepted,
+        in_doubt,
         outcomes: observations.outcomes,
         holds: observations.holds,
         hold_actions: None,

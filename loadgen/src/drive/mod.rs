@@ -20,7 +20,7 @@ pub mod holders;
 pub mod http;
 pub mod line;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -67,6 +67,18 @@ pub enum Sent {
         accepted_at: u64,
         /// The request id the system decides it under (the api's answer is
         /// authoritative: it scopes the client's key by event and user).
+        request_id: Uuid,
+    },
+    /// In doubt: the request may have been written, and then it will be
+    /// decided (the api's `503 unacknowledged`, which names the request; an
+    /// answer lost to a timeout or a broken connection after the request
+    /// was sent, whose id the key gives). Neither accepted nor refused: the
+    /// audit does not count it lost if undecided, nor phantom if decided.
+    InDoubt {
+        /// The kind of answer (`503`, `timeout`, `io`...), counted as for
+        /// `Failed`.
+        kind: String,
+        /// The request it may have become.
         request_id: Uuid,
     },
     /// Not accepted; the kind (`503`, `timeout`, `connect`...) is counted.
@@ -135,6 +147,9 @@ pub struct Driven {
     pub accepted: HashMap<Uuid, Acceptance>,
     /// Answers by kind (`202`, `503`, `timeout`...).
     pub answers: BTreeMap<String, u64>,
+    /// Requests in doubt ([`Sent::InDoubt`]) that no later send of the
+    /// same request had accepted.
+    pub in_doubt: HashSet<Uuid>,
     /// Accept latency from the intended send time (corrected).
     pub accept: Histogram<u64>,
     /// Accept latency from the actual send time (uncorrected).
@@ -161,6 +176,7 @@ struct WorkerOut {
     /// doubling, on the hot path.
     accepted: Vec<Vec<(Uuid, Acceptance)>>,
     answers: BTreeMap<String, u64>,
+    in_doubt: Vec<Uuid>,
     accept: Histogram<u64>,
     accept_uncorrected: Histogram<u64>,
 }
@@ -212,6 +228,7 @@ pub async fn drive<F: TargetFactory>(
         requests: 0,
         accepted: HashMap::new(),
         answers: BTreeMap::new(),
+        in_doubt: HashSet::new(),
         accept: latency::histogram(),
         accept_uncorrected: latency::histogram(),
     };
@@ -242,7 +259,11 @@ pub async fn drive<F: TargetFactory>(
                 .and_modify(|e| e.accepted_at = e.accepted_at.min(a.accepted_at))
                 .or_insert(a);
         }
+        driven.in_doubt.extend(out.in_doubt);
     }
+    // A retry that was accepted settles the doubt.
+    let accepted = &driven.accepted;
+    driven.in_doubt.retain(|id| !accepted.contains_key(id));
     driven
 }
 
@@ -267,6 +288,7 @@ async fn worker<F: TargetFactory>(
         requests: 0,
         accepted: Vec::new(),
         answers: BTreeMap::new(),
+        in_doubt: Vec::new(),
         accept: latency::histogram(),
         accept_uncorrected: latency::histogram(),
     };
@@ -328,6 +350,10 @@ async fn worker<F: TargetFactory>(
                             intended_at,
                         },
                     ));
+                }
+                Sent::InDoubt { kind, request_id } => {
+                    out.in_doubt.push(request_id);
+                    *out.answers.entry(kind).or_default() += 1;
                 }
                 Sent::Failed(kind) => *out.answers.entry(kind).or_default() += 1,
             }
@@ -413,6 +439,45 @@ mod tests {
                 seen: self.1.clone(),
             }
         }
+    }
+
+    /// The first send of each key goes unanswered (in doubt); a second is
+    /// accepted.
+    struct Doubtful(Arc<Mutex<HashSet<Uuid>>>);
+    impl Target for Doubtful {
+        async fn send(&mut self, _event: &str, _user: &str, key: Uuid) -> Sent {
+            if self.0.lock().unwrap().insert(key) {
+                return Sent::InDoubt {
+                    kind: "timeout".into(),
+                    request_id: key,
+                };
+            }
+            Sent::Accepted {
+                accepted_at: now_micros(),
+                request_id: key,
+            }
+        }
+    }
+    impl TargetFactory for Doubtful {
+        type T = Doubtful;
+        fn make(&self) -> Doubtful {
+            Doubtful(self.0.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_in_doubt_stays_so_until_a_retry_is_accepted() {
+        let d = drive(
+            Arc::new(Doubtful(Arc::default())),
+            plan(LoadModel::Concurrency(4), 200, 0.5),
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(!d.accepted.is_empty() && !d.in_doubt.is_empty(), "{d:?}");
+        assert_eq!(d.accepted.len() + d.in_doubt.len(), 200);
+        assert!(d.in_doubt.iter().all(|id| !d.accepted.contains_key(id)));
+        assert_eq!(d.answers["timeout"], 200, "every first send");
     }
 
     fn plan(model: LoadModel, requests: u64, retry: f64) -> LoadPlan {

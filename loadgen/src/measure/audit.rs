@@ -11,7 +11,7 @@
 //! | `oversold`           | coupons held beyond stock at any point of the ledger (outcomes or store, the worse) |
 //! | `double_issued`      | a request issued twice, or a user beyond the per-user limit (outcomes or store, the worse) |
 //! | `lost`               | accepted requests never decided |
-//! | `phantom`            | decisions or coupons for requests never accepted |
+//! | `phantom`            | decisions or coupons for requests never accepted (nor in doubt) |
 //! | `inconsistent_replays` | a redelivery whose decision differs from the first |
 //! | `ledger_mismatch`    | requests holding a coupon per the outcomes but not in the store, or the reverse; with holds, a hold whose state the store and the outcomes disagree on |
 //!
@@ -37,6 +37,15 @@
 //! (identical records, at-least-once delivery) count once.
 //!
 //! Every figure must be 0; the load generator exits non-zero otherwise.
+//!
+//! ## In doubt
+//!
+//! A request sent whose answer never came, or came as the api's `503
+//! unacknowledged` (the broker may have written it), is neither accepted nor
+//! refused: it is *in doubt*, and the client was told so. Decided, it is not
+//! a phantom (it was written after all: `in_doubt_decided`); undecided, it
+//! is not lost. Only ids the load generator itself sent can be in doubt, so
+//! a decision for a request no one sent is still a phantom.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -68,8 +77,14 @@ pub struct Audit {
     pub double_issued: u64,
     /// Accepted, never decided.
     pub lost: u64,
-    /// Decided or issued, never accepted.
+    /// Decided or issued, never accepted (nor in doubt).
     pub phantom: u64,
+    /// Requests in doubt (sent, no acknowledgement), never accepted.
+    #[serde(default)]
+    pub in_doubt: u64,
+    /// Of those, decided: written after all.
+    #[serde(default)]
+    pub in_doubt_decided: u64,
     /// Replays whose decision differs from the first.
     pub inconsistent_replays: u64,
     /// Holding a coupon per outcomes but not in the store, or the reverse
@@ -198,7 +213,15 @@ pub fn audit(
     outcomes: &[Outcome],
     ledger: Option<&Ledger>,
 ) -> Audit {
-    audit_with_holds(terms, accepted, outcomes, &[], ledger, None)
+    audit_with_holds(
+        terms,
+        accepted,
+        &HashSet::new(),
+        outcomes,
+        &[],
+        ledger,
+        None,
+    )
 }
 
 /// One step of the ledger, in the store's order.
@@ -216,12 +239,14 @@ enum Standing {
     Hold(HoldState),
 }
 
-/// [`audit`], with the event's hold ends (`holds`, every record, replays
+/// [`audit`], with the requests in doubt (sent, never acknowledged: see the
+/// module's notes), the event's hold ends (`holds`, every record, replays
 /// included) and how the event stood at the end (`end`), which the holds'
 /// invariant and deadline checks need.
 pub fn audit_with_holds(
     terms: EventTerms,
     accepted: &HashMap<Uuid, String>,
+    in_doubt: &HashSet<Uuid>,
     outcomes: &[Outcome],
     holds: &[HoldOutcome],
     ledger: Option<&Ledger>,
@@ -289,7 +314,11 @@ pub fn audit_with_holds(
     let decided: HashSet<Uuid> = first.keys().copied().collect();
     let accepted_ids: HashSet<Uuid> = accepted.keys().copied().collect();
     a.lost = accepted_ids.difference(&decided).count() as u64;
-    let mut phantom: HashSet<Uuid> = decided.difference(&accepted_ids).copied().collect();
+    let in_doubt: HashSet<Uuid> = in_doubt.difference(&accepted_ids).copied().collect();
+    a.in_doubt = in_doubt.len() as u64;
+    a.in_doubt_decided = in_doubt.intersection(&decided).count() as u64;
+    let unknown = |id: &Uuid| !accepted_ids.contains(id) && !in_doubt.contains(id);
+    let mut phantom: HashSet<Uuid> = decided.iter().copied().filter(|id| unknown(id)).collect();
 
     // Store side, cross-checked.
     let (mut oversold_store, mut double_store) = (0, 0);
@@ -304,7 +333,7 @@ pub fn audit_with_holds(
             if !ids.insert(c.request_id) {
                 double_store += 1;
             }
-            if !accepted_ids.contains(&c.request_id) {
+            if unknown(&c.request_id) {
                 phantom.insert(c.request_id);
             }
         }
@@ -641,6 +670,45 @@ mod tests {
     }
 
     #[test]
+    fn a_request_in_doubt_is_neither_lost_nor_phantom_and_nothing_else_is_excused() {
+        let (accepted, mut outcomes, _) = clean();
+        // 4 was sent and its answer lost, and it was written: decided, issued.
+        // 5 was sent and its answer lost, and never written.
+        let doubt: HashSet<Uuid> = [4, 5].into_iter().map(Uuid::from_u128).collect();
+        outcomes.push(outcome(4, "d", DecisionResult::Issued, Some(3)));
+        let mut ledger = ledger(&[(1, 1, "a"), (2, 2, "b"), (3, 4, "d")], 0);
+        ledger.state.stock = 3;
+        let terms = EventTerms { stock: 3, ..TERMS };
+        let a = audit_with_holds(
+            terms,
+            &accepted,
+            &doubt,
+            &outcomes,
+            &[],
+            Some(&ledger),
+            None,
+        );
+        assert_eq!(a.failures(), 0, "{a:?}");
+        assert_eq!((a.in_doubt, a.in_doubt_decided, a.lost), (2, 1, 0));
+        // The planted fault: a decision for a request no one sent is still
+        // a phantom beside the ones in doubt.
+        outcomes.push(outcome(99, "z", DecisionResult::SoldOut, None));
+        let a = audit_with_holds(
+            terms,
+            &accepted,
+            &doubt,
+            &outcomes,
+            &[],
+            Some(&ledger),
+            None,
+        );
+        assert_eq!(a.phantom, 1, "{a:?}");
+        // And without the doubt, request 4 is a phantom too.
+        let a = audit(terms, &accepted, &outcomes, Some(&ledger));
+        assert_eq!(a.phantom, 2, "{a:?}");
+    }
+
+    #[test]
     fn without_a_store_the_outcomes_alone_are_audited() {
         let (accepted, outcomes, _) = clean();
         let a = audit(TERMS, &accepted, &outcomes, None);
@@ -727,6 +795,7 @@ mod tests {
             audit_with_holds(
                 TERMS,
                 &self.accepted,
+                &HashSet::new(),
                 &self.outcomes,
                 &self.holds,
                 Some(&self.ledger),
@@ -918,6 +987,7 @@ mod tests {
         let a = audit_with_holds(
             TERMS,
             &accepted,
+            &HashSet::new(),
             &outcomes,
             &[],
             Some(&ledger),
