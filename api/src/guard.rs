@@ -92,11 +92,14 @@ impl std::fmt::Display for BodyTimeout {
 
 impl std::error::Error for BodyTimeout {}
 
-/// A request body that must keep arriving: each frame within `timeout` of
-/// the last. The body is polled first and the timer armed only when it is
-/// not there yet, so a small body that came with its headers (nearly every
-/// request) never touches the timer wheel; `tower_http`'s `TimeoutBody`
-/// arms one for every request.
+/// A request body that must have arrived whole within `timeout` of the
+/// first time it was not there: one deadline for the body, not one per
+/// frame, so a client dripping a byte at a time cannot hold a connection
+/// and a permit for the body's length times the timeout (slowloris). The
+/// body is polled first and the timer armed only when it is not there yet,
+/// so a small body that came with its headers (nearly every request) never
+/// touches the timer wheel; `tower_http`'s `TimeoutBody` arms one for every
+/// request, and re-arms it per frame.
 pub struct DeadlineBody {
     inner: Body,
     timeout: Duration,
@@ -124,10 +127,7 @@ impl HttpBody for DeadlineBody {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.sleep = None;
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
             Poll::Pending => {
                 let timeout = this.timeout;
                 let sleep = this
@@ -231,5 +231,115 @@ mod tests {
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "{}");
         assert!(body.sleep.is_none(), "a body already there needs no timer");
+    }
+
+    #[tokio::test]
+    async fn a_body_dripped_a_frame_at_a_time_fails_at_one_deadline_for_the_whole_body() {
+        // Each frame comes well within the timeout, the whole body does not.
+        let drip = futures::stream::unfold(0, |i| async move {
+            if i == 40 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Some((Ok::<_, std::io::Error>(Bytes::from_static(b"x")), i + 1))
+        });
+        let mut body = DeadlineBody::new(Body::from_stream(drip), Duration::from_millis(200));
+        let mut frames = 0;
+        let err = loop {
+            match body.frame().await {
+                Some(Ok(_)) => frames += 1,
+                Some(Err(e)) => break e,
+                None => panic!("the whole body was read over 40 x 20 ms past a 200 ms deadline"),
+            }
+        };
+        assert_eq!(err.to_string(), BODY_TIMEOUT);
+        assert!(frames < 40, "{frames} frames");
+    }
+
+    mod middleware {
+        use super::*;
+        use axum::http::StatusCode;
+        use axum::routing::get;
+        use axum::Router;
+        use tokio::sync::Notify;
+        use tower::ServiceExt;
+
+        fn app(bound: usize, release: Arc<Notify>) -> Router {
+            Router::new()
+                .route(
+                    "/slow",
+                    get(move || async move {
+                        release.notified().await;
+                        "slow"
+                    }),
+                )
+                .route("/fast", get(|| async { "fast" }))
+                .route(
+                    "/panics",
+                    get(|| async {
+                        if true {
+                            panic!("a planted fault");
+                        }
+                        "never"
+                    }),
+                )
+                .layer(axum::middleware::from_fn_with_state(
+                    Arc::new(Guard::new(bound)),
+                    guard,
+                ))
+        }
+
+        async fn get_status(app: &Router, uri: &str) -> (StatusCode, serde_json::Value) {
+            let resp = app
+                .clone()
+                .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice(&bytes).unwrap_or_default())
+        }
+
+        #[tokio::test]
+        async fn the_bound_is_one_bound_across_every_route() {
+            let release = Arc::new(Notify::new());
+            let app = app(1, release.clone());
+            let held = tokio::spawn({
+                let app = app.clone();
+                async move { get_status(&app, "/slow").await }
+            });
+            // The slow request holds the only permit; another route is shed.
+            let mut shed = None;
+            for _ in 0..200 {
+                let (status, json) = get_status(&app, "/fast").await;
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    shed = Some(json);
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            let json = shed.expect("a request on another route is shed while the bound is held");
+            assert_eq!(json["error"], "overloaded");
+            release.notify_one();
+            assert_eq!(held.await.unwrap().0, StatusCode::OK);
+            assert_eq!(
+                get_status(&app, "/fast").await.0,
+                StatusCode::OK,
+                "the permit is back"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_panicking_handler_is_a_503_and_the_permit_comes_back() {
+            let app = app(1, Arc::new(Notify::new()));
+            let (status, json) = get_status(&app, "/panics").await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(json["error"], "unavailable");
+            assert!(
+                !json["message"].as_str().unwrap().contains("planted"),
+                "no internals"
+            );
+            assert_eq!(get_status(&app, "/fast").await.0, StatusCode::OK);
+        }
     }
 }
