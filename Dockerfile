@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# One image with all three binaries; docker-compose.yml picks one per service
+# One image with every couponrush binary; docker-compose.yml picks one per service
 # with `command`. Build: `docker build -t couponrush .` (BuildKit).
 
 FROM rust:1-bookworm AS builder
@@ -25,9 +25,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target,sharing=locked \
     cargo build --release --locked \
-        --bin coupon-api --bin coupon-issuer --bin coupon-loadgen \
+        --bin coupon-api --bin coupon-issuer --bin coupon-loadgen --bin coupon-notifier --bin coupon-lab \
  && mkdir -p /out \
- && cp target/release/coupon-api target/release/coupon-issuer target/release/coupon-loadgen /out/
+ && cp target/release/coupon-api target/release/coupon-issuer target/release/coupon-loadgen \
+       target/release/coupon-notifier target/release/coupon-lab /out/
 
 FROM debian:bookworm-slim
 
@@ -46,6 +47,7 @@ COPY --from=builder /out/ /usr/local/bin/
 # Numeric, so a runtime can verify it is not root (runAsNonRoot).
 USER 10001:10001
 WORKDIR /home/couponrush
-# api (HTTP and /metrics), issuer (/metrics with METRICS_LISTEN).
-EXPOSE 8080 9100
+# api (HTTP and /metrics), issuer and notifier (/metrics with METRICS_LISTEN),
+# the webhook receiver.
+EXPOSE 8080 9000 9100
 CMD ["coupon-api"]

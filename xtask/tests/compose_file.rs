@@ -177,6 +177,8 @@ enum Binary {
     Api,
     Issuer,
     Loadgen,
+    Notifier,
+    Lab,
 }
 
 impl Binary {
@@ -185,6 +187,8 @@ impl Binary {
             "coupon-api" => Some(Self::Api),
             "coupon-issuer" => Some(Self::Issuer),
             "coupon-loadgen" => Some(Self::Loadgen),
+            "coupon-notifier" => Some(Self::Notifier),
+            "coupon-lab" => Some(Self::Lab),
             _ => None,
         }
     }
@@ -194,6 +198,8 @@ impl Binary {
             Self::Api => "coupon-api",
             Self::Issuer => "coupon-issuer",
             Self::Loadgen => "coupon-loadgen",
+            Self::Notifier => "coupon-notifier",
+            Self::Lab => "coupon-lab",
         }
     }
 
@@ -202,6 +208,8 @@ impl Binary {
             Self::Api => couponrush_api::Cli::command(),
             Self::Issuer => couponrush_issuer::Cli::command(),
             Self::Loadgen => couponrush_loadgen::Cli::command(),
+            Self::Notifier => couponrush_notifier::Cli::command(),
+            Self::Lab => couponrush_lab::Cli::command(),
         }
     }
 
@@ -247,6 +255,22 @@ impl Binary {
                         redis: None,
                         refusal: None,
                     },
+                }
+            }
+            Self::Notifier => {
+                let cli = couponrush_notifier::Cli::from_arg_matches(matches).map_err(err)?;
+                Resolved {
+                    brokers: Some(cli.kafka.brokers),
+                    redis: None,
+                    refusal: None,
+                }
+            }
+            Self::Lab => {
+                couponrush_lab::Cli::from_arg_matches(matches).map_err(err)?;
+                Resolved {
+                    brokers: None,
+                    redis: None,
+                    refusal: None,
                 }
             }
         })
@@ -875,7 +899,7 @@ fn check_wiring(doc: &Value, parsed: &[(String, Parsed)]) -> Vec<String> {
                     }
                 }
             }
-            Binary::Loadgen => {}
+            Binary::Loadgen | Binary::Notifier | Binary::Lab => {}
         }
     }
     if let Some(init) = &init {
@@ -944,7 +968,14 @@ fn every_couponrush_service_runs_a_command_line_its_binary_accepts() {
     let programs: BTreeSet<&str> = parsed.iter().map(|(_, p)| p.binary.program()).collect();
     assert_eq!(
         programs,
-        ["coupon-api", "coupon-issuer", "coupon-loadgen"].into()
+        [
+            "coupon-api",
+            "coupon-issuer",
+            "coupon-lab",
+            "coupon-loadgen",
+            "coupon-notifier"
+        ]
+        .into()
     );
     assert_clean(check_wiring(&doc, &parsed));
 }
