@@ -16,6 +16,7 @@
 //! | `scale-1-4-2` | issuers scaled 1 → 4 → 2 mid-drop (rebalances with batches in flight) |
 //! | `redis-lost` | Redis restarted empty mid-drop: rebuilt from the log |
 //! | `redis-stale` | Redis restarted mid-drop from a snapshot 2 s old (behind, not empty): noticed before it decides, rebuilt from the log |
+//! | `redis-cluster-failover` | the store on a Redis Cluster: the drop's master SIGKILLed mid-drop, its replica (cut off 2 s before) promoted behind: noticed, rebuilt from the log |
 //! | `reused-key` | pairs of users send one `Idempotency-Key`: each gets its own request id and only its own decision |
 //! | `racing-put` | eight `PUT`s of one event race, then Redis is lost mid-drop: store and log agree on the winner before and after the rebuild |
 //! | `slow-recovery` | Redis lost mid-drop and the recoverer frozen past its lock's lifetime: another rebuilds, the frozen one writes nothing |
@@ -37,8 +38,10 @@
 //!   scenarios over seeds and writes the table; [`run_scenario`] runs one.
 //! - [`rig`]: the deployment of real processes the scenarios break.
 //! - [`fuzz`]: hostile and slow HTTP clients.
+//! - `failover`: the scenario with the store on a Redis Cluster.
 
 mod error;
+mod failover;
 pub mod fuzz;
 mod holds;
 pub mod rig;
@@ -74,7 +77,7 @@ use couponrush_loadgen::population::{Population, UserDist};
 use couponrush_loadgen::report::Report;
 use couponrush_loadgen::run::{run_drop, DropRun, Via};
 use couponrush_loadgen::Verdict;
-use rig::{Broker, BrokerKind, RigSpec};
+use rig::{Broker, BrokerKind, RigSpec, StoreChoice};
 
 /// The scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -94,6 +97,10 @@ pub enum Scenario {
     /// Redis restarted mid-drop from a snapshot taken 2 s earlier: it comes
     /// back behind, not empty.
     RedisStale,
+    /// The store on a Redis Cluster: the master of the drop's slot
+    /// SIGKILLed mid-drop, its replica (cut off two seconds before)
+    /// promoted behind.
+    RedisClusterFailover,
     /// Pairs of users sending one Idempotency-Key: own ids, own statuses.
     ReusedKey,
     /// Racing PUTs of one event, then Redis lost: store and log agree.
@@ -126,13 +133,14 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Scenario; 20] = [
+    pub const ALL: [Scenario; 21] = [
         Scenario::Kill9Issuer,
         Scenario::Kill9RestartNow,
         Scenario::Kill9RestartNowMock,
         Scenario::Scale142,
         Scenario::RedisLost,
         Scenario::RedisStale,
+        Scenario::RedisClusterFailover,
         Scenario::ReusedKey,
         Scenario::RacingPut,
         Scenario::SlowRecovery,
@@ -359,6 +367,7 @@ fn plain_offer(seed: u64) -> Offer {
         retry_ratio: 0.02,
         seed,
         admin_token: None,
+        event_id: None,
     }
 }
 
@@ -367,6 +376,9 @@ struct Offer {
     retry_ratio: f64,
     seed: u64,
     admin_token: Option<String>,
+    /// The drop's event (a fresh `chaos-…` if none): a scenario that faults
+    /// the store node of the event's slot picks it first.
+    event_id: Option<String>,
 }
 
 /// Starts the audited drop as a task; returns its handle and the moment the
@@ -385,7 +397,9 @@ async fn start_drop(
     let requests = (dims.rate * dims.seconds) as u64;
     let spec = DropSpec {
         plan: LoadPlan {
-            event_id: format!("chaos-{}", Uuid::new_v4().simple()),
+            event_id: offer
+                .event_id
+                .unwrap_or_else(|| format!("chaos-{}", Uuid::new_v4().simple())),
             model: LoadModel::Rate(dims.rate),
             requests,
             duration: Duration::from_secs_f64(dims.seconds * 3.0),
@@ -442,7 +456,7 @@ fn spec(broker: BrokerKind, issuers: usize) -> RigSpec {
         partitions: 8,
         issuers,
         api_args: Vec::new(),
-        redis_aof: false,
+        store: StoreChoice::PrivateRedis { aof: false },
         kafka_opts: Vec::new(),
     }
 }
@@ -458,15 +472,10 @@ pub async fn run_scenario(
     let dir = dir.join(format!("{}-{seed}", scenario.name()));
     let _ = std::fs::remove_dir_all(&dir);
     let fault_at = dims.seconds * (0.25 + 0.35 * fraction(seed));
-    let plain = |seed| Offer {
-        retry_ratio: 0.02,
-        seed,
-        admin_token: None,
-    };
     match scenario {
         Scenario::Kill9Issuer => {
             let mut rig = rig(spec(BrokerKind::TansuMemory, 2), &dir).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
+            let (drop, started) = start_drop(&rig, dims, plain_offer(seed)).await?;
             sleep_until_load(started, fault_at).await;
             let fault = now_micros();
             rig.kill_issuer(0);
@@ -487,7 +496,7 @@ pub async fn run_scenario(
                 BrokerKind::Mock
             };
             let mut rig = rig(spec(broker, 2), &dir).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
+            let (drop, started) = start_drop(&rig, dims, plain_offer(seed)).await?;
             // Poison throughout: the DLQ must be exact too, and poison on a
             // partition nobody reads would never get there.
             let poisoned = tokio::spawn(poison(
@@ -529,7 +538,7 @@ pub async fn run_scenario(
         }
         Scenario::Scale142 => {
             let mut rig = rig(spec(BrokerKind::TansuMemory, 1), &dir).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
+            let (drop, started) = start_drop(&rig, dims, plain_offer(seed)).await?;
             sleep_until_load(started, fault_at * 0.6).await;
             let fault = now_micros();
             for _ in 0..3 {
@@ -554,10 +563,7 @@ pub async fn run_scenario(
             // comes back: the snapshot early, the stock above what is
             // accepted by the restart.
             let (dims, fault_at) = if stale {
-                let requests = dims.rate * dims.seconds;
-                let stock = (requests * 0.6) as u32;
-                let at = dims.seconds * (0.15 + 0.15 * fraction(seed));
-                (Dims { stock, ..dims }, at)
+                behind_dims(dims, seed)
             } else {
                 (dims, fault_at)
             };
@@ -565,7 +571,7 @@ pub async fn run_scenario(
             let endpoint = Endpoint::parse(&rig.api_url()).await?;
             let probe_event = format!("probe-{}", Uuid::new_v4().simple());
             put_event(&endpoint, &probe_event, 1_000_000, 1, None).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
+            let (drop, started) = start_drop(&rig, dims, plain_offer(seed)).await?;
             let stop = CancellationToken::new();
             let probe = tokio::spawn(probe_statuses(
                 endpoint.clone(),
@@ -601,40 +607,12 @@ pub async fn run_scenario(
             let mut row = Row::from_report(scenario, seed, &report, &dir);
             row.fault_at_s = Some(fault_at);
             row.recover_s = longest_wait(&report, fault);
-            // Every client told `issued` by the status endpoint holds its coupon.
-            let store = RedisStore::connect(&rig.redis_url()?, DEFAULT_DEDUP_RETENTION)
-                .await
-                .map_err(|e| e.to_string())?;
-            let ledger = store
-                .ledger(&probe_event)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("the probe event was not rebuilt")?;
-            let held: std::collections::HashSet<Uuid> =
-                ledger.coupons.iter().map(|c| c.request_id).collect();
-            let told_issued: Vec<Uuid> = told
-                .iter()
-                .filter(|(_, r)| *r == DecisionResult::Issued)
-                .map(|(id, _)| *id)
-                .collect();
-            let missing = told_issued.iter().filter(|id| !held.contains(id)).count();
-            row.notes.push(format!(
-                "{} status answers seen, {} told issued, {missing} of them without a coupon",
-                told.len(),
-                told_issued.len()
-            ));
-            row.check(missing == 0, "a client told issued holds the coupon");
-            row.check(!told_issued.is_empty(), "the probe saw decisions");
-            let losses = std::fs::read_dir(&dir)
-                .map(|d| {
-                    d.filter_map(Result::ok)
-                        .filter(|e| e.file_name().to_string_lossy().starts_with("issuer"))
-                        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                        .filter(|log| log.contains("store recovered from the log"))
-                        .count()
-                })
-                .unwrap_or(0);
-            row.check(losses >= 1, "an issuer rebuilt the store from the log");
+            check_probe(&mut row, &rig.redis_url()?, &probe_event, &told).await?;
+            let rebuilds = rebuilds_since(&dir, fault);
+            row.check(
+                !rebuilds.is_empty(),
+                "an issuer rebuilt the store from the log after the fault",
+            );
             Ok(row)
         }
         Scenario::BrokerKill => {
@@ -647,7 +625,7 @@ pub async fn run_scenario(
             let mut s = spec(BrokerKind::TansuSqlite, 2);
             s.kafka_opts = vec![("enable.idempotence".into(), "false".into())];
             let mut rig = rig(s, &dir).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
+            let (drop, started) = start_drop(&rig, dims, plain_offer(seed)).await?;
             sleep_until_load(started, fault_at).await;
             let fault = now_micros();
             if let Broker::Tansu(t) = &mut rig.broker {
@@ -684,7 +662,7 @@ pub async fn run_scenario(
             let mut s = spec(BrokerKind::Mock, 2);
             s.kafka_opts = vec![("max.in.flight.requests.per.connection".into(), "1".into())];
             let mut rig = rig(s, &dir).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
+            let (drop, started) = start_drop(&rig, dims, plain_offer(seed)).await?;
             let Broker::Mock(mock) = &mut rig.broker else {
                 unreachable!()
             };
@@ -733,7 +711,7 @@ pub async fn run_scenario(
         }
         Scenario::Poison => {
             let rig = rig(spec(BrokerKind::TansuMemory, 2), &dir).await?;
-            let (drop, started) = start_drop(&rig, dims, plain(seed)).await?;
+            let (drop, started) = start_drop(&rig, dims, plain_offer(seed)).await?;
             sleep_until_load(started, dims.seconds * 0.2).await;
             let expected = poison(
                 rig.kafka.brokers.clone(),
@@ -759,8 +737,7 @@ pub async fn run_scenario(
                 dims,
                 Offer {
                     retry_ratio: 0.3,
-                    seed,
-                    admin_token: None,
+                    ..plain_offer(seed)
                 },
             )
             .await?;
@@ -778,6 +755,7 @@ pub async fn run_scenario(
             );
             Ok(row)
         }
+        Scenario::RedisClusterFailover => failover::redis_cluster_failover(seed, dims, &dir).await,
         Scenario::ReusedKey => trust::reused_key(seed, dims, &dir).await,
         Scenario::RacingPut => trust::racing_put(seed, dims, fault_at, &dir).await,
         Scenario::SlowRecovery => trust::slow_recovery(seed, dims, fault_at, &dir).await,
@@ -798,6 +776,105 @@ pub async fn run_scenario(
             holds::run(scenario, fault, seed, dims, at, &dir).await
         }
     }
+}
+
+/// What an issuer logs when it rebuilt the store from the log
+/// (`core/src/recovery.rs`).
+const REBUILT: &str = "store recovered from the log";
+
+/// The dimensions and fault moment of a drop whose store comes back
+/// behind: it must still have stock to sell twice when it does, so the
+/// fault early and the stock above what is accepted by then.
+fn behind_dims(dims: Dims, seed: u64) -> (Dims, f64) {
+    let requests = dims.rate * dims.seconds;
+    let stock = (requests * 0.6) as u32;
+    let at = dims.seconds * (0.15 + 0.15 * fraction(seed));
+    (Dims { stock, ..dims }, at)
+}
+
+/// The rebuilds from the log the issuers in `dir` logged from `since` (µs)
+/// on, each as its figures (`events=… decisions=… coupons=… took=…`): a
+/// fresh store's first start logs one too, before any fault.
+fn rebuilds_since(dir: &std::path::Path, since: u64) -> Vec<String> {
+    issuer_logs(dir)
+        .iter()
+        .flat_map(|log| log.lines())
+        .filter(|l| l.contains(REBUILT))
+        .map(strip_ansi)
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .is_some_and(|t| t.as_micros() >= u128::from(since))
+        })
+        .map(|l| l.find("events=").map_or(l.clone(), |i| l[i..].to_string()))
+        .collect()
+}
+
+/// `line` without its terminal colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The logs of every issuer the rig started in `dir`.
+fn issuer_logs(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("issuer"))
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Checks that every client the status endpoint told `issued` (what
+/// [`probe_statuses`] saw for `probe_event`) holds its coupon in the store
+/// at `redis_url`, and notes the counts.
+async fn check_probe(
+    row: &mut Row,
+    redis_url: &str,
+    probe_event: &str,
+    told: &[(Uuid, DecisionResult)],
+) -> Result<(), ChaosError> {
+    let store = RedisStore::connect(redis_url, DEFAULT_DEDUP_RETENTION)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ledger = store
+        .ledger(probe_event)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the probe event was not rebuilt")?;
+    let held: std::collections::HashSet<Uuid> =
+        ledger.coupons.iter().map(|c| c.request_id).collect();
+    let told_issued: Vec<Uuid> = told
+        .iter()
+        .filter(|(_, r)| *r == DecisionResult::Issued)
+        .map(|(id, _)| *id)
+        .collect();
+    let missing = told_issued.iter().filter(|id| !held.contains(id)).count();
+    row.notes.push(format!(
+        "{} status answers seen, {} told issued, {missing} of them without a coupon",
+        told.len(),
+        told_issued.len()
+    ));
+    row.check(missing == 0, "a client told issued holds the coupon");
+    row.check(!told_issued.is_empty(), "the probe saw decisions");
+    Ok(())
 }
 
 /// Issues a probe request every 100 ms and polls its status until decided;
@@ -1228,8 +1305,8 @@ async fn admin(seed: u64, dims: Dims, dir: &std::path::Path) -> Result<Row, Chao
         },
         Offer {
             retry_ratio: 0.05,
-            seed,
             admin_token: Some(token.to_string()),
+            ..plain_offer(seed)
         },
     )
     .await?;
@@ -1396,6 +1473,14 @@ mod tests {
         assert_eq!(names.len(), Scenario::ALL.len());
         assert!(names.contains("scale-1-4-2"));
         assert!(names.contains("kill9-issuer"));
+    }
+
+    #[test]
+    fn colour_codes_are_stripped_from_log_lines() {
+        assert_eq!(
+            strip_ansi("\u{1b}[2m2026-11-29T11:04:46Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m x \u{1b}[3mevents\u{1b}[0m=2"),
+            "2026-11-29T11:04:46Z  WARN x events=2"
+        );
     }
 
     #[test]

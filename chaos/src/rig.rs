@@ -1,17 +1,16 @@
 //! The deployment the fault suite breaks: the lab's [`Deployment`] with
 //! `coupon-api` and `coupon-issuer` as child processes (killed, restarted,
-//! scaled), a private redis-server, and a broker the scenario can fault
-//! (tansu, or librdkafka's mock cluster in this process, reached over TCP).
+//! scaled), a private redis-server (or a Redis Cluster the scenario started
+//! and faults itself), and a broker the scenario can fault (tansu, or
+//! librdkafka's mock cluster in this process, reached over TCP).
 
 use std::path::Path;
 
 use couponrush_core::Partitioner;
 use couponrush_harness::TansuStorage;
-use couponrush_lab::deployment::{
-    Deployment, DeploymentError, KafkaChoice, Members, Spec, StoreChoice,
-};
+use couponrush_lab::deployment::{Deployment, DeploymentError, KafkaChoice, Members, Spec};
 
-pub use couponrush_lab::deployment::{binary, Broker};
+pub use couponrush_lab::deployment::{binary, Broker, StoreChoice};
 
 /// Which broker a scenario faults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +34,10 @@ pub struct RigSpec {
     pub issuers: usize,
     /// Extra flags for the api.
     pub api_args: Vec<String>,
-    /// Redis with an append-only file.
-    pub redis_aof: bool,
+    /// The store: a private redis-server (`StoreChoice::PrivateRedis`), or
+    /// a Redis the scenario runs itself by URL (`StoreChoice::Redis`, for
+    /// example a `harness::RedisCluster`'s `redis+cluster://` URL).
+    pub store: StoreChoice,
     /// Extra librdkafka properties for the api and the issuers.
     pub kafka_opts: Vec<(String, String)>,
 }
@@ -66,9 +67,7 @@ pub async fn start(spec: &RigSpec, dir: &Path) -> Result<Deployment, DeploymentE
     api_args.extend(spec.api_args.iter().cloned());
     Deployment::start(Spec {
         kafka,
-        store: StoreChoice::PrivateRedis {
-            aof: spec.redis_aof,
-        },
+        store: spec.store.clone(),
         members: Members::Processes {
             api_args,
             issuer_args: ISSUER_ARGS.iter().map(|s| s.to_string()).collect(),

@@ -1,7 +1,7 @@
 //! The chaos suite at its small size, one test per scenario, against real
-//! processes (tansu or the mock cluster, a private redis-server, the
-//! `coupon-api` and `coupon-issuer` binaries of this build). They run one at
-//! a time: each starts a whole deployment on two cores.
+//! processes (tansu or the mock cluster, a private redis-server or Redis
+//! Cluster, the `coupon-api` and `coupon-issuer` binaries of this build).
+//! They run one at a time: each starts a whole deployment on two cores.
 
 mod common;
 
@@ -44,6 +44,7 @@ scenarios!(
     never_oversells_while_issuers_scale_1_4_2 => Scenario::Scale142,
     a_lost_redis_is_rebuilt_from_the_log_without_oversell => Scenario::RedisLost,
     a_redis_back_from_an_older_snapshot_is_rebuilt_without_oversell => Scenario::RedisStale,
+    a_cluster_master_failed_over_to_a_replica_behind_is_rebuilt_without_oversell => Scenario::RedisClusterFailover,
     a_reused_key_never_shows_one_user_another_users_decision => Scenario::ReusedKey,
     racing_puts_leave_store_and_log_agreeing_through_a_rebuild => Scenario::RacingPut,
     a_recoverer_frozen_past_its_lock_writes_nothing_over_the_rebuilt_store => Scenario::SlowRecovery,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use couponrush_chaos::rig::{self, binary, BrokerKind, RigSpec};
+use couponrush_chaos::rig::{self, binary, BrokerKind, RigSpec, StoreChoice};
 use couponrush_core::kafka::KafkaSettings;
 use couponrush_core::wire::{now_micros, WIRE_VERSION};
 use couponrush_core::{DecisionResult, Outcome};
@@ -35,7 +35,7 @@ async fn rig(name: &str) -> (Deployment, tokio::sync::MutexGuard<'static, bool>)
         partitions: 4,
         issuers: 2,
         api_args: Vec::new(),
-        redis_aof: false,
+        store: StoreChoice::PrivateRedis { aof: false },
         kafka_opts: Vec::new(),
     };
     let rig = rig::start(&spec, &dir).await.expect("the pipeline starts");

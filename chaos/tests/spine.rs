@@ -1,6 +1,7 @@
 //! The spine, end to end against real services, on the lab's `Deployment`:
-//! a private tansu and redis-server, `coupon-api` and two `coupon-issuer`
-//! processes, one issuer SIGKILLed mid-run and replaced.
+//! a private tansu and redis-server (or, in the second test, a local Redis
+//! Cluster of three masters with a replica each), `coupon-api` and two
+//! `coupon-issuer` processes, one issuer SIGKILLed mid-run and replaced.
 //!
 //! The replacement is needed because tansu 0.6.0 never expires a crashed
 //! member by itself: the group keeps the dead member's assignment until a
@@ -21,11 +22,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use couponrush_chaos::rig::{self, BrokerKind, RigSpec};
+use couponrush_chaos::rig::{self, BrokerKind, RigSpec, StoreChoice};
 use couponrush_core::kafka::KafkaSettings;
 use couponrush_core::store::EventSpec;
 use couponrush_core::{DecisionResult, IssueRequest, Outcome};
-use couponrush_harness::TopicReader;
+use couponrush_harness::{RedisCluster, TopicReader};
 use futures::stream::{self, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -83,13 +84,39 @@ fn read_outcomes(
 async fn no_coupon_issued_twice_nothing_lost_when_an_issuer_is_killed_mid_drop() {
     let _one = ONE_AT_A_TIME.lock().await;
     common::build_binaries();
+    spine(StoreChoice::PrivateRedis { aof: false }).await;
+}
+
+/// The same spine with the store on a real Redis Cluster (three masters
+/// with a replica each): the event lives on one of its slots, the issuers'
+/// batches and the api's lookups go through the cluster client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_coupon_issued_twice_nothing_lost_when_an_issuer_is_killed_mid_drop_on_a_redis_cluster()
+{
+    let _one = ONE_AT_A_TIME.lock().await;
+    common::build_binaries();
+    let dir = scratch(&format!("spine-cluster-{}", Uuid::new_v4().simple()));
+    let cluster = tokio::task::spawn_blocking(move || RedisCluster::start(&dir))
+        .await
+        .unwrap()
+        .expect("redis-server and redis-cli on the PATH");
+    assert!(cluster.url().starts_with("redis+cluster://"));
+    spine(StoreChoice::Redis(cluster.url())).await;
+    // The deployment is stopped; the cluster goes last.
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
+
+/// The spine against `store`: see the module doc.
+async fn spine(store: StoreChoice) {
     let dir = scratch(&format!("spine-{}", Uuid::new_v4().simple()));
     let spec = RigSpec {
         broker: BrokerKind::TansuMemory,
         partitions: PARTITIONS,
         issuers: 2,
         api_args: Vec::new(),
-        redis_aof: false,
+        store,
         kafka_opts: Vec::new(),
     };
     let mut deployment = rig::start(&spec, &dir)

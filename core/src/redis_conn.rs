@@ -10,6 +10,14 @@
 //! sees a failover by the promoted replica's missing scripts). What stays atomic is what Redis makes atomic: one
 //! command or one script call, on one slot. A transaction
 //! (`pipe().atomic()`) must keep to one slot.
+//!
+//! A quirk of the cluster client, worked around here: a transaction the
+//! old master of its slot refuses after a failover (every command
+//! `MOVED`, the transaction aborted) does not make it re-read the slot
+//! map, as one command's `MOVED` does; a connection that sends only
+//! transactions (the api's status lookups) would be refused for ever.
+//! [`transaction_on_cluster`] sends one keyed command to the slot (whose
+//! `MOVED` does re-read the map) and the transaction again.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,7 +27,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, Slot};
-use redis::{Arg, Cmd, Pipeline, RedisError, RedisFuture, Value};
+use redis::{Arg, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value};
 
 /// The URL scheme of a Redis Cluster.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
@@ -199,7 +207,7 @@ impl ConnectionLike for RedisConn {
             Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Self::Cluster(c) => {
                 if pipeline.is_transaction() {
-                    c.req_packed_commands(pipeline, offset, count)
+                    transaction_on_cluster(c.clone(), pipeline, offset, count)
                 } else {
                     split_by_slot(c.clone(), pipeline)
                 }
@@ -213,6 +221,57 @@ impl ConnectionLike for RedisConn {
             Self::Cluster(c) => c.get_db(),
         }
     }
+}
+
+/// How many times a transaction refused with `MOVED` is sent again.
+const MOVED_RETRIES: u32 = 3;
+
+/// Runs a transaction (one slot) on a cluster; refused with `MOVED` (its
+/// slot moved in a failover), the slot map is re-read by one keyed command
+/// and the transaction sent again, at most [`MOVED_RETRIES`] times.
+fn transaction_on_cluster(
+    conn: ClusterConnection,
+    pipeline: &Pipeline,
+    offset: usize,
+    count: usize,
+) -> BoxFuture<'static, Result<Vec<Value>, RedisError>> {
+    let pipeline = pipeline.clone();
+    async move {
+        let mut attempt = 0;
+        loop {
+            match conn
+                .clone()
+                .req_packed_commands(&pipeline, offset, count)
+                .await
+            {
+                Err(e) if attempt < MOVED_RETRIES && refused_as_moved(&e) => {
+                    attempt += 1;
+                    if let Some(key) = pipeline.cmd_iter().find_map(routing_key) {
+                        // Its own MOVED (followed) re-reads the slot map;
+                        // its answer does not matter.
+                        let _ = conn
+                            .clone()
+                            .req_packed_command(redis::cmd("EXISTS").arg(key))
+                            .await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                }
+                other => return other,
+            }
+        }
+    }
+    .boxed()
+}
+
+/// True when Redis refused a command, or a command of an aborted
+/// transaction, with `MOVED`.
+fn refused_as_moved(e: &RedisError) -> bool {
+    let moved = ErrorKind::Server(ServerErrorKind::Moved);
+    e.kind() == moved
+        || e.clone().into_server_errors().is_some_and(|errs| {
+            errs.iter()
+                .any(|(_, s)| s.kind() == Some(ServerErrorKind::Moved))
+        })
 }
 
 /// Runs `pipeline` on a cluster as one pipeline per slot (and keyless

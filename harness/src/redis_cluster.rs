@@ -8,9 +8,9 @@
 //! (SIGSTOP) and has its master drop the replication link: the writes that
 //! follow reach the master only.
 
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -22,6 +22,14 @@ use crate::{free_port, wait_for_port, Proc};
 
 /// How long a node may be unreachable before the others mark it failed.
 const NODE_TIMEOUT_MS: u64 = 2_000;
+
+/// The longest one `redis-cli` call may take: a frozen (SIGSTOPped) node
+/// accepts a connection and never answers, and `WAIT` takes up to 5 s.
+const CLI_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest `redis-cli --cluster create` may take (it waits for the
+/// nodes to agree on the configuration, with no bound of its own).
+const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One server of the cluster as `CLUSTER NODES` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +97,7 @@ impl RedisCluster {
             create.arg(format!("127.0.0.1:{port}"));
         }
         create.args(["--cluster-replicas", "1", "--cluster-yes"]);
-        let out = create.output()?;
+        let out = output_within(create, CREATE_TIMEOUT)?;
         if !out.status.success() {
             return Err(io::Error::other(format!(
                 "redis-cli --cluster create failed: {}{}",
@@ -136,12 +144,13 @@ impl RedisCluster {
         self.nodes.iter().map(|(p, _)| *p).collect()
     }
 
-    /// Runs `redis-cli -p <port> <args>` and returns its output.
+    /// Runs `redis-cli -p <port> <args>` and returns its output; an error
+    /// after [`CLI_TIMEOUT`] if the node does not answer (it is frozen).
     pub fn cli(&self, port: u16, args: &[&str]) -> io::Result<String> {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-            .args(args)
-            .output()?;
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args);
+        let out = output_within(cmd, CLI_TIMEOUT)?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() || text.starts_with("ERR") {
             return Err(io::Error::other(format!(
@@ -240,14 +249,23 @@ impl RedisCluster {
         self.cli(replica_port, &["cluster", "failover", "takeover"])?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let promoted = self.cli(replica_port, &["role"])?.starts_with("master");
+            let role = self.cli(replica_port, &["role"])?;
+            let promoted = role.starts_with("master");
             if promoted && self.state_ok(replica_port) {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("the replica on {replica_port} did not take over"),
+                    format!(
+                        "the replica on {replica_port} did not take over in 30s: {}; {}",
+                        if promoted {
+                            "it is a master but its cluster_state is not ok".to_string()
+                        } else {
+                            format!("its role is still {:?}", role.lines().next().unwrap_or(""))
+                        },
+                        self.health().unwrap_or_else(|| "every node healthy".into())
+                    ),
                 ));
             }
             thread::sleep(Duration::from_millis(100));
@@ -270,33 +288,38 @@ impl RedisCluster {
     }
 
     /// Waits until every node says `cluster_state:ok` and `masters`
-    /// masters each have a connected replica.
+    /// masters each have a connected replica; on a timeout, says which
+    /// node or master was not there yet.
     fn wait_healthy(&self, masters: usize, timeout: Duration) -> io::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let all_ok = self.nodes.iter().all(|(p, _)| self.state_ok(*p));
-            let paired = self.nodes().is_ok_and(|nodes| {
+            let unhealthy = self.health().or_else(|| {
+                let nodes = self.nodes().ok()?;
                 let ms: Vec<&ClusterNode> = nodes.iter().filter(|n| !n.slots.is_empty()).collect();
-                ms.len() == masters
-                    && ms.iter().all(|m| {
-                        nodes
+                let lonely: Vec<u16> = ms
+                    .iter()
+                    .filter(|m| {
+                        !nodes
                             .iter()
                             .any(|n| n.master_id.as_deref() == Some(m.id.as_str()))
                     })
-            });
-            let synced = self.nodes.iter().all(|(p, _)| {
-                self.cli(*p, &["info", "replication"]).is_ok_and(|info| {
-                    !info.contains("role:slave") || info.contains("master_link_status:up")
+                    .map(|m| m.port)
+                    .collect();
+                (ms.len() != masters || !lonely.is_empty()).then(|| {
+                    format!(
+                        "{} masters serve slots (want {masters}); masters without a replica: {lonely:?}",
+                        ms.len()
+                    )
                 })
             });
-            if all_ok && paired && synced {
+            let Some(why) = unhealthy else {
                 return Ok(());
-            }
+            };
             if Instant::now() > deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "the cluster in {} did not become healthy in {timeout:?}",
+                        "the cluster in {} did not become healthy in {timeout:?}: {why}",
                         self.dir.display()
                     ),
                 ));
@@ -304,6 +327,72 @@ impl RedisCluster {
             thread::sleep(Duration::from_millis(100));
         }
     }
+
+    /// What is wrong with the running nodes, if anything: those not
+    /// answering, not saying `cluster_state:ok`, or replicas whose link
+    /// to their master is down.
+    fn health(&self) -> Option<String> {
+        let mut wrong = Vec::new();
+        for (port, proc) in &self.nodes {
+            if proc.pid().is_none() {
+                continue; // killed on purpose
+            }
+            match self.cli(*port, &["cluster", "info"]) {
+                Err(e) => wrong.push(format!("node {port} does not answer ({e})")),
+                Ok(info) if !info.lines().any(|l| l.trim() == "cluster_state:ok") => {
+                    let state = info
+                        .lines()
+                        .find(|l| {
+                            l.starts_with("cluster_state") || l.starts_with("cluster_slots_ok")
+                        })
+                        .unwrap_or("no cluster_state")
+                        .trim()
+                        .to_string();
+                    wrong.push(format!("node {port}: {state}"));
+                }
+                Ok(_) => {}
+            }
+            if let Ok(info) = self.cli(*port, &["info", "replication"]) {
+                if info.contains("role:slave") && !info.contains("master_link_status:up") {
+                    wrong.push(format!("replica {port}: link to its master not up"));
+                }
+            }
+        }
+        (!wrong.is_empty()).then(|| wrong.join("; "))
+    }
+}
+
+/// Runs `cmd` to its end, or kills it after `timeout` (a bounded wait,
+/// where `Command::output` would hang on a server that never answers).
+fn output_within(mut cmd: Command, timeout: Duration) -> io::Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Read the pipes aside, so a full pipe cannot stall the child.
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{cmd:?} did not finish in {timeout:?}"),
+            ));
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
 }
 
 impl Drop for RedisCluster {
@@ -313,6 +402,17 @@ impl Drop for RedisCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut buf);
+        }
+        buf
+    })
 }
 
 /// Parses `CLUSTER NODES`: `<id> <ip:port@bus> <flags> <master> … <slots>…`.
@@ -347,6 +447,18 @@ fn parse_nodes(text: &str) -> Vec<ClusterNode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_command_that_does_not_finish_is_killed_at_its_timeout() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let err = output_within(cmd, Duration::from_millis(200)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        let mut cmd = Command::new("echo");
+        cmd.arg("hello");
+        let out = output_within(cmd, Duration::from_secs(10)).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello");
+    }
 
     #[test]
     fn cluster_nodes_lines_are_parsed() {
