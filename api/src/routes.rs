@@ -216,6 +216,7 @@ pub async fn put_event(
         stock: body.stock,
         per_user_limit: body.per_user_limit,
         claim_window_us: body.claim_window_ms.saturating_mul(1000),
+        stock_buckets: 1,
     };
     spec.validate().map_err(AppError::Unprocessable)?;
     if state

@@ -45,6 +45,7 @@ async fn fixture(admin_token: Option<&str>) -> Fixture {
                 stock: 3,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -619,6 +620,7 @@ async fn an_unacknowledged_request_is_in_doubt_with_its_own_id_and_a_retry_is_th
                 stock: 3,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await

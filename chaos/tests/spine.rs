@@ -106,6 +106,7 @@ async fn no_coupon_issued_twice_nothing_lost_when_an_issuer_is_killed_mid_drop()
                 stock: STOCK,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await

@@ -238,6 +238,7 @@ pub async fn bench_issuer(
                 stock,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await?;
@@ -258,6 +259,7 @@ pub async fn bench_issuer(
             stock,
             per_user_limit: 1,
             claim_window_us: 0,
+            stock_buckets: 1,
         },
     )
     .await?;
@@ -380,6 +382,7 @@ pub async fn bench_store(
                 stock,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await?;

@@ -350,6 +350,7 @@ async fn setup(drop: &DropRun, holds: Option<&HoldPlan>) -> Result<EventTerms, E
         stock: drop.terms.stock,
         per_user_limit: drop.terms.per_user_limit,
         claim_window_us: 0,
+        stock_buckets: 1,
     };
     match (&drop.via, drop.setup, &drop.store) {
         (

@@ -573,6 +573,7 @@ mod tests {
                 claim_window_us: 0,
                 released: 0,
                 claimed: 0,
+                stock_buckets: 1,
             },
             coupons: coupons
                 .iter()
