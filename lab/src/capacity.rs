@@ -439,6 +439,7 @@ async fn one_rate(
         config: serde_json::json!({ "rate": rate, "requests": requests }),
         live: None,
         holds: None,
+        stock_buckets: 1,
     };
     let before = read_all(stages)?;
     let started = Instant::now();
