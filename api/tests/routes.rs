@@ -462,7 +462,10 @@ async fn events_read_back_with_their_counters_and_probes_answer() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json["remaining"], 3);
     assert_eq!(json["sold_out"], false);
-    assert!(json.get("stock_buckets").is_none(), "one bucket is not shown");
+    assert!(
+        json.get("stock_buckets").is_none(),
+        "one bucket is not shown"
+    );
     // A bucketed event reads back whole: its buckets' counters summed.
     let (status, json, _) = call(
         &f.router,
