@@ -1209,13 +1209,7 @@ impl RedisStore {
     }
     /// One bucket's ledger (`tag` the bucket's), read atomically.
     async fn bucket_ledger(&self, event_id: &str, tag: &str) -> Result<Option<Ledger>, StoreError> {
-        let (fields, coupons, holders, free, holds): (
-            Vec<Option<String>>,
-            Vec<(u32, String)>,
-            Vec<(String, u32)>,
-            Vec<u32>,
-            Vec<(String, String)>,
-        ) = self
+        let (fields, coupons, holders, free, holds): LedgerReply = self
             .query(
                 redis::pipe()
                     .atomic()
@@ -1457,6 +1451,16 @@ impl RedisStore {
         Ok(verdicts)
     }
 }
+
+/// One bucket's ledger as read: the event hash's state fields, coupons,
+/// holders, free ranks and holds.
+type LedgerReply = (
+    Vec<Option<String>>,
+    Vec<(u32, String)>,
+    Vec<(String, u32)>,
+    Vec<u32>,
+    Vec<(String, String)>,
+);
 
 /// Whether Redis answered the error `code`, alone or inside a pipeline's
 /// failure (which wraps the commands' own errors).
