@@ -26,6 +26,7 @@ use axum::{Json, Router};
 use clap::Args;
 use couponrush_api::routes::{Accepted, IssueBody};
 use couponrush_core::producer::RequestProducer;
+use couponrush_core::store::buckets::owner;
 use couponrush_core::store::redis::RedisStore;
 use couponrush_core::store::{
     BatchVerdict, EventBatch, EventSpec, Pending, Store, DEFAULT_DEDUP_RETENTION,
@@ -445,8 +446,9 @@ struct StoreRun {
     batch_size: usize,
     in_flight: usize,
     store: &'static str,
-    /// Stock minus coupons issued when the first `sold_out` was decided
-    /// (by the batch's `decided_at`), as the load generator's report counts it.
+    /// Stock minus coupons issued when the first `sold_out` was decided, as
+    /// the load generator's report counts it (its bucket in the store's
+    /// order, the others by the batches' `decided_at`).
     undersell: u64,
     /// Arrival order = the requests' order in the pre-made batches.
     skew: Skew,
@@ -509,13 +511,15 @@ async fn store_run(
     let secs = started.elapsed().as_secs_f64().max(1e-6);
     let cpu_after = masters.cpu().await?;
     let mut ordered = Vec::new();
-    let (mut issued, mut replays, mut first_sold_out) = (0u64, 0u64, u64::MAX);
+    let (mut issued, mut replays) = (0u64, 0u64);
+    let mut first_sold_out: Option<(u64, u64)> = None;
     for (i, at, decisions) in &seen {
         for (j, d) in decisions.iter().enumerate() {
             issued += u64::from(d.issued_rank.is_some());
             replays += u64::from(d.replay);
             if d.result == DecisionResult::SoldOut {
-                first_sold_out = first_sold_out.min(*at);
+                let this = (*at, d.seq);
+                first_sold_out = Some(first_sold_out.map_or(this, |f| f.min(this)));
             }
             ordered.push(Ordered {
                 accepted_at: (i * args.batch_size + j) as u64,
@@ -525,11 +529,22 @@ async fn store_run(
             });
         }
     }
-    let issued_by_then: u64 = seen
-        .iter()
-        .filter(|(_, at, _)| *at <= first_sold_out)
-        .map(|(_, _, ds)| ds.iter().filter(|d| d.issued_rank.is_some()).count() as u64)
-        .sum();
+    // As the load generator's audit counts it: the first sold_out's own
+    // bucket in its exact order, the others by the batches' decided_at.
+    let issued_by_then = first_sold_out.map(|(t, s)| {
+        let bucket = owner(s, k);
+        seen.iter()
+            .flat_map(|(_, at, ds)| ds.iter().map(move |d| (*at, d)))
+            .filter(|(at, d)| {
+                d.issued_rank.is_some()
+                    && if owner(d.seq, k) == bucket {
+                        d.seq < s
+                    } else {
+                        *at <= t
+                    }
+            })
+            .count() as u64
+    });
     Ok(StoreRun {
         stock_buckets: k,
         requests: args.requests,
@@ -543,11 +558,7 @@ async fn store_run(
         batch_size: args.batch_size,
         in_flight: args.in_flight,
         store: store.kind(),
-        undersell: if first_sold_out == u64::MAX {
-            0
-        } else {
-            u64::from(stock).saturating_sub(issued_by_then)
-        },
+        undersell: issued_by_then.map_or(0, |n| u64::from(stock).saturating_sub(n)),
         skew: skew(&ordered, stock),
         master_cpu_s: cpu_after
             .iter()

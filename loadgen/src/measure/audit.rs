@@ -25,7 +25,7 @@
 //!
 //! | figure      | counts |
 //! |-------------|--------|
-//! | `undersell` | stock minus the coupons out (issued, less those given back) by the time the first `sold_out` was decided, by `decided_at` (the deciding issuer's clock): coupons still in some bucket while a requester heard `sold_out`. 0 when nothing was answered `sold_out`; 0 for an unbucketed event (its `sold_out` comes only once nothing is left), which checks the figure |
+//! | `undersell` | stock minus the coupons out (issued, less those given back) when the first `sold_out` (the earliest by `decided_at`) was decided: coupons still in some bucket while a requester heard `sold_out`. Its own bucket is counted in the store's exact order (decision numbers); the other buckets by `decided_at`, the deciding issuers' clocks, as there is no order across buckets (K is read from the store's ledger; without it, one bucket is assumed). 0 when nothing was answered `sold_out`; 0 for an unbucketed event, exactly (its `sold_out` comes only once nothing is left), which checks the figure |
 //!
 //! ## Holds
 //!
@@ -345,7 +345,12 @@ pub fn audit_with_holds(
     // Store side, cross-checked.
     let (mut oversold_store, mut double_store) = (0, 0);
     let mut remaining = end.and_then(|e| e.remaining);
-    a.undersell = undersell(stock, &first, holds);
+    a.undersell = undersell(
+        stock,
+        &first,
+        holds,
+        ledger.map_or(1, |l| l.state.buckets()),
+    );
     if let Some(ledger) = ledger {
         a.misrouted = misrouted(ledger, outcomes);
         let coupons = ledger.coupons.len() as u64;
@@ -404,24 +409,35 @@ pub fn audit_with_holds(
     a
 }
 
-/// Stock minus the coupons out when the first `sold_out` was decided (by
-/// `decided_at`; see the module doc).
-fn undersell(stock: u64, first: &HashMap<Uuid, &Outcome>, holds: &[HoldOutcome]) -> u64 {
-    let Some(t) = first
+/// Stock minus the coupons out when the first `sold_out` was decided (see
+/// the module doc). The first `sold_out` is the earliest by `decided_at`;
+/// its own bucket is counted in the store's exact order (its decision
+/// numbers), the other buckets by `decided_at` (the deciding issuers'
+/// clocks: there is no order across buckets). `k` is the event's bucket
+/// count (1 when unknown); with one bucket the figure is exact, and 0.
+fn undersell(stock: u64, first: &HashMap<Uuid, &Outcome>, holds: &[HoldOutcome], k: u32) -> u64 {
+    let Some(sold_out) = first
         .values()
-        .filter(|o| o.result == DecisionResult::SoldOut)
-        .map(|o| o.decided_at)
-        .min()
+        .filter(|o| o.result == DecisionResult::SoldOut && o.decision_seq > 0)
+        .min_by_key(|o| (o.decided_at, o.decision_seq))
     else {
         return 0;
     };
+    let bucket = owner(sold_out.decision_seq, k);
+    let before = |seq: u64, decided_at: u64| {
+        if owner(seq, k) == bucket {
+            seq < sold_out.decision_seq
+        } else {
+            decided_at <= sold_out.decided_at
+        }
+    };
     let issued = first
         .values()
-        .filter(|o| o.result == DecisionResult::Issued && o.decided_at <= t)
+        .filter(|o| o.result == DecisionResult::Issued && before(o.decision_seq, o.decided_at))
         .count() as u64;
     let returned: HashSet<Uuid> = holds
         .iter()
-        .filter(|h| h.state.returned() && h.decided_at <= t)
+        .filter(|h| h.state.returned() && before(h.decision_seq, h.decided_at))
         .map(|h| h.request_id)
         .collect();
     stock.saturating_sub(issued.saturating_sub(returned.len() as u64))
@@ -685,36 +701,59 @@ mod tests {
             stock: 4,
             per_user_limit: 1,
         };
-        let at = |mut o: Outcome, t: u64| {
-            o.decided_at = t;
-            o
+        // (request and decision number, user, result, rank, decided_at)
+        let of = |rows: &[(u128, &str, DecisionResult, Option<u32>, u64)]| -> Vec<Outcome> {
+            rows.iter()
+                .map(|(id, user, result, rank, at)| {
+                    let mut o = outcome(*id, user, *result, *rank);
+                    o.decided_at = *at;
+                    o
+                })
+                .collect()
         };
-        // Two issued, then a sold_out (its bucket ran dry) while two
-        // coupons were still in the other bucket, then those two issued.
-        let outcomes = vec![
-            at(outcome(1, "a", DecisionResult::Issued, Some(1)), 10),
-            at(outcome(2, "b", DecisionResult::Issued, Some(3)), 11),
-            at(outcome(3, "c", DecisionResult::SoldOut, None), 12),
-            at(outcome(4, "d", DecisionResult::Issued, Some(2)), 13),
-            at(outcome(5, "e", DecisionResult::Issued, Some(4)), 14),
-            at(outcome(6, "f", DecisionResult::SoldOut, None), 15),
-        ];
-        let accepted: HashMap<Uuid, String> = outcomes
-            .iter()
-            .map(|o| (o.request_id, o.user_id.clone()))
-            .collect();
-        assert_eq!(audit(terms, &accepted, &outcomes, None).undersell, 2);
-        // Unbucketed order: sold out only once all four are out.
-        let mut fair = outcomes.clone();
-        fair[2].decided_at = 16;
-        assert_eq!(audit(terms, &accepted, &fair, None).undersell, 0);
+        let accepted = |os: &[Outcome]| -> HashMap<Uuid, String> {
+            os.iter()
+                .map(|o| (o.request_id, o.user_id.clone()))
+                .collect()
+        };
+        let with_buckets = |k: u32| {
+            let mut l = ledger(&[], 0);
+            (l.state.stock, l.state.stock_buckets) = (4, k);
+            l
+        };
+        use DecisionResult::{Issued, SoldOut};
+        // Two buckets (odd decision numbers bucket 0, even bucket 1):
+        // bucket 0 sells ranks 1 and 3, then runs dry (number 5, at 12)
+        // while bucket 1 still holds ranks 2 and 4, sold at 13 and 14.
+        let split = of(&[
+            (1, "a", Issued, Some(1), 10),
+            (3, "b", Issued, Some(3), 11),
+            (5, "c", SoldOut, None, 12),
+            (2, "d", Issued, Some(2), 13),
+            (4, "e", Issued, Some(4), 14),
+            (7, "f", SoldOut, None, 15),
+        ]);
+        let a = audit(terms, &accepted(&split), &split, Some(&with_buckets(2)));
+        assert_eq!(a.undersell, 2);
+        // One bucket, the sold_out stamped by an issuer whose clock (or
+        // whose call) lagged: by decided_at it comes first, but in the
+        // store's order every coupon was out: exactly 0.
+        let lagging = of(&[
+            (1, "a", Issued, Some(1), 20),
+            (2, "b", Issued, Some(2), 21),
+            (3, "c", Issued, Some(3), 22),
+            (4, "d", Issued, Some(4), 23),
+            (5, "e", SoldOut, None, 19),
+        ]);
+        let a = audit(terms, &accepted(&lagging), &lagging, Some(&with_buckets(1)));
+        assert_eq!(a.undersell, 0);
         // Nothing answered sold_out: nothing undersold.
-        let none: Vec<Outcome> = outcomes
+        let none: Vec<Outcome> = split
             .iter()
-            .filter(|o| o.result == DecisionResult::Issued)
+            .filter(|o| o.result == Issued)
             .cloned()
             .collect();
-        assert_eq!(audit(terms, &accepted, &none, None).undersell, 0);
+        assert_eq!(audit(terms, &accepted(&none), &none, None).undersell, 0);
     }
 
     fn ledger(coupons: &[(u32, u128, &str)], remaining: u32) -> Ledger {
