@@ -47,6 +47,14 @@
 //! `issued_total − released + remaining = stock`, where `issued_total`
 //! counts every `issued` decision (re-issues of a returned rank included).
 //!
+//! An event may split its stock over **buckets** (`stock_buckets` K > 1,
+//! [`buckets`]): each bucket is decided as above, on its own, by the
+//! requests of the users routed to it; ranks and decision numbers are
+//! event-wide and disjoint across buckets, the per-user limit and the dedup
+//! stay exact (a user's requests all meet one bucket), and what the store
+//! shows of the event (`event`, `ledger`) is its buckets summed. What it
+//! gives up: `sold_out` is a bucket's, not the event's.
+//!
 //! Dedup records live at least the configured retention (the Redis store
 //! keeps them up to about twice that: it drops them a retention window at a
 //! time), which must be at least the requests topic's retention: a request

@@ -23,6 +23,18 @@
 //! | `cr:recovery`             | string | the recovery lock (`cr:{cr}:recovery` on a cluster) |
 //! | `cr:{T}:slot-epoch`       | string | on a cluster only: the epoch marker of the slot tag `T` hashes to, as the scripts of that slot's events check it |
 //!
+//! An event with stock buckets (K > 1, [`super::buckets`]) keeps every key
+//! above except `cr:events` once per bucket: bucket 0 under `{E}`, bucket
+//! `b` under `{E#b}`, each with its own stock, counters and numbering, and
+//! `buckets` (K) and `bucket` (b) in its event hash (absent when K = 1: the
+//! unbucketed layout is unchanged). A decide call routes each request and
+//! action by user to its bucket (one `EVALSHA` per bucket in the same
+//! pipeline) and passes the K it routed by; the script decides nothing if
+//! the bucket holds another K (`{-3, K}`: the event was redefined), so a
+//! bucket count remembered by this handle is safe to reuse. Lookups by
+//! request id (status, holds) ask every bucket; marks of logged decisions go
+//! to the bucket each number belongs to.
+//!
 //! ## Dedup records: two hashes per event, turned over by the retention
 //!
 //! A decision's dedup record is a field of `cr:{E}:dedup`. Once that hash is
