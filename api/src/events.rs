@@ -81,6 +81,7 @@ mod tests {
                     stock: 1,
                     per_user_limit: 1,
                     claim_window_us: 0,
+                    stock_buckets: 1,
                 },
             )
             .await

@@ -144,10 +144,20 @@ pub struct PutEventBody {
     /// (default 0: no holds, a coupon is final when issued).
     #[serde(default)]
     pub claim_window_ms: u64,
+    /// Buckets the stock is split over, 1 to 64 (default 1: the whole
+    /// stock on one Redis slot). More buckets spread one hot event over
+    /// several Redis Cluster slots, at the cost of undersell (a bucket may
+    /// answer `sold_out` while another still holds stock).
+    #[serde(default = "one")]
+    pub stock_buckets: u32,
 }
 
 fn one() -> u32 {
     1
+}
+
+fn is_one(k: &u32) -> bool {
+    *k == 1
 }
 
 /// An event as the api shows it.
@@ -183,6 +193,10 @@ pub struct EventView {
     /// Holds waiting for their claim.
     #[serde(default)]
     pub held: u32,
+    /// Buckets the stock is split over (shown when more than 1; the
+    /// counters above are the buckets' summed).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub stock_buckets: u32,
 }
 
 impl From<EventState> for EventView {
@@ -195,6 +209,7 @@ impl From<EventState> for EventView {
             released: s.released,
             claimed: s.claimed,
             held: s.held(),
+            stock_buckets: s.buckets(),
             event_id: s.event_id,
             stock: s.stock,
             per_user_limit: s.per_user_limit,
@@ -216,6 +231,7 @@ pub async fn put_event(
         stock: body.stock,
         per_user_limit: body.per_user_limit,
         claim_window_us: body.claim_window_ms.saturating_mul(1000),
+        stock_buckets: body.stock_buckets,
     };
     spec.validate().map_err(AppError::Unprocessable)?;
     if state

@@ -54,6 +54,7 @@ async fn fixture() -> Fixture {
                     stock: 10,
                     per_user_limit: 5,
                     claim_window_us: window,
+                    stock_buckets: 1,
                 },
             )
             .await

@@ -57,6 +57,7 @@ async fn fixture_with(backend: &str, room: bool, tune: impl FnOnce(&mut Config))
                     stock: 5,
                     per_user_limit: 1,
                     claim_window_us: 0,
+                    stock_buckets: 1,
                 },
             )
             .await

@@ -45,6 +45,7 @@ async fn fixture(admin_token: Option<&str>) -> Fixture {
                 stock: 3,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -222,6 +223,20 @@ async fn every_client_mistake_is_a_4xx_with_a_json_reason() {
             "/v1/events/new",
             vec![JSON],
             r#"{"stock":10000001}"#.into(),
+            422,
+        ),
+        (
+            Method::PUT,
+            "/v1/events/new",
+            vec![JSON],
+            r#"{"stock":10,"stock_buckets":0}"#.into(),
+            422,
+        ),
+        (
+            Method::PUT,
+            "/v1/events/new",
+            vec![JSON],
+            r#"{"stock":10,"stock_buckets":65}"#.into(),
             422,
         ),
     ];
@@ -447,6 +462,28 @@ async fn events_read_back_with_their_counters_and_probes_answer() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json["remaining"], 3);
     assert_eq!(json["sold_out"], false);
+    assert!(
+        json.get("stock_buckets").is_none(),
+        "one bucket is not shown"
+    );
+    // A bucketed event reads back whole: its buckets' counters summed.
+    let (status, json, _) = call(
+        &f.router,
+        Method::PUT,
+        "/v1/events/hot",
+        &[JSON],
+        r#"{"stock":10,"stock_buckets":4}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{json}");
+    let (status, json, _) =
+        call(&f.router, Method::GET, "/v1/events/hot", &[], Body::empty()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (&json["stock"], &json["remaining"], &json["stock_buckets"]),
+        (&10.into(), &10.into(), &4.into()),
+        "{json}"
+    );
     let (status, _, _) = call(&f.router, Method::GET, "/healthz", &[], Body::empty()).await;
     assert_eq!(status, StatusCode::OK);
     let (status, json, _) = call(&f.router, Method::GET, "/readyz", &[], Body::empty()).await;
@@ -619,6 +656,7 @@ async fn an_unacknowledged_request_is_in_doubt_with_its_own_id_and_a_retry_is_th
                 stock: 3,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await

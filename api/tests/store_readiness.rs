@@ -171,6 +171,7 @@ async fn a_lost_store() -> Deployment {
         generation: 1,
         written_at: now_micros(),
         claim_window_us: 0,
+        stock_buckets: 1,
     };
     d.state
         .producer

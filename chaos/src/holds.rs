@@ -178,6 +178,7 @@ async fn start_drop_with_holds(
             connections: 64,
             seed: seed ^ 0x5eed,
         }),
+        stock_buckets: 1,
     };
     let started = now_micros();
     let handle = rig

@@ -422,6 +422,7 @@ async fn start_drop(
         config: serde_json::json!({ "chaos": true }),
         live: None,
         holds: None,
+        stock_buckets: 1,
     };
     let started = now_micros();
     let handle = rig
@@ -1104,6 +1105,7 @@ impl OfferTarget {
             keep_raw: false,
             config: serde_json::json!({}),
             observe: false,
+            stock_buckets: 1,
         };
         Ok(run_drop(drop, CancellationToken::new()).await?)
     }

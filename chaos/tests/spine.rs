@@ -133,6 +133,7 @@ async fn spine(store: StoreChoice) {
                 stock: STOCK,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await

@@ -56,7 +56,7 @@ use uuid::Uuid;
 
 use crate::kafka::{all_acknowledged, KafkaSettings};
 use crate::recovery::read_topic_from;
-use crate::store::{Coupon, Decision, EventSnapshot, EventState, Hold, RestoredDecision};
+use crate::store::{buckets, Coupon, Decision, EventSnapshot, EventState, Hold, RestoredDecision};
 use crate::wire::{now_micros, EventRecord, HoldState, LedgerRecord, Outcome};
 use crate::DecisionResult;
 
@@ -310,7 +310,10 @@ impl Fold {
     /// Each defined event's state: its latest definition, with the folded
     /// coupons and holds if they are of that generation (else full stock),
     /// plus `tail`, decisions read after the checkpoint that issued nothing
-    /// (first per request), restored as dedup records. Pure.
+    /// (first per request), restored as dedup records. An event with K
+    /// stock buckets gives K snapshots, one per bucket (bucket 0 first),
+    /// each rebuilt from the outcomes of its users (routed by user as the
+    /// store routes them, see [`crate::store::buckets`]). Pure.
     pub fn snapshots(
         &self,
         definitions: &HashMap<String, EventRecord>,
@@ -322,7 +325,12 @@ impl Fold {
         }
         let mut out: Vec<EventSnapshot> = definitions
             .values()
-            .map(|def| {
+            .flat_map(|def| {
+                let k = def.stock_buckets.max(1);
+                (0..k).map(move |b| (def, k, b))
+            })
+            .map(|(def, k, bucket)| {
+                let mine = |user: &str| buckets::bucket_of(user, k) == bucket;
                 let empty = EventFold::default();
                 let fold = self
                     .events
@@ -339,6 +347,7 @@ impl Fold {
                 }
                 let coupons: Vec<Coupon> = by_rank
                     .values()
+                    .filter(|c| mine(&c.2))
                     .map(|(rank, request_id, user_id, _, _)| Coupon {
                         rank: *rank,
                         request_id: *request_id,
@@ -349,13 +358,20 @@ impl Fold {
                 for c in &coupons {
                     *holders.entry(c.user_id.clone()).or_default() += 1;
                 }
-                let max_rank = fold.coupons.values().map(|c| c.0).max().unwrap_or(0);
+                let max_rank = fold
+                    .coupons
+                    .values()
+                    .filter(|c| mine(&c.2))
+                    .map(|c| c.0)
+                    .max()
+                    .unwrap_or(0);
                 let free_ranks: Vec<u32> = (1..=max_rank)
+                    .filter(|r| buckets::owner(u64::from(*r), k) == bucket)
                     .filter(|r| !by_rank.contains_key(r))
                     .collect();
                 let mut holds: Vec<Hold> = Vec::new();
                 let (mut released, mut claimed) = (0u32, 0u32);
-                for c in fold.coupons.values() {
+                for c in fold.coupons.values().filter(|c| mine(&c.2)) {
                     let h = fold.holds.get(&c.1);
                     let mut state = h.map_or(HoldState::Held, |h| hold_state(h.2));
                     let (mut ended_at, mut end_seq) = h.map_or((0, 0), |h| (h.3, h.4));
@@ -383,6 +399,7 @@ impl Fold {
                 let mut decided: Vec<RestoredDecision> = fold
                     .coupons
                     .values()
+                    .filter(|c| mine(&c.2))
                     .map(|(rank, request_id, user_id, seq, at)| RestoredDecision {
                         request_id: *request_id,
                         user_id: user_id.clone(),
@@ -403,6 +420,7 @@ impl Fold {
                     .flatten()
                 {
                     if o.generation == def.generation
+                        && mine(&o.user_id)
                         && o.result != DecisionResult::Issued
                         && o.result != DecisionResult::Duplicate
                         && seen.insert(o.request_id)
@@ -421,18 +439,23 @@ impl Fold {
                         });
                     }
                 }
+                let stock = buckets::bucket_stock(def.stock, k, bucket);
                 EventSnapshot {
                     state: EventState {
                         event_id: def.event_id.clone(),
-                        stock: def.stock,
+                        stock,
                         per_user_limit: def.per_user_limit,
-                        remaining: def.stock.saturating_sub(coupons.len() as u32),
+                        remaining: stock.saturating_sub(coupons.len() as u32),
                         generation: def.generation,
                         claim_window_us: def.claim_window_us,
                         released,
                         claimed,
+                        stock_buckets: k,
                     },
-                    seq: fold.seq,
+                    // The bucket's own count: at or above its last number
+                    // (numbers of bucket b are (n − 1)·K + b + 1).
+                    seq: fold.seq.div_ceil(u64::from(k)),
+                    bucket,
                     holders: holders.into_iter().collect(),
                     coupons,
                     decided,
@@ -441,7 +464,7 @@ impl Fold {
                 }
             })
             .collect();
-        out.sort_by(|a, b| a.state.event_id.cmp(&b.state.event_id));
+        out.sort_by(|a, b| (&a.state.event_id, a.bucket).cmp(&(&b.state.event_id, b.bucket)));
         out
     }
 
@@ -911,6 +934,7 @@ mod tests {
                 generation,
                 written_at: 0,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )]
         .into_iter()

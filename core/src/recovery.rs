@@ -477,6 +477,7 @@ mod tests {
             generation,
             written_at: 0,
             claim_window_us: 0,
+            stock_buckets: 1,
         }
     }
 

@@ -47,6 +47,14 @@
 //! `issued_total − released + remaining = stock`, where `issued_total`
 //! counts every `issued` decision (re-issues of a returned rank included).
 //!
+//! An event may split its stock over **buckets** (`stock_buckets` K > 1,
+//! [`buckets`]): each bucket is decided as above, on its own, by the
+//! requests of the users routed to it; ranks and decision numbers are
+//! event-wide and disjoint across buckets, the per-user limit and the dedup
+//! stay exact (a user's requests all meet one bucket), and what the store
+//! shows of the event (`event`, `ledger`) is its buckets summed. What it
+//! gives up: `sold_out` is a bucket's, not the event's.
+//!
 //! Dedup records live at least the configured retention (the Redis store
 //! keeps them up to about twice that: it drops them a retention window at a
 //! time), which must be at least the requests topic's retention: a request
@@ -54,6 +62,7 @@
 //! per-user limit still stops a second coupon, but a `sold_out` could
 //! become `limit_reached`).
 
+pub mod buckets;
 pub mod definition;
 pub mod memory;
 pub mod redis;
@@ -87,6 +96,18 @@ pub struct EventSpec {
     /// coupon is final when issued). At most [`MAX_CLAIM_WINDOW_US`].
     #[serde(default)]
     pub claim_window_us: u64,
+    /// Buckets the stock is split over, `1..=`[`buckets::MAX_STOCK_BUCKETS`]
+    /// (1: one slot, as before buckets existed; see [`buckets`]).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub stock_buckets: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(k: &u32) -> bool {
+    *k == 1
 }
 
 impl EventSpec {
@@ -102,6 +123,13 @@ impl EventSpec {
             return Err(format!(
                 "the claim window must be at most {} ms (a day)",
                 MAX_CLAIM_WINDOW_US / 1000
+            ));
+        }
+        if !(1..=buckets::MAX_STOCK_BUCKETS).contains(&self.stock_buckets) {
+            return Err(format!(
+                "stock_buckets must be 1 to {} (1: the whole stock on one Redis slot), got {}",
+                buckets::MAX_STOCK_BUCKETS,
+                self.stock_buckets
             ));
         }
         Ok(())
@@ -130,6 +158,9 @@ pub struct EventState {
     /// Holds claimed (final).
     #[serde(default)]
     pub claimed: u32,
+    /// Buckets the stock is split over (0 or 1: one; see [`buckets`]).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub stock_buckets: u32,
 }
 
 impl EventState {
@@ -159,7 +190,13 @@ impl EventState {
             stock: self.stock,
             per_user_limit: self.per_user_limit,
             claim_window_us: self.claim_window_us,
+            stock_buckets: self.buckets(),
         }
+    }
+
+    /// Buckets the stock is split over, at least 1.
+    pub fn buckets(&self) -> u32 {
+        self.stock_buckets.max(1)
     }
 
     /// True when nothing is left.
@@ -361,13 +398,21 @@ pub const MAX_LOGGED_RANGE: u64 = 512;
 /// Compresses sequence numbers into inclusive ranges of at most
 /// [`MAX_LOGGED_RANGE`] numbers (zeros, which number nothing, are skipped).
 pub fn seq_ranges(seqs: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    seq_ranges_by(seqs, 1)
+}
+
+/// [`seq_ranges`] of the numbers of one bucket of an event with `stride`
+/// buckets: numbers `stride` apart are consecutive (a range `lo-hi` then
+/// holds `lo, lo + stride, … hi`, the only numbers of its bucket between
+/// them).
+pub fn seq_ranges_by(seqs: impl IntoIterator<Item = u64>, stride: u64) -> Vec<(u64, u64)> {
     let mut seqs: Vec<u64> = seqs.into_iter().filter(|s| *s > 0).collect();
     seqs.sort_unstable();
     seqs.dedup();
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for s in seqs {
         match ranges.last_mut() {
-            Some((lo, hi)) if *hi + 1 == s && s - *lo < MAX_LOGGED_RANGE => *hi = s,
+            Some((lo, hi)) if *hi + stride == s && s - *lo < MAX_LOGGED_RANGE => *hi = s,
             _ => ranges.push((s, s)),
         }
     }
@@ -404,6 +449,9 @@ pub struct EventSnapshot {
     pub free_ranks: Vec<u32>,
     /// Every hold of the generation (ended ones included).
     pub holds: Vec<Hold>,
+    /// The bucket this snapshot is of (0 for an unbucketed event): its
+    /// state holds the bucket's stock and counters, `seq` its own count.
+    pub bucket: u32,
 }
 
 /// One issued coupon, as recorded in the store.

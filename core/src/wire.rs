@@ -518,6 +518,18 @@ pub struct EventRecord {
     /// holds existed).
     #[serde(default)]
     pub claim_window_us: u64,
+    /// Buckets the stock is split over (absent in records written before
+    /// buckets existed, and when 1: read as 1).
+    #[serde(default = "one_bucket", skip_serializing_if = "is_one_bucket")]
+    pub stock_buckets: u32,
+}
+
+fn one_bucket() -> u32 {
+    1
+}
+
+fn is_one_bucket(k: &u32) -> bool {
+    *k == 1
 }
 
 impl EventRecord {
@@ -688,6 +700,7 @@ mod tests {
             generation: 3,
             written_at: 9,
             claim_window_us: 0,
+            stock_buckets: 1,
         };
         // A record written before holds existed still reads.
         let old = br#"{"v":1,"event_id":"drop","stock":10,"per_user_limit":1,"generation":3,"written_at":9}"#;

@@ -84,6 +84,7 @@ async fn setup() -> Setup {
                 generation: 1,
                 written_at: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -255,6 +256,7 @@ async fn a_recovery_restores_holds_across_a_checkpoint_and_an_expiry_still_happe
                 generation: 1,
                 written_at: 1,
                 claim_window_us: window,
+                stock_buckets: 1,
             },
         )
         .await

@@ -67,6 +67,7 @@ async fn event(store: &RedisStore) -> String {
                 stock: 100,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -210,6 +211,7 @@ async fn records_an_earlier_version_kept_as_keys_are_still_read() {
                 stock: 100,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await

@@ -160,6 +160,7 @@ fn spec(stock: u32) -> EventSpec {
         stock,
         per_user_limit: 1,
         claim_window_us: 0,
+        stock_buckets: 1,
     }
 }
 

@@ -105,6 +105,7 @@ async fn event_with_holds(store: &dyn Store, stock: u32, limit: u32) -> String {
                 stock,
                 per_user_limit: limit,
                 claim_window_us: WINDOW,
+                stock_buckets: 1,
             },
         )
         .await
@@ -124,6 +125,7 @@ async fn retire(store: &dyn Store, ev: &str) {
                 stock: 0,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -465,6 +467,7 @@ async fn another_users_action_or_an_unknown_request_decides_nothing(store: Arc<d
                 stock: 1,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -832,6 +835,7 @@ async fn a_store_rebuilt_from_the_ledger_holds_the_same_holds(
         generation,
         written_at: t,
         claim_window_us: WINDOW,
+        stock_buckets: 1,
     };
     let defs: HashMap<String, EventRecord> = [(ev.clone(), definition)].into_iter().collect();
     let mut reversed = log.clone();
@@ -1028,6 +1032,7 @@ async fn measure_redis_micros_per_decision_with_and_without_holds() {
                     stock: (batches * per) as u32,
                     per_user_limit: 1,
                     claim_window_us: window,
+                    stock_buckets: 1,
                 },
             )
             .await
@@ -1078,6 +1083,7 @@ async fn free_ranks_an_earlier_version_kept_in_a_list_are_given_out_first() {
                 stock: 3,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await

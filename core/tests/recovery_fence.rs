@@ -108,6 +108,7 @@ async fn a_recoverer_whose_lock_expired_does_not_overwrite_later_decisions() {
         generation: 1,
         written_at: now_micros(),
         claim_window_us: 0,
+        stock_buckets: 1,
     };
     produce(&kafka, &t.events, "e", &event.to_bytes()).await;
     let first_coupon = Outcome {

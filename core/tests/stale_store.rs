@@ -155,6 +155,7 @@ async fn a_store_restarted_from_an_older_snapshot_decides_nothing_until_rebuilt(
                 stock: 10,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -230,6 +231,7 @@ fn snapshot_of(ev: &str, generation: u64, stock: u32, issued: &[&Pending]) -> Ev
             claim_window_us: 0,
             released: 0,
             claimed: 0,
+            stock_buckets: 1,
         },
         seq: issued.len() as u64,
         holders: issued.iter().map(|p| (p.user_id.clone(), 1)).collect(),
@@ -260,6 +262,7 @@ fn snapshot_of(ev: &str, generation: u64, stock: u32, issued: &[&Pending]) -> Ev
             .collect(),
         free_ranks: Vec::new(),
         holds: Vec::new(),
+        bucket: 0,
     }
 }
 
@@ -279,6 +282,7 @@ async fn a_rebuild_over_a_stale_store_forgets_decisions_the_log_does_not_hold() 
                 stock: 10,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -342,6 +346,7 @@ async fn a_promoted_replica_decides_nothing_until_rebuilt() {
                 stock: 10,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -406,6 +411,7 @@ async fn nothing_is_decided_during_a_rebuild_nor_on_a_copy_taken_mid_rebuild() {
                 stock: 10,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -482,6 +488,7 @@ async fn a_cluster_master_failed_over_to_a_replica_behind_decides_nothing_until_
                 stock: 10,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -575,6 +582,7 @@ async fn a_cluster_master_failed_over_to_a_replica_behind_decides_nothing_until_
         generation: state.generation,
         written_at: now_micros(),
         claim_window_us: 0,
+        stock_buckets: 1,
     };
     produce(&kafka, &topics.events, &ev, &definition.to_bytes()).await;
     for (i, p) in early.iter().chain(&late).enumerate() {

@@ -165,6 +165,7 @@ async fn first_delivery_issues_in_arrival_order(store: Arc<dyn Store>) {
                 stock: 2,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -196,6 +197,7 @@ async fn replay_of_every_result_is_the_same_decision(store: Arc<dyn Store>) {
                 stock: 1,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -239,6 +241,7 @@ async fn the_same_request_twice_in_one_batch_is_decided_once(store: Arc<dyn Stor
                 stock: 5,
                 per_user_limit: 3,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -265,6 +268,7 @@ async fn per_user_limit_counts_coupons_held(store: Arc<dyn Store>) {
                 stock: 10,
                 per_user_limit: 2,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -300,6 +304,7 @@ async fn limit_is_checked_before_stock(store: Arc<dyn Store>) {
                 stock: 1,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -317,6 +322,7 @@ async fn zero_stock_sells_nothing(store: Arc<dyn Store>) {
                 stock: 0,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -334,6 +340,7 @@ async fn last_unit_goes_to_exactly_one_of_concurrent_batches(store: Arc<dyn Stor
                 stock: 1,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -372,6 +379,7 @@ async fn unknown_event_is_reported_not_decided(store: Arc<dyn Store>) {
                 stock: 1,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -405,6 +413,7 @@ async fn a_request_id_reused_by_another_user_is_a_duplicate(store: Arc<dyn Store
                 stock: 5,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -437,6 +446,7 @@ async fn reset_voids_earlier_decisions(store: Arc<dyn Store>) {
                 stock: 1,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -450,6 +460,7 @@ async fn reset_voids_earlier_decisions(store: Arc<dyn Store>) {
                 stock: 3,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -470,6 +481,7 @@ async fn a_definition_is_applied_only_if_newer(store: Arc<dyn Store>) {
         stock,
         per_user_limit: 1,
         claim_window_us: 0,
+        stock_buckets: 1,
     };
     // Two PUTs claim their generations, then apply them in the other order.
     let older = store.claim_generation(&ev).await.unwrap();
@@ -510,6 +522,7 @@ async fn status_lookup_sees_decisions_only(store: Arc<dyn Store>) {
                 stock: 1,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -540,6 +553,7 @@ async fn batches_larger_than_one_script_call_stay_in_order(store: Arc<dyn Store>
                 stock,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -572,6 +586,7 @@ async fn dedup_records_expire_after_retention(store: Arc<dyn Store>) {
                 stock: 5,
                 per_user_limit: 5,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -595,6 +610,7 @@ async fn invalid_specs_are_refused(store: Arc<dyn Store>) {
                 stock: 1,
                 per_user_limit: 0,
                 claim_window_us: 0,
+                stock_buckets: 1,
             }
         )
         .await
@@ -611,6 +627,7 @@ async fn user_ids_with_separators_round_trip(store: Arc<dyn Store>) {
                 stock: 2,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -633,6 +650,7 @@ async fn only_logged_decisions_are_marked_logged(store: Arc<dyn Store>) {
                 stock: 2,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await
@@ -696,6 +714,7 @@ async fn a_batch_acknowledged_after_a_reset_marks_nothing_of_the_new_generation(
         stock: 5,
         per_user_limit: 1,
         claim_window_us: 0,
+        stock_buckets: 1,
     };
     store.put_event(&ev, spec).await.unwrap();
     let (r, a, b) = (pending("r"), pending("a"), pending("b"));
@@ -770,6 +789,7 @@ async fn a_restored_event_continues_where_the_ledger_left_off(store: Arc<dyn Sto
             claim_window_us: 0,
             released: 0,
             claimed: 0,
+            stock_buckets: 1,
         },
         seq: 2,
         free_ranks: vec![],
@@ -797,6 +817,7 @@ async fn a_restored_event_continues_where_the_ledger_left_off(store: Arc<dyn Sto
                 },
             },
         ],
+        bucket: 0,
     };
     restore_as_recoverer(&*store, &snapshot).await;
     assert_eq!(
@@ -856,6 +877,7 @@ async fn ranks_left_free_by_a_recovery_are_issued_first_and_never_twice(store: A
             claim_window_us: 0,
             released: 0,
             claimed: 0,
+            stock_buckets: 1,
         },
         seq: 3,
         holders: vec![("a".into(), 1), ("c".into(), 1)],
@@ -863,6 +885,7 @@ async fn ranks_left_free_by_a_recovery_are_issued_first_and_never_twice(store: A
         decided: vec![],
         free_ranks: vec![2],
         holds: Vec::new(),
+        bucket: 0,
     };
     restore_as_recoverer(&*store, &snapshot).await;
     let ds = decide(
@@ -961,6 +984,7 @@ async fn a_recoverer_that_lost_the_lock_cannot_overwrite_later_decisions(store: 
             claim_window_us: 0,
             released: 0,
             claimed: 0,
+            stock_buckets: 1,
         },
         seq: 1,
         holders: vec![("a".into(), 1)],
@@ -976,6 +1000,7 @@ async fn a_recoverer_that_lost_the_lock_cannot_overwrite_later_decisions(store: 
         }],
         free_ranks: vec![],
         holds: Vec::new(),
+        bucket: 0,
     };
     let retention = Duration::from_secs(60);
     // The first recoverer's lock expires while it still reads the log...

@@ -72,6 +72,7 @@ async fn rig(stock: u32, window_us: u64, sweep: &str) -> Rig {
                 stock,
                 per_user_limit: 1,
                 claim_window_us: window_us,
+                stock_buckets: 1,
             },
         )
         .await

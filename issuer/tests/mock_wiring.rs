@@ -38,6 +38,7 @@ async fn requests_flow_from_http_to_outcomes_through_the_mock_cluster() {
                 stock: 5,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await

@@ -81,6 +81,7 @@ async fn an_issuer_recovering_longer_than_its_poll_interval_keeps_its_partitions
         stock: 100,
         per_user_limit: 1,
         claim_window_us: 0,
+        stock_buckets: 1,
     };
     create_event(&*store, &producer, &topics.events, "polls", spec)
         .await

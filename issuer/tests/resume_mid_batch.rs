@@ -47,6 +47,7 @@ async fn two_producer_batches(store: &dyn Store) -> (Tansu, KafkaSettings, Topic
                 stock: 10,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await

@@ -31,6 +31,7 @@ async fn due_holds_already_swept_do_not_starve_the_others() {
                 stock: held as u32,
                 per_user_limit: 1,
                 claim_window_us: 1,
+                stock_buckets: 1,
             },
         )
         .await

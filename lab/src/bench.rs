@@ -26,11 +26,12 @@ use axum::{Json, Router};
 use clap::Args;
 use couponrush_api::routes::{Accepted, IssueBody};
 use couponrush_core::producer::RequestProducer;
+use couponrush_core::store::buckets::owner;
 use couponrush_core::store::redis::RedisStore;
 use couponrush_core::store::{
     BatchVerdict, EventBatch, EventSpec, Pending, Store, DEFAULT_DEDUP_RETENTION,
 };
-use couponrush_core::wire::now_micros;
+use couponrush_core::wire::{now_micros, DecisionResult};
 use couponrush_core::{IssueRequest, Partitioner};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -39,6 +40,7 @@ use crate::deployment::{store_choice, Deployment, KafkaChoice, Spec};
 use crate::LabError;
 use couponrush_loadgen::drive::direct::DirectFactory;
 use couponrush_loadgen::drive::{drive, LoadModel, LoadPlan, Progress};
+use couponrush_loadgen::measure::skew::{skew, Ordered, Skew};
 use couponrush_loadgen::observe::Observer;
 use couponrush_loadgen::population::{Population, UserDist};
 use couponrush_loadgen::Verdict;
@@ -238,6 +240,7 @@ pub async fn bench_issuer(
                 stock,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: 1,
             },
         )
         .await?;
@@ -258,6 +261,7 @@ pub async fn bench_issuer(
             stock,
             per_user_limit: 1,
             claim_window_us: 0,
+            stock_buckets: 1,
         },
     )
     .await?;
@@ -330,10 +334,11 @@ pub async fn bench_issuer(
 #[derive(Debug, Clone, Args)]
 pub struct BenchStoreArgs {
     /// Redis URL of the store. Use a server of its own: the benchmark's
-    /// event is left behind.
+    /// events are left behind. With redis+cluster://, list every master:
+    /// each one's CPU is read before and after each run.
     #[arg(long = "redis", env = "BENCH_REDIS_URL")]
     pub redis: String,
-    /// Requests to decide.
+    /// Requests to decide per run.
     #[arg(long, env = "BENCH_REQUESTS", default_value_t = 200_000)]
     pub requests: u64,
     /// Requests per batch (an issuer batch: `bench-issuer --batch-size`).
@@ -345,6 +350,14 @@ pub struct BenchStoreArgs {
     /// Stock of the event (default: a tenth of the requests).
     #[arg(long, env = "BENCH_STOCK")]
     pub stock: Option<u32>,
+    /// Stock bucket counts to compare, comma-separated (e.g. 1,4): each run
+    /// decides the same load once per count, side by side, on a fresh event.
+    #[arg(long, env = "BENCH_STOCK_BUCKETS", value_delimiter = ',', default_value = "1",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub stock_buckets: Vec<u32>,
+    /// Runs (medians reported when more than one).
+    #[arg(long, env = "BENCH_RUNS", default_value_t = 1)]
+    pub runs: usize,
 }
 
 /// The batches `bench-issuer` decides, made up front: `requests` requests
@@ -363,16 +376,96 @@ pub fn issuer_batches(event: &str, requests: u64, batch_size: usize) -> Vec<Even
         .collect()
 }
 
-/// Decides the pre-made batches as fast as the store takes them. Prints one
-/// JSON line of results; FAIL unless every request was decided once and
-/// exactly the stock was issued.
+/// Decides the pre-made batches as fast as the store takes them, once per
+/// bucket count per run. Prints one JSON line per run and count, then (with
+/// several) one of medians per count; FAIL unless every request was
+/// decided once and exactly the stock was issued.
 pub async fn bench_store(
     args: BenchStoreArgs,
     cancel: CancellationToken,
 ) -> Result<Verdict, LabError> {
     let store = Arc::new(RedisStore::connect(&args.redis, DEFAULT_DEDUP_RETENTION).await?);
-    let event = format!("bench-store-{}", Uuid::new_v4().simple());
+    let masters = Masters::of(&args.redis).await?;
     let stock = args.stock.unwrap_or((args.requests / 10) as u32);
+    let mut verdict = Verdict::Pass;
+    let mut all: Vec<StoreRun> = Vec::new();
+    for run in 0..args.runs.max(1) {
+        for &k in &args.stock_buckets {
+            let r = store_run(&store, &masters, &args, stock, k, &cancel).await?;
+            let mut line = serde_json::to_value(&r).expect("a run serialises");
+            line["run"] = serde_json::json!(run + 1);
+            println!("{line}");
+            let expected_issued = u64::from(stock).min(args.requests);
+            if r.decided != args.requests || r.replays != 0 || r.issued != expected_issued {
+                verdict = Verdict::Fail;
+            }
+            all.push(r);
+        }
+    }
+    if args.runs > 1 {
+        for &k in &args.stock_buckets {
+            let runs: Vec<&StoreRun> = all.iter().filter(|r| r.stock_buckets == k).collect();
+            let median = |f: &dyn Fn(&StoreRun) -> f64| {
+                let mut v: Vec<f64> = runs.iter().map(|r| f(r)).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let cpu: Vec<f64> = (0..masters.len())
+                .map(|m| median(&|r: &StoreRun| r.master_cpu_s.get(m).copied().unwrap_or(0.0)))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "median_of": runs.len(),
+                    "stock_buckets": k,
+                    "decided_per_s": median(&|r| r.decided_per_s),
+                    "undersell": median(&|r| r.undersell as f64),
+                    "inversion_ratio": median(&|r| r.skew.inversion_ratio),
+                    "late_winners": median(&|r| r.skew.late_winners as f64),
+                    "early_losers": median(&|r| r.skew.early_losers as f64),
+                    "master_cpu_s": cpu,
+                })
+            );
+        }
+    }
+    Ok(verdict)
+}
+
+/// One run of `bench-store` for one bucket count.
+#[derive(Debug, Clone, serde::Serialize)]
+struct StoreRun {
+    stock_buckets: u32,
+    requests: u64,
+    decided: u64,
+    decided_per_s: f64,
+    decide_seconds: f64,
+    issued: u64,
+    replays: u64,
+    remaining: Option<u32>,
+    stock: u32,
+    batch_size: usize,
+    in_flight: usize,
+    store: &'static str,
+    /// Stock minus coupons issued when the first `sold_out` was decided, as
+    /// the load generator's report counts it (its bucket in the store's
+    /// order, the others by the batches' `decided_at`).
+    undersell: u64,
+    /// Arrival order = the requests' order in the pre-made batches.
+    skew: Skew,
+    /// CPU seconds (user + system) each master spent during the run, in
+    /// the order of the URL's hosts (masters only).
+    master_cpu_s: Vec<f64>,
+}
+
+async fn store_run(
+    store: &Arc<RedisStore>,
+    masters: &Masters,
+    args: &BenchStoreArgs,
+    stock: u32,
+    k: u32,
+    cancel: &CancellationToken,
+) -> Result<StoreRun, LabError> {
+    let event = format!("bench-store-{k}-{}", Uuid::new_v4().simple());
     store
         .put_event(
             &event,
@@ -380,68 +473,155 @@ pub async fn bench_store(
                 stock,
                 per_user_limit: 1,
                 claim_window_us: 0,
+                stock_buckets: k,
             },
         )
         .await?;
     let batches = Arc::new(issuer_batches(&event, args.requests, args.batch_size));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cpu_before = masters.cpu().await?;
     let started = Instant::now();
     let workers: Vec<_> = (0..args.in_flight.max(1))
         .map(|_| {
             let (store, batches, next, cancel) =
                 (store.clone(), batches.clone(), next.clone(), cancel.clone());
             tokio::spawn(async move {
-                let (mut decided, mut issued, mut replays) = (0u64, 0u64, 0u64);
+                // (batch, decided_at, decisions) of every call.
+                let mut seen = Vec::new();
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(batch) = batches.get(i) else { break };
                     if cancel.is_cancelled() {
                         return Err(LabError::Cancelled);
                     }
-                    let verdict = store
-                        .decide(std::slice::from_ref(batch), now_micros())
-                        .await?;
+                    let at = now_micros();
+                    let verdict = store.decide(std::slice::from_ref(batch), at).await?;
                     if let [BatchVerdict::Decided { decisions, .. }] = &verdict[..] {
-                        decided += decisions.len() as u64;
-                        issued +=
-                            decisions.iter().filter(|d| d.issued_rank.is_some()).count() as u64;
-                        replays += decisions.iter().filter(|d| d.replay).count() as u64;
+                        seen.push((i, at, decisions.clone()));
                     }
                 }
-                Ok((decided, issued, replays))
+                Ok(seen)
             })
         })
         .collect();
-    let (mut decided, mut issued, mut replays) = (0, 0, 0);
+    let mut seen = Vec::new();
     for w in workers {
-        let (d, i, r) = w.await??;
-        decided += d;
-        issued += i;
-        replays += r;
+        seen.extend(w.await??);
     }
     let secs = started.elapsed().as_secs_f64().max(1e-6);
-    let left = store.event(&event).await?.map(|e| e.remaining);
-    let result = serde_json::json!({
-        "requests": args.requests,
-        "decided": decided,
-        "decided_per_s": decided as f64 / secs,
-        "decide_seconds": secs,
-        "issued": issued,
-        "replays": replays,
-        "remaining": left,
-        "batches": batches.len(),
-        "batch_size": args.batch_size,
-        "in_flight": args.in_flight,
-        "stock": stock,
-        "store": store.kind(),
+    let cpu_after = masters.cpu().await?;
+    let mut ordered = Vec::new();
+    let (mut issued, mut replays) = (0u64, 0u64);
+    let mut first_sold_out: Option<(u64, u64)> = None;
+    for (i, at, decisions) in &seen {
+        for (j, d) in decisions.iter().enumerate() {
+            issued += u64::from(d.issued_rank.is_some());
+            replays += u64::from(d.replay);
+            if d.result == DecisionResult::SoldOut {
+                let this = (*at, d.seq);
+                first_sold_out = Some(first_sold_out.map_or(this, |f| f.min(this)));
+            }
+            ordered.push(Ordered {
+                accepted_at: (i * args.batch_size + j) as u64,
+                request_id: batches[*i].requests[j].request_id,
+                decision_seq: d.seq,
+                result: d.result,
+            });
+        }
+    }
+    // As the load generator's audit counts it: the first sold_out's own
+    // bucket in its exact order, the others by the batches' decided_at.
+    let issued_by_then = first_sold_out.map(|(t, s)| {
+        let bucket = owner(s, k);
+        seen.iter()
+            .flat_map(|(_, at, ds)| ds.iter().map(move |d| (*at, d)))
+            .filter(|(at, d)| {
+                d.issued_rank.is_some()
+                    && if owner(d.seq, k) == bucket {
+                        d.seq < s
+                    } else {
+                        *at <= t
+                    }
+            })
+            .count() as u64
     });
-    println!("{result}");
-    let expected_issued = u64::from(stock).min(args.requests);
-    Ok(
-        if decided == args.requests && replays == 0 && issued == expected_issued {
-            Verdict::Pass
-        } else {
-            Verdict::Fail
-        },
-    )
+    Ok(StoreRun {
+        stock_buckets: k,
+        requests: args.requests,
+        decided: ordered.len() as u64,
+        decided_per_s: ordered.len() as f64 / secs,
+        decide_seconds: secs,
+        issued,
+        replays,
+        remaining: store.event(&event).await?.map(|e| e.remaining),
+        stock,
+        batch_size: args.batch_size,
+        in_flight: args.in_flight,
+        store: store.kind(),
+        undersell: issued_by_then.map_or(0, |n| u64::from(stock).saturating_sub(n)),
+        skew: skew(&ordered, stock),
+        master_cpu_s: cpu_after
+            .iter()
+            .zip(&cpu_before)
+            .map(|(a, b)| a - b)
+            .collect(),
+    })
+}
+
+/// The masters of the store's URL, each asked for its own CPU accounting
+/// (`INFO cpu`): one server, or every listed node of a cluster that is a
+/// master.
+struct Masters(Vec<redis::aio::MultiplexedConnection>);
+
+impl Masters {
+    async fn of(url: &str) -> Result<Self, LabError> {
+        let urls = match couponrush_core::redis_conn::cluster_seeds(url) {
+            Some(seeds) => seeds.map_err(LabError::BenchStore)?,
+            None => vec![url.to_string()],
+        };
+        let mut masters = Vec::new();
+        for u in urls {
+            let client = redis::Client::open(u.as_str())
+                .map_err(|e| LabError::BenchStore(format!("{u}: {e}")))?;
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| LabError::BenchStore(format!("{u}: {e}")))?;
+            let role: Vec<redis::Value> = redis::cmd("ROLE")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| LabError::BenchStore(format!("{u}: ROLE: {e}")))?;
+            let is_master =
+                matches!(role.first(), Some(redis::Value::BulkString(b)) if b == b"master");
+            if is_master {
+                masters.push(conn);
+            }
+        }
+        Ok(Self(masters))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Each master's `used_cpu_user + used_cpu_sys`, seconds.
+    async fn cpu(&self) -> Result<Vec<f64>, LabError> {
+        let mut out = Vec::with_capacity(self.0.len());
+        for conn in &self.0 {
+            let mut conn = conn.clone();
+            let info: String = redis::cmd("INFO")
+                .arg("cpu")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| LabError::BenchStore(format!("INFO cpu: {e}")))?;
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            out.push(field("used_cpu_user:") + field("used_cpu_sys:"));
+        }
+        Ok(out)
+    }
 }

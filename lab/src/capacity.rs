@@ -439,6 +439,7 @@ async fn one_rate(
         config: serde_json::json!({ "rate": rate, "requests": requests }),
         live: None,
         holds: None,
+        stock_buckets: 1,
     };
     let before = read_all(stages)?;
     let started = Instant::now();
@@ -677,7 +678,7 @@ pub fn markdown(cap: &Capacity, args: &CapacityArgs) -> String {
          (so the issuers can double without adding partitions, which would move keys); a Redis shard is one core \
          (commands run on one thread). **One event's keys are one hash slot, so one event is one shard**: the Redis \
          shards column is for load spread over many events, and a drop of one event faster than one shard's ceiling \
-         needs the event split (its stock over several events), which couponrush does not do.\n",
+         needs its stock split over buckets (see \"When to bucket one event\" below).\n",
         thousands(cap.basis_rate),
         cap.instance_cores,
         cap.utilisation * 100.0
@@ -707,7 +708,8 @@ pub fn markdown(cap: &Capacity, args: &CapacityArgs) -> String {
         "\nWhat comes from where:\n\n\
          - **Measured here**: every CPU-s figure above, and the per-core ceilings (1,000 ÷ CPU-s per 1,000).\n\
          - **Extrapolated**: the whole plan. Nothing here ran at 10k requests/s or more end to end; the counts assume \
-         the costs stay linear and the stages scale out (api, issuers and brokers do; one event's Redis does not).\n\
+         the costs stay linear and the stages scale out (api, issuers and brokers do; one event's Redis does only when \
+         its stock is split over buckets).\n\
          - **Broker**: tansu is not Apache Kafka. The \"brokers at tansu's cost\" column is tansu's measured CPU; \
          the Kafka column is not measured at all: it scales a published figure, {} records/s of 100 bytes from one \
          producer thread to 3 brokers with acks=all (3× synchronous replication) on 6-core 2.5 GHz Xeons \
@@ -715,7 +717,16 @@ pub fn markdown(cap: &Capacity, args: &CapacityArgs) -> String {
          counting two records written per request (the request and its outcome), in multiples of 3 brokers, \
          filled to {:.0} %. Consumer reads, compression and today's hardware are not in it: read it as an order of magnitude.\n\
          - **Load generator**: the cores it took here to offer and observe the load; a real drop's clients are not yours to plan, \
-         but a test of the target needs this many generator cores (`coupon-loadgen merge` joins several).\n",
+         but a test of the target needs this many generator cores (`coupon-loadgen merge` joins several).\n\n## When to bucket one event\n\n\
+         Bucket an event (`\"stock_buckets\": K` on `PUT /v1/events/{{e}}`, `--stock-buckets K` on the load tools) only when \
+         its own decisions per second would outrun one Redis core (the Redis row above, per core) or when one event would \
+         keep one master hot while the others idle. K buckets put its stock on K slots, so up to K masters (a random \
+         event's K slots fall on fewer masters than K when K is small: pick K at least twice the masters). What it \
+         costs: each issuer batch becomes one script call per bucket (more Redis CPU per decision when batches are \
+         small), and **undersell**: a bucket that runs dry answers `sold_out` while another still holds stock, which the \
+         load generator's report counts (`undersell`). Below one core's ceiling, or for a drop where one `sold_out` too \
+         early matters more than throughput, keep K = 1: many events already spread over the masters by themselves. \
+         Measured side by side: docs/BENCHMARKS.md, \"One hot event over stock buckets\".\n",
         thousands(KAFKA_PUBLISHED_ACKS_ALL),
         cap.utilisation * 100.0
     );

@@ -47,6 +47,11 @@ pub struct DemoArgs {
     /// Coupons in the drop.
     #[arg(long, env = "DEMO_STOCK", default_value_t = 1000)]
     pub stock: u32,
+    /// Split the drop's stock over this many buckets, each on its own Redis
+    /// slot (1 to 64; 1: one slot). The report counts the undersell it costs.
+    #[arg(long, env = "DEMO_STOCK_BUCKETS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub stock_buckets: u32,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub load: LoadArgs,
@@ -133,6 +138,7 @@ pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdi
         "partitioner": args.partitioner,
         "load": couponrush_loadgen::LoadArgs::describe(&plan),
         "stock": args.stock,
+        "stock_buckets": args.stock_buckets,
     });
     let terms = EventTerms {
         stock: args.stock,
@@ -143,6 +149,7 @@ pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdi
             DropSpec {
                 plan,
                 terms,
+                stock_buckets: args.stock_buckets,
                 drain_timeout: args.load.drain_timeout,
                 admin_token: None,
                 progress: !args.output.quiet,

@@ -167,6 +167,8 @@ pub struct DropSpec {
     pub plan: LoadPlan,
     /// Stock and limit.
     pub terms: EventTerms,
+    /// Buckets the event's stock is split over (1: none).
+    pub stock_buckets: u32,
     /// Wait for the last decisions this long.
     pub drain_timeout: Duration,
     /// The admin token the event is set up with (when the api wants one).
@@ -863,6 +865,7 @@ impl Deployment {
             topics: self.topics.clone(),
             store: Some(self.store.clone()),
             setup: true,
+            stock_buckets: d.stock_buckets,
             terms: d.terms,
             plan: d.plan,
             drain_timeout: d.drain_timeout,

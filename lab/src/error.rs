@@ -60,6 +60,11 @@ pub enum LabError {
     /// An experiment could not go on; the message says why and what to check.
     #[error("{0}")]
     Experiment(String),
+    /// A store benchmark could not reach a server it was given.
+    #[error(
+        "{0}: check the Redis URL (for a cluster, list its masters: redis+cluster://host:port,…)"
+    )]
+    BenchStore(String),
     /// Ctrl-C.
     #[error("cancelled")]
     Cancelled,

@@ -287,6 +287,7 @@ async fn point_run(
         }),
         live: live.cloned(),
         holds: None,
+        stock_buckets: 1,
     };
     let report = if args.direct {
         deployment.drop_direct(drop, cancel.clone()).await

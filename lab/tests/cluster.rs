@@ -62,6 +62,7 @@ fn drop_of(event_id: &str) -> DropSpec {
         config: serde_json::json!({}),
         live: None,
         holds: None,
+        stock_buckets: 1,
     }
 }
 

@@ -50,6 +50,7 @@ async fn a_drop_with_its_progress_bar_on_reports() {
                 config: serde_json::json!({}),
                 live: None,
                 holds: None,
+                stock_buckets: 1,
             },
             CancellationToken::new(),
         )

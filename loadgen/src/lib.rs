@@ -374,6 +374,13 @@ pub struct EventArgs {
     /// Coupons one user may hold.
     #[arg(long, env = "LOADGEN_PER_USER_LIMIT", default_value_t = 1)]
     pub per_user_limit: u32,
+    /// Split the event's stock over this many buckets, each on its own
+    /// Redis slot (1 to 64; 1: one slot). Spreads one hot event over a
+    /// Redis Cluster; costs undersell (a bucket answers sold_out while
+    /// another still holds stock), which the report counts.
+    #[arg(long, env = "LOADGEN_STOCK_BUCKETS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub stock_buckets: u32,
     /// Do not create or reset the event (it exists; e.g. the second of several generators).
     #[arg(long, env = "LOADGEN_NO_SETUP", value_parser = FalseyValueParser::new())]
     pub no_setup: bool,
@@ -580,6 +587,7 @@ pub async fn run_live(
         "event": event,
         "stock": args.event.stock,
         "per_user_limit": args.event.per_user_limit,
+        "stock_buckets": args.event.stock_buckets,
         "topics": topics,
         "seed": args.load.seed,
     });
@@ -592,6 +600,7 @@ pub async fn run_live(
         topics,
         store,
         setup: !args.event.no_setup,
+        stock_buckets: args.event.stock_buckets,
         terms: EventTerms {
             stock: args.event.stock,
             per_user_limit: args.event.per_user_limit,

@@ -257,6 +257,19 @@ pub struct Report {
     pub inconsistent_replays: u64,
     /// Outcomes and store disagree on who holds a coupon.
     pub ledger_mismatch: u64,
+    /// An event with stock buckets: coupons whose rank is not of their
+    /// user's bucket.
+    #[serde(default)]
+    pub misrouted: u64,
+    /// Stock minus the coupons out when the first `sold_out` was decided
+    /// (by `decided_at`): the undersell stock buckets cost (0 unbucketed).
+    /// Reported, not judged.
+    #[serde(default)]
+    pub undersell: u64,
+    /// Buckets the event's stock is split over, as its ledger said (1
+    /// when unbucketed or not audited).
+    #[serde(default = "one")]
+    pub stock_buckets: u32,
     /// DLQ records during the run.
     pub dlq: u64,
     /// DLQ records by reason.
@@ -444,6 +457,9 @@ impl Report {
             in_doubt_decided: a.in_doubt_decided,
             inconsistent_replays: a.inconsistent_replays,
             ledger_mismatch: a.ledger_mismatch,
+            misrouted: a.misrouted,
+            undersell: a.undersell,
+            stock_buckets: facts.ledger.as_ref().map_or(1, |l| l.state.buckets()),
             dlq: facts.dlq.values().sum(),
             dlq_reasons: facts.dlq,
             store: a.store.clone(),
@@ -477,6 +493,7 @@ impl Report {
             + self.double_issued
             + self.lost
             + self.phantom
+            + self.misrouted
             + self.inconsistent_replays
             + self.ledger_mismatch
             + self
@@ -591,6 +608,15 @@ impl Report {
             "  correctness  oversold {}, double issued {}, lost {}, phantom {}, inconsistent replays {}, ledger mismatch {}",
             self.oversold, self.double_issued, self.lost, self.phantom, self.inconsistent_replays, self.ledger_mismatch
         );
+        if self.stock_buckets > 1 || self.undersell > 0 || self.misrouted > 0 {
+            let _ = writeln!(
+                s,
+                "  buckets      {} stock buckets: undersell {} (stock left when the first sold_out was decided), misrouted {}",
+                self.stock_buckets,
+                n(self.undersell),
+                self.misrouted
+            );
+        }
         if self.in_doubt > 0 {
             let _ = writeln!(
                 s,
@@ -724,6 +750,10 @@ impl Report {
             );
         }
     }
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn yes() -> bool {
@@ -937,6 +967,9 @@ pub fn merge_summaries(reports: &[Report]) -> Result<Report, Error> {
         merged.double_issued = merged.double_issued.max(r.double_issued);
         merged.inconsistent_replays = merged.inconsistent_replays.max(r.inconsistent_replays);
         merged.ledger_mismatch = merged.ledger_mismatch.max(r.ledger_mismatch);
+        merged.misrouted = merged.misrouted.max(r.misrouted);
+        merged.undersell = merged.undersell.max(r.undersell);
+        merged.stock_buckets = merged.stock_buckets.max(r.stock_buckets);
         merged.dlq = merged.dlq.max(r.dlq);
         if let Some(acts) = &r.hold_actions {
             merged

@@ -60,6 +60,8 @@ pub struct DropRun {
     pub store: Option<Arc<dyn Store>>,
     /// Create or reset the event first (false: it exists; several generators).
     pub setup: bool,
+    /// With `setup`: buckets the event's stock is split over (1: none).
+    pub stock_buckets: u32,
     /// Stock and limit to set up.
     pub terms: EventTerms,
     /// The load.
@@ -350,6 +352,7 @@ async fn setup(drop: &DropRun, holds: Option<&HoldPlan>) -> Result<EventTerms, E
         stock: drop.terms.stock,
         per_user_limit: drop.terms.per_user_limit,
         claim_window_us: 0,
+        stock_buckets: drop.stock_buckets,
     };
     match (&drop.via, drop.setup, &drop.store) {
         (
@@ -368,6 +371,7 @@ async fn setup(drop: &DropRun, holds: Option<&HoldPlan>) -> Result<EventTerms, E
                     stock: spec.stock,
                     per_user_limit: spec.per_user_limit,
                     claim_window: holds.map(|h| h.claim_window),
+                    stock_buckets: spec.stock_buckets,
                 },
                 admin_token.as_deref(),
             )

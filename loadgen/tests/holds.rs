@@ -74,6 +74,7 @@ async fn every_coupon_of_a_drop_with_holds_ends_claimed_or_back_in_stock() {
         keep_raw: true,
         config: serde_json::json!({}),
         observe: true,
+        stock_buckets: 1,
     };
     let holds = HoldPlan {
         claim_window: Duration::from_secs(1),

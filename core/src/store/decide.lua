@@ -4,7 +4,9 @@
 -- KEYS[1]  cr:{E}:event    hash: stock, remaining, per_user_limit, generation, seq,
 --                          claim_window (µs, 0 = no holds), released, claimed,
 --                          dedup_since (µs by Redis's clock: when KEYS[8] was started),
---                          layout (2: no dedup record of the event is a string key)
+--                          layout (2: no dedup record of the event is a string key),
+--                          buckets K and bucket b (absent: 1 and 0; an event split
+--                          over K buckets keeps bucket b under its own hash tag)
 -- KEYS[2]  cr:{E}:holders  hash: user_id -> coupons held now
 -- KEYS[3]  cr:{E}:coupons  hash: rank -> request_id .. user_id (request_id is 36 chars),
 --                          the coupons out now
@@ -27,11 +29,14 @@
 -- ARGV[2]  dedup retention R, seconds
 -- ARGV[3]  m, the number of actions
 -- ARGV[4]  1 when KEYS[9+i] are passed, else 0
--- ARGV[5+4j..8+4j]  request_id, user_id, verb (1 claim, 2 cancel, 3 expire), at; j = 0..m-1
+-- ARGV[5]  the bucket count K the caller routed the requests by (by user)
+-- ARGV[6+4j..9+4j]  request_id, user_id, verb (1 claim, 2 cancel, 3 expire), at; j = 0..m-1
 -- then ARGV[.. 2i], ARGV[.. 2i+1]  request_id_i, user_id_i, in arrival order
 --
 -- Returns {-1} when the event does not exist; {-2} when it may keep records as
 -- string keys and they were not passed (nothing was done: call again with them);
+-- {-3, K} when the event has K buckets, not ARGV[5] (it was redefined: nothing
+-- was done, route again);
 -- else {generation, claim_window, m, layout, five integers per action, five per request}.
 -- Per action: state (0: decided nothing; 2 claimed, 3 released, 4 expired), rank,
 -- decided_at, replay (1 when an earlier end is restated), seq.
@@ -39,6 +44,8 @@
 -- issued), decided_at, replay (1 when an earlier decision is restated), seq
 -- (the event's decision sequence number: 1, 2, 3... in the order the store
 -- decided, hold ends included; 0 for a duplicate, which decides nothing).
+-- Bucket b of K hands out rank and sequence number (n-1)*K+b+1 for its own
+-- n-th: disjoint across buckets, the same numbers as before when K = 1.
 --
 -- Every key shares the {E} hash tag, so the script runs on one Redis Cluster
 -- slot. A request id seen before in this generation returns the same decision
@@ -54,9 +61,14 @@
 -- 2R. The cost is per call, not per request: one HMGET per hash to look the
 -- batch up, one HSET to write it, and one write each of holders and coupons.
 
-local meta = redis.call('HMGET', KEYS[1], 'stock', 'remaining', 'per_user_limit', 'generation', 'seq', 'claim_window', 'released', 'claimed', 'dedup_since', 'layout')
+local meta = redis.call('HMGET', KEYS[1], 'stock', 'remaining', 'per_user_limit', 'generation', 'seq', 'claim_window', 'released', 'claimed', 'dedup_since', 'layout', 'buckets', 'bucket')
 if not meta[1] then
   return {-1}
+end
+local buckets = tonumber(meta[11] or '1')
+local bucket = tonumber(meta[12] or '0')
+if buckets ~= tonumber(ARGV[5]) then
+  return {-3, buckets}
 end
 local layout = tonumber(meta[10] or '1')
 if layout < 2 and ARGV[4] ~= '1' then
@@ -75,7 +87,7 @@ local now = ARGV[1]
 local now_n = tonumber(now)
 local ttl = ARGV[2]
 local m = tonumber(ARGV[3])
-local first_request = 5 + 4 * m
+local first_request = 6 + 4 * m
 local n = (#ARGV - first_request + 1) / 2
 local out = {tonumber(generation), window, m, layout}
 local k = 4
@@ -83,6 +95,14 @@ local fresh = false
 
 local function num(x)
   return string.format('%.0f', x)
+end
+
+-- The event-wide number of this bucket's n-th rank or decision.
+local function wide(n)
+  if buckets == 1 then
+    return n
+  end
+  return num((n - 1) * buckets + bucket + 1)
 end
 
 -- The dedup window: started when unset, turned over once R old.
@@ -102,10 +122,10 @@ if not since or clock - since >= tonumber(ttl) * 1000000 then
 end
 
 for j = 0, m - 1 do
-  local request_id = ARGV[5 + 4 * j]
-  local user_id = ARGV[6 + 4 * j]
-  local verb = tonumber(ARGV[7 + 4 * j])
-  local at = tonumber(ARGV[8 + 4 * j])
+  local request_id = ARGV[6 + 4 * j]
+  local user_id = ARGV[7 + 4 * j]
+  local verb = tonumber(ARGV[8 + 4 * j])
+  local at = tonumber(ARGV[9 + 4 * j])
   local st, rank, dat, replay, dseq = 0, 0, 0, 0, 0
   local h = redis.call('HGET', KEYS[5], request_id)
   if h then
@@ -132,8 +152,8 @@ for j = 0, m - 1 do
             redis.call('ZADD', KEYS[4], r, r)
           end
           redis.call('ZREM', KEYS[6], request_id)
-          redis.call('HSET', KEYS[5], request_id, target .. '|' .. r .. '|' .. u .. '|' .. now .. '|' .. seq .. '|' .. holder)
-          st, rank, dat, replay, dseq = target, tonumber(r), now_n, 0, seq
+          redis.call('HSET', KEYS[5], request_id, target .. '|' .. r .. '|' .. u .. '|' .. now .. '|' .. wide(seq) .. '|' .. holder)
+          st, rank, dat, replay, dseq = target, tonumber(r), now_n, 0, tonumber(wide(seq))
         end
       elseif s == target then
         st, rank, dat, replay, dseq = s, tonumber(r), tonumber(ea), 1, tonumber(es)
@@ -212,7 +232,7 @@ for i = 1, n do
         rank = popped[1] or false
         has_free = rank ~= false and redis.call('ZCARD', KEYS[4]) > 0
       end
-      rank = tonumber(rank) or (stock - remaining)
+      rank = tonumber(rank) or tonumber(wide(stock - remaining))
       if not held_by[user_id] then
         holder_users[#holder_users + 1] = user_id
       end
@@ -223,12 +243,13 @@ for i = 1, n do
     end
     seq = seq + 1
     fresh = true
-    at, replay, dseq = now_n, 0, seq
+    local wseq = wide(seq)
+    at, replay, dseq = now_n, 0, tonumber(wseq)
     local record
     if code == 1 then
-      record = prefix .. '1|' .. rank .. decided_at .. seq .. '|' .. user_id
+      record = prefix .. '1|' .. rank .. decided_at .. wseq .. '|' .. user_id
     else
-      record = coded[code] .. seq .. '|' .. user_id
+      record = coded[code] .. wseq .. '|' .. user_id
     end
     written[request_id] = record
     dedup_args[nd + 1], dedup_args[nd + 2] = request_id, record

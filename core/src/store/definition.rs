@@ -119,5 +119,6 @@ fn record(event_id: &str, spec: EventSpec, generation: u64) -> EventRecord {
         generation,
         written_at: now_micros(),
         claim_window_us: spec.claim_window_us,
+        stock_buckets: spec.stock_buckets,
     }
 }

@@ -3,6 +3,10 @@
 //! everything, which gives the same per-batch atomicity as a Lua script.
 //! The epoch marker and the recovery lock behave as the Redis store's do, so
 //! recovery can be tested without a server.
+//!
+//! A bucketed event keeps its buckets as the Redis store does, one state
+//! per bucket under the bucket's tag (`E`, `E#1`, …), routed by user and
+//! numbering ranks and decisions event-wide ([`super::buckets`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -11,6 +15,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use uuid::Uuid;
 
+use super::buckets;
 use super::{
     BatchVerdict, Coupon, Decision, Defined, DueHold, EventBatch, EventSnapshot, EventSpec,
     EventState, Hold, HoldEnd, HoldStatus, Ledger, LoggedDecisions, PendingAction, Store,
@@ -39,6 +44,8 @@ struct MemEvent {
     holds: HashMap<Uuid, (Hold, bool)>,
     /// The highest generation claimed for a definition.
     claimed: u64,
+    /// Which bucket of its event this is (0 unbucketed).
+    bucket: u32,
 }
 
 impl MemEvent {
@@ -48,7 +55,8 @@ impl MemEvent {
         self.claimed
     }
 
-    fn define(&mut self, event_id: &str, spec: EventSpec, generation: u64) -> Defined {
+    /// Defines bucket `bucket` of the event (`spec` the whole event's).
+    fn define(&mut self, event_id: &str, spec: EventSpec, generation: u64, bucket: u32) -> Defined {
         let created = self.state.is_none();
         let held = self.state.as_ref().map_or(0, |s| s.generation);
         if generation <= held {
@@ -59,16 +67,19 @@ impl MemEvent {
                 created: false,
             };
         }
+        let stock = buckets::bucket_stock(spec.stock, spec.stock_buckets, bucket);
         let state = EventState {
             event_id: event_id.to_string(),
-            stock: spec.stock,
+            stock,
             per_user_limit: spec.per_user_limit,
-            remaining: spec.stock,
+            remaining: stock,
             generation,
             claim_window_us: spec.claim_window_us,
             released: 0,
             claimed: 0,
+            stock_buckets: spec.stock_buckets,
         };
+        self.bucket = bucket;
         self.state = Some(state.clone());
         self.holders.clear();
         self.coupons.clear();
@@ -84,11 +95,17 @@ impl MemEvent {
 }
 
 impl MemEvent {
+    /// The event-wide number of this bucket's `n`-th rank or decision.
+    fn wide(&self, n: u64) -> u64 {
+        let k = self.state.as_ref().map_or(1, EventState::buckets);
+        buckets::global(n, k, self.bucket)
+    }
+
     /// Applies one action on a hold (see the store's module doc): the end
     /// it made or restated, `None` when it decided nothing.
     fn act(&mut self, a: &PendingAction, now: u64) -> Option<HoldEnd> {
-        let state = self.state.as_mut()?;
-        let (hold, logged) = self.holds.get_mut(&a.request_id)?;
+        self.state.as_ref()?;
+        let (hold, _) = self.holds.get(&a.request_id)?;
         if hold.user_id != a.user_id {
             return None;
         }
@@ -115,6 +132,9 @@ impl MemEvent {
             return None;
         }
         self.seq += 1;
+        let seq = self.wide(self.seq);
+        let state = self.state.as_mut()?;
+        let (hold, logged) = self.holds.get_mut(&a.request_id)?;
         if target == HoldState::Claimed {
             state.claimed += 1;
         } else {
@@ -131,15 +151,104 @@ impl MemEvent {
         }
         hold.state = target;
         hold.ended_at = now;
-        hold.end_seq = self.seq;
+        hold.end_seq = seq;
         *logged = false;
         Some(HoldEnd {
             state: target,
             rank: hold.rank,
             decided_at: now,
             replay: false,
-            seq: self.seq,
+            seq,
         })
+    }
+
+    /// Decides one batch of this bucket.
+    fn decide(&mut self, batch: &EventBatch, now: u64, retention_micros: u64) -> BatchVerdict {
+        let holds: Vec<Option<HoldEnd>> = batch.actions.iter().map(|a| self.act(a, now)).collect();
+        let mut decisions = Vec::with_capacity(batch.requests.len());
+        for p in &batch.requests {
+            let state = self.state.as_mut().expect("filtered above");
+            let earlier = self
+                .decided
+                .get(&p.request_id)
+                .filter(|r| r.generation == state.generation && r.expires_at > now);
+            if let Some(r) = earlier {
+                decisions.push(if r.user_id == p.user_id {
+                    Decision {
+                        replay: true,
+                        ..r.decision
+                    }
+                } else {
+                    Decision {
+                        result: DecisionResult::Duplicate,
+                        issued_rank: None,
+                        decided_at: now,
+                        replay: false,
+                        seq: 0,
+                        logged: false,
+                    }
+                });
+                continue;
+            }
+            let held = self.holders.get(&p.user_id).copied().unwrap_or(0);
+            let (result, issued_rank) = if held >= state.per_user_limit {
+                (DecisionResult::LimitReached, None)
+            } else if state.remaining == 0 {
+                (DecisionResult::SoldOut, None)
+            } else {
+                state.remaining -= 1;
+                let fresh = buckets::global(
+                    u64::from(state.stock - state.remaining),
+                    state.buckets(),
+                    self.bucket,
+                ) as u32;
+                let rank = self.free_ranks.pop_first().unwrap_or(fresh);
+                *self.holders.entry(p.user_id.clone()).or_default() += 1;
+                self.coupons.insert(rank, (p.request_id, p.user_id.clone()));
+                if state.claim_window_us > 0 {
+                    let hold = Hold {
+                        request_id: p.request_id,
+                        user_id: p.user_id.clone(),
+                        rank,
+                        until: now + state.claim_window_us,
+                        state: HoldState::Held,
+                        ended_at: 0,
+                        end_seq: 0,
+                    };
+                    self.holds.insert(p.request_id, (hold, true));
+                }
+                (DecisionResult::Issued, Some(rank))
+            };
+            self.seq += 1;
+            let seq = buckets::global(self.seq, state.buckets(), self.bucket);
+            let decision = Decision {
+                result,
+                issued_rank,
+                decided_at: now,
+                replay: false,
+                seq,
+                logged: false,
+            };
+            let generation = state.generation;
+            self.decided.insert(
+                p.request_id,
+                DedupRecord {
+                    generation,
+                    user_id: p.user_id.clone(),
+                    decision,
+                    expires_at: now.saturating_add(retention_micros),
+                },
+            );
+            self.sweep(now);
+            decisions.push(decision);
+        }
+        let state = self.state.as_ref().expect("defined");
+        BatchVerdict::Decided {
+            generation: state.generation,
+            decisions,
+            holds,
+            claim_window_us: state.claim_window_us,
+        }
     }
 
     /// Drops expired dedup records once the map has doubled since the last
@@ -150,6 +259,49 @@ impl MemEvent {
             self.decided.retain(|_, r| r.expires_at > now);
             self.decided_since_sweep = 0;
         }
+    }
+}
+
+/// The tags of every bucket of `event_id` (bucket 0's state says how
+/// many), bucket 0 first.
+fn tags(events: &HashMap<String, MemEvent>, event_id: &str) -> Vec<String> {
+    let k = events
+        .get(event_id)
+        .and_then(|e| e.state.as_ref())
+        .map_or(1, EventState::buckets);
+    (0..k)
+        .map(|b| buckets::tag(event_id, b).into_owned())
+        .collect()
+}
+
+/// Defines every bucket of the event with `generation` (claimed on bucket
+/// 0): the event as it is now, applied and created as bucket 0 says.
+fn define_all(
+    events: &mut HashMap<String, MemEvent>,
+    event_id: &str,
+    spec: EventSpec,
+    generation: u64,
+) -> Defined {
+    let mut first = None;
+    for b in 0..spec.stock_buckets.max(1) {
+        let d = events
+            .entry(buckets::tag(event_id, b).into_owned())
+            .or_default()
+            .define(event_id, spec, generation, b);
+        first.get_or_insert(d);
+    }
+    let first = first.expect("at least one bucket");
+    let state = buckets::sum_states(
+        tags(events, event_id)
+            .iter()
+            .filter_map(|t| events.get(t).and_then(|e| e.state.clone()))
+            .collect(),
+    )
+    .unwrap_or(first.state);
+    Defined {
+        state,
+        applied: first.applied,
+        created: first.created,
     }
 }
 
@@ -246,9 +398,8 @@ impl Store for MemoryStore {
     ) -> Result<(EventState, bool), StoreError> {
         spec.validate().map_err(StoreError::Invalid)?;
         let mut events = self.lock();
-        let ev = events.entry(event_id.to_string()).or_default();
-        let generation = ev.claim();
-        let d = ev.define(event_id, spec, generation);
+        let generation = events.entry(event_id.to_string()).or_default().claim();
+        let d = define_all(&mut events, event_id, spec, generation);
         Ok((d.state, d.created))
     }
 
@@ -264,12 +415,17 @@ impl Store for MemoryStore {
     ) -> Result<Defined, StoreError> {
         spec.validate().map_err(StoreError::Invalid)?;
         let mut events = self.lock();
-        let ev = events.entry(event_id.to_string()).or_default();
-        Ok(ev.define(event_id, spec, generation))
+        Ok(define_all(&mut events, event_id, spec, generation))
     }
 
     async fn event(&self, event_id: &str) -> Result<Option<EventState>, StoreError> {
-        Ok(self.lock().get(event_id).and_then(|e| e.state.clone()))
+        let events = self.lock();
+        Ok(buckets::sum_states(
+            tags(&events, event_id)
+                .iter()
+                .filter_map(|t| events.get(t).and_then(|e| e.state.clone()))
+                .collect(),
+        ))
     }
 
     async fn decide(
@@ -280,96 +436,34 @@ impl Store for MemoryStore {
         let mut events = self.lock();
         let mut verdicts = Vec::with_capacity(batches.len());
         for batch in batches {
-            let Some(ev) = events
-                .get_mut(&batch.event_id)
-                .filter(|e| e.state.is_some())
-            else {
-                verdicts.push(BatchVerdict::UnknownEvent);
-                continue;
+            let k = events
+                .get(&batch.event_id)
+                .and_then(|e| e.state.as_ref())
+                .map_or(1, EventState::buckets);
+            let shares = if k == 1 {
+                vec![buckets::Share {
+                    bucket: 0,
+                    batch: batch.clone(),
+                    actions: (0..batch.actions.len()).collect(),
+                    requests: (0..batch.requests.len()).collect(),
+                }]
+            } else {
+                buckets::split(batch, k)
             };
-            let holds: Vec<Option<HoldEnd>> =
-                batch.actions.iter().map(|a| ev.act(a, now)).collect();
-            let mut decisions = Vec::with_capacity(batch.requests.len());
-            for p in &batch.requests {
-                let state = ev.state.as_mut().expect("filtered above");
-                let earlier = ev
-                    .decided
-                    .get(&p.request_id)
-                    .filter(|r| r.generation == state.generation && r.expires_at > now);
-                if let Some(r) = earlier {
-                    decisions.push(if r.user_id == p.user_id {
-                        Decision {
-                            replay: true,
-                            ..r.decision
-                        }
-                    } else {
-                        Decision {
-                            result: DecisionResult::Duplicate,
-                            issued_rank: None,
-                            decided_at: now,
-                            replay: false,
-                            seq: 0,
-                            logged: false,
-                        }
-                    });
-                    continue;
-                }
-                let held = ev.holders.get(&p.user_id).copied().unwrap_or(0);
-                let (result, issued_rank) = if held >= state.per_user_limit {
-                    (DecisionResult::LimitReached, None)
-                } else if state.remaining == 0 {
-                    (DecisionResult::SoldOut, None)
-                } else {
-                    state.remaining -= 1;
-                    let rank = ev
-                        .free_ranks
-                        .pop_first()
-                        .unwrap_or(state.stock - state.remaining);
-                    *ev.holders.entry(p.user_id.clone()).or_default() += 1;
-                    ev.coupons.insert(rank, (p.request_id, p.user_id.clone()));
-                    if state.claim_window_us > 0 {
-                        let hold = Hold {
-                            request_id: p.request_id,
-                            user_id: p.user_id.clone(),
-                            rank,
-                            until: now + state.claim_window_us,
-                            state: HoldState::Held,
-                            ended_at: 0,
-                            end_seq: 0,
-                        };
-                        ev.holds.insert(p.request_id, (hold, true));
-                    }
-                    (DecisionResult::Issued, Some(rank))
-                };
-                ev.seq += 1;
-                let decision = Decision {
-                    result,
-                    issued_rank,
-                    decided_at: now,
-                    replay: false,
-                    seq: ev.seq,
-                    logged: false,
-                };
-                let generation = state.generation;
-                ev.decided.insert(
-                    p.request_id,
-                    DedupRecord {
-                        generation,
-                        user_id: p.user_id.clone(),
-                        decision,
-                        expires_at: now.saturating_add(self.retention_micros),
+            let mut parts = Vec::with_capacity(shares.len());
+            for share in &shares {
+                let tag = buckets::tag(&batch.event_id, share.bucket);
+                parts.push(
+                    match events.get_mut(tag.as_ref()).filter(|e| e.state.is_some()) {
+                        None => BatchVerdict::UnknownEvent,
+                        Some(ev) => ev.decide(&share.batch, now, self.retention_micros),
                     },
                 );
-                ev.sweep(now);
-                decisions.push(decision);
             }
-            let state = ev.state.as_ref().expect("filtered above");
-            verdicts.push(BatchVerdict::Decided {
-                generation: state.generation,
-                decisions,
-                holds,
-                claim_window_us: state.claim_window_us,
-            });
+            verdicts.push(
+                buckets::merge(&shares, parts, batch.actions.len(), batch.requests.len())
+                    .map_err(|e| StoreError::Protocol(format!("{e:?}")))?,
+            );
         }
         Ok(verdicts)
     }
@@ -381,25 +475,30 @@ impl Store for MemoryStore {
     ) -> Result<Option<Decision>, StoreError> {
         let now = crate::wire::now_micros();
         let events = self.lock();
-        let Some(ev) = events.get(event_id) else {
-            return Ok(None);
-        };
-        let generation = ev.state.as_ref().map_or(0, |s| s.generation);
-        Ok(ev
-            .decided
-            .get(&request_id)
-            .filter(|r| r.generation == generation && r.expires_at > now)
-            .map(|r| Decision {
-                replay: true,
-                ..r.decision
-            }))
+        // The request's user, and so its bucket, is not known: each is asked.
+        Ok(tags(&events, event_id).iter().find_map(|t| {
+            let ev = events.get(t)?;
+            let generation = ev.state.as_ref().map_or(0, |s| s.generation);
+            ev.decided
+                .get(&request_id)
+                .filter(|r| r.generation == generation && r.expires_at > now)
+                .map(|r| Decision {
+                    replay: true,
+                    ..r.decision
+                })
+        }))
     }
 
     async fn find_decision(
         &self,
         request_id: Uuid,
     ) -> Result<Option<(String, Decision)>, StoreError> {
-        let ids: Vec<String> = self.lock().keys().cloned().collect();
+        let ids: Vec<String> = self
+            .lock()
+            .keys()
+            .filter(|t| buckets::event_of(t) == t.as_str())
+            .cloned()
+            .collect();
         for id in ids {
             if let Some(d) = self.decision(&id, request_id).await? {
                 return Ok(Some((id, d)));
@@ -411,14 +510,19 @@ impl Store for MemoryStore {
     async fn mark_logged(&self, batches: &[LoggedDecisions]) -> Result<(), StoreError> {
         let mut events = self.lock();
         for b in batches {
-            let Some(ev) = events.get_mut(&b.event_id).filter(|e| {
-                e.state
-                    .as_ref()
-                    .is_some_and(|s| s.generation == b.generation)
-            }) else {
-                continue;
-            };
+            let k = events
+                .get(&b.event_id)
+                .and_then(|e| e.state.as_ref())
+                .map_or(1, EventState::buckets);
             for (id, seq) in &b.decisions {
+                let tag = buckets::tag(&b.event_id, buckets::owner(*seq, k));
+                let Some(ev) = events.get_mut(tag.as_ref()).filter(|e| {
+                    e.state
+                        .as_ref()
+                        .is_some_and(|s| s.generation == b.generation)
+                }) else {
+                    continue;
+                };
                 if let Some(r) = ev
                     .decided
                     .get_mut(id)
@@ -488,7 +592,10 @@ impl Store for MemoryStore {
         let marker = self.marker();
         marker.fence(owner)?;
         let mut events = self.lock();
-        let ev = events.entry(snap.state.event_id.clone()).or_default();
+        let ev = events
+            .entry(buckets::tag(&snap.state.event_id, snap.bucket).into_owned())
+            .or_default();
+        ev.bucket = snap.bucket;
         ev.state = Some(snap.state.clone());
         ev.seq = snap.seq;
         ev.free_ranks = snap.free_ranks.iter().copied().collect();
@@ -523,34 +630,37 @@ impl Store for MemoryStore {
 
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError> {
         let events = self.lock();
-        let Some((ev, state)) = events
-            .get(event_id)
-            .and_then(|e| e.state.clone().map(|s| (e, s)))
-        else {
-            return Ok(None);
-        };
-        let mut holders: Vec<(String, u32)> =
-            ev.holders.iter().map(|(u, n)| (u.clone(), *n)).collect();
-        holders.sort();
-        Ok(Some(Ledger {
-            state,
-            coupons: ev
-                .coupons
-                .iter()
-                .map(|(rank, (request_id, user_id))| Coupon {
-                    rank: *rank,
-                    request_id: *request_id,
-                    user_id: user_id.clone(),
+        let ledgers = tags(&events, event_id)
+            .iter()
+            .filter_map(|t| events.get(t))
+            .filter_map(|ev| {
+                let state = ev.state.clone()?;
+                let mut holders: Vec<(String, u32)> =
+                    ev.holders.iter().map(|(u, n)| (u.clone(), *n)).collect();
+                holders.sort();
+                Some(Ledger {
+                    state,
+                    coupons: ev
+                        .coupons
+                        .iter()
+                        .map(|(rank, (request_id, user_id))| Coupon {
+                            rank: *rank,
+                            request_id: *request_id,
+                            user_id: user_id.clone(),
+                        })
+                        .collect(),
+                    holders,
+                    free_ranks: ev.free_ranks.iter().copied().collect(),
+                    holds: {
+                        let mut holds: Vec<Hold> =
+                            ev.holds.values().map(|(h, _)| h.clone()).collect();
+                        holds.sort_by_key(|h| h.request_id);
+                        holds
+                    },
                 })
-                .collect(),
-            holders,
-            free_ranks: ev.free_ranks.iter().copied().collect(),
-            holds: {
-                let mut holds: Vec<Hold> = ev.holds.values().map(|(h, _)| h.clone()).collect();
-                holds.sort_by_key(|h| h.request_id);
-                holds
-            },
-        }))
+            })
+            .collect();
+        Ok(buckets::merge_ledgers(ledgers))
     }
 
     async fn hold(
@@ -558,10 +668,11 @@ impl Store for MemoryStore {
         event_id: &str,
         request_id: Uuid,
     ) -> Result<Option<HoldStatus>, StoreError> {
-        Ok(self
-            .lock()
-            .get(event_id)
-            .and_then(|e| e.holds.get(&request_id))
+        let events = self.lock();
+        Ok(tags(&events, event_id)
+            .iter()
+            .filter_map(|t| events.get(t))
+            .find_map(|e| e.holds.get(&request_id))
             .map(|(hold, logged)| HoldStatus {
                 hold: hold.clone(),
                 end_logged: *logged,
@@ -577,7 +688,7 @@ impl Store for MemoryStore {
                     .values()
                     .filter(|(h, _)| h.state == HoldState::Held && h.until <= now)
                     .map(|(h, _)| DueHold {
-                        event_id: event_id.clone(),
+                        event_id: buckets::event_of(event_id).to_string(),
                         request_id: h.request_id,
                         user_id: h.user_id.clone(),
                         until: h.until,

@@ -23,6 +23,18 @@
 //! | `cr:recovery`             | string | the recovery lock (`cr:{cr}:recovery` on a cluster) |
 //! | `cr:{T}:slot-epoch`       | string | on a cluster only: the epoch marker of the slot tag `T` hashes to, as the scripts of that slot's events check it |
 //!
+//! An event with stock buckets (K > 1, [`super::buckets`]) keeps every key
+//! above except `cr:events` once per bucket: bucket 0 under `{E}`, bucket
+//! `b` under `{E#b}`, each with its own stock, counters and numbering, and
+//! `buckets` (K) and `bucket` (b) in its event hash (absent when K = 1: the
+//! unbucketed layout is unchanged). A decide call routes each request and
+//! action by user to its bucket (one `EVALSHA` per bucket in the same
+//! pipeline) and passes the K it routed by; the script decides nothing if
+//! the bucket holds another K (`{-3, K}`: the event was redefined), so a
+//! bucket count remembered by this handle is safe to reuse. Lookups by
+//! request id (status, holds) ask every bucket; marks of logged decisions go
+//! to the bucket each number belongs to.
+//!
 //! ## Dedup records: two hashes per event, turned over by the retention
 //!
 //! A decision's dedup record is a field of `cr:{E}:dedup`. Once that hash is
@@ -100,6 +112,7 @@
 //! its scripts refuses its own calls only, the others' run but their
 //! replies are not returned (the caller retries: a replay, or a rebuild).
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -112,10 +125,12 @@ use redis::cluster_routing::Slot;
 use redis::{Pipeline, RedisError};
 use uuid::Uuid;
 
+use super::buckets;
 use super::{
-    hold_state_code, hold_state_from_code, result_from_code, seq_ranges, verb_code, BatchVerdict,
-    Coupon, Decision, Defined, DueHold, EventBatch, EventSnapshot, EventSpec, EventState, Hold,
-    HoldEnd, HoldStatus, Ledger, LoggedDecisions, Store, StoreError, MAX_LOGGED_RANGE,
+    hold_state_code, hold_state_from_code, result_from_code, seq_ranges, seq_ranges_by, verb_code,
+    BatchVerdict, Coupon, Decision, Defined, DueHold, EventBatch, EventSnapshot, EventSpec,
+    EventState, Hold, HoldEnd, HoldStatus, Ledger, LoggedDecisions, Store, StoreError,
+    MAX_LOGGED_RANGE,
 };
 use crate::redis_conn::{ConnectError, RedisConn};
 use crate::wire::{DecisionResult, HoldState};
@@ -131,7 +146,9 @@ pub const DECIDE_LUA: &str = include_str!("decide.lua");
 /// KEYS[6] the highest claimed generation, KEYS[7..9] the holds, due and
 /// (old) free list keys, KEYS[10..11] the dedup hashes; ARGV[1] stock, ARGV[2] per-user limit, ARGV[3] the
 /// generation (0: claim the next one, for a definition without the log),
-/// ARGV[4] the claim window (µs). Applied only if the generation is above
+/// ARGV[4] the claim window (µs), ARGV[5] the event's bucket count K and
+/// ARGV[6] this bucket's index (the fields are kept only when K > 1, see
+/// [`super::buckets`]). Applied only if the generation is above
 /// the one held. Returns {existed, applied, generation, stock, remaining,
 /// per_user_limit, claim_window, released, claimed}, all but the first two
 /// as the event is now. The event gets layout 2: no dedup record of it is a
@@ -148,6 +165,11 @@ local applied = 0
 if generation > held then
   redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'remaining', ARGV[1], 'per_user_limit', ARGV[2], 'generation', generation, 'seq', 0, 'claim_window', ARGV[4], 'released', 0, 'claimed', 0, 'layout', 2)
   redis.call('HDEL', KEYS[1], 'dedup_since')
+  if ARGV[5] == '1' then
+    redis.call('HDEL', KEYS[1], 'buckets', 'bucket')
+  else
+    redis.call('HSET', KEYS[1], 'buckets', ARGV[5], 'bucket', ARGV[6])
+  end
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11])
   applied = 1
 end
@@ -517,6 +539,10 @@ pub struct RedisStore {
     /// Events known to have layout 2 (no dedup record as a string key), so
     /// their decide calls need not pass those keys (see the module doc).
     layout2: Arc<Mutex<HashSet<String>>>,
+    /// Bucket counts of events with K > 1 as last read (bounded like
+    /// `layout2`); an event not in it is read. A stale count decides
+    /// nothing: the script checks it (see [`super::buckets`]).
+    bucket_counts: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 /// Events remembered in [`RedisStore`]'s `layout2` at most: forgetting one
@@ -542,6 +568,7 @@ impl RedisStore {
             slot_fenced_sha: sha(SLOT_FENCED_LUA),
             dedup_retention_secs: dedup_retention.as_secs().max(1),
             layout2: Arc::default(),
+            bucket_counts: Arc::default(),
         };
         store.require_redis_7().await?;
         store.load_scripts().await?;
@@ -836,7 +863,12 @@ impl RedisStore {
         pipe.query_async(&mut conn).await.map_err(map_err)
     }
 
-    /// Runs [`DEFINE_LUA`] (`generation` 0: claim the next one).
+    /// Runs [`DEFINE_LUA`] (`generation` 0: claim the next one) on every
+    /// bucket of the event, bucket 0 first, in one round trip. With K > 1
+    /// the generation is claimed first (bucket 0 keeps the claims), so every
+    /// bucket gets the same one. The buckets are defined one script call
+    /// each (a cluster has no atomic step over several slots): a decision
+    /// that meets two generations decides nothing and is retried.
     async fn define(
         &self,
         event_id: &str,
@@ -844,43 +876,60 @@ impl RedisStore {
         generation: u64,
     ) -> Result<Defined, StoreError> {
         spec.validate().map_err(StoreError::Invalid)?;
-        let (reply,): (Vec<i64>,) = self
-            .query_bound(&[event_id], |b| {
+        let k = spec.stock_buckets;
+        let generation = if k > 1 && generation == 0 {
+            self.claim_generation(event_id).await?
+        } else {
+            generation
+        };
+        let tags: Vec<String> = (0..k)
+            .map(|b| buckets::tag(event_id, b).into_owned())
+            .collect();
+        let tag_refs: Vec<&str> = tags.iter().map(String::as_str).collect();
+        let replies: Vec<Vec<i64>> = self
+            .query_bound(&tag_refs, |b| {
                 let mut pipe = redis::pipe();
-                pipe.cmd("EVALSHA")
-                    .arg(&b.define)
-                    .arg(12)
-                    .arg(event_key(event_id))
-                    .arg(holders_key(event_id))
-                    .arg(coupons_key(event_id))
-                    .arg(logged_key(event_id))
-                    .arg(free_key(event_id))
-                    .arg(claimed_key(event_id))
-                    .arg(holds_key(event_id))
-                    .arg(due_key(event_id))
-                    .arg(old_free_key(event_id))
-                    .arg(dedup_key(event_id))
-                    .arg(old_dedup_key(event_id))
-                    .arg(self.epoch_key_of(event_id))
-                    .arg(spec.stock)
-                    .arg(spec.per_user_limit)
-                    .arg(generation)
-                    .arg(spec.claim_window_us)
-                    .arg(b.tag());
+                for (bucket, ev) in (0u32..).zip(&tags) {
+                    pipe.cmd("EVALSHA")
+                        .arg(&b.define)
+                        .arg(12)
+                        .arg(event_key(ev))
+                        .arg(holders_key(ev))
+                        .arg(coupons_key(ev))
+                        .arg(logged_key(ev))
+                        .arg(free_key(ev))
+                        .arg(claimed_key(ev))
+                        .arg(holds_key(ev))
+                        .arg(due_key(ev))
+                        .arg(old_free_key(ev))
+                        .arg(dedup_key(ev))
+                        .arg(old_dedup_key(ev))
+                        .arg(self.epoch_key_of(ev))
+                        .arg(buckets::bucket_stock(spec.stock, k, bucket))
+                        .arg(spec.per_user_limit)
+                        .arg(generation)
+                        .arg(spec.claim_window_us)
+                        .arg(k)
+                        .arg(bucket)
+                        .arg(b.tag());
+                }
                 pipe.cmd("SADD").arg(EVENTS_KEY).arg(event_id).ignore();
                 pipe
             })
             .await?;
-        let [existed, applied, generation, stock, remaining, limit, window, released, claimed] =
-            reply[..]
-        else {
-            return Err(StoreError::Protocol(format!(
-                "define reply of {} integers",
-                reply.len()
-            )));
-        };
-        Ok(Defined {
-            state: EventState {
+        let mut states = Vec::with_capacity(replies.len());
+        let mut first = None;
+        for reply in replies {
+            let [existed, applied, generation, stock, remaining, limit, window, released, claimed] =
+                reply[..]
+            else {
+                return Err(StoreError::Protocol(format!(
+                    "define reply of {} integers",
+                    reply.len()
+                )));
+            };
+            first.get_or_insert((existed, applied));
+            states.push(EventState {
                 event_id: event_id.to_string(),
                 stock: stock as u32,
                 per_user_limit: limit as u32,
@@ -889,7 +938,23 @@ impl RedisStore {
                 claim_window_us: window as u64,
                 released: released as u32,
                 claimed: claimed as u32,
-            },
+                stock_buckets: k,
+            });
+        }
+        let (existed, applied) = first.unwrap_or((0, 0));
+        let mut state = buckets::sum_states(states)
+            .ok_or_else(|| StoreError::Protocol("no define reply".into()))?;
+        if applied == 1 {
+            self.remember_buckets(event_id, k);
+        } else {
+            // A newer definition is live: its bucket count is bucket 0's.
+            self.forget_buckets(event_id);
+            if let Some(live) = self.event(event_id).await? {
+                state = live;
+            }
+        }
+        Ok(Defined {
+            state,
             applied: applied == 1,
             created: applied == 1 && existed == 0,
         })
@@ -1021,6 +1086,71 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Remembers that `event` has `k` buckets (bounded: forgetting costs a
+    /// read).
+    fn remember_buckets(&self, event: &str, k: u32) {
+        let mut counts = self.bucket_counts.lock().expect("bucket counts lock");
+        if counts.get(event) != Some(&k) {
+            if counts.len() >= LAYOUT2_REMEMBERED {
+                counts.clear();
+            }
+            counts.insert(event.to_string(), k);
+        }
+    }
+
+    fn forget_buckets(&self, event: &str) {
+        self.bucket_counts
+            .lock()
+            .expect("bucket counts lock")
+            .remove(event);
+    }
+
+    /// The bucket count of each event (1 for an unknown one): remembered,
+    /// or read in one round trip for those not remembered.
+    async fn bucket_counts(&self, events: &[&str]) -> Result<Vec<u32>, StoreError> {
+        let mut counts: Vec<Option<u32>> = {
+            let known = self.bucket_counts.lock().expect("bucket counts lock");
+            events.iter().map(|e| known.get(*e).copied()).collect()
+        };
+        let missing: Vec<usize> = (0..events.len()).filter(|i| counts[*i].is_none()).collect();
+        if !missing.is_empty() {
+            let mut pipe = redis::pipe();
+            for i in &missing {
+                pipe.cmd("HGET").arg(event_key(events[*i])).arg("buckets");
+            }
+            let read: Vec<Option<u32>> = self.query(&pipe).await?;
+            for (i, k) in missing.into_iter().zip(read) {
+                let k = k.unwrap_or(1).max(1);
+                self.remember_buckets(events[i], k);
+                counts[i] = Some(k);
+            }
+        }
+        Ok(counts.into_iter().map(|k| k.unwrap_or(1)).collect())
+    }
+
+    /// The hash tags of every bucket of `event`, bucket 0 first.
+    async fn tags_of(&self, event: &str) -> Result<Vec<String>, StoreError> {
+        let k = self.bucket_counts(&[event]).await?[0];
+        Ok((0..k)
+            .map(|b| buckets::tag(event, b).into_owned())
+            .collect())
+    }
+
+    /// The hash tags of every bucket of every one of `events`, each with
+    /// its event.
+    async fn tags_of_all<'a>(
+        &self,
+        events: &'a [String],
+    ) -> Result<Vec<(&'a str, String)>, StoreError> {
+        let refs: Vec<&str> = events.iter().map(String::as_str).collect();
+        let counts = self.bucket_counts(&refs).await?;
+        Ok(refs
+            .into_iter()
+            .zip(counts)
+            .flat_map(|(e, k)| (0..k).map(move |b| (e, buckets::tag(e, b).into_owned())))
+            .collect())
+    }
+
     /// Remembers that `event` has layout 2 (bounded: forgetting costs one
     /// call that passes the old keys).
     fn learn_layout2(&self, event: &str) {
@@ -1089,7 +1219,260 @@ impl RedisStore {
         d.logged = covered(d.seq, &ranges);
         Ok(d)
     }
+    /// One bucket's ledger (`tag` the bucket's), read atomically.
+    async fn bucket_ledger(&self, event_id: &str, tag: &str) -> Result<Option<Ledger>, StoreError> {
+        let (fields, coupons, holders, free, holds): LedgerReply = self
+            .query(
+                redis::pipe()
+                    .atomic()
+                    .cmd("HMGET")
+                    .arg(event_key(tag))
+                    .arg(&STATE_FIELDS)
+                    .cmd("HGETALL")
+                    .arg(coupons_key(tag))
+                    .cmd("HGETALL")
+                    .arg(holders_key(tag))
+                    .cmd("ZRANGE")
+                    .arg(free_key(tag))
+                    .arg(0)
+                    .arg(-1)
+                    .cmd("HGETALL")
+                    .arg(holds_key(tag)),
+            )
+            .await?;
+        let Some(state) = parse_state(event_id, &fields)? else {
+            return Ok(None);
+        };
+        let mut coupons = coupons
+            .into_iter()
+            .map(|(rank, value)| {
+                let bad =
+                    || StoreError::Protocol(format!("coupon {rank} of {event_id}: {value:?}"));
+                let (id, user) = value.split_at_checked(36).ok_or_else(bad)?;
+                let request_id = Uuid::parse_str(id).map_err(|_| bad())?;
+                Ok(Coupon {
+                    rank,
+                    request_id,
+                    user_id: user.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        coupons.sort_by_key(|c| c.rank);
+        let mut holders = holders;
+        holders.sort();
+        let mut holds = holds
+            .into_iter()
+            .map(|(id, value)| {
+                Uuid::parse_str(&id)
+                    .ok()
+                    .and_then(|id| parse_hold(id, &value))
+                    .ok_or_else(|| {
+                        StoreError::Protocol(format!("hold {id} of {event_id}: {value:?}"))
+                    })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        holds.sort_by_key(|h| h.request_id);
+        Ok(Some(Ledger {
+            state,
+            coupons,
+            holders,
+            free_ranks: free,
+            holds,
+        }))
+    }
+
+    /// Decides batches of one bucket each (`event_id` the bucket's tag),
+    /// routed with the bucket count given with each, in one round trip.
+    async fn decide_units(
+        &self,
+        units: &[(Cow<'_, EventBatch>, u32)],
+        now_micros: u64,
+    ) -> Result<Vec<BatchVerdict>, StoreError> {
+        let batches: Vec<&EventBatch> = units.iter().map(|(b, _)| b.as_ref()).collect();
+        // One EVALSHA per call of one event (its actions, then its requests,
+        // MAX_REQUESTS_PER_CALL items per call: a batch of that size or less
+        // is one atomic step); the whole batch is one pipeline.
+        let calls_per_batch: Vec<Vec<(usize, usize, usize, usize)>> =
+            batches.iter().map(|b| calls(b)).collect();
+        if calls_per_batch.iter().all(Vec::is_empty) {
+            return Ok(batches
+                .iter()
+                .map(|_| BatchVerdict::Decided {
+                    generation: 0,
+                    decisions: Vec::new(),
+                    holds: Vec::new(),
+                    claim_window_us: 0,
+                })
+                .collect());
+        }
+        // The old keys of the dedup records are passed for every event not
+        // known to have layout 2 (see the module doc).
+        let legacy: Vec<bool> = {
+            let layout2 = self.layout2.lock().expect("layout lock");
+            batches
+                .iter()
+                .map(|b| !layout2.contains(&b.event_id))
+                .collect()
+        };
+        let build = |b: &Bound| {
+            let mut pipe = redis::pipe();
+            for (((batch, calls), &legacy), (_, k)) in
+                batches.iter().zip(&calls_per_batch).zip(&legacy).zip(units)
+            {
+                let ev = &batch.event_id;
+                for &(a0, a1, r0, r1) in calls {
+                    let actions = &batch.actions[a0..a1];
+                    let requests = &batch.requests[r0..r1];
+                    let cmd = pipe
+                        .cmd("EVALSHA")
+                        .arg(&b.decide)
+                        .arg(10 + if legacy { requests.len() } else { 0 })
+                        .arg(event_key(ev))
+                        .arg(holders_key(ev))
+                        .arg(coupons_key(ev))
+                        .arg(free_key(ev))
+                        .arg(holds_key(ev))
+                        .arg(due_key(ev))
+                        .arg(old_free_key(ev))
+                        .arg(dedup_key(ev))
+                        .arg(old_dedup_key(ev));
+                    if legacy {
+                        for p in requests {
+                            cmd.arg(legacy_record_key(ev, &p.request_id));
+                        }
+                    }
+                    cmd.arg(self.epoch_key_of(ev));
+                    cmd.arg(now_micros)
+                        .arg(self.dedup_retention_secs)
+                        .arg(actions.len())
+                        .arg(u8::from(legacy))
+                        .arg(*k);
+                    for a in actions {
+                        cmd.arg(a.request_id.to_string())
+                            .arg(&a.user_id)
+                            .arg(verb_code(a.verb))
+                            .arg(a.at);
+                    }
+                    for p in requests {
+                        cmd.arg(p.request_id.to_string()).arg(&p.user_id);
+                    }
+                    cmd.arg(b.tag());
+                }
+            }
+            pipe
+        };
+        let events: Vec<&str> = batches.iter().map(|b| b.event_id.as_str()).collect();
+        let replies: Vec<Vec<i64>> = self.query_bound(&events, build).await?;
+        let mut replies = replies.into_iter();
+        let mut verdicts = Vec::with_capacity(batches.len());
+        let mut layout_wrong = None;
+        let mut redefined = None;
+        for (batch, calls) in batches.iter().zip(&calls_per_batch) {
+            let mut decisions = Vec::with_capacity(batch.requests.len());
+            let mut holds = Vec::with_capacity(batch.actions.len());
+            let mut unknown = false;
+            let mut generation = 0;
+            let mut claim_window_us = 0;
+            for _ in calls {
+                let reply = replies
+                    .next()
+                    .ok_or_else(|| StoreError::Protocol("missing script reply".into()))?;
+                if reply.first() == Some(&-1) {
+                    unknown = true;
+                    continue;
+                }
+                if reply.first() == Some(&-3) {
+                    redefined = Some(buckets::event_of(&batch.event_id).to_string());
+                    continue;
+                }
+                if reply.first() == Some(&-2) {
+                    layout_wrong = Some(batch.event_id.clone());
+                    continue;
+                }
+                let bad =
+                    || StoreError::Protocol(format!("decide reply of {} integers", reply.len()));
+                let [g, window, m, layout, rest @ ..] = &reply[..] else {
+                    return Err(bad());
+                };
+                if *layout >= 2 {
+                    self.learn_layout2(&batch.event_id);
+                }
+                let m = usize::try_from(*m).map_err(|_| bad())?;
+                if rest.len() % 5 != 0 || rest.len() / 5 < m {
+                    return Err(bad());
+                }
+                generation = *g as u64;
+                claim_window_us = *window as u64;
+                let (ends, decided) = rest.split_at(m * 5);
+                for e in ends.chunks_exact(5) {
+                    holds.push(match e[0] {
+                        0 => None,
+                        code => Some(HoldEnd {
+                            state: hold_state_from_code(code).ok_or_else(|| {
+                                StoreError::Protocol(format!("hold state code {code}"))
+                            })?,
+                            rank: e[1] as u32,
+                            decided_at: e[2] as u64,
+                            replay: e[3] == 1,
+                            seq: e[4] as u64,
+                        }),
+                    });
+                }
+                for d in decided.chunks_exact(5) {
+                    let result = result_from_code(d[0])
+                        .ok_or_else(|| StoreError::Protocol(format!("result code {}", d[0])))?;
+                    decisions.push(Decision {
+                        result,
+                        issued_rank: (result == DecisionResult::Issued).then_some(d[1] as u32),
+                        decided_at: d[2] as u64,
+                        replay: d[3] == 1,
+                        seq: d[4] as u64,
+                        logged: false,
+                    });
+                }
+            }
+            verdicts.push(if unknown {
+                BatchVerdict::UnknownEvent
+            } else {
+                BatchVerdict::Decided {
+                    generation,
+                    decisions,
+                    holds,
+                    claim_window_us,
+                }
+            });
+        }
+        if let Some(event) = redefined {
+            // Routed by a bucket count the event no longer has: that bucket
+            // decided nothing; the others' calls ran and are replayed.
+            self.forget_buckets(&event);
+            return Err(StoreError::Unavailable(format!(
+                "event {event} was redefined with another bucket count: its requests were routed \
+                 by the old one, so nothing of it was decided; retry"
+            )));
+        }
+        if let Some(event) = layout_wrong {
+            // Only a store written by another version gets here; the calls
+            // of the other events ran, so a retry replays them.
+            self.layout2.lock().expect("layout lock").remove(&event);
+            return Err(StoreError::Unavailable(format!(
+                "event {event} may keep dedup records as an earlier version did: nothing of it \
+                 was decided; retry (its old keys are passed from now on)"
+            )));
+        }
+        Ok(verdicts)
+    }
 }
+
+/// One bucket's ledger as read: the event hash's state fields, coupons,
+/// holders, free ranks and holds.
+type LedgerReply = (
+    Vec<Option<String>>,
+    Vec<(u32, String)>,
+    Vec<(String, u32)>,
+    Vec<u32>,
+    Vec<(String, String)>,
+);
 
 /// Whether Redis answered the error `code`, alone or inside a pipeline's
 /// failure (which wraps the commands' own errors).
@@ -1108,7 +1491,7 @@ fn map_err(e: RedisError) -> StoreError {
     }
 }
 
-const STATE_FIELDS: [&str; 7] = [
+const STATE_FIELDS: [&str; 8] = [
     "stock",
     "remaining",
     "per_user_limit",
@@ -1116,13 +1499,14 @@ const STATE_FIELDS: [&str; 7] = [
     "claim_window",
     "released",
     "claimed",
+    "buckets",
 ];
 
 fn parse_state(
     event_id: &str,
     fields: &[Option<String>],
 ) -> Result<Option<EventState>, StoreError> {
-    let [stock, remaining, limit, generation, window, released, claimed] = fields else {
+    let [stock, remaining, limit, generation, window, released, claimed, buckets] = fields else {
         return Err(StoreError::Protocol(
             "event hash reply of wrong length".into(),
         ));
@@ -1145,6 +1529,9 @@ fn parse_state(
         claim_window_us: num("claim_window", window)?,
         released: num("released", released)? as u32,
         claimed: num("claimed", claimed)? as u32,
+        stock_buckets: buckets
+            .as_deref()
+            .map_or(Ok(1), |_| num("buckets", buckets))? as u32,
     }))
 }
 
@@ -1222,6 +1609,7 @@ impl Store for RedisStore {
         self.define(event_id, spec, generation).await
     }
 
+    /// A bucketed event's counters are its buckets' summed.
     async fn event(&self, event_id: &str) -> Result<Option<EventState>, StoreError> {
         let (fields,): (Vec<Option<String>>,) = self
             .query(
@@ -1231,169 +1619,79 @@ impl Store for RedisStore {
                     .arg(&STATE_FIELDS),
             )
             .await?;
-        parse_state(event_id, &fields)
+        let Some(first) = parse_state(event_id, &fields)? else {
+            return Ok(None);
+        };
+        let k = first.buckets();
+        self.remember_buckets(event_id, k);
+        if k == 1 {
+            return Ok(Some(first));
+        }
+        let mut pipe = redis::pipe();
+        for b in 1..k {
+            pipe.cmd("HMGET")
+                .arg(event_key(&buckets::tag(event_id, b)))
+                .arg(&STATE_FIELDS);
+        }
+        let rest: Vec<Vec<Option<String>>> = self.query(&pipe).await?;
+        let mut states = vec![first];
+        for fields in rest {
+            states.extend(parse_state(event_id, &fields)?);
+        }
+        Ok(buckets::sum_states(states))
     }
 
+    /// A bucketed event's batch is split by user into one share per bucket
+    /// (one script call each, in the same pipeline) and merged back.
     async fn decide(
         &self,
         batches: &[EventBatch],
         now_micros: u64,
     ) -> Result<Vec<BatchVerdict>, StoreError> {
-        // One EVALSHA per call of one event (its actions, then its requests,
-        // MAX_REQUESTS_PER_CALL items per call: a batch of that size or less
-        // is one atomic step); the whole batch is one pipeline.
-        let calls_per_batch: Vec<Vec<(usize, usize, usize, usize)>> =
-            batches.iter().map(calls).collect();
-        if calls_per_batch.iter().all(Vec::is_empty) {
-            return Ok(batches
-                .iter()
-                .map(|_| BatchVerdict::Decided {
-                    generation: 0,
-                    decisions: Vec::new(),
-                    holds: Vec::new(),
-                    claim_window_us: 0,
-                })
-                .collect());
-        }
-        // The old keys of the dedup records are passed for every event not
-        // known to have layout 2 (see the module doc).
-        let legacy: Vec<bool> = {
-            let layout2 = self.layout2.lock().expect("layout lock");
-            batches
-                .iter()
-                .map(|b| !layout2.contains(&b.event_id))
-                .collect()
-        };
-        let build = |b: &Bound| {
-            let mut pipe = redis::pipe();
-            for ((batch, calls), &legacy) in batches.iter().zip(&calls_per_batch).zip(&legacy) {
-                let ev = &batch.event_id;
-                for &(a0, a1, r0, r1) in calls {
-                    let actions = &batch.actions[a0..a1];
-                    let requests = &batch.requests[r0..r1];
-                    let cmd = pipe
-                        .cmd("EVALSHA")
-                        .arg(&b.decide)
-                        .arg(10 + if legacy { requests.len() } else { 0 })
-                        .arg(event_key(ev))
-                        .arg(holders_key(ev))
-                        .arg(coupons_key(ev))
-                        .arg(free_key(ev))
-                        .arg(holds_key(ev))
-                        .arg(due_key(ev))
-                        .arg(old_free_key(ev))
-                        .arg(dedup_key(ev))
-                        .arg(old_dedup_key(ev));
-                    if legacy {
-                        for p in requests {
-                            cmd.arg(legacy_record_key(ev, &p.request_id));
-                        }
-                    }
-                    cmd.arg(self.epoch_key_of(ev));
-                    cmd.arg(now_micros)
-                        .arg(self.dedup_retention_secs)
-                        .arg(actions.len())
-                        .arg(u8::from(legacy));
-                    for a in actions {
-                        cmd.arg(a.request_id.to_string())
-                            .arg(&a.user_id)
-                            .arg(verb_code(a.verb))
-                            .arg(a.at);
-                    }
-                    for p in requests {
-                        cmd.arg(p.request_id.to_string()).arg(&p.user_id);
-                    }
-                    cmd.arg(b.tag());
-                }
-            }
-            pipe
-        };
         let events: Vec<&str> = batches.iter().map(|b| b.event_id.as_str()).collect();
-        let replies: Vec<Vec<i64>> = self.query_bound(&events, build).await?;
-        let mut replies = replies.into_iter();
-        let mut verdicts = Vec::with_capacity(batches.len());
-        let mut layout_wrong = None;
-        for (batch, calls) in batches.iter().zip(&calls_per_batch) {
-            let mut decisions = Vec::with_capacity(batch.requests.len());
-            let mut holds = Vec::with_capacity(batch.actions.len());
-            let mut unknown = false;
-            let mut generation = 0;
-            let mut claim_window_us = 0;
-            for _ in calls {
-                let reply = replies
-                    .next()
-                    .ok_or_else(|| StoreError::Protocol("missing script reply".into()))?;
-                if reply.first() == Some(&-1) {
-                    unknown = true;
-                    continue;
-                }
-                if reply.first() == Some(&-2) {
-                    layout_wrong = Some(batch.event_id.clone());
-                    continue;
-                }
-                let bad =
-                    || StoreError::Protocol(format!("decide reply of {} integers", reply.len()));
-                let [g, window, m, layout, rest @ ..] = &reply[..] else {
-                    return Err(bad());
-                };
-                if *layout >= 2 {
-                    self.learn_layout2(&batch.event_id);
-                }
-                let m = usize::try_from(*m).map_err(|_| bad())?;
-                if rest.len() % 5 != 0 || rest.len() / 5 < m {
-                    return Err(bad());
-                }
-                generation = *g as u64;
-                claim_window_us = *window as u64;
-                let (ends, decided) = rest.split_at(m * 5);
-                for e in ends.chunks_exact(5) {
-                    holds.push(match e[0] {
-                        0 => None,
-                        code => Some(HoldEnd {
-                            state: hold_state_from_code(code).ok_or_else(|| {
-                                StoreError::Protocol(format!("hold state code {code}"))
-                            })?,
-                            rank: e[1] as u32,
-                            decided_at: e[2] as u64,
-                            replay: e[3] == 1,
-                            seq: e[4] as u64,
-                        }),
-                    });
-                }
-                for d in decided.chunks_exact(5) {
-                    let result = result_from_code(d[0])
-                        .ok_or_else(|| StoreError::Protocol(format!("result code {}", d[0])))?;
-                    decisions.push(Decision {
-                        result,
-                        issued_rank: (result == DecisionResult::Issued).then_some(d[1] as u32),
-                        decided_at: d[2] as u64,
-                        replay: d[3] == 1,
-                        seq: d[4] as u64,
-                        logged: false,
-                    });
-                }
+        let counts = self.bucket_counts(&events).await?;
+        let mut units: Vec<(Cow<'_, EventBatch>, u32)> = Vec::with_capacity(batches.len());
+        let mut plans: Vec<Option<Vec<buckets::Share>>> = Vec::with_capacity(batches.len());
+        for (batch, &k) in batches.iter().zip(&counts) {
+            if k == 1 {
+                units.push((Cow::Borrowed(batch), 1));
+                plans.push(None);
+                continue;
             }
-            verdicts.push(if unknown {
-                BatchVerdict::UnknownEvent
-            } else {
-                BatchVerdict::Decided {
-                    generation,
-                    decisions,
-                    holds,
-                    claim_window_us,
-                }
-            });
+            let shares = buckets::split(batch, k);
+            for share in &shares {
+                let mut unit = share.batch.clone();
+                unit.event_id = buckets::tag(&batch.event_id, share.bucket).into_owned();
+                units.push((Cow::Owned(unit), k));
+            }
+            plans.push(Some(shares));
         }
-        if let Some(event) = layout_wrong {
-            // Only a store written by another version gets here; the calls
-            // of the other events ran, so a retry replays them.
-            self.layout2.lock().expect("layout lock").remove(&event);
-            return Err(StoreError::Unavailable(format!(
-                "event {event} may keep dedup records as an earlier version did: nothing of it \
-                 was decided; retry (its old keys are passed from now on)"
-            )));
+        let mut verdicts = self.decide_units(&units, now_micros).await?.into_iter();
+        let mut out = Vec::with_capacity(batches.len());
+        for (batch, plan) in batches.iter().zip(plans) {
+            let Some(shares) = plan else {
+                out.push(
+                    verdicts
+                        .next()
+                        .ok_or_else(|| StoreError::Protocol("missing verdict".into()))?,
+                );
+                continue;
+            };
+            let mine: Vec<BatchVerdict> = verdicts.by_ref().take(shares.len()).collect();
+            out.push(
+                buckets::merge(&shares, mine, batch.actions.len(), batch.requests.len()).map_err(
+                    |buckets::MergeError::Generations(a, b)| {
+                        StoreError::Unavailable(format!(
+                            "the buckets of event {} hold generations {a} and {b}: a definition \
+                             is being applied to them; nothing to retract (decisions of the older \
+                             generation are void), retry",
+                            batch.event_id
+                        ))
+                    },
+                )?,
+            );
         }
-        Ok(verdicts)
+        Ok(out)
     }
 
     async fn decision(
@@ -1401,10 +1699,29 @@ impl Store for RedisStore {
         event_id: &str,
         request_id: Uuid,
     ) -> Result<Option<Decision>, StoreError> {
-        let (generation, record) = self.record(event_id, &request_id).await?;
+        // The request's user, and so its bucket, is not known: the bucket
+        // holding its record is found first (one round trip), then read
+        // atomically as an unbucketed event is.
+        let tags = self.tags_of(event_id).await?;
+        let tag = if tags.len() == 1 {
+            tags[0].as_str()
+        } else {
+            let id = request_id.to_string();
+            let mut pipe = redis::pipe();
+            for t in &tags {
+                pipe.cmd("HEXISTS").arg(dedup_key(t)).arg(&id);
+                pipe.cmd("HEXISTS").arg(old_dedup_key(t)).arg(&id);
+            }
+            let found: Vec<bool> = self.query(&pipe).await?;
+            match found.chunks(2).position(|f| f[0] || f[1]) {
+                Some(b) => tags[b].as_str(),
+                None => return Ok(None),
+            }
+        };
+        let (generation, record) = self.record(tag, &request_id).await?;
         match (generation, record) {
             (Some(g), Some(r)) => match current(&r, g) {
-                Some(d) => Ok(Some(self.with_logged_mark(event_id, d).await?)),
+                Some(d) => Ok(Some(self.with_logged_mark(tag, d).await?)),
                 None => Ok(None),
             },
             _ => Ok(None),
@@ -1419,22 +1736,26 @@ impl Store for RedisStore {
             .query(redis::pipe().cmd("SMEMBERS").arg(EVENTS_KEY))
             .await?;
         let id = request_id.to_string();
-        for chunk in events.chunks(256) {
+        let tagged = self.tags_of_all(&events).await?;
+        for chunk in tagged.chunks(256) {
             // Per event, as in `record`: the current hash before the old one,
             // so a turnover in between moves the record where it is read next.
             let mut pipe = redis::pipe();
-            for ev in chunk {
+            for (_, ev) in chunk {
                 pipe.cmd("HGET").arg(event_key(ev)).arg("generation");
                 pipe.cmd("HGET").arg(dedup_key(ev)).arg(&id);
                 pipe.cmd("HGET").arg(old_dedup_key(ev)).arg(&id);
                 pipe.cmd("GET").arg(legacy_record_key(ev, &request_id));
             }
             let replies: Vec<Option<String>> = self.query(&pipe).await?;
-            for (ev, four) in chunk.iter().zip(replies.chunks_exact(4)) {
+            for ((event, ev), four) in chunk.iter().zip(replies.chunks_exact(4)) {
                 let record = four[1].as_ref().or(four[2].as_ref()).or(four[3].as_ref());
                 if let (Some(g), Some(r)) = (&four[0], record) {
                     if let Some(d) = current(r, g.parse().unwrap_or(0)) {
-                        return Ok(Some((ev.clone(), self.with_logged_mark(ev, d).await?)));
+                        return Ok(Some((
+                            event.to_string(),
+                            self.with_logged_mark(ev, d).await?,
+                        )));
                     }
                 }
             }
@@ -1442,71 +1763,18 @@ impl Store for RedisStore {
         Ok(None)
     }
 
+    /// A bucketed event's ledger is its buckets' merged (each read
+    /// atomically; a drop still running may move between the reads).
     async fn ledger(&self, event_id: &str) -> Result<Option<Ledger>, StoreError> {
-        let (fields, coupons, holders, free, holds): (
-            Vec<Option<String>>,
-            Vec<(u32, String)>,
-            Vec<(String, u32)>,
-            Vec<u32>,
-            Vec<(String, String)>,
-        ) = self
-            .query(
-                redis::pipe()
-                    .atomic()
-                    .cmd("HMGET")
-                    .arg(event_key(event_id))
-                    .arg(&STATE_FIELDS)
-                    .cmd("HGETALL")
-                    .arg(coupons_key(event_id))
-                    .cmd("HGETALL")
-                    .arg(holders_key(event_id))
-                    .cmd("ZRANGE")
-                    .arg(free_key(event_id))
-                    .arg(0)
-                    .arg(-1)
-                    .cmd("HGETALL")
-                    .arg(holds_key(event_id)),
-            )
-            .await?;
-        let Some(state) = parse_state(event_id, &fields)? else {
-            return Ok(None);
-        };
-        let mut coupons = coupons
-            .into_iter()
-            .map(|(rank, value)| {
-                let bad =
-                    || StoreError::Protocol(format!("coupon {rank} of {event_id}: {value:?}"));
-                let (id, user) = value.split_at_checked(36).ok_or_else(bad)?;
-                let request_id = Uuid::parse_str(id).map_err(|_| bad())?;
-                Ok(Coupon {
-                    rank,
-                    request_id,
-                    user_id: user.to_string(),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        coupons.sort_by_key(|c| c.rank);
-        let mut holders = holders;
-        holders.sort();
-        let mut holds = holds
-            .into_iter()
-            .map(|(id, value)| {
-                Uuid::parse_str(&id)
-                    .ok()
-                    .and_then(|id| parse_hold(id, &value))
-                    .ok_or_else(|| {
-                        StoreError::Protocol(format!("hold {id} of {event_id}: {value:?}"))
-                    })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        holds.sort_by_key(|h| h.request_id);
-        Ok(Some(Ledger {
-            state,
-            coupons,
-            holders,
-            free_ranks: free,
-            holds,
-        }))
+        let mut ledgers = Vec::new();
+        for tag in self.tags_of(event_id).await? {
+            match self.bucket_ledger(event_id, &tag).await? {
+                Some(l) => ledgers.push(l),
+                None if ledgers.is_empty() => return Ok(None),
+                None => {}
+            }
+        }
+        Ok(buckets::merge_ledgers(ledgers))
     }
 
     async fn hold(
@@ -1514,15 +1782,19 @@ impl Store for RedisStore {
         event_id: &str,
         request_id: Uuid,
     ) -> Result<Option<HoldStatus>, StoreError> {
-        let (record,): (Option<String>,) = self
-            .query(
-                redis::pipe()
-                    .cmd("HGET")
-                    .arg(holds_key(event_id))
-                    .arg(request_id.to_string()),
-            )
-            .await?;
-        let Some(record) = record else {
+        let tags = self.tags_of(event_id).await?;
+        let mut pipe = redis::pipe();
+        for t in &tags {
+            pipe.cmd("HGET")
+                .arg(holds_key(t))
+                .arg(request_id.to_string());
+        }
+        let records: Vec<Option<String>> = self.query(&pipe).await?;
+        let Some((tag, record)) = tags
+            .iter()
+            .zip(records)
+            .find_map(|(t, r)| Some((t.as_str(), r?)))
+        else {
             return Ok(None);
         };
         let hold = parse_hold(request_id, &record).ok_or_else(|| {
@@ -1535,7 +1807,7 @@ impl Store for RedisStore {
                 .query(
                     redis::pipe()
                         .cmd("ZRANGEBYSCORE")
-                        .arg(logged_key(event_id))
+                        .arg(logged_key(tag))
                         .arg(hold.end_seq.saturating_sub(MAX_LOGGED_RANGE))
                         .arg(hold.end_seq),
                 )
@@ -1549,13 +1821,14 @@ impl Store for RedisStore {
         let (events,): (Vec<String>,) = self
             .query(redis::pipe().cmd("SMEMBERS").arg(EVENTS_KEY))
             .await?;
+        let tagged = self.tags_of_all(&events).await?;
         let mut due = Vec::new();
-        for chunk in events.chunks(256) {
+        for chunk in tagged.chunks(256) {
             if due.len() >= limit {
                 break;
             }
             let mut pipe = redis::pipe();
-            for ev in chunk {
+            for (_, ev) in chunk {
                 pipe.cmd("ZRANGEBYSCORE")
                     .arg(due_key(ev))
                     .arg("-inf")
@@ -1566,7 +1839,7 @@ impl Store for RedisStore {
                     .arg(limit);
             }
             let replies: Vec<Vec<(String, f64)>> = self.query(&pipe).await?;
-            for (ev, ids) in chunk.iter().zip(replies) {
+            for ((event, ev), ids) in chunk.iter().zip(replies) {
                 let ids: Vec<(String, u64)> = ids
                     .into_iter()
                     .take(limit - due.len())
@@ -1593,7 +1866,7 @@ impl Store for RedisStore {
                     };
                     if hold.state == HoldState::Held {
                         due.push(DueHold {
-                            event_id: ev.clone(),
+                            event_id: event.to_string(),
                             request_id: hold.request_id,
                             user_id: hold.user_id,
                             until,
@@ -1608,29 +1881,48 @@ impl Store for RedisStore {
         Ok(due)
     }
 
+    /// A bucketed event's numbers are marked in the bucket each belongs to
+    /// (a number says its bucket, see [`buckets::owner`]).
     async fn mark_logged(&self, batches: &[LoggedDecisions]) -> Result<(), StoreError> {
-        let ranges: Vec<(&LoggedDecisions, Vec<(u64, u64)>)> = batches
-            .iter()
-            .map(|b| (b, seq_ranges(b.decisions.iter().map(|(_, seq)| *seq))))
-            .filter(|(_, r)| !r.is_empty())
-            .collect();
+        let names: Vec<&str> = batches.iter().map(|b| b.event_id.as_str()).collect();
+        let counts = self.bucket_counts(&names).await?;
+        let mut ranges: Vec<(String, u64, Vec<(u64, u64)>)> = Vec::new();
+        for (batch, k) in batches.iter().zip(counts) {
+            let seqs = batch.decisions.iter().map(|(_, seq)| *seq);
+            if k == 1 {
+                ranges.push((batch.event_id.clone(), batch.generation, seq_ranges(seqs)));
+                continue;
+            }
+            let mut by_bucket: Vec<Vec<u64>> = vec![Vec::new(); k as usize];
+            for seq in seqs.filter(|s| *s > 0) {
+                by_bucket[buckets::owner(seq, k) as usize].push(seq);
+            }
+            for (b, seqs) in (0u32..).zip(by_bucket) {
+                ranges.push((
+                    buckets::tag(&batch.event_id, b).into_owned(),
+                    batch.generation,
+                    seq_ranges_by(seqs, u64::from(k)),
+                ));
+            }
+        }
+        ranges.retain(|(_, _, r)| !r.is_empty());
         if ranges.is_empty() {
             return Ok(());
         }
-        let events: Vec<&str> = ranges.iter().map(|(b, _)| b.event_id.as_str()).collect();
+        let events: Vec<&str> = ranges.iter().map(|(t, _, _)| t.as_str()).collect();
         let () = self
             .query_bound(&events, |b| {
                 let mut pipe = redis::pipe();
-                for (batch, ranges) in &ranges {
+                for (ev, generation, ranges) in &ranges {
                     for chunk in ranges.chunks(MARK_LOGGED_RANGES_PER_CALL) {
                         let cmd = pipe
                             .cmd("EVALSHA")
                             .arg(&b.mark_logged)
                             .arg(3)
-                            .arg(event_key(&batch.event_id))
-                            .arg(logged_key(&batch.event_id))
-                            .arg(self.epoch_key_of(&batch.event_id))
-                            .arg(batch.generation);
+                            .arg(event_key(ev))
+                            .arg(logged_key(ev))
+                            .arg(self.epoch_key_of(ev))
+                            .arg(generation);
                         for (lo, hi) in chunk {
                             cmd.arg(lo).arg(format!("{lo}-{hi}"));
                         }
@@ -1742,7 +2034,10 @@ impl Store for RedisStore {
         retention: Duration,
         owner: &str,
     ) -> Result<(), StoreError> {
-        let ev = &snap.state.event_id;
+        let event_id = &snap.state.event_id;
+        let k = snap.state.buckets();
+        // Every key of a bucket under the bucket's own tag.
+        let ev = &buckets::tag(event_id, snap.bucket).into_owned();
         let ttl = retention.as_secs().max(1).to_string();
         // A store that came back behind holds records the log does not:
         // they must not be replayed.
@@ -1796,11 +2091,12 @@ impl Store for RedisStore {
             ));
         }
         // Every restored decision and hold end is in the log: logged.
-        let ranges = seq_ranges(
+        let ranges = seq_ranges_by(
             snap.decided
                 .iter()
                 .map(|d| d.decision.seq)
                 .chain(snap.holds.iter().map(|h| h.end_seq)),
+            u64::from(k),
         );
         for chunk in ranges.chunks(per) {
             commands.push(command(
@@ -1862,6 +2158,18 @@ impl Store for RedisStore {
         // The event hash last: until it exists, the event is unknown and
         // nothing is decided against a half-restored state.
         let s = &snap.state;
+        if k > 1 {
+            commands.push(command(
+                "HSET",
+                [
+                    event_key(ev),
+                    "buckets".into(),
+                    k.to_string(),
+                    "bucket".into(),
+                    snap.bucket.to_string(),
+                ],
+            ));
+        }
         commands.push(command(
             "HSET",
             [
@@ -1892,13 +2200,20 @@ impl Store for RedisStore {
             // looked up in vain).
             self.fenced(owner, Some(ev), &commands).await?;
             let () = self
-                .query(redis::pipe().cmd("SADD").arg(EVENTS_KEY).arg(ev).ignore())
+                .query(
+                    redis::pipe()
+                        .cmd("SADD")
+                        .arg(EVENTS_KEY)
+                        .arg(event_id)
+                        .ignore(),
+                )
                 .await?;
-            Ok(())
         } else {
-            commands.push(command("SADD", [EVENTS_KEY.to_string(), ev.clone()]));
-            self.fenced(owner, Some(ev), &commands).await
+            commands.push(command("SADD", [EVENTS_KEY.to_string(), event_id.clone()]));
+            self.fenced(owner, Some(ev), &commands).await?;
         }
+        self.remember_buckets(event_id, k);
+        Ok(())
     }
 }
 

@@ -139,6 +139,7 @@ async fn one(
                 }),
                 live: common.page.clone(),
                 holds: None,
+                stock_buckets: 1,
             },
             cancel,
         )

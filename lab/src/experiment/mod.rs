@@ -565,6 +565,7 @@ pub(crate) async fn killed_drop(
                 }),
                 live: common.page.clone(),
                 holds: None,
+                stock_buckets: 1,
             },
             false,
             cancel,

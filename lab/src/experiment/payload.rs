@@ -109,6 +109,7 @@ async fn one(
             stock: terms.stock,
             per_user_limit: terms.per_user_limit,
             claim_window_us: 0,
+            stock_buckets: 1,
         },
     )
     .await?;

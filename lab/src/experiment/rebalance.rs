@@ -109,6 +109,7 @@ async fn one(
                 config: serde_json::json!({ "experiment": "rebalance", "assignment": strategy }),
                 live: common.page.clone(),
                 holds: None,
+                stock_buckets: 1,
             },
             false,
             cancel,

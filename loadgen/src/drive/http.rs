@@ -328,6 +328,9 @@ pub struct EventSetup {
     pub per_user_limit: u32,
     /// With holds: each issued coupon is held this long for its claim.
     pub claim_window: Option<Duration>,
+    /// Buckets the stock is split over (1: none; not sent, so an api that
+    /// predates buckets still takes the request).
+    pub stock_buckets: u32,
 }
 
 /// Creates or resets `event` through the api's admin route.
@@ -345,6 +348,7 @@ pub async fn put_event(
             stock,
             per_user_limit,
             claim_window: None,
+            stock_buckets: 1,
         },
         admin_token,
     )
@@ -371,6 +375,9 @@ pub async fn define_event(
         serde_json::json!({ "stock": setup.stock, "per_user_limit": setup.per_user_limit });
     if let Some(window) = setup.claim_window {
         body["claim_window_ms"] = serde_json::json!(window.as_millis() as u64);
+    }
+    if setup.stock_buckets > 1 {
+        body["stock_buckets"] = serde_json::json!(setup.stock_buckets);
     }
     let (status, body) = t
         .call(

@@ -14,6 +14,18 @@
 //! | `phantom`            | decisions or coupons for requests never accepted (nor in doubt) |
 //! | `inconsistent_replays` | a redelivery whose decision differs from the first |
 //! | `ledger_mismatch`    | requests holding a coupon per the outcomes but not in the store, or the reverse; with holds, a hold whose state the store and the outcomes disagree on |
+//! | `misrouted`          | an event with stock buckets (K from the store's ledger): a coupon whose rank is not of its user's bucket (outcomes or store, the worse), e.g. one user issued in two buckets |
+//!
+//! ## Stock buckets
+//!
+//! An event split over buckets is audited whole: ranks are event-wide (a
+//! rank held twice is a conflict whichever buckets issued it), the per-user
+//! limit counts a user's coupons in every bucket, and the store's ledger is
+//! the buckets' merged. Its cost is reported, not judged:
+//!
+//! | figure      | counts |
+//! |-------------|--------|
+//! | `undersell` | stock minus the coupons out (issued, less those given back) when the first `sold_out` (the earliest by `decided_at`) was decided: coupons still in some bucket while a requester heard `sold_out`. Its own bucket is counted in the store's exact order (decision numbers); the other buckets by `decided_at`, the deciding issuers' clocks, as there is no order across buckets (K is read from the store's ledger; without it, one bucket is assumed). 0 when nothing was answered `sold_out`; 0 for an unbucketed event, exactly (its `sold_out` comes only once nothing is left), which checks the figure |
 //!
 //! ## Holds
 //!
@@ -49,6 +61,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use couponrush_core::store::buckets::{bucket_of, owner};
 use couponrush_core::store::Ledger;
 use couponrush_core::wire::{HoldOutcome, HoldState};
 use couponrush_core::{DecisionResult, Outcome};
@@ -95,6 +108,14 @@ pub struct Audit {
     /// The holds' figures, for an event with holds (or hold records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holds: Option<HoldAudit>,
+    /// Coupons whose rank is not of their user's bucket (an event with
+    /// stock buckets).
+    #[serde(default)]
+    pub misrouted: u64,
+    /// Stock still out of reach when the first `sold_out` was decided (see
+    /// the module doc). Not a fault: the cost of stock buckets.
+    #[serde(default)]
+    pub undersell: u64,
 }
 
 /// The store's side of the audit.
@@ -176,6 +197,7 @@ impl Audit {
             + self.phantom
             + self.inconsistent_replays
             + self.ledger_mismatch
+            + self.misrouted
             + self
                 .store
                 .as_ref()
@@ -323,7 +345,14 @@ pub fn audit_with_holds(
     // Store side, cross-checked.
     let (mut oversold_store, mut double_store) = (0, 0);
     let mut remaining = end.and_then(|e| e.remaining);
+    a.undersell = undersell(
+        stock,
+        &first,
+        holds,
+        ledger.map_or(1, |l| l.state.buckets()),
+    );
     if let Some(ledger) = ledger {
+        a.misrouted = misrouted(ledger, outcomes);
         let coupons = ledger.coupons.len() as u64;
         oversold_store = coupons.saturating_sub(stock);
         let mut by_user: HashMap<&str, u64> = HashMap::new();
@@ -378,6 +407,62 @@ pub fn audit_with_holds(
         a.holds = Some(h);
     }
     a
+}
+
+/// Stock minus the coupons out when the first `sold_out` was decided (see
+/// the module doc). The first `sold_out` is the earliest by `decided_at`;
+/// its own bucket is counted in the store's exact order (its decision
+/// numbers), the other buckets by `decided_at` (the deciding issuers'
+/// clocks: there is no order across buckets). `k` is the event's bucket
+/// count (1 when unknown); with one bucket the figure is exact, and 0.
+fn undersell(stock: u64, first: &HashMap<Uuid, &Outcome>, holds: &[HoldOutcome], k: u32) -> u64 {
+    let Some(sold_out) = first
+        .values()
+        .filter(|o| o.result == DecisionResult::SoldOut && o.decision_seq > 0)
+        .min_by_key(|o| (o.decided_at, o.decision_seq))
+    else {
+        return 0;
+    };
+    let bucket = owner(sold_out.decision_seq, k);
+    let before = |seq: u64, decided_at: u64| {
+        if owner(seq, k) == bucket {
+            seq < sold_out.decision_seq
+        } else {
+            decided_at <= sold_out.decided_at
+        }
+    };
+    let issued = first
+        .values()
+        .filter(|o| o.result == DecisionResult::Issued && before(o.decision_seq, o.decided_at))
+        .count() as u64;
+    let returned: HashSet<Uuid> = holds
+        .iter()
+        .filter(|h| h.state.returned() && before(h.decision_seq, h.decided_at))
+        .map(|h| h.request_id)
+        .collect();
+    stock.saturating_sub(issued.saturating_sub(returned.len() as u64))
+}
+
+/// Coupons whose rank belongs to another bucket than their user's, in the
+/// store's ledger or the outcomes (the worse); 0 for an unbucketed event.
+fn misrouted(ledger: &Ledger, outcomes: &[Outcome]) -> u64 {
+    let k = ledger.state.buckets();
+    if k == 1 {
+        return 0;
+    }
+    let wrong = |rank: u32, user: &str| owner(u64::from(rank), k) != bucket_of(user, k);
+    let in_store = ledger
+        .coupons
+        .iter()
+        .filter(|c| wrong(c.rank, &c.user_id))
+        .count() as u64;
+    let in_outcomes: HashSet<(Uuid, u32)> = outcomes
+        .iter()
+        .filter_map(|o| o.issued_rank.map(|r| (o, r)))
+        .filter(|(o, r)| o.result == DecisionResult::Issued && wrong(*r, &o.user_id))
+        .map(|(o, r)| (o.request_id, r))
+        .collect();
+    in_store.max(in_outcomes.len() as u64)
 }
 
 /// What replaying the ledger in the store's order found.
@@ -558,6 +643,119 @@ mod tests {
         }
     }
 
+    /// Users of bucket `b` of `k` (FNV routing), for bucketed fixtures.
+    fn users_of(b: u32, k: u32, n: usize) -> Vec<String> {
+        (0..)
+            .map(|i| format!("u{i}"))
+            .filter(|u| bucket_of(u, k) == b)
+            .take(n)
+            .collect()
+    }
+
+    /// A clean bucketed drop (stock 4 over 2 buckets: ranks 1, 3 in bucket
+    /// 0 and 2, 4 in bucket 1), then the same with one user issued in both
+    /// buckets: the double issue is caught (per-user limit, across
+    /// buckets) and so is the misrouting.
+    #[test]
+    fn one_user_issued_in_two_buckets_is_a_double_issue() {
+        let terms = EventTerms {
+            stock: 4,
+            per_user_limit: 1,
+        };
+        let (b0, b1) = (users_of(0, 2, 2), users_of(1, 2, 2));
+        let coupons = [
+            (1, 1, b0[0].as_str()),
+            (3, 2, b0[1].as_str()),
+            (2, 3, b1[0].as_str()),
+            (4, 4, b1[1].as_str()),
+        ];
+        let run = |coupons: &[(u32, u128, &str)]| {
+            let outcomes: Vec<Outcome> = coupons
+                .iter()
+                .map(|(rank, id, user)| outcome(*id, user, DecisionResult::Issued, Some(*rank)))
+                .collect();
+            let accepted: HashMap<Uuid, String> = coupons
+                .iter()
+                .map(|(_, id, user)| (Uuid::from_u128(*id), user.to_string()))
+                .collect();
+            let mut l = ledger(coupons, 0);
+            l.state.stock = 4;
+            l.state.stock_buckets = 2;
+            audit(terms, &accepted, &outcomes, Some(&l))
+        };
+        let clean = run(&coupons);
+        assert_eq!(clean.failures(), 0, "{clean:?}");
+        // The planted fault: bucket 1's second coupon goes to a user of
+        // bucket 0 who already holds one.
+        let mut planted = coupons;
+        planted[3].2 = b0[0].as_str();
+        let caught = run(&planted);
+        assert_eq!(caught.double_issued, 1, "{caught:?}");
+        assert_eq!(caught.misrouted, 1, "{caught:?}");
+        assert!(caught.failures() > 0);
+    }
+
+    #[test]
+    fn undersell_is_the_stock_left_when_the_first_sold_out_was_decided() {
+        let terms = EventTerms {
+            stock: 4,
+            per_user_limit: 1,
+        };
+        // (request and decision number, user, result, rank, decided_at)
+        let of = |rows: &[(u128, &str, DecisionResult, Option<u32>, u64)]| -> Vec<Outcome> {
+            rows.iter()
+                .map(|(id, user, result, rank, at)| {
+                    let mut o = outcome(*id, user, *result, *rank);
+                    o.decided_at = *at;
+                    o
+                })
+                .collect()
+        };
+        let accepted = |os: &[Outcome]| -> HashMap<Uuid, String> {
+            os.iter()
+                .map(|o| (o.request_id, o.user_id.clone()))
+                .collect()
+        };
+        let with_buckets = |k: u32| {
+            let mut l = ledger(&[], 0);
+            (l.state.stock, l.state.stock_buckets) = (4, k);
+            l
+        };
+        use DecisionResult::{Issued, SoldOut};
+        // Two buckets (odd decision numbers bucket 0, even bucket 1):
+        // bucket 0 sells ranks 1 and 3, then runs dry (number 5, at 12)
+        // while bucket 1 still holds ranks 2 and 4, sold at 13 and 14.
+        let split = of(&[
+            (1, "a", Issued, Some(1), 10),
+            (3, "b", Issued, Some(3), 11),
+            (5, "c", SoldOut, None, 12),
+            (2, "d", Issued, Some(2), 13),
+            (4, "e", Issued, Some(4), 14),
+            (7, "f", SoldOut, None, 15),
+        ]);
+        let a = audit(terms, &accepted(&split), &split, Some(&with_buckets(2)));
+        assert_eq!(a.undersell, 2);
+        // One bucket, the sold_out stamped by an issuer whose clock (or
+        // whose call) lagged: by decided_at it comes first, but in the
+        // store's order every coupon was out: exactly 0.
+        let lagging = of(&[
+            (1, "a", Issued, Some(1), 20),
+            (2, "b", Issued, Some(2), 21),
+            (3, "c", Issued, Some(3), 22),
+            (4, "d", Issued, Some(4), 23),
+            (5, "e", SoldOut, None, 19),
+        ]);
+        let a = audit(terms, &accepted(&lagging), &lagging, Some(&with_buckets(1)));
+        assert_eq!(a.undersell, 0);
+        // Nothing answered sold_out: nothing undersold.
+        let none: Vec<Outcome> = split
+            .iter()
+            .filter(|o| o.result == Issued)
+            .cloned()
+            .collect();
+        assert_eq!(audit(terms, &accepted(&none), &none, None).undersell, 0);
+    }
+
     fn ledger(coupons: &[(u32, u128, &str)], remaining: u32) -> Ledger {
         let mut holders: HashMap<String, u32> = HashMap::new();
         for (_, _, u) in coupons {
@@ -573,6 +771,7 @@ mod tests {
                 claim_window_us: 0,
                 released: 0,
                 claimed: 0,
+                stock_buckets: 1,
             },
             coupons: coupons
                 .iter()
