@@ -630,6 +630,66 @@ async fn a_stale_bucket_count_decides_nothing(url: String) {
     }
 }
 
+/// A smaller K leaves buckets behind: a caller still routing by the old K
+/// must be refused there, not decide in a bucket no one reads any more.
+async fn buckets_a_smaller_count_leaves_behind_decide_nothing(url: String) {
+    let (a, b) = (connect(&url).await, connect(&url).await);
+    let ev = new_event();
+    let four = EventSpec {
+        stock_buckets: 4,
+        ..spec(100, 1, 0)
+    };
+    a.put_event(&ev, four).await.unwrap();
+    assert_eq!(decide(&*a, &ev, &[pending("warm")]).await[0].result, Issued);
+    b.put_event(
+        &ev,
+        EventSpec {
+            stock_buckets: 2,
+            ..spec(100, 1, 0)
+        },
+    )
+    .await
+    .unwrap();
+    // Users only the old buckets 2 and 3 would take.
+    let reqs: Vec<Pending> = (0..400)
+        .map(|i| format!("w{i}"))
+        .filter(|u| bucket_of(u, 4) >= 2)
+        .take(20)
+        .map(|u| pending(&u))
+        .collect();
+    let batch = EventBatch::requests(ev.clone(), reqs.clone());
+    match a.decide(&[batch], now_micros()).await {
+        Err(StoreError::Unavailable(why)) => assert!(why.contains("bucket count"), "{why}"),
+        other => panic!("a request went to a bucket left behind: {other:?}"),
+    }
+    let ds = decide(&*a, &ev, &reqs).await;
+    assert!(ds.iter().all(|d| d.result == Issued));
+    let ledger = b.ledger(&ev).await.unwrap().unwrap();
+    assert_eq!(ledger.state.stock_buckets, 2);
+    assert_eq!(
+        ledger.coupons.len(),
+        reqs.len(),
+        "the new generation holds them all"
+    );
+    for c in &ledger.coupons {
+        assert_eq!(owner(u64::from(c.rank), 2), bucket_of(&c.user_id, 2));
+    }
+}
+
+mod shrunk_count {
+    #[tokio::test]
+    async fn redis() {
+        let server = super::private_redis().await;
+        super::buckets_a_smaller_count_leaves_behind_decide_nothing(server.url()).await;
+    }
+
+    #[tokio::test]
+    async fn cluster() {
+        let cluster = super::shared_cluster().await;
+        super::buckets_a_smaller_count_leaves_behind_decide_nothing(cluster.url()).await;
+    }
+}
+
 mod stale_count {
     #[tokio::test]
     async fn redis() {

@@ -140,11 +140,32 @@ pub enum MergeError {
     /// The buckets answered with different generations: a definition is
     /// being applied to them one by one. Retrying after it is done works.
     Generations(u64, u64),
+    /// Some buckets know the event and some do not: a definition is being
+    /// applied (or failed half-way). The known buckets' decisions stand in
+    /// the store (a retry replays them); the batch must be retried, never
+    /// dead-lettered, or a coupon the store holds would never reach the log.
+    Partial,
+}
+
+impl std::fmt::Display for MergeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MergeError::Generations(a, b) => write!(
+                f,
+                "the buckets hold generations {a} and {b}: a definition is being applied to them"
+            ),
+            MergeError::Partial => f.write_str(
+                "some buckets of the event are defined and some are not: a definition is being \
+                 applied to them",
+            ),
+        }
+    }
 }
 
 /// Merges the verdicts of `shares` (one each, same order) back into the
 /// verdict of a batch of `actions` actions and `requests` requests. Unknown
-/// in any bucket is unknown for the batch.
+/// in every bucket is unknown for the batch; unknown in some is
+/// [`MergeError::Partial`] (retry), since the others decided.
 pub fn merge(
     shares: &[Share],
     verdicts: Vec<BatchVerdict>,
@@ -154,6 +175,17 @@ pub fn merge(
     let mut decisions: Vec<Option<Decision>> = vec![None; requests];
     let mut holds: Vec<Option<HoldEnd>> = vec![None; actions];
     let mut at: Option<(u64, u64)> = None;
+    let unknown = verdicts
+        .iter()
+        .filter(|v| matches!(v, BatchVerdict::UnknownEvent))
+        .count();
+    if unknown > 0 {
+        return if unknown == verdicts.len() {
+            Ok(BatchVerdict::UnknownEvent)
+        } else {
+            Err(MergeError::Partial)
+        };
+    }
     for (share, verdict) in shares.iter().zip(verdicts) {
         let BatchVerdict::Decided {
             generation,
@@ -162,7 +194,7 @@ pub fn merge(
             claim_window_us,
         } = verdict
         else {
-            return Ok(BatchVerdict::UnknownEvent);
+            unreachable!("unknown verdicts were handled above");
         };
         match at {
             Some((g, _)) if g != generation => return Err(MergeError::Generations(g, generation)),
@@ -313,6 +345,44 @@ mod tests {
         };
         let order: Vec<u64> = decisions.iter().map(|d| d.decided_at).collect();
         assert_eq!(order, (0..50).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn a_batch_some_buckets_do_not_know_is_retried_and_one_none_know_is_unknown() {
+        let batch = EventBatch::requests(
+            "e",
+            (0..50)
+                .map(|i| Pending {
+                    request_id: Uuid::from_u128(i),
+                    user_id: format!("u{i}"),
+                })
+                .collect(),
+        );
+        let shares = split(&batch, 4);
+        let decided = |s: &Share| BatchVerdict::Decided {
+            generation: 1,
+            decisions: vec![
+                Decision {
+                    result: crate::wire::DecisionResult::SoldOut,
+                    issued_rank: None,
+                    decided_at: 0,
+                    replay: false,
+                    seq: 0,
+                    logged: false,
+                };
+                s.requests.len()
+            ],
+            holds: Vec::new(),
+            claim_window_us: 0,
+        };
+        // Bucket 0 defined, another not yet: the decided share's coupons
+        // are in the store, so the batch must never become "unknown event"
+        // (dead-lettered, its coupons never logged).
+        let mut verdicts: Vec<BatchVerdict> = shares.iter().map(decided).collect();
+        verdicts[1] = BatchVerdict::UnknownEvent;
+        assert_eq!(merge(&shares, verdicts, 0, 50), Err(MergeError::Partial));
+        let none = shares.iter().map(|_| BatchVerdict::UnknownEvent).collect();
+        assert_eq!(merge(&shares, none, 0, 50), Ok(BatchVerdict::UnknownEvent));
     }
 
     #[test]

@@ -461,8 +461,9 @@ impl Store for MemoryStore {
                 );
             }
             verdicts.push(
-                buckets::merge(&shares, parts, batch.actions.len(), batch.requests.len())
-                    .map_err(|e| StoreError::Protocol(format!("{e:?}")))?,
+                buckets::merge(&shares, parts, batch.actions.len(), batch.requests.len()).map_err(
+                    |e| StoreError::Unavailable(format!("event {}: {e}; retry", batch.event_id)),
+                )?,
             );
         }
         Ok(verdicts)

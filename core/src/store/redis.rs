@@ -864,11 +864,14 @@ impl RedisStore {
     }
 
     /// Runs [`DEFINE_LUA`] (`generation` 0: claim the next one) on every
-    /// bucket of the event, bucket 0 first, in one round trip. With K > 1
-    /// the generation is claimed first (bucket 0 keeps the claims), so every
-    /// bucket gets the same one. The buckets are defined one script call
-    /// each (a cluster has no atomic step over several slots): a decision
-    /// that meets two generations decides nothing and is retried.
+    /// bucket of the event, bucket 0 last. With K > 1 the generation is
+    /// claimed first (bucket 0 keeps the claims), so every bucket gets the
+    /// same one. The buckets are defined one script call each (a cluster has
+    /// no atomic step over several slots): a decision that meets two
+    /// generations, or buckets of which some are defined and some not,
+    /// decides nothing and is retried. Buckets a smaller K leaves behind are
+    /// told the new K, so a caller still routing by the old one is refused
+    /// there (and re-reads it) instead of deciding in a void bucket.
     async fn define(
         &self,
         event_id: &str,
@@ -882,41 +885,38 @@ impl RedisStore {
         } else {
             generation
         };
+        let (old_k,): (Option<u32>,) = self
+            .query(
+                redis::pipe()
+                    .cmd("HGET")
+                    .arg(event_key(event_id))
+                    .arg("buckets"),
+            )
+            .await?;
+        let old_k = old_k.unwrap_or(1);
         let tags: Vec<String> = (0..k)
             .map(|b| buckets::tag(event_id, b).into_owned())
             .collect();
-        let tag_refs: Vec<&str> = tags.iter().map(String::as_str).collect();
-        let replies: Vec<Vec<i64>> = self
-            .query_bound(&tag_refs, |b| {
-                let mut pipe = redis::pipe();
-                for (bucket, ev) in (0u32..).zip(&tags) {
-                    pipe.cmd("EVALSHA")
-                        .arg(&b.define)
-                        .arg(12)
-                        .arg(event_key(ev))
-                        .arg(holders_key(ev))
-                        .arg(coupons_key(ev))
-                        .arg(logged_key(ev))
-                        .arg(free_key(ev))
-                        .arg(claimed_key(ev))
-                        .arg(holds_key(ev))
-                        .arg(due_key(ev))
-                        .arg(old_free_key(ev))
-                        .arg(dedup_key(ev))
-                        .arg(old_dedup_key(ev))
-                        .arg(self.epoch_key_of(ev))
-                        .arg(buckets::bucket_stock(spec.stock, k, bucket))
-                        .arg(spec.per_user_limit)
-                        .arg(generation)
-                        .arg(spec.claim_window_us)
-                        .arg(k)
-                        .arg(bucket)
-                        .arg(b.tag());
-                }
-                pipe.cmd("SADD").arg(EVENTS_KEY).arg(event_id).ignore();
-                pipe
-            })
-            .await?;
+        // Bucket 0 last, in a round trip of its own: it is what makes the
+        // event known (the api's check, `event`), so no request is accepted
+        // for a bucket not yet defined, and a definition that fails half-way
+        // leaves the event unknown (or at its old generation), never half
+        // known.
+        let mut replies: Vec<Vec<i64>> = Vec::with_capacity(tags.len());
+        if k > 1 {
+            let rest: Vec<Vec<i64>> = self
+                .define_buckets(event_id, spec, generation, &tags, 1..k)
+                .await?;
+            let first: Vec<Vec<i64>> = self
+                .define_buckets(event_id, spec, generation, &tags, 0..1)
+                .await?;
+            replies.extend(first);
+            replies.extend(rest);
+        } else {
+            replies = self
+                .define_buckets(event_id, spec, generation, &tags, 0..k)
+                .await?;
+        }
         let mut states = Vec::with_capacity(replies.len());
         let mut first = None;
         for reply in replies {
@@ -942,9 +942,27 @@ impl RedisStore {
             });
         }
         let (existed, applied) = first.unwrap_or((0, 0));
+        if states.iter().any(|s| s.generation != states[0].generation) {
+            // Another definition raced this one over the buckets.
+            self.forget_buckets(event_id);
+            return Err(StoreError::Unavailable(format!(
+                "event {event_id}: another definition is being applied to its buckets; retry"
+            )));
+        }
         let mut state = buckets::sum_states(states)
             .ok_or_else(|| StoreError::Protocol("no define reply".into()))?;
         if applied == 1 {
+            if old_k > k {
+                let mut pipe = redis::pipe();
+                for b in k..old_k {
+                    pipe.cmd("HSET")
+                        .arg(event_key(&buckets::tag(event_id, b)))
+                        .arg("buckets")
+                        .arg(k)
+                        .ignore();
+                }
+                self.query::<()>(&pipe).await?;
+            }
             self.remember_buckets(event_id, k);
         } else {
             // A newer definition is live: its bucket count is bucket 0's.
@@ -958,6 +976,51 @@ impl RedisStore {
             applied: applied == 1,
             created: applied == 1 && existed == 0,
         })
+    }
+
+    /// Runs [`DEFINE_LUA`] on the buckets `which` of the event (one script
+    /// call each, in one round trip) and adds it to the events set.
+    async fn define_buckets(
+        &self,
+        event_id: &str,
+        spec: EventSpec,
+        generation: u64,
+        tags: &[String],
+        which: std::ops::Range<u32>,
+    ) -> Result<Vec<Vec<i64>>, StoreError> {
+        let k = spec.stock_buckets;
+        let mine: Vec<(u32, &String)> = which.map(|b| (b, &tags[b as usize])).collect();
+        let tag_refs: Vec<&str> = mine.iter().map(|(_, t)| t.as_str()).collect();
+        self.query_bound(&tag_refs, |b| {
+            let mut pipe = redis::pipe();
+            for &(bucket, ev) in &mine {
+                pipe.cmd("EVALSHA")
+                    .arg(&b.define)
+                    .arg(12)
+                    .arg(event_key(ev))
+                    .arg(holders_key(ev))
+                    .arg(coupons_key(ev))
+                    .arg(logged_key(ev))
+                    .arg(free_key(ev))
+                    .arg(claimed_key(ev))
+                    .arg(holds_key(ev))
+                    .arg(due_key(ev))
+                    .arg(old_free_key(ev))
+                    .arg(dedup_key(ev))
+                    .arg(old_dedup_key(ev))
+                    .arg(self.epoch_key_of(ev))
+                    .arg(buckets::bucket_stock(spec.stock, k, bucket))
+                    .arg(spec.per_user_limit)
+                    .arg(generation)
+                    .arg(spec.claim_window_us)
+                    .arg(k)
+                    .arg(bucket)
+                    .arg(b.tag());
+            }
+            pipe.cmd("SADD").arg(EVENTS_KEY).arg(event_id).ignore();
+            pipe
+        })
+        .await
     }
 
     /// Runs `commands` (each a command and its arguments) through the
@@ -1638,6 +1701,18 @@ impl Store for RedisStore {
         for fields in rest {
             states.extend(parse_state(event_id, &fields)?);
         }
+        // A sum over buckets of two definitions (one being applied) would be
+        // neither; `restate` would publish it to the log.
+        if states.len() != k as usize
+            || states
+                .iter()
+                .any(|s| s.generation != states[0].generation || s.buckets() != k)
+        {
+            self.forget_buckets(event_id);
+            return Err(StoreError::Unavailable(format!(
+                "event {event_id}: a definition is being applied to its buckets; retry"
+            )));
+        }
         Ok(buckets::sum_states(states))
     }
 
@@ -1680,11 +1755,10 @@ impl Store for RedisStore {
             let mine: Vec<BatchVerdict> = verdicts.by_ref().take(shares.len()).collect();
             out.push(
                 buckets::merge(&shares, mine, batch.actions.len(), batch.requests.len()).map_err(
-                    |buckets::MergeError::Generations(a, b)| {
+                    |e| {
                         StoreError::Unavailable(format!(
-                            "the buckets of event {} hold generations {a} and {b}: a definition \
-                             is being applied to them; nothing to retract (decisions of the older \
-                             generation are void), retry",
+                            "event {}: {e}; nothing to retract (decisions of an older generation \
+                             are void, the others are replayed), retry",
                             batch.event_id
                         ))
                     },

@@ -118,7 +118,8 @@ impl HttpTarget {
         let timeout = self.timeout;
         let sender = self.connection().await?;
         let exchange = async {
-            sender.ready().await.map_err(|_| "io".to_string())?;
+            // Not ready: the connection closed before anything was sent.
+            sender.ready().await.map_err(|_| "connect".to_string())?;
             let resp = sender
                 .send_request(req)
                 .await
@@ -162,7 +163,7 @@ fn accepted_at(body: &[u8]) -> Option<u64> {
 
 /// Whether a `503` body is the api's `unacknowledged`: the request reached
 /// the broker and may have been written.
-fn in_doubt(body: &[u8]) -> bool {
+pub(crate) fn in_doubt(body: &[u8]) -> bool {
     const CODE: &[u8] = b"\"error\":\"unacknowledged\"";
     body.windows(CODE.len()).any(|w| w == CODE)
 }

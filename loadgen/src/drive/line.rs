@@ -312,6 +312,8 @@ struct ClientOut {
     /// The issue request, when every try went unanswered or unacknowledged:
     /// it may have been written (all tries carried one key).
     in_doubt: Option<Uuid>,
+    /// A try of the last call may have been written (see `call_retried`).
+    maybe_written: bool,
     issue_sends: u64,
     failures: Vec<String>,
 }
@@ -319,6 +321,9 @@ struct ClientOut {
 impl Pool {
     /// A call retried after a 503, a timeout or a broken connection, up to
     /// [`TRIES`] times, never past `deadline`; failures are counted in `out`.
+    /// `out.maybe_written` is set when a try may have been written although
+    /// it was not answered with a decision: a `503 unacknowledged`, or an
+    /// answer lost after the request was sent.
     #[allow(clippy::too_many_arguments)]
     async fn call_retried(
         &self,
@@ -333,8 +338,14 @@ impl Pool {
         for _ in 0..TRIES {
             match self.call(method.clone(), path, headers, body.clone()).await {
                 Ok((s, b)) if s != StatusCode::SERVICE_UNAVAILABLE => return Some((s, b)),
-                Ok((s, _)) => out.failures.push(format!("{what}_{}", s.as_u16())),
-                Err(kind) => out.failures.push(format!("{what}_{kind}")),
+                Ok((s, b)) => {
+                    out.maybe_written |= super::http::in_doubt(&b);
+                    out.failures.push(format!("{what}_{}", s.as_u16()))
+                }
+                Err(kind) => {
+                    out.maybe_written |= kind != "connect";
+                    out.failures.push(format!("{what}_{kind}"))
+                }
             }
             if Instant::now() + Duration::from_secs(1) >= deadline {
                 return None;
@@ -500,6 +511,7 @@ async fn issue(ctx: &Ctx, user: &str, token: String, out: &mut ClientOut) {
         ("x-admission-token", token),
     ];
     out.issue_sends += 1;
+    out.maybe_written = false;
     let Some((status, body)) = ctx
         .pool
         .call_retried(
@@ -513,7 +525,11 @@ async fn issue(ctx: &Ctx, user: &str, token: String, out: &mut ClientOut) {
         )
         .await
     else {
-        out.in_doubt = Some(couponrush_core::request_id::from_key(&ctx.event, user, key));
+        // Given up: in doubt only if a try may have been written (a 503
+        // that is not `unacknowledged` promised nothing was accepted).
+        if out.maybe_written {
+            out.in_doubt = Some(couponrush_core::request_id::from_key(&ctx.event, user, key));
+        }
         return;
     };
     #[derive(Deserialize)]
