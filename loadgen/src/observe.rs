@@ -11,6 +11,11 @@
 //! outcome with a claim window) to the holders ([`crate::drive::holders`])
 //! through a bounded channel, and keeps the holds that have not ended, so
 //! the run can wait for every hold to end before its audit.
+//!
+//! It also notes where the requests topic ended when the run started, so
+//! that requests left in doubt (sent, never acknowledged) can be settled
+//! against the log at the end ([`written_requests`]): one that is there was
+//! written and must be decided, like any accepted request.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -105,6 +110,8 @@ impl DecidedCount {
 pub struct Observer {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<Observations>>,
+    /// The requests topic's partitions and their ends when the run started.
+    requests_from: Vec<(i32, i64)>,
 }
 
 impl Observer {
@@ -166,6 +173,15 @@ impl Observer {
                 }
             }
         }
+        let mut requests_from = Vec::new();
+        let md = consumer.fetch_metadata(Some(&topics.requests), Duration::from_secs(10))?;
+        for t in md.topics() {
+            for p in t.partitions() {
+                let (_, high) =
+                    consumer.fetch_watermarks(&topics.requests, p.id(), Duration::from_secs(10))?;
+                requests_from.push((p.id(), high));
+            }
+        }
         consumer.assign(&tpl)?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -189,7 +205,14 @@ impl Observer {
         Ok(Self {
             shared,
             thread: Some(thread),
+            requests_from,
         })
+    }
+
+    /// The requests topic's partitions and where each ended when the run
+    /// started (from where [`written_requests`] reads).
+    pub fn requests_from(&self) -> Vec<(i32, i64)> {
+        self.requests_from.clone()
     }
 
     /// Distinct requests of the event decided so far.
@@ -379,4 +402,70 @@ fn header(m: &impl Message, key: &str) -> Option<String> {
             .and_then(|h| h.value)
             .map(|v| String::from_utf8_lossy(v).into_owned())
     })
+}
+
+/// Which of `ids` are in the requests topic `topic` since `from` (each
+/// partition's offset when the run started), with their users: a request in
+/// doubt that is there was written, so it must be decided (else it is lost);
+/// one that is not was never written. Reads to each partition's end as of
+/// the call, then one idle second more (a broker may report an end that is
+/// a batch short: tansu 0.6.0), within `within` at most. Blocking.
+pub fn written_requests(
+    kafka: &KafkaSettings,
+    topic: &str,
+    from: &[(i32, i64)],
+    ids: &HashSet<Uuid>,
+    within: Duration,
+) -> Result<HashMap<Uuid, String>, KafkaError> {
+    let mut found = HashMap::new();
+    if ids.is_empty() || from.is_empty() {
+        return Ok(found);
+    }
+    let consumer: BaseConsumer = kafka
+        .client_config("coupon-loadgen-settle")
+        .set(
+            "group.id",
+            format!("coupon-loadgen-{}", Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    for &(p, start) in from {
+        tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        ends.insert(p, high);
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + within;
+    let mut idle_since: Option<Instant> = None;
+    let mut at: HashMap<i32, i64> = from.iter().copied().collect();
+    while Instant::now() < deadline && found.len() < ids.len() {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                idle_since = None;
+                at.insert(m.partition(), m.offset() + 1);
+                if let Some(req) = m
+                    .payload()
+                    .and_then(|b| couponrush_core::IssueRequest::parse(b).ok())
+                {
+                    if ids.contains(&req.request_id) {
+                        found.insert(req.request_id, req.user_id);
+                    }
+                }
+            }
+            Some(Err(e)) => return Err(e),
+            None => {
+                let caught_up = ends
+                    .iter()
+                    .all(|(p, end)| at.get(p).copied().unwrap_or(0) >= *end);
+                let idle = *idle_since.get_or_insert_with(Instant::now);
+                if caught_up && idle.elapsed() >= Duration::from_secs(1) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(found)
 }

@@ -51,6 +51,9 @@ pub struct Facts {
     /// Requests in doubt (sent, the answer lost or `503 unacknowledged`),
     /// none of them accepted.
     pub in_doubt: HashSet<Uuid>,
+    /// Those of them found in the requests topic, with their users: they
+    /// were written, so they are judged as accepted (undecided is lost).
+    pub in_doubt_written: HashMap<Uuid, String>,
     /// Outcomes of the event, in read order.
     pub outcomes: Vec<Observed>,
     /// Hold ends of the event, in read order.
@@ -190,6 +193,9 @@ pub struct Raw {
     /// Requests in doubt, never accepted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub in_doubt: Vec<Uuid>,
+    /// Those found written in the requests topic, with their users.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_doubt_written: Vec<(Uuid, String)>,
     /// Outcome records.
     pub outcomes: Vec<RawOutcome>,
     /// Hold end records (a drop with holds).
@@ -253,6 +259,10 @@ pub struct Report {
     /// Of those, decided after all (they had been written).
     #[serde(default)]
     pub in_doubt_decided: u64,
+    /// Requests in doubt found in the requests topic at the end: written,
+    /// so judged as accepted (counted in `accepted`; undecided, in `lost`).
+    #[serde(default)]
+    pub in_doubt_written: u64,
     /// Replays that disagree with the first decision.
     pub inconsistent_replays: u64,
     /// Outcomes and store disagree on who holds a coupon.
@@ -314,15 +324,24 @@ impl Report {
     pub fn build(mut facts: Facts, keep_raw: bool) -> Report {
         let outcomes: Vec<Outcome> = facts.outcomes.iter().map(|o| o.outcome.clone()).collect();
         let holds: Vec<HoldOutcome> = facts.holds.iter().map(|h| h.hold.clone()).collect();
-        let users: HashMap<Uuid, String> = facts
+        let mut users: HashMap<Uuid, String> = facts
             .accepted
             .iter()
             .map(|(id, a)| (*id, a.user_id.clone()))
             .collect();
+        // A request in doubt found in the log was written: judged as accepted.
+        let mut doubt = facts.in_doubt.clone();
+        let mut written = 0;
+        for (id, user) in &facts.in_doubt_written {
+            if doubt.remove(id) {
+                users.entry(*id).or_insert_with(|| user.clone());
+                written += 1;
+            }
+        }
         let mut a = audit_with_holds(
             facts.terms,
             &users,
-            &facts.in_doubt,
+            &doubt,
             &outcomes,
             &holds,
             facts.ledger.as_ref(),
@@ -412,6 +431,11 @@ impl Report {
                 })
                 .collect(),
             in_doubt: facts.in_doubt.iter().copied().collect(),
+            in_doubt_written: facts
+                .in_doubt_written
+                .iter()
+                .map(|(id, u)| (*id, u.clone()))
+                .collect(),
             outcomes: facts
                 .outcomes
                 .iter()
@@ -455,6 +479,7 @@ impl Report {
             phantom: a.phantom,
             in_doubt: a.in_doubt,
             in_doubt_decided: a.in_doubt_decided,
+            in_doubt_written: written,
             inconsistent_replays: a.inconsistent_replays,
             ledger_mismatch: a.ledger_mismatch,
             misrouted: a.misrouted,
@@ -617,10 +642,12 @@ impl Report {
                 self.misrouted
             );
         }
-        if self.in_doubt > 0 {
+        if self.in_doubt + self.in_doubt_written > 0 {
             let _ = writeln!(
                 s,
-                "  in doubt     {} (sent, no acknowledgement: told so, not refused), {} of them decided after all",
+                "  in doubt     {} sent without an acknowledgement (told so, not refused): {} found in the log (judged as accepted), {} not ({} of those decided)",
+                n(self.in_doubt + self.in_doubt_written),
+                n(self.in_doubt_written),
                 n(self.in_doubt),
                 n(self.in_doubt_decided)
             );
@@ -786,6 +813,7 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, Error> {
         .ok_or_else(|| Error::Merge("no reports".into()))?;
     let mut accepted: HashMap<Uuid, Acceptance> = HashMap::new();
     let mut in_doubt: HashSet<Uuid> = HashSet::new();
+    let mut in_doubt_written: HashMap<Uuid, String> = HashMap::new();
     let mut outcomes: Vec<Observed> = Vec::new();
     let mut seen: HashSet<(i32, i64, Uuid, bool)> = HashSet::new();
     let mut holds: Vec<ObservedHold> = Vec::new();
@@ -820,6 +848,7 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, Error> {
                 .or_insert_with(|| a.acceptance.clone());
         }
         in_doubt.extend(raw.in_doubt.iter().copied());
+        in_doubt_written.extend(raw.in_doubt_written.iter().cloned());
         for o in &raw.outcomes {
             let key = (
                 o.outcome.partition,
@@ -903,6 +932,7 @@ pub fn merge_facts(reports: &[Report]) -> Result<Facts, Error> {
         answers,
         accepted,
         in_doubt,
+        in_doubt_written,
         outcomes,
         holds,
         hold_actions,
@@ -955,6 +985,7 @@ pub fn merge_summaries(reports: &[Report]) -> Result<Report, Error> {
         merged.lost += r.lost;
         merged.in_doubt += r.in_doubt;
         merged.in_doubt_decided += r.in_doubt_decided;
+        merged.in_doubt_written += r.in_doubt_written;
         for (k, v) in &r.answers {
             *merged.answers.entry(k.clone()).or_default() += v;
         }
@@ -1071,6 +1102,7 @@ mod tests {
                 .collect(),
             accepted,
             in_doubt: HashSet::new(),
+            in_doubt_written: HashMap::new(),
             outcomes,
             holds: Vec::new(),
             hold_actions: None,
@@ -1082,6 +1114,28 @@ mod tests {
             notes: vec![],
             observed: true,
         }
+    }
+
+    #[test]
+    fn a_request_in_doubt_found_in_the_log_is_judged_as_accepted() {
+        // Ten requests, all decided; two more in doubt: 100 was written (the
+        // log holds it) and never decided, 101 was never written.
+        let (written, never) = (Uuid::from_u128(100), Uuid::from_u128(101));
+        let mut f = facts(10, 5, None);
+        f.in_doubt = [written, never].into_iter().collect();
+        let r = Report::build(f, false);
+        let mut f = facts(10, 5, None);
+        f.in_doubt = [written, never].into_iter().collect();
+        assert!(r.passed, "unsettled doubt is not judged: {}", r.failures());
+        assert_eq!((r.in_doubt, r.in_doubt_written, r.lost), (2, 0, 0));
+        f.in_doubt_written = [(written, "u100".to_string())].into_iter().collect();
+        let r = Report::build(f, true);
+        assert_eq!((r.in_doubt, r.in_doubt_written, r.lost), (1, 1, 1));
+        assert_eq!(r.accepted, 11, "written, so accepted");
+        assert!(!r.passed, "a written request never decided is lost");
+        // A merge keeps it.
+        let merged = Report::build(merge_facts(&[r]).unwrap(), false);
+        assert_eq!((merged.in_doubt_written, merged.lost), (1, 1));
     }
 
     #[test]

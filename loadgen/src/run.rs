@@ -7,7 +7,7 @@
 //! hold to end (its deadline plus the slack, bounded) before it reads the
 //! event's `remaining` and audits: every coupon claimed or back in stock.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -236,6 +236,7 @@ pub async fn run_drop_with_holds(
         display.finish().await;
     }
     let finished_at = now_micros();
+    let requests_from = observer.as_ref().map(Observer::requests_from);
     // The observer's end closes the winners' channel: the holders finish.
     let observations = observer.map(Observer::finish).unwrap_or_default();
     let hold_actions = match holders {
@@ -295,6 +296,28 @@ pub async fn run_drop_with_holds(
         Some(store) if drop.observe => audit_ledger(&**store, &event).await?,
         _ => None,
     };
+    // Requests in doubt settled against the log: one that was written must
+    // be decided, like any accepted request.
+    let mut in_doubt_written = HashMap::new();
+    if let (Some(from), false) = (requests_from, driven.in_doubt.is_empty()) {
+        let (kafka, topic, ids) = (
+            drop.kafka.clone(),
+            drop.topics.requests.clone(),
+            driven.in_doubt.clone(),
+        );
+        match tokio::task::spawn_blocking(move || {
+            crate::observe::written_requests(&kafka, &topic, &from, &ids, Duration::from_secs(30))
+        })
+        .await?
+        {
+            Ok(found) => in_doubt_written = found,
+            Err(e) => notes.push(format!(
+                "the {} requests in doubt could not be settled against the requests topic ({e}): \
+                 those never decided are not judged",
+                driven.in_doubt.len()
+            )),
+        }
+    }
     let facts = Facts {
         config: drop.config,
         event_id: event,
@@ -307,6 +330,7 @@ pub async fn run_drop_with_holds(
         answers: driven.answers,
         accepted: driven.accepted,
         in_doubt: driven.in_doubt,
+        in_doubt_written,
         outcomes: observations.outcomes,
         holds: observations.holds,
         hold_actions,

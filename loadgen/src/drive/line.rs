@@ -749,8 +749,39 @@ pub async fn run_line(run: LineRun, cancel: CancellationToken) -> Result<LineRep
     let ids: HashSet<Uuid> = accepted.keys().copied().collect();
     let undecided = observer.wait_for(&ids, run.drain_timeout).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let requests_from = observer.requests_from();
     let observations = observer.finish();
     let finished_at = now_micros();
+    // Requests in doubt settled against the log (see `run::drop`).
+    let mut in_doubt_written = HashMap::new();
+    let mut settle_note = None;
+    if !in_doubt.is_empty() {
+        let (kafka, topic, ids) = (
+            run.kafka.clone(),
+            run.topics.requests.clone(),
+            in_doubt.clone(),
+        );
+        match tokio::task::spawn_blocking(move || {
+            crate::observe::written_requests(
+                &kafka,
+                &topic,
+                &requests_from,
+                &ids,
+                Duration::from_secs(30),
+            )
+        })
+        .await?
+        {
+            Ok(found) => in_doubt_written = found,
+            Err(e) => {
+                settle_note = Some(format!(
+                    "the {} requests in doubt could not be settled against the requests topic \
+                     ({e}): those never decided are not judged",
+                    in_doubt.len()
+                ))
+            }
+        }
+    }
     let decided: HashMap<Uuid, (DecisionResult, u64)> = observations
         .outcomes
         .iter()
@@ -766,7 +797,7 @@ pub async fn run_line(run: LineRun, cancel: CancellationToken) -> Result<LineRep
         Some(store) => crate::run::audit_ledger(&**store, &run.event_id).await?,
         None => None,
     };
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = settle_note.into_iter().collect();
     if undecided > 0 {
         notes.push(format!(
             "{undecided} accepted requests were still undecided after the {:?} drain (counted as lost)",
@@ -785,6 +816,7 @@ pub async fn run_line(run: LineRun, cancel: CancellationToken) -> Result<LineRep
         answers,
         accepted,
         in_doubt,
+        in_doubt_written,
         outcomes: observations.outcomes,
         holds: observations.holds,
         hold_actions: None,

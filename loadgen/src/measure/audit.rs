@@ -54,10 +54,13 @@
 //!
 //! A request sent whose answer never came, or came as the api's `503
 //! unacknowledged` (the broker may have written it), is neither accepted nor
-//! refused: it is *in doubt*, and the client was told so. Decided, it is not
-//! a phantom (it was written after all: `in_doubt_decided`); undecided, it
-//! is not lost. Only ids the load generator itself sent can be in doubt, so
-//! a decision for a request no one sent is still a phantom.
+//! refused: it is *in doubt*, and the client was told so. The run first
+//! settles it against the requests topic ([`crate::observe::written_requests`]):
+//! found there, it was written and is audited as accepted (undecided: lost).
+//! What stays in doubt (not found, or not settled) is, decided, not a
+//! phantom (`in_doubt_decided`), and undecided, not lost. Only ids the load
+//! generator itself sent can be in doubt, so a decision for a request no one
+//! sent is still a phantom.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
