@@ -676,6 +676,40 @@ async fn buckets_a_smaller_count_leaves_behind_decide_nothing(url: String) {
     }
 }
 
+/// A reader that remembered fewer buckets than the event now has (it was
+/// redefined through another process) finds a decision in a bucket it did
+/// not know of by the next lookup, not never.
+#[tokio::test]
+async fn a_reader_that_remembered_fewer_buckets_finds_the_decision() {
+    let server = private_redis().await;
+    let (a, b) = (connect(&server.url()).await, connect(&server.url()).await);
+    let ev = new_event();
+    let one = EventSpec {
+        stock_buckets: 1,
+        ..spec(100, 1, 0)
+    };
+    a.put_event(&ev, one).await.unwrap();
+    assert_eq!(decide(&*a, &ev, &[pending("warm")]).await[0].result, Issued);
+    b.put_event(&ev, spec(100, 1, 0)).await.unwrap();
+    let p = (0..400)
+        .map(|i| pending(&format!("x{i}")))
+        .find(|p| bucket_of(&p.user_id, K) != 0)
+        .unwrap();
+    decide(&*b, &ev, std::slice::from_ref(&p)).await;
+    let mut seen = None;
+    for _ in 0..2 {
+        seen = a.decision(&ev, p.request_id).await.unwrap();
+        if seen.is_some() {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.map(|d| d.result),
+        Some(Issued),
+        "found by the second lookup"
+    );
+}
+
 mod shrunk_count {
     #[tokio::test]
     async fn redis() {

@@ -1169,7 +1169,8 @@ impl RedisStore {
     }
 
     /// The bucket count of each event (1 for an unknown one): remembered,
-    /// or read in one round trip for those not remembered.
+    /// or read in one round trip for those not remembered. An unknown event's
+    /// 1 is not remembered: it may yet be defined with more.
     async fn bucket_counts(&self, events: &[&str]) -> Result<Vec<u32>, StoreError> {
         let mut counts: Vec<Option<u32>> = {
             let known = self.bucket_counts.lock().expect("bucket counts lock");
@@ -1179,12 +1180,17 @@ impl RedisStore {
         if !missing.is_empty() {
             let mut pipe = redis::pipe();
             for i in &missing {
-                pipe.cmd("HGET").arg(event_key(events[*i])).arg("buckets");
+                pipe.cmd("HMGET")
+                    .arg(event_key(events[*i]))
+                    .arg("stock")
+                    .arg("buckets");
             }
-            let read: Vec<Option<u32>> = self.query(&pipe).await?;
-            for (i, k) in missing.into_iter().zip(read) {
+            let read: Vec<(Option<u32>, Option<u32>)> = self.query(&pipe).await?;
+            for (i, (stock, k)) in missing.into_iter().zip(read) {
                 let k = k.unwrap_or(1).max(1);
-                self.remember_buckets(events[i], k);
+                if stock.is_some() {
+                    self.remember_buckets(events[i], k);
+                }
                 counts[i] = Some(k);
             }
         }
@@ -1789,7 +1795,12 @@ impl Store for RedisStore {
             let found: Vec<bool> = self.query(&pipe).await?;
             match found.chunks(2).position(|f| f[0] || f[1]) {
                 Some(b) => tags[b].as_str(),
-                None => return Ok(None),
+                None => {
+                    // Not found: perhaps in a bucket a remembered count is
+                    // short of (redefined elsewhere); the next lookup reads it.
+                    self.forget_buckets(event_id);
+                    return Ok(None);
+                }
             }
         };
         let (generation, record) = self.record(tag, &request_id).await?;
@@ -1798,6 +1809,11 @@ impl Store for RedisStore {
                 Some(d) => Ok(Some(self.with_logged_mark(tag, d).await?)),
                 None => Ok(None),
             },
+            (_, None) => {
+                // As above: the next lookup reads the bucket count again.
+                self.forget_buckets(event_id);
+                Ok(None)
+            }
             _ => Ok(None),
         }
     }
