@@ -294,7 +294,11 @@ impl RedisCluster {
         let deadline = Instant::now() + timeout;
         loop {
             let unhealthy = self.health().or_else(|| {
-                let nodes = self.nodes().ok()?;
+                let nodes = match self.nodes() {
+                    Ok(nodes) => nodes,
+                    // Not read is not healthy.
+                    Err(e) => return Some(format!("CLUSTER NODES was not read: {e}")),
+                };
                 let ms: Vec<&ClusterNode> = nodes.iter().filter(|n| !n.slots.is_empty()).collect();
                 let lonely: Vec<u16> = ms
                     .iter()
