@@ -541,7 +541,24 @@ async fn a_cluster_master_failed_over_to_a_replica_behind_decides_nothing_until_
         match store.event(&ev).await {
             Ok(Some(s)) => break s,
             last if std::time::Instant::now() > deadline => {
-                panic!("no event on the promoted replica after 30 s; last read: {last:?}")
+                // What each node holds and says of the slot, for the reader.
+                let seen: Vec<String> = promoted
+                    .ports()
+                    .into_iter()
+                    .map(|p| {
+                        let held = promoted.cli(p, &["hget", &event_key, "stock"]);
+                        let role = promoted.cli(p, &["role"]);
+                        format!(
+                            "{p}: stock {held:?}, role {:?}",
+                            role.map(|r| r.lines().next().map(str::to_string))
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "no event on the promoted replica ({replica}) after 30 s; last read: {last:?}; \
+                     nodes: {seen:?}; cluster nodes: {:?}",
+                    promoted.cli(replica, &["cluster", "nodes"])
+                )
             }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }

@@ -11,6 +11,7 @@
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -50,6 +51,60 @@ pub struct ClusterNode {
 pub struct RedisCluster {
     dir: PathBuf,
     nodes: Vec<(u16, Proc)>,
+    /// The ports of killed nodes, held until the cluster is dropped (see
+    /// [`RedisCluster::kill`]).
+    held: Vec<HeldPort>,
+}
+
+/// A killed node's port, kept: every connection to it is closed at once.
+/// Clients still hold the node's address in their slot maps; were another
+/// server (another test process's, whose free ports are not this
+/// process's) to start on the port, a client would get its answers (a
+/// plain redis-server answers nil, not MOVED, for a key it does not have)
+/// instead of failing over to the slot's new master.
+struct HeldPort {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl HeldPort {
+    fn hold(port: u16) -> io::Result<Self> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match std::net::TcpListener::bind(("127.0.0.1", port)) {
+                Ok(l) => break l,
+                // The killed process may not have released it yet.
+                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(e),
+            }
+        };
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::Builder::new()
+            .name(format!("held-port-{port}"))
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, _)) => drop(conn),
+                        Err(_) => thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for HeldPort {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl RedisCluster {
@@ -90,6 +145,7 @@ impl RedisCluster {
         let cluster = Self {
             dir: dir.to_path_buf(),
             nodes,
+            held: Vec::new(),
         };
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
@@ -216,27 +272,51 @@ impl RedisCluster {
         Ok(())
     }
 
-    /// Waits until the replica of `master_port` has acknowledged every
-    /// write the master took so far (`WAIT 1`, again until it answers 1: it
-    /// answers 0 when its timeout passes first, as for a replica still
-    /// syncing on a busy machine).
+    /// Waits until the replicas of `master_port` have acknowledged every
+    /// write the master took so far: each replica's acknowledged offset (in
+    /// the master's `INFO replication`) reaches the master's replication
+    /// offset as it was when called. (`WAIT` cannot tell: it waits for the
+    /// writes of its own connection, and a fresh `redis-cli` has made none,
+    /// so it answered at once with a replica still syncing, and a promoted
+    /// one then had no event at all.)
     pub fn wait_replicated(&self, master_port: u16) -> io::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.cli(master_port, &["wait", "1", "5000"])?.trim() != "1" {
+        self.wait_replicated_within(master_port, Duration::from_secs(60))
+    }
+
+    /// [`RedisCluster::wait_replicated`], giving up after `timeout`.
+    pub fn wait_replicated_within(&self, master_port: u16, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let info = self.cli(master_port, &["info", "replication"])?;
+        let target = replication_field(&info, "master_repl_offset").ok_or_else(|| {
+            io::Error::other(format!("no master_repl_offset from {master_port}: {info}"))
+        })?;
+        loop {
+            let info = self.cli(master_port, &["info", "replication"])?;
+            let acked = replica_offsets(&info);
+            if !acked.is_empty() && acked.iter().all(|o| *o >= target) {
+                return Ok(());
+            }
             if Instant::now() > deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("the replica of {master_port} never acknowledged the writes"),
+                    format!(
+                        "the replicas of {master_port} did not acknowledge offset {target} in \
+                         {timeout:?} (acknowledged: {acked:?})"
+                    ),
                 ));
             }
+            thread::sleep(Duration::from_millis(50));
         }
-        Ok(())
     }
 
-    /// SIGKILLs the server on `port`.
+    /// SIGKILLs the server on `port`, and keeps its port until the cluster
+    /// is dropped, closing every connection to it ([`HeldPort`]).
     pub fn kill(&mut self, port: u16) {
         if let Some((_, proc)) = self.nodes.iter_mut().find(|(p, _)| *p == port) {
             proc.kill();
+            if let Ok(held) = HeldPort::hold(port) {
+                self.held.push(held);
+            }
         }
     }
 
@@ -270,6 +350,17 @@ impl RedisCluster {
             }
             thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Freezes the server on `port` (SIGSTOP): it answers nothing, and a
+    /// master still counts it as a connected replica until its timeout.
+    pub fn freeze(&self, port: u16) -> io::Result<()> {
+        self.signal(port, Signal::SIGSTOP)
+    }
+
+    /// Thaws a frozen server (SIGCONT).
+    pub fn thaw(&self, port: u16) -> io::Result<()> {
+        self.signal(port, Signal::SIGCONT)
     }
 
     fn signal(&self, port: u16, signal: Signal) -> io::Result<()> {
@@ -483,5 +574,40 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0
         assert_eq!(nodes[2].slots, vec![(0, 5460), (12000, 12000)]);
         assert!(nodes[3].failed);
         assert!(!nodes[1].failed);
+    }
+}
+
+/// A `name:value` field of `INFO` as a number.
+fn replication_field(info: &str, name: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The acknowledged offsets of the online replicas in a master's
+/// `INFO replication` (`slaveN:ip=…,port=…,state=online,offset=…,lag=…`).
+fn replica_offsets(info: &str) -> Vec<u64> {
+    info.lines()
+        .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+        .filter_map(|l| {
+            l.split(',')
+                .find_map(|kv| kv.strip_prefix("offset="))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod info_tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_read_from_info_replication() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:1\r\n\
+                    slave0:ip=127.0.0.1,port=7001,state=online,offset=1234,lag=0\r\n\
+                    slave1:ip=127.0.0.1,port=7002,state=wait_bgsave,offset=0,lag=0\r\n\
+                    master_repl_offset:1300\r\n";
+        assert_eq!(replication_field(info, "master_repl_offset"), Some(1300));
+        assert_eq!(replica_offsets(info), vec![1234], "online replicas only");
     }
 }

@@ -29,3 +29,32 @@ fn a_cut_off_replica_takes_over_behind_its_master() {
         "the write after the cut never reached the replica"
     );
 }
+
+/// `WAIT` from a fresh connection proves nothing about a replica: it waits
+/// for that connection's own writes (none), so it counts a frozen replica
+/// that never got the last write. `wait_replicated` compares the replica's
+/// acknowledged offset with the master's, so it waits for it (a test that
+/// relied on `WAIT` promoted a replica without the event it was about).
+#[test]
+fn waiting_for_replication_waits_for_the_replica_not_for_wait() {
+    let dir = std::env::temp_dir().join(format!("couponrush-cluster-wait-{}", std::process::id()));
+    let cluster = RedisCluster::start(&dir).expect("redis-server and redis-cli on the PATH");
+    let master = cluster.master_of("{w}").unwrap();
+    let replica = cluster.replica_of(master).unwrap();
+    cluster.wait_replicated(master).unwrap();
+    cluster.freeze(replica).unwrap();
+    cluster
+        .cli(master, &["set", "{w}:a", "not replicated"])
+        .unwrap();
+    assert_eq!(
+        cluster.cli(master, &["wait", "1", "200"]).unwrap().trim(),
+        "1",
+        "WAIT from another connection counts the frozen replica"
+    );
+    let err = cluster
+        .wait_replicated_within(master, std::time::Duration::from_secs(3))
+        .expect_err("the frozen replica has not acknowledged the write");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    cluster.thaw(replica).unwrap();
+    cluster.wait_replicated(master).unwrap();
+}
