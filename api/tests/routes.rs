@@ -28,10 +28,15 @@ struct Fixture {
     state: Arc<AppState>,
     store: Arc<dyn Store>,
     brokers: String,
-    _mock: MockKafka,
+    mock: MockKafka,
 }
 
 async fn fixture(admin_token: Option<&str>) -> Fixture {
+    fixture_with(|c| c.admin_token = admin_token.map(str::to_string)).await
+}
+
+/// The fixture, its api configured by `tweak`.
+async fn fixture_with(tweak: impl FnOnce(&mut Config)) -> Fixture {
     let mock = MockKafka::start(1).unwrap();
     for spec in Topics::default().specs(4, 1) {
         mock.create_topic(&spec.name, spec.partitions, spec.replication)
@@ -51,7 +56,7 @@ async fn fixture(admin_token: Option<&str>) -> Fixture {
         .await
         .unwrap();
     let mut config = Config::local(&mock.brokers());
-    config.admin_token = admin_token.map(str::to_string);
+    tweak(&mut config);
     let api = Api::bind(config, store.clone(), None).await.unwrap();
     let state = api.state();
     Fixture {
@@ -59,7 +64,7 @@ async fn fixture(admin_token: Option<&str>) -> Fixture {
         state,
         store,
         brokers: mock.brokers(),
-        _mock: mock,
+        mock,
     }
 }
 
@@ -643,34 +648,14 @@ async fn a_body_that_stalls_is_a_408_and_the_route_serves_on() {
 /// key is the same request.
 #[tokio::test]
 async fn an_unacknowledged_request_is_in_doubt_with_its_own_id_and_a_retry_is_the_same_request() {
-    let mock = MockKafka::start(1).unwrap();
-    for spec in Topics::default().specs(4, 1) {
-        mock.create_topic(&spec.name, spec.partitions, spec.replication)
-            .unwrap();
-    }
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-    store
-        .put_event(
-            "drop",
-            EventSpec {
-                stock: 3,
-                per_user_limit: 1,
-                claim_window_us: 0,
-                stock_buckets: 1,
-            },
-        )
-        .await
-        .unwrap();
-    let mut config = Config::local(&mock.brokers());
-    config.produce_timeout = Duration::from_secs(1);
-    let api = Api::bind(config, store, None).await.unwrap();
-    let router = app(api.state());
+    let f = fixture_with(|c| c.produce_timeout = Duration::from_secs(1)).await;
+    let (mock, router) = (&f.mock, &f.router);
     let key = "0191e4d2-7a57-7000-8000-000000000042";
     let mine = request_id::from_key("drop", "alice", key.parse().unwrap());
     let headers = [JSON, ("idempotency-key", key)];
     let send = || {
         call(
-            &router,
+            router,
             Method::POST,
             "/v1/events/drop/issue",
             &headers,
