@@ -1,13 +1,22 @@
 //! The worker: the consume loop itself. One thread, one group member,
 //! batches decided in partition order.
 //!
-//! Each turn of the loop: read a batch (up to `batch_size` records, or what
-//! arrives within `batch_linger`), decide it in the store (one round trip),
-//! publish its outcomes and dead letters and wait for every ack, mark the
-//! decisions logged in the store, then commit the batch's offsets
-//! (`--commit sync|async`). The guarantee: **nothing is committed that is
-//! not decided *and* published**, so a crash or a rebalance costs replays,
-//! never a lost request.
+//! A batch goes through three stages: read (up to `batch_size` records, or
+//! what arrives within `batch_linger`) and parsed; decided in the store (one
+//! round trip); its outcomes and dead letters published and every ack
+//! awaited, its decisions marked logged in the store, its offsets committed
+//! (`--commit sync|async`). Three batches are in hand at most, one at each
+//! stage, so this thread, the store and the broker work at the same time:
+//! while the store decides batch N, the thread waits for batch N−1's acks
+//! and reads and parses batch N+1.
+//!
+//! The guarantees, kept here:
+//! - **nothing is committed that is not decided *and* published**, so a
+//!   crash or a rebalance costs replays, never a lost request; batches
+//!   complete (mark logged, commit) in the order they were read;
+//! - **the store decides batches in the order they were read**, so each
+//!   partition is decided in offset order: a batch's store call is sent only
+//!   once the previous batch's call has answered (retries included).
 //!
 //! A failing store or broker is retried with backoff while the partitions are
 //! paused and the loop keeps polling, so the issuer stays in its group and
@@ -39,12 +48,27 @@ use crate::rebalance::{IssuerContext, Shared};
 use crate::{Config, Totals};
 
 type PublishTask = tokio::task::JoinHandle<Result<Published, KafkaError>>;
+type StoreCall = tokio::task::JoinHandle<Result<Vec<BatchVerdict>, StoreError>>;
 
-/// A decided batch whose outcomes are on their way to the broker.
-pub struct InFlight {
+/// A batch read and parsed, not sent to the store yet.
+pub struct Read {
     batch: Vec<Received>,
-    plan: Plan,
-    dispositions: Vec<Disposition>,
+    plan: Arc<Plan>,
+}
+
+/// A batch whose store call has been sent and not answered yet.
+pub struct Deciding {
+    batch: Vec<Received>,
+    plan: Arc<Plan>,
+    call: StoreCall,
+}
+
+/// A decided batch whose outcomes are on their way to the broker (shared
+/// with the publishing task, not copied for it).
+pub struct InFlight {
+    batch: Arc<Vec<Received>>,
+    plan: Arc<Plan>,
+    dispositions: Arc<Vec<Disposition>>,
     publish: PublishTask,
     attempt: u32,
 }
@@ -73,35 +97,47 @@ impl Worker {
         // The orphan watch's rejoins subscribe to this same list.
         self.consumer.subscribe(&self.shared.subscription())?;
         tracing::info!(group = %self.config.group_id, topic = %self.config.topics.requests, actions = %self.config.topics.compensations, "issuer joined");
-        // Two batches at most are in flight: while one batch's outcomes are on
-        // their way to the broker, the next is read and decided, and its
-        // outcomes enqueued at once. Batches complete (mark logged, commit) in
-        // order, so a commit never covers a batch that is not done.
-        let mut in_flight: Option<InFlight> = None;
+        // The three stages (module doc): `deciding` is in the store,
+        // `publishing` on its way to the broker.
+        let mut deciding: Option<Deciding> = None;
+        let mut publishing: Option<InFlight> = None;
         while !self.shutdown.is_cancelled() {
             self.shared.watch_orphans(&self.consumer);
-            let batch = self.collect();
-            if batch.is_empty() {
-                if let Some(prev) = in_flight.take() {
-                    if !self.complete(prev) {
-                        break;
-                    }
-                }
-                continue;
-            }
-            let Some(decided) = self.decide(batch) else {
-                break;
+            // While a batch is in the store, an idle poll does not wait: its
+            // outcomes would wait for it.
+            let batch = self.collect(deciding.is_some());
+            let next = (!batch.is_empty()).then(|| self.read(batch));
+            let decided = match deciding.take() {
+                None => None,
+                Some(d) => match self.settle(d) {
+                    Some(decided) => Some(decided),
+                    // Shutdown while retrying: the batch and the one read
+                    // after it stay uncommitted and will be redelivered.
+                    None => break,
+                },
             };
-            if let Some(prev) = in_flight.replace(decided) {
+            // Only now, with the previous call answered, the next is sent.
+            deciding = next.map(|r| self.send(r));
+            let done = match decided {
+                Some(d) => publishing.replace(d),
+                None => publishing.take(),
+            };
+            if let Some(prev) = done {
                 if !self.complete(prev) {
-                    in_flight = None;
+                    // Shutdown while retrying: nothing after it completes.
+                    deciding = None;
+                    publishing = None;
                     break;
                 }
             }
         }
-        if let Some(last) = in_flight.take() {
-            // Finish the batch in hand, unless shutdown came while retrying.
-            self.complete(last);
+        // Finish the batches in hand, oldest first, unless shutdown came
+        // while retrying one of them.
+        let finished = publishing.take().is_none_or(|last| self.complete(last));
+        if let Some(d) = deciding.take().filter(|_| finished) {
+            if let Some(last) = self.settle(d) {
+                self.complete(last);
+            }
         }
         // Everything done is committed synchronously, then closing the
         // consumer (on drop) leaves the group so partitions move at once.
@@ -121,16 +157,34 @@ impl Worker {
         Ok(self.totals)
     }
 
-    fn collect(&mut self) -> Vec<Received> {
+    /// Reads a batch. With `quick`, returns at once when nothing is there.
+    fn collect(&mut self, quick: bool) -> Vec<Received> {
         let max = self.config.batch_size;
+        let idle = if quick {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
         let mut batch = std::mem::take(&mut self.carry);
         let mut deadline = (!batch.is_empty()).then(|| Instant::now() + self.config.batch_linger);
         while batch.len() < max {
-            let timeout = match deadline {
-                None => Duration::from_millis(100),
-                Some(d) => d.saturating_duration_since(Instant::now()),
+            // What is already fetched is taken without reading the clock;
+            // only an empty queue waits (for the linger left, or idle).
+            let polled = match self.consumer.poll(Duration::ZERO) {
+                Some(m) => Some(m),
+                None => {
+                    let timeout = match deadline {
+                        None => idle,
+                        Some(d) => d.saturating_duration_since(Instant::now()),
+                    };
+                    if timeout.is_zero() {
+                        None
+                    } else {
+                        self.consumer.poll(timeout)
+                    }
+                }
             };
-            match self.consumer.poll(timeout) {
+            match polled {
                 None => break,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
@@ -149,7 +203,8 @@ impl Worker {
                     }
                 }
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            // While records keep coming, the linger is checked every 64.
+            if batch.len() % 64 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
         }
@@ -171,13 +226,49 @@ impl Worker {
             })
     }
 
-    /// Decides `batch` (retrying a failing or recovering store) and enqueues
-    /// its outcomes at once. None if shutdown came first.
-    fn decide(&mut self, batch: Vec<Received>) -> Option<InFlight> {
+    /// Parses a batch into its store calls.
+    fn read(&self, batch: Vec<Received>) -> Read {
         self.config.arms.simulate_work(batch.len());
         let plan = Plan::with_arms(&batch, &self.config.arms, &self.config.topics.compensations);
+        Read {
+            batch,
+            plan: Arc::new(plan),
+        }
+    }
+
+    /// Sends a batch's store call (one round trip for the whole batch).
+    fn send(&self, read: Read) -> Deciding {
+        let (store, plan) = (self.store.clone(), read.plan.clone());
+        let call = self.rt.spawn(async move {
+            if plan.batches.is_empty() {
+                return Ok(Vec::new());
+            }
+            let started = Instant::now();
+            let verdicts = store.decide(&plan.batches, now_micros()).await;
+            if verdicts.is_ok() {
+                metrics::histogram!("couponrush_issuer_store_seconds").record(started.elapsed());
+            }
+            verdicts
+        });
+        Deciding {
+            batch: read.batch,
+            plan: read.plan,
+            call,
+        }
+    }
+
+    /// Waits for a batch's store call (retrying a failing or recovering
+    /// store) and enqueues its outcomes at once. None if shutdown came first.
+    fn settle(&mut self, deciding: Deciding) -> Option<InFlight> {
+        let Deciding { batch, plan, call } = deciding;
+        let answer = self.rt.block_on(call).unwrap_or_else(|e| {
+            Err(StoreError::Unavailable(format!(
+                "the store call did not finish ({e}); retrying"
+            )))
+        });
         let mut attempt: u32 = 0;
-        let dispositions = self.decide_plan(&plan, &batch, &mut attempt)?;
+        let dispositions = Arc::new(self.decide_plan(&plan, &batch, &mut attempt, Some(answer))?);
+        let batch = Arc::new(batch);
         let publish = self.enqueue(&batch, &dispositions);
         Some(InFlight {
             batch,
@@ -188,12 +279,14 @@ impl Worker {
         })
     }
 
-    /// One store round trip for the whole batch, retried until it answers.
+    /// The store's verdicts for the whole batch: `answer` if it is one, else
+    /// one store round trip, retried until it answers.
     fn decide_plan(
         &mut self,
         plan: &Plan,
         batch: &[Received],
         attempt: &mut u32,
+        mut answer: Option<Result<Vec<BatchVerdict>, StoreError>>,
     ) -> Option<Vec<Disposition>> {
         loop {
             if *attempt > 0 && self.shutdown.is_cancelled() {
@@ -205,14 +298,22 @@ impl Worker {
             if plan.batches.is_empty() {
                 return Some(plan.resolve(batch, &[]));
             }
-            let started = Instant::now();
-            match self
-                .rt
-                .block_on(self.store.decide(&plan.batches, now_micros()))
-            {
+            let result = match answer.take() {
+                Some(answer) => answer,
+                None => {
+                    let started = Instant::now();
+                    let result = self
+                        .rt
+                        .block_on(self.store.decide(&plan.batches, now_micros()));
+                    if result.is_ok() {
+                        metrics::histogram!("couponrush_issuer_store_seconds")
+                            .record(started.elapsed());
+                    }
+                    result
+                }
+            };
+            match result {
                 Ok(verdicts) => {
-                    metrics::histogram!("couponrush_issuer_store_seconds")
-                        .record(started.elapsed());
                     if verdicts
                         .iter()
                         .any(|v| matches!(v, BatchVerdict::UnknownEvent))
@@ -237,12 +338,13 @@ impl Worker {
 
     /// Enqueues a batch's outcomes and dead letters; the returned task
     /// resolves when the broker acknowledged them all.
-    fn enqueue(&self, batch: &[Received], dispositions: &[Disposition]) -> PublishTask {
-        let (publisher, batch, dispositions) = (
-            self.publisher.clone(),
-            batch.to_vec(),
-            dispositions.to_vec(),
-        );
+    fn enqueue(
+        &self,
+        batch: &Arc<Vec<Received>>,
+        dispositions: &Arc<Vec<Disposition>>,
+    ) -> PublishTask {
+        let (publisher, batch, dispositions) =
+            (self.publisher.clone(), batch.clone(), dispositions.clone());
         self.rt
             .spawn(async move { publisher.publish(&batch, &dispositions).await })
     }
@@ -273,10 +375,12 @@ impl Worker {
                     metrics::counter!("couponrush_issuer_publish_errors_total").increment(1);
                     tracing::warn!(error = %e, attempt = f.attempt, "publishing failed; pausing, then deciding again (replays) and republishing");
                     self.backoff(&mut f.attempt);
-                    let Some(dispositions) = self.decide_plan(&f.plan, &f.batch, &mut f.attempt)
+                    let Some(dispositions) =
+                        self.decide_plan(&f.plan, &f.batch, &mut f.attempt, None)
                     else {
                         return false;
                     };
+                    let dispositions = Arc::new(dispositions);
                     f.publish = self.enqueue(&f.batch, &dispositions);
                     f.dispositions = dispositions;
                 }
@@ -392,12 +496,21 @@ impl Worker {
     fn account(&mut self, batch: &[Received], dispositions: &[Disposition], dead: usize) {
         metrics::counter!("couponrush_issuer_batches_total").increment(1);
         metrics::histogram!("couponrush_issuer_batch_size").record(batch.len() as f64);
+        // Counted per batch, then one increment per label set: a labelled
+        // counter looked up per record costs more than the record's parse.
+        let mut decisions: Vec<((&'static str, bool), u64)> = Vec::new();
+        let mut hold_ends: Vec<((&'static str, bool), u64)> = Vec::new();
+        let bump = |counts: &mut Vec<((&'static str, bool), u64)>, key| match counts
+            .iter_mut()
+            .find(|(k, _)| *k == key)
+        {
+            Some((_, n)) => *n += 1,
+            None => counts.push((key, 1)),
+        };
         for d in dispositions {
             match d {
                 Disposition::Decided(o) => {
-                    let result = o.result.as_str();
-                    let replay = if o.replay { "true" } else { "false" };
-                    metrics::counter!("couponrush_issuer_decisions_total", "result" => result, "replay" => replay).increment(1);
+                    bump(&mut decisions, (o.result.as_str(), o.replay));
                     self.totals.decided += 1;
                     if o.result == DecisionResult::Issued && !o.replay {
                         self.totals.issued += 1;
@@ -407,8 +520,7 @@ impl Worker {
                     }
                 }
                 Disposition::Hold(h) => {
-                    let replay = if h.replay { "true" } else { "false" };
-                    metrics::counter!("couponrush_issuer_hold_ends_total", "state" => h.state.as_str(), "replay" => replay).increment(1);
+                    bump(&mut hold_ends, (h.state.as_str(), h.replay));
                     if !h.replay {
                         self.totals.hold_ends += 1;
                     }
@@ -423,6 +535,13 @@ impl Worker {
                     tracing::warn!(reason = p.code(), detail = %p, "record sent to the DLQ");
                 }
             }
+        }
+        let flag = |replay: bool| if replay { "true" } else { "false" };
+        for ((result, replay), n) in decisions {
+            metrics::counter!("couponrush_issuer_decisions_total", "result" => result, "replay" => flag(replay)).increment(n);
+        }
+        for ((state, replay), n) in hold_ends {
+            metrics::counter!("couponrush_issuer_hold_ends_total", "state" => state, "replay" => flag(replay)).increment(n);
         }
         self.totals.dead += dead as u64;
         self.totals.batches += 1;

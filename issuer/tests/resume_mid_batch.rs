@@ -15,10 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use couponrush_core::kafka::{ensure_topics, KafkaSettings};
 use couponrush_core::store::memory::MemoryStore;
-use couponrush_core::store::{
-    BatchVerdict, Decision, Defined, EventBatch, EventSnapshot, EventSpec, EventState, Ledger,
-    LoggedDecisions, Store, StoreError,
-};
+use couponrush_core::store::{BatchVerdict, EventBatch, EventSpec, Store, StoreError};
 use couponrush_core::{IssueRequest, Topics};
 use couponrush_harness::{Tansu, TansuStorage};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -27,7 +24,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use common::read_outcomes;
+use common::{read_outcomes, Hooked, Hooks};
 
 /// A private tansu whose one request partition holds two producer batches
 /// of 25 requests for event `resume` (stock 10, set up in `store`): offsets
@@ -134,91 +131,31 @@ async fn no_request_is_passed_over_when_a_partition_resumes_mid_batch() {
 
 /// A store whose first `decide` fails as an unreachable store does: the
 /// issuer pauses its partitions, backs off and decides the batch again.
+#[derive(Default)]
 struct FailsOnce {
-    inner: MemoryStore,
     failed: AtomicBool,
 }
 
 #[async_trait]
-impl Store for FailsOnce {
-    fn kind(&self) -> &'static str {
-        "fails-once"
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-    async fn put_event(&self, e: &str, spec: EventSpec) -> Result<(EventState, bool), StoreError> {
-        self.inner.put_event(e, spec).await
-    }
-    async fn claim_generation(&self, e: &str) -> Result<u64, StoreError> {
-        self.inner.claim_generation(e).await
-    }
-    async fn define_event(&self, e: &str, spec: EventSpec, g: u64) -> Result<Defined, StoreError> {
-        self.inner.define_event(e, spec, g).await
-    }
-    async fn event(&self, e: &str) -> Result<Option<EventState>, StoreError> {
-        self.inner.event(e).await
-    }
-    async fn decide(&self, b: &[EventBatch], now: u64) -> Result<Vec<BatchVerdict>, StoreError> {
+impl Hooks for FailsOnce {
+    async fn decide(
+        &self,
+        inner: &MemoryStore,
+        b: &[EventBatch],
+        now: u64,
+    ) -> Result<Vec<BatchVerdict>, StoreError> {
         if !self.failed.swap(true, Ordering::SeqCst) {
             return Err(StoreError::Unavailable(
                 "injected: the first decide fails".into(),
             ));
         }
-        self.inner.decide(b, now).await
-    }
-    async fn decision(&self, e: &str, id: Uuid) -> Result<Option<Decision>, StoreError> {
-        self.inner.decision(e, id).await
-    }
-    async fn find_decision(&self, id: Uuid) -> Result<Option<(String, Decision)>, StoreError> {
-        self.inner.find_decision(id).await
-    }
-    async fn ledger(&self, e: &str) -> Result<Option<Ledger>, StoreError> {
-        self.inner.ledger(e).await
-    }
-    async fn hold(
-        &self,
-        e: &str,
-        id: Uuid,
-    ) -> Result<Option<couponrush_core::store::HoldStatus>, StoreError> {
-        self.inner.hold(e, id).await
-    }
-    async fn due_holds(
-        &self,
-        now: u64,
-        limit: usize,
-    ) -> Result<Vec<couponrush_core::store::DueHold>, StoreError> {
-        self.inner.due_holds(now, limit).await
-    }
-    async fn mark_logged(&self, b: &[LoggedDecisions]) -> Result<(), StoreError> {
-        self.inner.mark_logged(b).await
-    }
-    async fn epoch(&self) -> Result<Option<String>, StoreError> {
-        self.inner.epoch().await
-    }
-    async fn set_epoch(&self, epoch: &str, owner: &str) -> Result<(), StoreError> {
-        self.inner.set_epoch(epoch, owner).await
-    }
-    async fn try_lock_recovery(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
-        self.inner.try_lock_recovery(owner, ttl).await
-    }
-    async fn extend_recovery_lock(&self, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
-        self.inner.extend_recovery_lock(owner, ttl).await
-    }
-    async fn unlock_recovery(&self, owner: &str) -> Result<(), StoreError> {
-        self.inner.unlock_recovery(owner).await
-    }
-    async fn restore(&self, s: &EventSnapshot, r: Duration, owner: &str) -> Result<(), StoreError> {
-        self.inner.restore(s, r, owner).await
+        inner.decide(b, now).await
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_is_passed_over_when_paused_partitions_resume_mid_batch() {
-    let store = Arc::new(FailsOnce {
-        inner: MemoryStore::default(),
-        failed: AtomicBool::new(false),
-    });
+    let store = Arc::new(Hooked::new(FailsOnce::default()));
     let (tansu, _, topics, ids) = two_producer_batches(&*store).await;
 
     // Batches of 10: the first (offsets 0..10) fails once, so the issuer
@@ -240,7 +177,10 @@ async fn no_request_is_passed_over_when_paused_partitions_resume_mid_batch() {
     });
     stop.cancel();
     issuer.await.unwrap().unwrap();
-    assert!(store.failed.load(Ordering::SeqCst), "the store failed once");
+    assert!(
+        store.hooks.failed.load(Ordering::SeqCst),
+        "the store failed once"
+    );
     let decided: HashSet<Uuid> = outcomes.iter().map(|o| o.request_id).collect();
     let passed_over: Vec<usize> = (0..ids.len())
         .filter(|i| !decided.contains(&ids[*i]))

@@ -1,0 +1,202 @@
+//! The issuer's three stages overlap (the worker's module doc): while the
+//! store decides one batch, the previous batch's outcomes are published and
+//! marked logged, and the next batch is read. And what the overlap must not
+//! change: the store decides one batch at a time, in the order the records
+//! were read, so a partition is decided in offset order.
+//!
+//! On librdkafka's mock cluster and a store that is the in-memory one with
+//! each decide slowed down, so an overlap (or a second call sent too early)
+//! has time to show.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use couponrush_core::store::memory::MemoryStore;
+use couponrush_core::store::{
+    BatchVerdict, EventBatch, EventSpec, LoggedDecisions, Store, StoreError,
+};
+use couponrush_core::{IssueRequest, Topics};
+use couponrush_harness::MockKafka;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use common::{read_outcomes, Hooked, Hooks};
+
+/// Watches the issuer's store calls.
+#[derive(Default)]
+struct Watch {
+    /// Decide calls running now, and the most seen at once.
+    deciding: AtomicUsize,
+    most_at_once: AtomicUsize,
+    /// Each decide call's request ids, in the order the calls came.
+    calls: Mutex<Vec<Vec<Uuid>>>,
+    /// Marks of logged decisions made while a decide call was running.
+    marks_during_a_decide: AtomicUsize,
+    marks: AtomicUsize,
+    /// The first decide fails (as an unreachable store does).
+    fail_first: AtomicBool,
+}
+
+#[async_trait]
+impl Hooks for Watch {
+    async fn decide(
+        &self,
+        inner: &MemoryStore,
+        b: &[EventBatch],
+        now: u64,
+    ) -> Result<Vec<BatchVerdict>, StoreError> {
+        let now_running = self.deciding.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now_running, Ordering::SeqCst);
+        self.calls.lock().unwrap().push(
+            b.iter()
+                .flat_map(|b| b.requests.iter().map(|p| p.request_id))
+                .collect(),
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let verdicts = if self.fail_first.swap(false, Ordering::SeqCst) {
+            Err(StoreError::Unavailable(
+                "injected: the first decide fails".into(),
+            ))
+        } else {
+            inner.decide(b, now).await
+        };
+        self.deciding.fetch_sub(1, Ordering::SeqCst);
+        verdicts
+    }
+
+    async fn mark_logged(
+        &self,
+        inner: &MemoryStore,
+        b: &[LoggedDecisions],
+    ) -> Result<(), StoreError> {
+        self.marks.fetch_add(1, Ordering::SeqCst);
+        if self.deciding.load(Ordering::SeqCst) > 0 {
+            self.marks_during_a_decide.fetch_add(1, Ordering::SeqCst);
+        }
+        inner.mark_logged(b).await
+    }
+}
+
+/// 600 requests on one partition, decided by one issuer in batches of 50.
+/// Returns the watch and the request ids in offset order.
+async fn drop_of_600(fail_first: bool) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
+    let mock = MockKafka::start(1).unwrap();
+    let topics = Topics::default();
+    for spec in topics.specs(1, 1) {
+        mock.create_topic(&spec.name, spec.partitions, spec.replication)
+            .unwrap();
+    }
+    let store = Arc::new(Hooked::new(Watch::default()));
+    store.hooks.fail_first.store(fail_first, Ordering::SeqCst);
+    store
+        .put_event(
+            "pipe",
+            EventSpec {
+                stock: 100,
+                per_user_limit: 1,
+                claim_window_us: 0,
+                stock_buckets: 1,
+            },
+        )
+        .await
+        .unwrap();
+    let producer: FutureProducer = couponrush_core::kafka::KafkaSettings::new(mock.brokers())
+        .producer_config("t", 10_000)
+        .create()
+        .unwrap();
+    let requests: Vec<IssueRequest> = (0..600)
+        .map(|i| IssueRequest::new(Uuid::now_v7(), "pipe".into(), format!("u{i}"), 1))
+        .collect();
+    // One at a time: the partition holds them in this order.
+    for r in &requests {
+        producer
+            .send(
+                FutureRecord::<(), [u8]>::to(&topics.requests)
+                    .payload(&r.to_bytes())
+                    .partition(0),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+
+    let mut config = couponrush_issuer::Config::local(&mock.brokers());
+    config.batch_size = 50;
+    let stop = CancellationToken::new();
+    let issuer = tokio::spawn(couponrush_issuer::run_issuer(
+        config,
+        store.clone(),
+        stop.clone(),
+    ));
+    let reader = common::reader(&mock.brokers(), &topics.outcomes);
+    let mut outcomes = Vec::new();
+    read_outcomes(&reader, &mut outcomes, Duration::from_secs(60), |o| {
+        o.iter().map(|o| o.request_id).collect::<HashSet<_>>().len() >= requests.len()
+    });
+    stop.cancel();
+    issuer.await.unwrap().unwrap();
+    let decided: HashSet<Uuid> = outcomes.iter().map(|o| o.request_id).collect();
+    assert_eq!(decided.len(), requests.len(), "every request is decided");
+    (store, requests.iter().map(|r| r.request_id).collect())
+}
+
+/// The ids in the order the store first saw each.
+fn first_seen(calls: &[Vec<Uuid>]) -> Vec<Uuid> {
+    let mut seen = HashSet::new();
+    calls
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_published_while_the_next_is_in_the_store_one_call_at_a_time_in_order() {
+    let (store, ids) = drop_of_600(false).await;
+    let w = &store.hooks;
+    assert_eq!(
+        w.most_at_once.load(Ordering::SeqCst),
+        1,
+        "the store decides one batch at a time: a batch's call is sent only once the previous one answered"
+    );
+    assert_eq!(
+        first_seen(&w.calls.lock().unwrap()),
+        ids,
+        "the store decides the requests in offset order"
+    );
+    let (during, marks) = (
+        w.marks_during_a_decide.load(Ordering::SeqCst),
+        w.marks.load(Ordering::SeqCst),
+    );
+    assert!(
+        during > 0,
+        "a batch's outcomes are published and marked logged while the next batch is in the store \
+         ({during} of {marks} marks were)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_store_call_is_retried_before_the_next_batch_is_sent() {
+    let (store, ids) = drop_of_600(true).await;
+    let w = &store.hooks;
+    assert_eq!(w.most_at_once.load(Ordering::SeqCst), 1);
+    let calls = w.calls.lock().unwrap();
+    assert!(calls.len() >= 2);
+    assert_eq!(
+        calls[1], calls[0],
+        "the failed batch is decided again before the next one is sent"
+    );
+    assert_eq!(
+        first_seen(&calls),
+        ids,
+        "offset order holds across the retry"
+    );
+}
