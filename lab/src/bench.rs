@@ -41,7 +41,6 @@ use crate::LabError;
 use couponrush_loadgen::drive::direct::DirectFactory;
 use couponrush_loadgen::drive::{drive, LoadModel, LoadPlan, Progress};
 use couponrush_loadgen::measure::skew::{skew, Ordered, Skew};
-use couponrush_loadgen::observe::Observer;
 use couponrush_loadgen::population::{Population, UserDist};
 use couponrush_loadgen::Verdict;
 
@@ -209,6 +208,33 @@ pub struct BenchIssuerArgs {
     /// Stock of the event (default: a tenth of the requests).
     #[arg(long, env = "BENCH_STOCK")]
     pub stock: Option<u32>,
+    /// Other processes whose CPU time to read over the deciding phase, as
+    /// NAME=PID (repeatable; for example the broker and redis-server). This
+    /// process (the issuers) is always read.
+    #[arg(long = "cpu-of", value_parser = parse_named_pid)]
+    pub cpu_of: Vec<(String, u32)>,
+}
+
+fn parse_named_pid(s: &str) -> Result<(String, u32), String> {
+    let (name, pid) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=PID, for example tansu=1234"))?;
+    let pid = pid
+        .parse()
+        .map_err(|_| format!("{s:?}: {pid:?} is not a process id"))?;
+    Ok((name.to_string(), pid))
+}
+
+/// CPU-seconds of each named process (this one as "issuer").
+fn cpu_now(others: &[(String, u32)]) -> Result<Vec<f64>, LabError> {
+    std::iter::once(std::process::id())
+        .chain(others.iter().map(|(_, pid)| *pid))
+        .map(|pid| {
+            crate::capacity::cpu_seconds(pid).map_err(|e| {
+                LabError::Capacity(format!("cannot read the CPU time of process {pid}: {e}"))
+            })
+        })
+        .collect()
 }
 
 /// Pre-fills, then times the issuers. Prints one JSON line of results.
@@ -283,37 +309,69 @@ pub async fn bench_issuer(
     let fill_secs = fill_started.elapsed().as_secs_f64();
     let accepted = filled.accepted.len() as u64;
 
-    let observer = {
-        let (k, t, e) = (
-            deployment.kafka.clone(),
-            deployment.topics.clone(),
-            event.clone(),
-        );
-        tokio::task::spawn_blocking(move || Observer::start(&k, &t, &e)).await??
-    };
+    // Progress is read from the offsets the issuers' group has committed on
+    // the requests topic (a record is committed once decided and its
+    // outcome acknowledged), not by reading the outcomes back: a reader would
+    // spend this machine's CPU (and the broker's) on the benchmark's own
+    // bookkeeping, which the ceiling does not carry. (The outcomes topic's
+    // end offsets would do too, but tansu 0.6 answers them short of the last
+    // batch.) The rate runs from the first commit to the last.
+    let committed = Committed::new(
+        &deployment.kafka,
+        deployment.group_id(),
+        &deployment.topics.requests,
+    )?;
     let started = Instant::now();
     deployment.start_issuers()?;
-    // First decision: the group has formed; from then on, pure deciding.
     let mut first: Option<Instant> = None;
+    let mut cpu_first = None;
     let deadline = started + Duration::from_secs(600);
-    while observer.decided() < accepted && Instant::now() < deadline && !cancel.is_cancelled() {
-        if first.is_none() && observer.decided() > 0 {
+    let mut done_count = 0;
+    let mut at_first = 0;
+    while done_count < accepted && Instant::now() < deadline && !cancel.is_cancelled() {
+        done_count = committed.sum().await?;
+        if first.is_none() && done_count > 0 {
             first = Some(Instant::now());
+            at_first = done_count;
+            cpu_first = Some(cpu_now(&args.cpu_of)?);
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let done = Instant::now();
-    let decided = observer.decided();
-    drop(observer.finish());
+    let cpu_done = cpu_now(&args.cpu_of)?;
     let totals = deployment.stop().await;
+    let replays: u64 = totals.iter().map(|t| t.replays).sum();
+    let decided = totals
+        .iter()
+        .map(|t| t.decided)
+        .sum::<u64>()
+        .saturating_sub(replays);
+    let timed = done_count.saturating_sub(at_first);
     let first = first.unwrap_or(started);
     let decide_secs = done.duration_since(first).as_secs_f64().max(1e-6);
+    // µs of CPU per decision of each process over the deciding phase (from
+    // the first decision seen to the last), and the rate the machine's cores
+    // would allow if that CPU were all that limited it.
+    let cpu_us_per_decision = cpu_first.map(|before| {
+        let n = timed.max(1) as f64;
+        let names = std::iter::once("issuer").chain(args.cpu_of.iter().map(|(n, _)| n.as_str()));
+        names
+            .zip(cpu_done.iter().zip(&before))
+            .map(|(name, (after, before))| {
+                (
+                    name.to_string(),
+                    serde_json::json!((after - before) * 1e6 / n),
+                )
+            })
+            .collect::<serde_json::Map<String, serde_json::Value>>()
+    });
     let result = serde_json::json!({
         "requests": args.requests,
         "prefilled": accepted,
         "prefill_per_s": accepted as f64 / fill_secs,
         "decided": decided,
-        "decided_per_s": decided as f64 / decide_secs,
+        "replays": replays,
+        "decided_per_s": timed as f64 / decide_secs,
         "join_seconds": first.duration_since(started).as_secs_f64(),
         "decide_seconds": decide_secs,
         "issuers": args.issuers,
@@ -321,6 +379,7 @@ pub async fn bench_issuer(
         "batch_size": args.batch_size,
         "store": store.kind(),
         "batches": totals.iter().map(|t| t.batches).sum::<u64>(),
+        "cpu_us_per_decision": cpu_us_per_decision,
     });
     println!("{result}");
     Ok(if decided >= accepted {
@@ -623,5 +682,57 @@ impl Masters {
             out.push(field("used_cpu_user:") + field("used_cpu_sys:"));
         }
         Ok(out)
+    }
+}
+
+/// The offsets a consumer group has committed on a topic, summed: how many
+/// records it has finished (from offset 0). One request for all partitions.
+struct Committed {
+    consumer: Arc<rdkafka::consumer::BaseConsumer>,
+    partitions: rdkafka::TopicPartitionList,
+}
+
+impl Committed {
+    fn new(
+        kafka: &couponrush_core::kafka::KafkaSettings,
+        group: &str,
+        topic: &str,
+    ) -> Result<Self, LabError> {
+        use rdkafka::consumer::Consumer;
+        // The group's id, to read its offsets; this client never joins it.
+        let consumer: rdkafka::consumer::BaseConsumer = kafka
+            .client_config("bench-committed")
+            .set("group.id", group)
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let mut partitions = rdkafka::TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                partitions.add_partition(topic, p.id());
+            }
+        }
+        Ok(Self {
+            consumer: Arc::new(consumer),
+            partitions,
+        })
+    }
+
+    async fn sum(&self) -> Result<u64, LabError> {
+        let (consumer, tpl) = (self.consumer.clone(), self.partitions.clone());
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::Consumer;
+            let offsets = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+            Ok::<u64, LabError>(
+                offsets
+                    .elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        rdkafka::Offset::Offset(o) => u64::try_from(o).ok(),
+                        _ => None,
+                    })
+                    .sum(),
+            )
+        })
+        .await?
     }
 }
