@@ -97,7 +97,7 @@ pub async fn demo(mut args: DemoArgs, cancel: CancellationToken) -> Result<Verdi
     }
     // The page's URL comes first, so a browser can be opened before the
     // doors do.
-    let dashboard = LivePage::open(&args.live).await?;
+    let dashboard = LivePage::open(&args.live, &cancel).await?;
     let deployment = Deployment::start(Spec {
         partitioner: args.partitioner,
         ..Spec::in_process(

@@ -198,9 +198,13 @@ impl std::fmt::Debug for LivePage {
 }
 
 impl LivePage {
-    /// Opens the page `args` ask for (its URL printed), if any.
-    pub async fn open(args: &DashboardArgs) -> Result<Option<LivePage>, LabError> {
-        Ok(args.start().await?.map(|d| LivePage(Arc::new(d))))
+    /// Opens the page `args` ask for (its URL printed, a tab waited for as
+    /// `--dashboard-wait` asks), if any.
+    pub async fn open(
+        args: &DashboardArgs,
+        cancel: &CancellationToken,
+    ) -> Result<Option<LivePage>, LabError> {
+        Ok(args.start(cancel).await?.map(|d| LivePage(Arc::new(d))))
     }
 
     /// After the last drop: keeps the final page up for the linger `args`

@@ -141,7 +141,7 @@ pub async fn sweep(args: SweepArgs, cancel: CancellationToken) -> Result<Verdict
     }
     let rounds = args.repeat.max(1);
     // One page follows every point's drop, one after another.
-    let live = LivePage::open(&args.live).await?;
+    let live = LivePage::open(&args.live, &cancel).await?;
     let mut runs: Vec<Vec<couponrush_loadgen::report::Report>> =
         grid.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {

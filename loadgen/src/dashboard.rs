@@ -87,19 +87,33 @@ pub struct DashboardArgs {
     /// drop (Ctrl-C ends it sooner; 0s exits at once).
     #[arg(long, env = "LOADGEN_DASHBOARD_LINGER", default_value = "2m", value_parser = parse_duration)]
     pub dashboard_linger: Duration,
+    /// With --dashboard: before the drop starts, wait until a browser tab
+    /// has the page open, at most this long (0s: start at once). For a demo
+    /// whose audience should see the doors open, and for measuring what the
+    /// page costs the load once it is open rather than while it opens.
+    #[arg(long, env = "LOADGEN_DASHBOARD_WAIT", default_value = "0s", value_parser = parse_duration)]
+    pub dashboard_wait: Duration,
 }
 
 impl DashboardArgs {
-    /// Binds the page if `--dashboard` asks for it, and prints its URL.
-    pub async fn start(&self) -> Result<Option<Dashboard>, Error> {
-        match self.dashboard {
-            Some(addr) => {
-                let d = Dashboard::bind(addr).await?;
-                println!("live page: {}", d.url());
-                Ok(Some(d))
+    /// Binds the page if `--dashboard` asks for it, prints its URL, and waits
+    /// for a tab as `--dashboard-wait` asks (or until `cancel`).
+    pub async fn start(&self, cancel: &CancellationToken) -> Result<Option<Dashboard>, Error> {
+        let Some(addr) = self.dashboard else {
+            return Ok(None);
+        };
+        let d = Dashboard::bind(addr).await?;
+        println!("live page: {}", d.url());
+        if !self.dashboard_wait.is_zero() {
+            println!(
+                "waiting up to {} for a browser tab to open it",
+                humantime_short(self.dashboard_wait)
+            );
+            if !d.wait_for_tab(self.dashboard_wait, cancel).await {
+                println!("no tab opened the page; starting anyway");
             }
-            None => Ok(None),
         }
+        Ok(Some(d))
     }
 }
 
@@ -613,6 +627,13 @@ impl Hub {
         Some(rx)
     }
 
+    /// Tabs subscribed now.
+    fn watching(&self) -> usize {
+        let mut tabs = self.tabs.lock().unwrap_or_else(|e| e.into_inner());
+        tabs.retain(|t| !t.is_closed());
+        tabs.len()
+    }
+
     /// Ends every tab's stream (a server-sent stream never ends by itself,
     /// and the server's graceful shutdown waits for its connections).
     fn close(&self) {
@@ -690,6 +711,24 @@ impl Dashboard {
             server,
             board: Mutex::new(None),
         })
+    }
+
+    /// Waits until at least one tab is subscribed to the feed, at most
+    /// `max` (or until `cancel`); true if one is.
+    pub async fn wait_for_tab(&self, max: Duration, cancel: &CancellationToken) -> bool {
+        let until = tokio::time::Instant::now() + max;
+        loop {
+            if self.hub.watching() > 0 {
+                return true;
+            }
+            if cancel.is_cancelled() || tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = cancel.cancelled() => {}
+            }
+        }
     }
 
     /// The page's address.
@@ -1236,6 +1275,33 @@ impl Watermarks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_drop_waits_for_a_tab_and_no_longer_than_it_was_told() {
+        let d = Dashboard::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let cancel = CancellationToken::new();
+        // Nobody opens the page: the wait ends at its bound, saying so.
+        assert!(!d.wait_for_tab(Duration::from_millis(150), &cancel).await);
+        // A tab that comes and goes before the wait does not count.
+        drop(d.hub.subscribe());
+        assert!(!d.wait_for_tab(Duration::from_millis(150), &cancel).await);
+        // A tab that opens the page while the drop waits ends the wait.
+        let d = Arc::new(d);
+        let waiting = {
+            let (d, cancel) = (d.clone(), cancel.clone());
+            tokio::spawn(async move { d.wait_for_tab(Duration::from_secs(60), &cancel).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "no tab yet: still waiting");
+        let _tab = d.hub.subscribe().expect("room for a tab");
+        let opened = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the wait ends once a tab is watching")
+            .unwrap();
+        assert!(opened);
+    }
 
     #[tokio::test]
     async fn a_tab_that_stops_reading_is_dropped_not_buffered() {

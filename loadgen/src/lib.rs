@@ -662,7 +662,7 @@ pub async fn main(cli: Cli, cancel: CancellationToken) -> Result<Verdict, Error>
         Command::Run(args) => {
             let output = args.output.clone();
             let live = args.live.clone();
-            let dashboard = live.start().await?;
+            let dashboard = live.start(&cancel).await?;
             let report = run_live(*args, dashboard.as_ref(), cancel.clone()).await?;
             output.emit(&report)?;
             if let Some(d) = dashboard {

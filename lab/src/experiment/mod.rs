@@ -323,7 +323,7 @@ pub async fn experiment(
     mut args: ExperimentArgs,
     cancel: CancellationToken,
 ) -> Result<Verdict, LabError> {
-    args.common.page = LivePage::open(&args.live).await?;
+    args.common.page = LivePage::open(&args.live, &cancel).await?;
     let f = run(args.name, &args.common, cancel.clone()).await;
     if let Some(page) = args.common.page.take() {
         page.close(&args.live, &cancel).await;
@@ -337,7 +337,7 @@ pub async fn experiments(
     cancel: CancellationToken,
 ) -> Result<Verdict, LabError> {
     // One page follows every arm's drop of every experiment, in turn.
-    args.common.page = LivePage::open(&args.live).await?;
+    args.common.page = LivePage::open(&args.live, &cancel).await?;
     let mut verdict = Verdict::Pass;
     let mut summary = Vec::new();
     let mut not_run = Vec::new();
