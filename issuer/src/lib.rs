@@ -438,6 +438,7 @@ pub async fn run_issuer_probed(
         shutdown,
         carry: Vec::new(),
         totals: Totals::default(),
+        deciding: None,
     };
     if !worker.config.checkpoint_every.is_zero() {
         let checkpointer = Checkpointer {

@@ -16,7 +16,11 @@
 //!   complete (mark logged, commit) in the order they were read;
 //! - **the store decides batches in the order they were read**, so each
 //!   partition is decided in offset order: a batch's store call is sent only
-//!   once the previous batch's call has answered (retries included).
+//!   once the previous batch's call has answered (retries included), so one
+//!   call of this issuer is in the store at a time. A batch whose outcomes
+//!   failed to publish is decided again after the batch that followed it
+//!   (once that one's call answered): its own earlier decisions come back as
+//!   replays, so the order holds unless the store lost them meanwhile.
 //!
 //! A failing store or broker is retried with backoff while the partitions are
 //! paused and the loop keeps polling, so the issuer stays in its group and
@@ -56,11 +60,13 @@ pub struct Read {
     plan: Arc<Plan>,
 }
 
-/// A batch whose store call has been sent and not answered yet.
+/// A batch whose store call has been sent: its answer is awaited by
+/// [`Worker::settle`], or earlier by [`Worker::hold_the_store`].
 pub struct Deciding {
     batch: Vec<Received>,
     plan: Arc<Plan>,
-    call: StoreCall,
+    call: Option<StoreCall>,
+    answer: Option<Result<Vec<BatchVerdict>, StoreError>>,
 }
 
 /// A decided batch whose outcomes are on their way to the broker (shared
@@ -87,6 +93,8 @@ pub struct Worker {
     /// processed first in the next batch. Bounded by librdkafka's prefetch.
     pub(crate) carry: Vec<Received>,
     pub(crate) totals: Totals,
+    /// The batch in the store (the middle stage), if any.
+    pub(crate) deciding: Option<Deciding>,
 }
 
 impl Worker {
@@ -97,17 +105,15 @@ impl Worker {
         // The orphan watch's rejoins subscribe to this same list.
         self.consumer.subscribe(&self.shared.subscription())?;
         tracing::info!(group = %self.config.group_id, topic = %self.config.topics.requests, actions = %self.config.topics.compensations, "issuer joined");
-        // The three stages (module doc): `deciding` is in the store,
+        // The three stages (module doc): `self.deciding` is in the store,
         // `publishing` on its way to the broker.
-        let mut deciding: Option<Deciding> = None;
         let mut publishing: Option<InFlight> = None;
         while !self.shutdown.is_cancelled() {
-            self.shared.watch_orphans(&self.consumer);
-            // While a batch is in the store, an idle poll does not wait: its
-            // outcomes would wait for it.
-            let batch = self.collect(deciding.is_some());
+            // While a batch is in the store or on its way to the broker, an
+            // idle poll does not wait: finishing it would wait for the poll.
+            let batch = self.collect(self.deciding.is_some() || publishing.is_some());
             let next = (!batch.is_empty()).then(|| self.read(batch));
-            let decided = match deciding.take() {
+            let decided = match self.deciding.take() {
                 None => None,
                 Some(d) => match self.settle(d) {
                     Some(decided) => Some(decided),
@@ -117,7 +123,10 @@ impl Worker {
                 },
             };
             // Only now, with the previous call answered, the next is sent.
-            deciding = next.map(|r| self.send(r));
+            self.deciding = next.map(|r| self.send(r));
+            // Between batches (with one in the store): the broker quirk's
+            // check, which may ask the broker a few things.
+            self.shared.watch_orphans(&self.consumer);
             let done = match decided {
                 Some(d) => publishing.replace(d),
                 None => publishing.take(),
@@ -125,7 +134,7 @@ impl Worker {
             if let Some(prev) = done {
                 if !self.complete(prev) {
                     // Shutdown while retrying: nothing after it completes.
-                    deciding = None;
+                    self.deciding = None;
                     publishing = None;
                     break;
                 }
@@ -134,7 +143,7 @@ impl Worker {
         // Finish the batches in hand, oldest first, unless shutdown came
         // while retrying one of them.
         let finished = publishing.take().is_none_or(|last| self.complete(last));
-        if let Some(d) = deciding.take().filter(|_| finished) {
+        if let Some(d) = self.deciding.take().filter(|_| finished) {
             if let Some(last) = self.settle(d) {
                 self.complete(last);
             }
@@ -253,21 +262,56 @@ impl Worker {
         Deciding {
             batch: read.batch,
             plan: read.plan,
-            call,
+            call: Some(call),
+            answer: None,
+        }
+    }
+
+    /// Waits for the answer of the batch in the store, if any, and keeps it
+    /// for [`Worker::settle`]: a batch decided again (its outcomes failed to
+    /// publish) then never runs in the store beside it.
+    fn hold_the_store(&mut self) {
+        if let Some(mut d) = self.deciding.take() {
+            self.answer_of(&mut d);
+            self.deciding = Some(d);
+        }
+    }
+
+    fn answer_of(&self, d: &mut Deciding) {
+        if let Some(call) = d.call.take() {
+            d.answer = Some(self.rt.block_on(call).unwrap_or_else(|e| {
+                Err(StoreError::Unavailable(format!(
+                    "the store call did not finish ({e}); retrying"
+                )))
+            }));
         }
     }
 
     /// Waits for a batch's store call (retrying a failing or recovering
     /// store) and enqueues its outcomes at once. None if shutdown came first.
     fn settle(&mut self, deciding: Deciding) -> Option<InFlight> {
-        let Deciding { batch, plan, call } = deciding;
-        let answer = self.rt.block_on(call).unwrap_or_else(|e| {
-            Err(StoreError::Unavailable(format!(
-                "the store call did not finish ({e}); retrying"
-            )))
+        let mut deciding = deciding;
+        self.answer_of(&mut deciding);
+        let Deciding {
+            batch,
+            plan,
+            answer,
+            ..
+        } = deciding;
+        // An event unknown to the store is judged (poison, or a store that
+        // lost its state) by asking the store's epoch right after a call
+        // of its own: this answer may be old (it waited while the previous
+        // batch completed, perhaps through retries, and the store may have
+        // been rebuilt since), so such a batch is decided again first.
+        let answer = answer.filter(|a| {
+            !a.as_ref().is_ok_and(|verdicts| {
+                verdicts
+                    .iter()
+                    .any(|v| matches!(v, BatchVerdict::UnknownEvent))
+            })
         });
         let mut attempt: u32 = 0;
-        let dispositions = Arc::new(self.decide_plan(&plan, &batch, &mut attempt, Some(answer))?);
+        let dispositions = Arc::new(self.decide_plan(&plan, &batch, &mut attempt, answer)?);
         let batch = Arc::new(batch);
         let publish = self.enqueue(&batch, &dispositions);
         Some(InFlight {
@@ -374,6 +418,7 @@ impl Worker {
                 Err(e) => {
                     metrics::counter!("couponrush_issuer_publish_errors_total").increment(1);
                     tracing::warn!(error = %e, attempt = f.attempt, "publishing failed; pausing, then deciding again (replays) and republishing");
+                    self.hold_the_store();
                     self.backoff(&mut f.attempt);
                     let Some(dispositions) =
                         self.decide_plan(&f.plan, &f.batch, &mut f.attempt, None)

@@ -41,6 +41,10 @@ struct Watch {
     marks: AtomicUsize,
     /// The first decide fails (as an unreachable store does).
     fail_first: AtomicBool,
+    /// The second decide answers that the event is unknown, as a store that
+    /// had just lost its state would; it is rebuilt (has its epoch) by the
+    /// time the answer is looked at.
+    lost_second: AtomicBool,
 }
 
 #[async_trait]
@@ -59,7 +63,11 @@ impl Hooks for Watch {
                 .collect(),
         );
         tokio::time::sleep(Duration::from_millis(40)).await;
-        let verdicts = if self.fail_first.swap(false, Ordering::SeqCst) {
+        let lost =
+            self.calls.lock().unwrap().len() == 2 && self.lost_second.swap(false, Ordering::SeqCst);
+        let verdicts = if lost {
+            Ok(vec![BatchVerdict::UnknownEvent; b.len()])
+        } else if self.fail_first.swap(false, Ordering::SeqCst) {
             Err(StoreError::Unavailable(
                 "injected: the first decide fails".into(),
             ))
@@ -76,6 +84,8 @@ impl Hooks for Watch {
         b: &[LoggedDecisions],
     ) -> Result<(), StoreError> {
         self.marks.fetch_add(1, Ordering::SeqCst);
+        // A moment later: the call sent just before may not have started.
+        tokio::time::sleep(Duration::from_millis(5)).await;
         if self.deciding.load(Ordering::SeqCst) > 0 {
             self.marks_during_a_decide.fetch_add(1, Ordering::SeqCst);
         }
@@ -83,9 +93,16 @@ impl Hooks for Watch {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    FirstCallFails,
+    SecondCallLost,
+}
+
 /// 600 requests on one partition, decided by one issuer in batches of 50.
 /// Returns the watch and the request ids in offset order.
-async fn drop_of_600(fail_first: bool) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
+async fn drop_of_600(fault: Fault) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
     let mock = MockKafka::start(1).unwrap();
     let topics = Topics::default();
     for spec in topics.specs(1, 1) {
@@ -93,7 +110,14 @@ async fn drop_of_600(fail_first: bool) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
             .unwrap();
     }
     let store = Arc::new(Hooked::new(Watch::default()));
-    store.hooks.fail_first.store(fail_first, Ordering::SeqCst);
+    store
+        .hooks
+        .fail_first
+        .store(fault == Fault::FirstCallFails, Ordering::SeqCst);
+    store
+        .hooks
+        .lost_second
+        .store(fault == Fault::SecondCallLost, Ordering::SeqCst);
     store
         .put_event(
             "pipe",
@@ -160,7 +184,7 @@ fn first_seen(calls: &[Vec<Uuid>]) -> Vec<Uuid> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_published_while_the_next_is_in_the_store_one_call_at_a_time_in_order() {
-    let (store, ids) = drop_of_600(false).await;
+    let (store, ids) = drop_of_600(Fault::None).await;
     let w = &store.hooks;
     assert_eq!(
         w.most_at_once.load(Ordering::SeqCst),
@@ -185,7 +209,7 @@ async fn batches_are_published_while_the_next_is_in_the_store_one_call_at_a_time
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_store_call_is_retried_before_the_next_batch_is_sent() {
-    let (store, ids) = drop_of_600(true).await;
+    let (store, ids) = drop_of_600(Fault::FirstCallFails).await;
     let w = &store.hooks;
     assert_eq!(w.most_at_once.load(Ordering::SeqCst), 1);
     let calls = w.calls.lock().unwrap();
@@ -199,4 +223,16 @@ async fn a_failed_store_call_is_retried_before_the_next_batch_is_sent() {
         ids,
         "offset order holds across the retry"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_event_answer_is_judged_on_a_fresh_call_not_an_old_answer() {
+    // The second batch's answer says "unknown event" (the store had lost its
+    // state); by the time it is looked at, the store has its epoch again.
+    // Judged on that old answer, the batch would be dead-lettered as poison
+    // and its requests never decided (drop_of_600 waits for every one).
+    let (store, ids) = drop_of_600(Fault::SecondCallLost).await;
+    let calls = store.hooks.calls.lock().unwrap();
+    assert_eq!(calls[2], calls[1], "the batch is decided again at once");
+    assert_eq!(first_seen(&calls), ids);
 }
