@@ -329,7 +329,11 @@ pub async fn bench_issuer(
     let mut done_count = 0;
     let mut at_first = 0;
     while done_count < accepted && Instant::now() < deadline && !cancel.is_cancelled() {
-        done_count = committed.sum().await?;
+        // A failed look (a coordinator still loading, say) is looked again.
+        match committed.sum().await {
+            Ok(n) => done_count = n,
+            Err(e) => eprintln!("reading the committed offsets failed ({e}); looking again"),
+        }
         if first.is_none() && done_count > 0 {
             first = Some(Instant::now());
             at_first = done_count;

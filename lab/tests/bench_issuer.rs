@@ -13,7 +13,7 @@ fn every_request_is_counted_decided_and_each_watched_process_has_its_cpu() {
         .args([
             "bench-issuer",
             "--requests",
-            "6000",
+            "20000",
             "--partitions",
             "4",
             "--batch-size",
@@ -23,6 +23,8 @@ fn every_request_is_counted_decided_and_each_watched_process_has_its_cpu() {
         ])
         .env_remove("BENCH_BROKERS")
         .env_remove("BENCH_REDIS_URL")
+        .env_remove("BENCH_ISSUERS")
+        .env_remove("BENCH_STOCK")
         .output()
         .expect("coupon-lab runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -37,8 +39,8 @@ fn every_request_is_counted_decided_and_each_watched_process_has_its_cpu() {
         .find(|l| l.starts_with('{'))
         .expect("one JSON line of results");
     let r: serde_json::Value = serde_json::from_str(line).unwrap();
-    assert_eq!(r["prefilled"], 6000, "{r}");
-    assert_eq!(r["decided"], 6000, "every pre-filled request decided: {r}");
+    assert_eq!(r["prefilled"], 20000, "{r}");
+    assert_eq!(r["decided"], 20000, "every pre-filled request decided: {r}");
     assert_eq!(r["replays"], 0);
     assert!(r["decided_per_s"].as_f64().unwrap() > 0.0);
     let cpu = r["cpu_us_per_decision"]

@@ -109,7 +109,7 @@ impl DashboardArgs {
                 "waiting up to {} for a browser tab to open it",
                 humantime_short(self.dashboard_wait)
             );
-            if !d.wait_for_tab(self.dashboard_wait, cancel).await {
+            if !d.wait_for_tab(self.dashboard_wait, cancel).await && !cancel.is_cancelled() {
                 println!("no tab opened the page; starting anyway");
             }
         }
