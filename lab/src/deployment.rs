@@ -204,7 +204,15 @@ impl LivePage {
         args: &DashboardArgs,
         cancel: &CancellationToken,
     ) -> Result<Option<LivePage>, LabError> {
-        Ok(args.start(cancel).await?.map(|d| LivePage(Arc::new(d))))
+        let page = args.start(cancel).await?.map(|d| LivePage(Arc::new(d)));
+        // Ctrl-C while waiting for a tab ends the command, not the wait.
+        if cancel.is_cancelled() {
+            if let Some(page) = page {
+                page.close(args, cancel).await;
+            }
+            return Err(LabError::Cancelled);
+        }
+        Ok(page)
     }
 
     /// After the last drop: keeps the final page up for the linger `args`

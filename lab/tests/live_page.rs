@@ -88,3 +88,35 @@ async fn a_sweeps_page_follows_every_points_drop_to_its_end() {
     }
     let _ = std::fs::remove_dir_all(out);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_while_the_demo_waits_for_a_tab_ends_it_before_any_drop() {
+    let port = couponrush_harness::free_port();
+    let page = format!("127.0.0.1:{port}");
+    let argv = [
+        "coupon-lab",
+        "demo",
+        "--dashboard",
+        &page,
+        "--dashboard-wait",
+        "2m",
+    ];
+    let cancel = CancellationToken::new();
+    let demo = tokio::spawn(couponrush_lab::main(Cli::parse_from(argv), cancel.clone()));
+    // The page is served and nobody opens it: the demo is waiting.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(port).is_none() {
+        assert!(Instant::now() < deadline, "the page is served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state(port).unwrap()["phase"], "waiting");
+    cancel.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(10), demo)
+        .await
+        .expect("Ctrl-C ends the wait and the demo at once")
+        .unwrap();
+    assert!(
+        matches!(ended, Err(couponrush_lab::LabError::Cancelled)),
+        "cancelled, no drop run: {ended:?}"
+    );
+}
