@@ -1,8 +1,8 @@
 //! `coupon-lab sweep` end to end at a tiny size, on a private tansu and
 //! redis-server per run (`--fresh`): every point is measured once per round,
 //! the medians land in sweep.json/txt/svg, the audit of every run is clean,
-//! and the strict-order partitioner keeps arrival order (up to requests sent
-//! at the same instant).
+//! and the strict-order partitioner keeps arrival order far better than a
+//! spread event (up to requests sent at nearly the same instant).
 
 use clap::Parser;
 use couponrush_lab::{sweep, Cli, Command};
@@ -50,17 +50,41 @@ async fn a_fresh_sweep_measures_every_point_every_round() {
         serde_json::from_slice(&std::fs::read(out.join("sweep.json")).unwrap()).unwrap();
     let points = json["points"].as_array().expect("points");
     assert_eq!(points.len(), 4, "2 partitioners x 2 partition counts");
+    let point = |partitioner: &str, partitions: u64| {
+        points
+            .iter()
+            .find(|p| p["partitioner"] == partitioner && p["partitions"] == partitions)
+            .unwrap_or_else(|| panic!("no point {partitioner} p={partitions}"))
+    };
     for p in points {
         assert_eq!(p["runs"], 2, "every point measured in every round: {p}");
         assert_eq!(p["failures"], 0, "{p}");
         assert!(p["decided_per_s"].as_f64().unwrap() > 0.0, "{p}");
-        if p["partitioner"] == "event" {
-            // One key: one partition, decided in log order. Arrival is the
-            // time stamped before the send, so only requests sent at the same
-            // moment can swap (stamped A, B; B reached the log first).
-            assert!(p["inversion_ratio"].as_f64().unwrap() < 0.01, "{p}");
-            assert!(p["displacement_p99"].as_u64().unwrap() <= 2, "{p}");
-        }
+    }
+    // One key: one partition, decided in log order. Arrival is the time
+    // stamped before the send, so a request is overtaken only by requests
+    // stamped after it that reached the log first: those sent while its
+    // thread was descheduled between stamp and send. How many that is depends
+    // on the machine's load (CI once saw a p99 displacement of 5 on a busy
+    // 2-core runner), so the test does not bound it absolutely; it checks
+    // the effect the sweep exists to show. Spreading one event over two
+    // partitions read by one issuer reorders by whole fetches (inversions
+    // ~0.26, p99 displacement ~300 in every run so far); one key keeps the
+    // order up to those near-simultaneous sends.
+    let spread = point("spread", 2);
+    for partitions in [1, 2] {
+        let event = point("event", partitions);
+        let inversions = event["inversion_ratio"].as_f64().unwrap();
+        assert!(inversions < 0.01, "{event}");
+        assert!(
+            inversions * 10.0 < spread["inversion_ratio"].as_f64().unwrap(),
+            "one key keeps arrival order far better than a spread event:\n{event}\n{spread}"
+        );
+        assert!(
+            event["displacement_p99"].as_u64().unwrap() * 10
+                < spread["displacement_p99"].as_u64().unwrap(),
+            "one key keeps arrival order far better than a spread event:\n{event}\n{spread}"
+        );
     }
     assert!(json["kafka"].as_str().unwrap().contains("fresh tansu"));
     let svg = std::fs::read_to_string(out.join("sweep.svg")).unwrap();
