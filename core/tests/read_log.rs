@@ -157,3 +157,59 @@ async fn tansu_resuming_mid_batch_skips_to_the_next_batch() {
     .unwrap();
     assert_eq!(first, 20, "offsets 10..20 are passed over");
 }
+
+/// The same fault's other face, which the issuer also works around
+/// (`issuer/src/broker_quirk.rs`): asked to fetch from the middle of the
+/// partition's *last* batch, tansu 0.6.0 has no next batch to skip to and
+/// answers with nothing, until another batch is written (at the end of a
+/// drop: never). If this test fails, tansu fixed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_resuming_mid_way_into_the_last_batch_returns_nothing() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let topic = "mid-last-batch";
+    let (_tansu, kafka) = broker_with(topic, 1).await;
+    let producer: FutureProducer = kafka.producer_config("t", 100_000).create().unwrap();
+    let payloads: Vec<String> = (0..20).map(|i| format!("last-{i}")).collect();
+    let fs: Vec<_> = payloads
+        .iter()
+        .map(|p| {
+            producer
+                .send_result(
+                    FutureRecord::<(), str>::to(topic)
+                        .payload(p.as_str())
+                        .partition(0),
+                )
+                .map_err(|(e, _)| e)
+                .expect("queued")
+        })
+        .collect();
+    for f in fs {
+        f.await.unwrap().unwrap();
+    }
+    let k = kafka.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = k
+            .client_config("t")
+            .set("group.id", "mid-last")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("mid-last-batch", 0, Offset::Offset(10))
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        let start = std::time::Instant::now();
+        let mut read = Vec::new();
+        while start.elapsed() < Duration::from_secs(4) {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                read.push(m.offset());
+            }
+        }
+        read
+    })
+    .await
+    .unwrap();
+    assert_eq!(read, Vec::<i64>::new(), "offsets 10..20 are never returned");
+}

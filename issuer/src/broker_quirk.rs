@@ -17,6 +17,17 @@
 //! that may sit mid-batch, so it is guarded the same way, from the
 //! application's position.
 //!
+//! When the committed offset sits in the middle of the partition's *last*
+//! batch, there is no next batch to skip to: tansu answers with nothing
+//! until another batch is written, which at the end of a drop never happens
+//! (`core/tests/read_log.rs`; the chaos suite's `reused-key` once left one
+//! request undecided this way after a rejoin). So a guarded partition that
+//! yields no record for [`SILENT`] while the loop polls is rewound too;
+//! reading the record just below the committed offset then proves the
+//! position sound (the next record is the one at it, in the same batch or
+//! at the start of the next), and a partition rewound to its start that
+//! still yields nothing has nothing to read.
+//!
 //! ## tansu 0.6 leaves a dead member's partitions assigned
 //! A member that dies without leaving (SIGKILL) is dropped from the group
 //! when a live member's heartbeat finds its session expired, but the group
@@ -51,6 +62,10 @@ use crate::offsets::Tp;
 /// on each further skip.
 const REWIND: i64 = 1000;
 
+/// How long a newly assigned or resumed partition may yield no record
+/// before it is rewound (see the module doc).
+pub const SILENT: Duration = Duration::from_secs(2);
+
 /// Where a newly assigned partition must resume.
 #[derive(Debug, Clone, Copy)]
 struct Resume {
@@ -58,6 +73,8 @@ struct Resume {
     expect: i64,
     /// How far back the last rewind went (0: none yet).
     rewind: i64,
+    /// Since when no record came: the expectation was set or last rewound.
+    since: Instant,
 }
 
 /// Per newly assigned partition, the offset its first record must have.
@@ -112,6 +129,7 @@ impl ResumeGuard {
             Resume {
                 expect: offset,
                 rewind: 0,
+                since: Instant::now(),
             },
         );
     }
@@ -140,6 +158,13 @@ impl ResumeGuard {
             return true;
         };
         if offset < r.expect {
+            // Read again below it after a rewind (librdkafka hands out
+            // nothing below the offset it fetches from, so only after one).
+            // The record just below proves the position sound: the next is
+            // the one at it.
+            if r.rewind > 0 && offset == r.expect - 1 {
+                resume.remove(&tp);
+            }
             return false;
         }
         if offset == r.expect || r.rewind >= r.expect {
@@ -154,36 +179,67 @@ impl ResumeGuard {
             resume.remove(&tp);
             return true;
         }
-        // The rewind grows only once a seek to it succeeded: a failed seek
-        // retries the same target on the next record, so the guard never
-        // gives up on records it did not read.
+        metrics::counter!("couponrush_issuer_broker_skips_total").increment(1);
+        drop(resume);
+        self.rewind(
+            consumer,
+            tp,
+            &format!("the broker resumed past the committed offset (got {offset}); rewinding so no record is passed over"),
+        );
+        false
+    }
+
+    /// Between batches, not while paused: rewinds each guarded partition
+    /// that yielded no record for [`SILENT`] (the committed offset may sit
+    /// in the log's last batch), and forgets one rewound to its start that
+    /// still yields nothing (it has nothing to read).
+    pub fn rewind_silent<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        let silent: Vec<(Tp, Resume)> = self
+            .resume()
+            .iter()
+            .filter(|(_, r)| r.since.elapsed() >= SILENT)
+            .map(|(tp, r)| (tp.clone(), *r))
+            .collect();
+        for (tp, r) in silent {
+            if r.rewind >= r.expect {
+                self.resume().remove(&tp);
+                continue;
+            }
+            metrics::counter!("couponrush_issuer_broker_silent_total").increment(1);
+            self.rewind(
+                consumer,
+                tp,
+                "no record came from the committed offset (the broker may hold it in the middle of its last batch); rewinding",
+            );
+        }
+    }
+
+    /// Seeks `tp` further back than the last time. The rewind grows only
+    /// once a seek to it succeeded: a failed seek retries the same target
+    /// next time, so the guard never gives up on records it did not read.
+    fn rewind<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, tp: Tp, why: &str) {
+        let Some(r) = self.resume().get(&tp).copied() else {
+            return;
+        };
         let next = if r.rewind == 0 { REWIND } else { r.rewind * 2 };
         let target = (r.expect - next).max(0);
-        metrics::counter!("couponrush_issuer_broker_skips_total").increment(1);
-        tracing::warn!(
-            partition,
-            expected = r.expect,
-            got = offset,
-            rewind_to = target,
-            "the broker resumed past the committed offset; rewinding so no record is passed over"
-        );
-        drop(resume);
-        match consumer.seek(
+        let (topic, partition) = (&tp.0, tp.1);
+        tracing::warn!(partition, expected = r.expect, rewind_to = target, "{why}");
+        let seek = consumer.seek(
             topic,
             partition,
             Offset::Offset(target),
             Duration::from_secs(5),
-        ) {
-            Ok(()) => {
-                if let Some(r) = self.resume().get_mut(&tp) {
-                    r.rewind = next;
+        );
+        if let Some(r) = self.resume().get_mut(&tp) {
+            r.since = Instant::now();
+            match seek {
+                Ok(()) => r.rewind = next,
+                Err(e) => {
+                    tracing::warn!(error = %e, partition, "rewind failed; retrying")
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, partition, "rewind failed; retrying on the next record")
-            }
         }
-        false
     }
 }
 
@@ -410,6 +466,70 @@ mod tests {
             guard.admit(&consumer, "t", 2, 50),
             "a revoked partition is forgotten"
         );
+    }
+
+    /// A consumer that never connects but has `t` 0..4 assigned, so a seek
+    /// is taken locally.
+    fn assigned_consumer() -> BaseConsumer {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "quirk-silent")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..4 {
+            tpl.add_partition_offset("t", p, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        consumer
+    }
+
+    /// Backdates `tp`'s silence by `SILENT`.
+    fn silent_for_long(guard: &ResumeGuard, tp: Tp) {
+        guard.resume().get_mut(&tp).unwrap().since -= SILENT;
+    }
+
+    #[test]
+    fn a_silent_partition_is_rewound_until_the_record_below_its_offset_comes() {
+        let consumer = assigned_consumer();
+        let guard = ResumeGuard::default();
+        let tp = ("t".to_string(), 0);
+        guard.expect(tp.clone(), 3000);
+        guard.rewind_silent(&consumer);
+        assert_eq!(guard.resume()[&tp].rewind, 0, "not silent for long yet");
+        assert!(
+            !guard.admit(&consumer, "t", 0, 2999),
+            "below, with no rewind yet: refused, and proves nothing"
+        );
+        assert!(guard.resume().contains_key(&tp));
+
+        silent_for_long(&guard, tp.clone());
+        guard.rewind_silent(&consumer);
+        assert_eq!(guard.resume()[&tp].rewind, REWIND, "silent: rewound");
+        assert!(!guard.admit(&consumer, "t", 0, 2000), "read again below");
+        assert!(
+            !guard.admit(&consumer, "t", 0, 2999),
+            "the record just below: decided already"
+        );
+        assert!(
+            guard.admit(&consumer, "t", 0, 3000),
+            "the one at the committed offset follows"
+        );
+        assert!(guard.admit(&consumer, "t", 0, 3001));
+        assert!(guard.resume().is_empty());
+
+        // Silent again and again: the rewind doubles, and a partition
+        // rewound to its start that still yields nothing is let go.
+        let tp = ("t".to_string(), 1);
+        guard.expect(tp.clone(), 1500);
+        for rewind in [REWIND, 2 * REWIND] {
+            silent_for_long(&guard, tp.clone());
+            guard.rewind_silent(&consumer);
+            assert_eq!(guard.resume()[&tp].rewind, rewind);
+        }
+        silent_for_long(&guard, tp.clone());
+        guard.rewind_silent(&consumer);
+        assert!(guard.resume().is_empty(), "nothing to read: let go");
     }
 
     #[test]
