@@ -1,6 +1,7 @@
 //! Broker quirks, worked around here so the loop reads as the loop. Apache
-//! Kafka has neither; against it this module only ever admits records and
-//! never rejoins.
+//! Kafka has neither; against it this module never rejoins and admits every
+//! record, at most re-reading (and skipping) up to [`REWIND`] records of a
+//! partition that is silent after an assignment because it has nothing new.
 //!
 //! ## tansu 0.6 can resume a fetch past the committed offset
 //! When a fetch starts in the middle of a producer batch, tansu 0.6.0
@@ -181,11 +182,7 @@ impl ResumeGuard {
         }
         metrics::counter!("couponrush_issuer_broker_skips_total").increment(1);
         drop(resume);
-        self.rewind(
-            consumer,
-            tp,
-            &format!("the broker resumed past the committed offset (got {offset}); rewinding so no record is passed over"),
-        );
+        self.rewind(consumer, tp, Some(offset));
         false
     }
 
@@ -205,26 +202,42 @@ impl ResumeGuard {
                 self.resume().remove(&tp);
                 continue;
             }
+            // Usually a partition with nothing new, so not a warning.
             metrics::counter!("couponrush_issuer_broker_silent_total").increment(1);
-            self.rewind(
-                consumer,
-                tp,
-                "no record came from the committed offset (the broker may hold it in the middle of its last batch); rewinding",
+            tracing::info!(
+                partition = tp.1,
+                expected = r.expect,
+                "no record came from the committed offset in {SILENT:?}; rewinding, in case the broker holds it in the middle of its last batch"
             );
+            self.rewind(consumer, tp, None);
         }
     }
 
     /// Seeks `tp` further back than the last time. The rewind grows only
     /// once a seek to it succeeded: a failed seek retries the same target
     /// next time, so the guard never gives up on records it did not read.
-    fn rewind<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, tp: Tp, why: &str) {
+    /// `skipped_to`: the record that showed the broker skipped, if one did.
+    fn rewind<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        tp: Tp,
+        skipped_to: Option<i64>,
+    ) {
         let Some(r) = self.resume().get(&tp).copied() else {
             return;
         };
         let next = if r.rewind == 0 { REWIND } else { r.rewind * 2 };
         let target = (r.expect - next).max(0);
         let (topic, partition) = (&tp.0, tp.1);
-        tracing::warn!(partition, expected = r.expect, rewind_to = target, "{why}");
+        if let Some(got) = skipped_to {
+            tracing::warn!(
+                partition,
+                expected = r.expect,
+                got,
+                rewind_to = target,
+                "the broker resumed past the committed offset; rewinding so no record is passed over"
+            );
+        }
         let seek = consumer.seek(
             topic,
             partition,
