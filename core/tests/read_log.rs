@@ -9,6 +9,17 @@ use couponrush_core::topics::TopicSpec;
 use couponrush_harness::{Tansu, TansuStorage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+/// A producer whose batches close on `n` records (or a 5 s linger), so a
+/// test lays out the producer batches it means however busy the machine.
+fn batches_of(kafka: &KafkaSettings, n: usize) -> FutureProducer {
+    kafka
+        .producer_config("t", 100_000)
+        .set("linger.ms", "5000")
+        .set("batch.num.messages", n.to_string())
+        .create()
+        .unwrap()
+}
+
 /// A fresh tansu with one topic of `partitions` partitions.
 async fn broker_with(topic: &str, partitions: i32) -> (Tansu, KafkaSettings) {
     let tansu =
@@ -115,7 +126,7 @@ async fn tansu_resuming_mid_batch_skips_to_the_next_batch() {
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
     let topic = "mid-batch";
     let (_tansu, kafka) = broker_with(topic, 1).await;
-    let producer: FutureProducer = kafka.producer_config("t", 100_000).create().unwrap();
+    let producer = batches_of(&kafka, 20);
     for round in 0..2 {
         let payloads: Vec<String> = (0..20).map(|i| format!("{round}-{i}")).collect();
         let fs: Vec<_> = payloads
@@ -170,7 +181,7 @@ async fn tansu_resuming_mid_way_into_the_last_batch_returns_nothing() {
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
     let topic = "mid-last-batch";
     let (_tansu, kafka) = broker_with(topic, 1).await;
-    let producer: FutureProducer = kafka.producer_config("t", 100_000).create().unwrap();
+    let producer = batches_of(&kafka, 20);
     let payloads: Vec<String> = (0..20).map(|i| format!("last-{i}")).collect();
     let fs: Vec<_> = payloads
         .iter()

@@ -1,7 +1,8 @@
 //! Broker quirks, worked around here so the loop reads as the loop. Apache
-//! Kafka has neither; against it this module never rejoins and admits every
-//! record, at most re-reading (and skipping) up to [`REWIND`] records of a
-//! partition that is silent after an assignment because it has nothing new.
+//! Kafka has neither; against it this module never rejoins and decides no
+//! record twice, but a partition silent after an assignment or a resume
+//! (because it has nothing new) is rewound and re-read, its records skipped:
+//! [`REWIND`] records, doubling for each [`SILENT`] the re-read takes.
 //!
 //! ## tansu 0.6 can resume a fetch past the committed offset
 //! When a fetch starts in the middle of a producer batch, tansu 0.6.0
@@ -23,11 +24,13 @@
 //! until another batch is written, which at the end of a drop never happens
 //! (`core/tests/read_log.rs`; the chaos suite's `reused-key` once left one
 //! request undecided this way after a rejoin). So a guarded partition that
-//! yields no record for [`SILENT`] while the loop polls is rewound too;
+//! yields no record for [`SILENT`] is rewound too (the notifier's
+//! `TailWatch` does the same for its own consumer);
 //! reading the record just below the committed offset then proves the
 //! position sound (the next record is the one at it, in the same batch or
-//! at the start of the next), and a partition rewound to its start that
-//! still yields nothing has nothing to read.
+//! at the start of the next). Every record read again restarts the silence,
+//! so a slow re-read is not thrown away; a partition rewound to its start
+//! is not sought again, and still refuses what lies below its offset.
 //!
 //! ## tansu 0.6 leaves a dead member's partitions assigned
 //! A member that dies without leaving (SIGKILL) is dropped from the group
@@ -124,11 +127,16 @@ impl ResumeGuard {
     }
 
     /// The first record read from `tp` must be at `offset`.
+    /// An expectation already held (a resume in the middle of a rewind's
+    /// re-read, whose position is below it) is kept: records between the
+    /// two were decided already.
     fn expect(&self, tp: Tp, offset: i64) {
-        self.resume().insert(
+        let mut resume = self.resume();
+        let held = resume.get(&tp).map_or(offset, |r| r.expect);
+        resume.insert(
             tp,
             Resume {
-                expect: offset,
+                expect: offset.max(held),
                 rewind: 0,
                 since: Instant::now(),
             },
@@ -163,8 +171,13 @@ impl ResumeGuard {
             // nothing below the offset it fetches from, so only after one).
             // The record just below proves the position sound: the next is
             // the one at it.
+            // (librdkafka drops a batch cut short by the response size
+            // whole, so a record read is never the last of a cut batch.)
+            // Any record read again is progress: the silence restarts.
             if r.rewind > 0 && offset == r.expect - 1 {
                 resume.remove(&tp);
+            } else {
+                r.since = Instant::now();
             }
             return false;
         }
@@ -187,9 +200,10 @@ impl ResumeGuard {
     }
 
     /// Between batches, not while paused: rewinds each guarded partition
-    /// that yielded no record for [`SILENT`] (the committed offset may sit
-    /// in the log's last batch), and forgets one rewound to its start that
-    /// still yields nothing (it has nothing to read).
+    /// that yielded no record for [`SILENT`] since its expectation was set,
+    /// it was last rewound or it last gave a record (the committed offset
+    /// may sit in the log's last batch). One rewound to its start already is
+    /// left as it is.
     pub fn rewind_silent<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
         let silent: Vec<(Tp, Resume)> = self
             .resume()
@@ -198,8 +212,10 @@ impl ResumeGuard {
             .map(|(tp, r)| (tp.clone(), *r))
             .collect();
         for (tp, r) in silent {
+            // Rewound to the log's start already: nothing below is left to
+            // read again. The guard stays (a record at or beyond the
+            // committed offset ends it in `admit`), without seeking again.
             if r.rewind >= r.expect {
-                self.resume().remove(&tp);
                 continue;
             }
             // Usually a partition with nothing new, so not a warning.
@@ -531,18 +547,40 @@ mod tests {
         assert!(guard.admit(&consumer, "t", 0, 3001));
         assert!(guard.resume().is_empty());
 
-        // Silent again and again: the rewind doubles, and a partition
-        // rewound to its start that still yields nothing is let go.
+        // A slow re-read is progress, not silence.
+        let tp = ("t".to_string(), 2);
+        guard.expect(tp.clone(), 5000);
+        silent_for_long(&guard, tp.clone());
+        guard.rewind_silent(&consumer);
+        silent_for_long(&guard, tp.clone());
+        assert!(!guard.admit(&consumer, "t", 2, 4100), "read again below");
+        guard.rewind_silent(&consumer);
+        assert_eq!(
+            guard.resume()[&tp].rewind,
+            REWIND,
+            "a record read again restarts the silence: no second rewind"
+        );
+
+        // A resume in the middle of the re-read, from a position below the
+        // committed offset, keeps the committed offset.
+        guard.expect(tp.clone(), 4200);
+        assert_eq!(guard.resume()[&tp].expect, 5000);
+        assert!(
+            !guard.admit(&consumer, "t", 2, 4300),
+            "still below: refused"
+        );
+
+        // Silent again and again: the rewind doubles until the log's start,
+        // then the guard seeks no more and still refuses what lies below.
         let tp = ("t".to_string(), 1);
         guard.expect(tp.clone(), 1500);
-        for rewind in [REWIND, 2 * REWIND] {
+        for rewind in [REWIND, 2 * REWIND, 2 * REWIND] {
             silent_for_long(&guard, tp.clone());
             guard.rewind_silent(&consumer);
             assert_eq!(guard.resume()[&tp].rewind, rewind);
         }
-        silent_for_long(&guard, tp.clone());
-        guard.rewind_silent(&consumer);
-        assert!(guard.resume().is_empty(), "nothing to read: let go");
+        assert!(!guard.admit(&consumer, "t", 1, 20), "below: refused");
+        assert!(guard.admit(&consumer, "t", 1, 1500), "at it: admitted");
     }
 
     #[test]

@@ -48,7 +48,14 @@ async fn two_producer_batches(store: &dyn Store) -> (Tansu, KafkaSettings, Topic
         )
         .await
         .unwrap();
-    let producer: FutureProducer = kafka.producer_config("t", 10_000).create().unwrap();
+    // Batches close on 25 records (not on the linger), however busy the
+    // machine: the tests rely on where the batches start.
+    let producer: FutureProducer = kafka
+        .producer_config("t", 10_000)
+        .set("linger.ms", "5000")
+        .set("batch.num.messages", "25")
+        .create()
+        .unwrap();
     let mut ids = Vec::new();
     for chunk in 0..2 {
         let reqs: Vec<IssueRequest> = (0..25)
