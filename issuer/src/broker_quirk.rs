@@ -1,6 +1,8 @@
 //! Broker quirks, worked around here so the loop reads as the loop. Apache
-//! Kafka has neither; against it this module only ever admits records and
-//! never rejoins.
+//! Kafka has neither; against it this module never rejoins and decides no
+//! record twice, but a partition silent after an assignment or a resume
+//! (because it has nothing new) is rewound and re-read, its records skipped:
+//! [`REWIND`] records, doubling for each [`SILENT`] the re-read takes.
 //!
 //! ## tansu 0.6 can resume a fetch past the committed offset
 //! When a fetch starts in the middle of a producer batch, tansu 0.6.0
@@ -16,6 +18,19 @@
 //! the store is failing or being rebuilt) is the same fetch from a position
 //! that may sit mid-batch, so it is guarded the same way, from the
 //! application's position.
+//!
+//! When the committed offset sits in the middle of the partition's *last*
+//! batch, there is no next batch to skip to: tansu answers with nothing
+//! until another batch is written, which at the end of a drop never happens
+//! (`core/tests/read_log.rs`; the chaos suite's `reused-key` once left one
+//! request undecided this way after a rejoin). So a guarded partition that
+//! yields no record for [`SILENT`] is rewound too (the notifier's
+//! `TailWatch` does the same for its own consumer);
+//! reading the record just below the committed offset then proves the
+//! position sound (the next record is the one at it, in the same batch or
+//! at the start of the next). Every record read again restarts the silence,
+//! so a slow re-read is not thrown away; a partition rewound to its start
+//! is not sought again, and still refuses what lies below its offset.
 //!
 //! ## tansu 0.6 leaves a dead member's partitions assigned
 //! A member that dies without leaving (SIGKILL) is dropped from the group
@@ -51,6 +66,10 @@ use crate::offsets::Tp;
 /// on each further skip.
 const REWIND: i64 = 1000;
 
+/// How long a newly assigned or resumed partition may yield no record
+/// before it is rewound (see the module doc).
+pub const SILENT: Duration = Duration::from_secs(2);
+
 /// Where a newly assigned partition must resume.
 #[derive(Debug, Clone, Copy)]
 struct Resume {
@@ -58,6 +77,8 @@ struct Resume {
     expect: i64,
     /// How far back the last rewind went (0: none yet).
     rewind: i64,
+    /// Since when no record came: the expectation was set or last rewound.
+    since: Instant,
 }
 
 /// Per newly assigned partition, the offset its first record must have.
@@ -106,12 +127,18 @@ impl ResumeGuard {
     }
 
     /// The first record read from `tp` must be at `offset`.
+    /// An expectation already held (a resume in the middle of a rewind's
+    /// re-read, whose position is below it) is kept: records between the
+    /// two were decided already.
     fn expect(&self, tp: Tp, offset: i64) {
-        self.resume().insert(
+        let mut resume = self.resume();
+        let held = resume.get(&tp).map_or(offset, |r| r.expect);
+        resume.insert(
             tp,
             Resume {
-                expect: offset,
+                expect: offset.max(held),
                 rewind: 0,
+                since: Instant::now(),
             },
         );
     }
@@ -140,6 +167,18 @@ impl ResumeGuard {
             return true;
         };
         if offset < r.expect {
+            // Read again below it after a rewind (librdkafka hands out
+            // nothing below the offset it fetches from, so only after one).
+            // The record just below proves the position sound: the next is
+            // the one at it.
+            // (librdkafka drops a batch cut short by the response size
+            // whole, so a record read is never the last of a cut batch.)
+            // Any record read again is progress: the silence restarts.
+            if r.rewind > 0 && offset == r.expect - 1 {
+                resume.remove(&tp);
+            } else {
+                r.since = Instant::now();
+            }
             return false;
         }
         if offset == r.expect || r.rewind >= r.expect {
@@ -154,36 +193,83 @@ impl ResumeGuard {
             resume.remove(&tp);
             return true;
         }
-        // The rewind grows only once a seek to it succeeded: a failed seek
-        // retries the same target on the next record, so the guard never
-        // gives up on records it did not read.
+        metrics::counter!("couponrush_issuer_broker_skips_total").increment(1);
+        drop(resume);
+        self.rewind(consumer, tp, Some(offset));
+        false
+    }
+
+    /// Between batches, not while paused: rewinds each guarded partition
+    /// that yielded no record for [`SILENT`] since its expectation was set,
+    /// it was last rewound or it last gave a record (the committed offset
+    /// may sit in the log's last batch). One rewound to its start already is
+    /// left as it is.
+    pub fn rewind_silent<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        let silent: Vec<(Tp, Resume)> = self
+            .resume()
+            .iter()
+            .filter(|(_, r)| r.since.elapsed() >= SILENT)
+            .map(|(tp, r)| (tp.clone(), *r))
+            .collect();
+        for (tp, r) in silent {
+            // Rewound to the log's start already: nothing below is left to
+            // read again. The guard stays (a record at or beyond the
+            // committed offset ends it in `admit`), without seeking again.
+            if r.rewind >= r.expect {
+                continue;
+            }
+            // Usually a partition with nothing new, so not a warning.
+            metrics::counter!("couponrush_issuer_broker_silent_total").increment(1);
+            tracing::info!(
+                partition = tp.1,
+                expected = r.expect,
+                "no record came from the committed offset in {SILENT:?}; rewinding, in case the broker holds it in the middle of its last batch"
+            );
+            self.rewind(consumer, tp, None);
+        }
+    }
+
+    /// Seeks `tp` further back than the last time. The rewind grows only
+    /// once a seek to it succeeded: a failed seek retries the same target
+    /// next time, so the guard never gives up on records it did not read.
+    /// `skipped_to`: the record that showed the broker skipped, if one did.
+    fn rewind<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        tp: Tp,
+        skipped_to: Option<i64>,
+    ) {
+        let Some(r) = self.resume().get(&tp).copied() else {
+            return;
+        };
         let next = if r.rewind == 0 { REWIND } else { r.rewind * 2 };
         let target = (r.expect - next).max(0);
-        metrics::counter!("couponrush_issuer_broker_skips_total").increment(1);
-        tracing::warn!(
-            partition,
-            expected = r.expect,
-            got = offset,
-            rewind_to = target,
-            "the broker resumed past the committed offset; rewinding so no record is passed over"
-        );
-        drop(resume);
-        match consumer.seek(
-            topic,
-            partition,
-            Offset::Offset(target),
-            Duration::from_secs(5),
-        ) {
-            Ok(()) => {
-                if let Some(r) = self.resume().get_mut(&tp) {
-                    r.rewind = next;
+        let (topic, partition) = (&tp.0, tp.1);
+        if let Some(got) = skipped_to {
+            tracing::warn!(
+                partition,
+                expected = r.expect,
+                got,
+                rewind_to = target,
+                "the broker resumed past the committed offset; rewinding so no record is passed over"
+            );
+        }
+        // Asynchronous (a zero timeout): the seek is queued to the
+        // partition's fetcher and this returns at once, so the loop never
+        // waits on a broker thread (several silent partitions, one waiting
+        // seek each, would hold a batch up). It fails here only for a
+        // partition not assigned; records fetched before the seek are
+        // dropped by librdkafka, never handed out.
+        let seek = consumer.seek(topic, partition, Offset::Offset(target), Duration::ZERO);
+        if let Some(r) = self.resume().get_mut(&tp) {
+            r.since = Instant::now();
+            match seek {
+                Ok(()) => r.rewind = next,
+                Err(e) => {
+                    tracing::warn!(error = %e, partition, "rewind failed; retrying")
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, partition, "rewind failed; retrying on the next record")
-            }
         }
-        false
     }
 }
 
@@ -410,6 +496,92 @@ mod tests {
             guard.admit(&consumer, "t", 2, 50),
             "a revoked partition is forgotten"
         );
+    }
+
+    /// A consumer that never connects but has `t` 0..4 assigned, so a seek
+    /// is taken locally.
+    fn assigned_consumer() -> BaseConsumer {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "quirk-silent")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..4 {
+            tpl.add_partition_offset("t", p, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        consumer
+    }
+
+    /// Backdates `tp`'s silence by `SILENT`.
+    fn silent_for_long(guard: &ResumeGuard, tp: Tp) {
+        guard.resume().get_mut(&tp).unwrap().since -= SILENT;
+    }
+
+    #[test]
+    fn a_silent_partition_is_rewound_until_the_record_below_its_offset_comes() {
+        let consumer = assigned_consumer();
+        let guard = ResumeGuard::default();
+        let tp = ("t".to_string(), 0);
+        guard.expect(tp.clone(), 3000);
+        guard.rewind_silent(&consumer);
+        assert_eq!(guard.resume()[&tp].rewind, 0, "not silent for long yet");
+        assert!(
+            !guard.admit(&consumer, "t", 0, 2999),
+            "below, with no rewind yet: refused, and proves nothing"
+        );
+        assert!(guard.resume().contains_key(&tp));
+
+        silent_for_long(&guard, tp.clone());
+        guard.rewind_silent(&consumer);
+        assert_eq!(guard.resume()[&tp].rewind, REWIND, "silent: rewound");
+        assert!(!guard.admit(&consumer, "t", 0, 2000), "read again below");
+        assert!(
+            !guard.admit(&consumer, "t", 0, 2999),
+            "the record just below: decided already"
+        );
+        assert!(
+            guard.admit(&consumer, "t", 0, 3000),
+            "the one at the committed offset follows"
+        );
+        assert!(guard.admit(&consumer, "t", 0, 3001));
+        assert!(guard.resume().is_empty());
+
+        // A slow re-read is progress, not silence.
+        let tp = ("t".to_string(), 2);
+        guard.expect(tp.clone(), 5000);
+        silent_for_long(&guard, tp.clone());
+        guard.rewind_silent(&consumer);
+        silent_for_long(&guard, tp.clone());
+        assert!(!guard.admit(&consumer, "t", 2, 4100), "read again below");
+        guard.rewind_silent(&consumer);
+        assert_eq!(
+            guard.resume()[&tp].rewind,
+            REWIND,
+            "a record read again restarts the silence: no second rewind"
+        );
+
+        // A resume in the middle of the re-read, from a position below the
+        // committed offset, keeps the committed offset.
+        guard.expect(tp.clone(), 4200);
+        assert_eq!(guard.resume()[&tp].expect, 5000);
+        assert!(
+            !guard.admit(&consumer, "t", 2, 4300),
+            "still below: refused"
+        );
+
+        // Silent again and again: the rewind doubles until the log's start,
+        // then the guard seeks no more and still refuses what lies below.
+        let tp = ("t".to_string(), 1);
+        guard.expect(tp.clone(), 1500);
+        for rewind in [REWIND, 2 * REWIND, 2 * REWIND] {
+            silent_for_long(&guard, tp.clone());
+            guard.rewind_silent(&consumer);
+            assert_eq!(guard.resume()[&tp].rewind, rewind);
+        }
+        assert!(!guard.admit(&consumer, "t", 1, 20), "below: refused");
+        assert!(guard.admit(&consumer, "t", 1, 1500), "at it: admitted");
     }
 
     #[test]

@@ -45,13 +45,18 @@ pub struct Shared {
 
 impl Shared {
     /// Between batches: rejoins the group if a partition with records to
-    /// decide has been left without a live owner. Not while retrying: this
-    /// issuer's own trouble would look like everyone else's.
+    /// decide has been left without a live owner, and rewinds a newly
+    /// assigned or resumed partition that stays silent (both broker quirks).
+    /// Not while retrying: this issuer's own trouble would look like
+    /// everyone else's, and its paused partitions are silent.
     pub fn watch_orphans<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
         if self.paused.load(Ordering::Relaxed) {
             self.orphans.forget();
         } else {
             self.orphans.watch(consumer);
+            // A paused partition is silent by design; a running one that
+            // is silent from its committed offset may be held mid-batch.
+            self.resume.rewind_silent(consumer);
         }
     }
 

@@ -23,10 +23,9 @@ use couponrush_core::store::{
 use couponrush_core::{IssueRequest, Topics};
 use couponrush_harness::MockKafka;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use common::{read_outcomes, Hooked, Hooks};
+use common::{Hooked, Hooks};
 
 /// Watches the issuer's store calls.
 #[derive(Default)]
@@ -153,19 +152,14 @@ async fn drop_of_600(fault: Fault) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
 
     let mut config = couponrush_issuer::Config::local(&mock.brokers());
     config.batch_size = 50;
-    let stop = CancellationToken::new();
-    let issuer = tokio::spawn(couponrush_issuer::run_issuer(
+    let outcomes = common::issue_until(
         config,
+        &mock.brokers(),
         store.clone(),
-        stop.clone(),
-    ));
-    let reader = common::reader(&mock.brokers(), &topics.outcomes);
-    let mut outcomes = Vec::new();
-    read_outcomes(&reader, &mut outcomes, Duration::from_secs(60), |o| {
-        o.iter().map(|o| o.request_id).collect::<HashSet<_>>().len() >= requests.len()
-    });
-    stop.cancel();
-    issuer.await.unwrap().unwrap();
+        Duration::from_secs(60),
+        common::decided_at_least(requests.len()),
+    )
+    .await;
     let decided: HashSet<Uuid> = outcomes.iter().map(|o| o.request_id).collect();
     assert_eq!(decided.len(), requests.len(), "every request is decided");
     (store, requests.iter().map(|r| r.request_id).collect())

@@ -21,10 +21,9 @@ use couponrush_harness::{Tansu, TansuStorage};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use common::{read_outcomes, Hooked, Hooks};
+use common::{Hooked, Hooks};
 
 /// A private tansu whose one request partition holds two producer batches
 /// of 25 requests for event `resume` (stock 10, set up in `store`): offsets
@@ -49,7 +48,14 @@ async fn two_producer_batches(store: &dyn Store) -> (Tansu, KafkaSettings, Topic
         )
         .await
         .unwrap();
-    let producer: FutureProducer = kafka.producer_config("t", 10_000).create().unwrap();
+    // Batches close on 25 records (not on the linger), however busy the
+    // machine: the tests rely on where the batches start.
+    let producer: FutureProducer = kafka
+        .producer_config("t", 10_000)
+        .set("linger.ms", "5000")
+        .set("batch.num.messages", "25")
+        .create()
+        .unwrap();
     let mut ids = Vec::new();
     for chunk in 0..2 {
         let reqs: Vec<IssueRequest> = (0..25)
@@ -78,12 +84,13 @@ async fn two_producer_batches(store: &dyn Store) -> (Tansu, KafkaSettings, Topic
     (tansu, kafka, topics, ids)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_request_is_passed_over_when_a_partition_resumes_mid_batch() {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-    let (tansu, kafka, topics, ids) = two_producer_batches(&*store).await;
-
-    // An earlier member decided offsets 0..10 and committed 10: mid-batch.
+/// A new group whose earlier member committed `offset` on the requests
+/// partition; returns its id.
+async fn committed_by_an_earlier_member(
+    kafka: &KafkaSettings,
+    topics: &Topics,
+    offset: i64,
+) -> String {
     let group = format!("resume-{}", Uuid::new_v4().simple());
     let (k, g, t) = (kafka.clone(), group.clone(), topics.requests.clone());
     tokio::task::spawn_blocking(move || {
@@ -93,27 +100,57 @@ async fn no_request_is_passed_over_when_a_partition_resumes_mid_batch() {
             .create()
             .unwrap();
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&t, 0, Offset::Offset(10)).unwrap();
+        tpl.add_partition_offset(&t, 0, Offset::Offset(offset))
+            .unwrap();
         c.commit(&tpl, CommitMode::Sync).unwrap();
     })
     .await
     .unwrap();
+    group
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_is_left_unread_when_a_partition_resumes_mid_way_into_its_last_batch() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let (tansu, kafka, topics, ids) = two_producer_batches(&*store).await;
+    // Committed 35: in the middle of the last batch (25..50), where tansu
+    // answers a fetch with nothing, not even later (no batch follows).
+    let mut config = couponrush_issuer::Config::local(&tansu.brokers());
+    config.group_id = committed_by_an_earlier_member(&kafka, &topics, 35).await;
+    let outcomes = common::issue_until(
+        config,
+        &tansu.brokers(),
+        store.clone(),
+        Duration::from_secs(30),
+        |o| o.len() >= 15,
+    )
+    .await;
+    let decided: HashSet<Uuid> = outcomes.iter().map(|o| o.request_id).collect();
+    let expected: HashSet<Uuid> = ids[35..].iter().copied().collect();
+    assert_eq!(
+        decided, expected,
+        "every request from the committed offset on is decided, and nothing below it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_is_passed_over_when_a_partition_resumes_mid_batch() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let (tansu, kafka, topics, ids) = two_producer_batches(&*store).await;
+
+    // An earlier member decided offsets 0..10 and committed 10: mid-batch.
+    let group = committed_by_an_earlier_member(&kafka, &topics, 10).await;
 
     let mut config = couponrush_issuer::Config::local(&tansu.brokers());
     config.group_id = group;
-    let stop = CancellationToken::new();
-    let issuer = tokio::spawn(couponrush_issuer::run_issuer(
+    let outcomes = common::issue_until(
         config,
+        &tansu.brokers(),
         store.clone(),
-        stop.clone(),
-    ));
-    let reader = common::reader(&tansu.brokers(), &topics.outcomes);
-    let mut outcomes = Vec::new();
-    read_outcomes(&reader, &mut outcomes, Duration::from_secs(30), |o| {
-        o.len() >= 40
-    });
-    stop.cancel();
-    issuer.await.unwrap().unwrap();
+        Duration::from_secs(30),
+        |o| o.len() >= 40,
+    )
+    .await;
 
     let decided: HashSet<Uuid> = outcomes.iter().map(|o| o.request_id).collect();
     let expected: HashSet<Uuid> = ids[10..].iter().copied().collect();
@@ -156,7 +193,7 @@ impl Hooks for FailsOnce {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_is_passed_over_when_paused_partitions_resume_mid_batch() {
     let store = Arc::new(Hooked::new(FailsOnce::default()));
-    let (tansu, _, topics, ids) = two_producer_batches(&*store).await;
+    let (tansu, _, _, ids) = two_producer_batches(&*store).await;
 
     // Batches of 10: the first (offsets 0..10) fails once, so the issuer
     // pauses with its position at 10, in the middle of the first producer
@@ -164,19 +201,14 @@ async fn no_request_is_passed_over_when_paused_partitions_resume_mid_batch() {
     let mut config = couponrush_issuer::Config::local(&tansu.brokers());
     config.group_id = format!("pause-{}", Uuid::new_v4().simple());
     config.batch_size = 10;
-    let stop = CancellationToken::new();
-    let issuer = tokio::spawn(couponrush_issuer::run_issuer(
+    let outcomes = common::issue_until(
         config,
+        &tansu.brokers(),
         store.clone(),
-        stop.clone(),
-    ));
-    let reader = common::reader(&tansu.brokers(), &topics.outcomes);
-    let mut outcomes = Vec::new();
-    read_outcomes(&reader, &mut outcomes, Duration::from_secs(30), |o| {
-        o.iter().map(|o| o.request_id).collect::<HashSet<_>>().len() >= ids.len()
-    });
-    stop.cancel();
-    issuer.await.unwrap().unwrap();
+        Duration::from_secs(30),
+        common::decided_at_least(ids.len()),
+    )
+    .await;
     assert!(
         store.hooks.failed.load(Ordering::SeqCst),
         "the store failed once"

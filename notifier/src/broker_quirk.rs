@@ -1,4 +1,4 @@
-//! A broker quirk the issuer's guard does not cover, worked around here so
+//! A broker quirk, worked around here so
 //! the loop reads as the loop. Apache Kafka does not have it; against it
 //! this only ever forgets partitions that delivered their first record.
 //!
@@ -10,9 +10,10 @@
 //! batch is the partition's **last**, there is no next batch: the fetch
 //! returns nothing, no record ever arrives to be checked, and the records
 //! between the committed offset and the end wait until something new is
-//! written to that partition. The issuer sees new requests all the time;
-//! the notifier, at the end of a drop, does not: the last coupons of a
-//! partition would stay undelivered after a restart.
+//! written to that partition: at the end of a drop, never. The last coupons
+//! of a partition would stay undelivered after a restart. (The issuer's
+//! guard now rewinds a silent partition too, since CI's `reused-key` lost a
+//! request that way.)
 //!
 //! [`TailWatch`] keeps: **a partition from which no record at all has
 //! arrived within [`QUIET`] of its assignment (or resumption) is rewound**,

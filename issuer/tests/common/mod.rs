@@ -1,11 +1,16 @@
-//! Helpers shared by the issuer's integration tests: reading outcomes back.
+//! Helpers shared by the issuer's integration tests: running an issuer
+//! until its outcomes are in, reading outcomes back, a store with hooks.
 
 #![allow(dead_code)]
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
+use couponrush_core::store::Store;
 use couponrush_core::Outcome;
 use couponrush_harness::TopicReader;
+use tokio_util::sync::CancellationToken;
 
 /// A reader of `topic` from the beginning.
 pub fn reader(brokers: &str, topic: &str) -> TopicReader {
@@ -25,6 +30,38 @@ pub fn read_outcomes(
         |r| Outcome::parse(&r.payload).expect("outcomes parse"),
         done,
     );
+}
+
+/// Runs an issuer with `config` on `store` until the outcomes read back
+/// from `brokers` satisfy `done` (or `timeout` passes), stops it (it must
+/// stop cleanly), and returns the outcomes.
+pub async fn issue_until(
+    config: couponrush_issuer::Config,
+    brokers: &str,
+    store: Arc<dyn Store>,
+    timeout: Duration,
+    done: impl Fn(&[Outcome]) -> bool,
+) -> Vec<Outcome> {
+    let reader = reader(brokers, &config.topics.outcomes);
+    let stop = CancellationToken::new();
+    let issuer = tokio::spawn(couponrush_issuer::run_issuer(config, store, stop.clone()));
+    let mut outcomes = Vec::new();
+    read_outcomes(&reader, &mut outcomes, timeout, done);
+    stop.cancel();
+    issuer.await.unwrap().unwrap();
+    outcomes
+}
+
+/// Whether `outcomes` hold decisions of at least `n` different requests.
+pub fn decided_at_least(n: usize) -> impl Fn(&[Outcome]) -> bool {
+    move |outcomes| {
+        outcomes
+            .iter()
+            .map(|o| o.request_id)
+            .collect::<HashSet<_>>()
+            .len()
+            >= n
+    }
 }
 
 #[allow(unused_imports)]
