@@ -6,13 +6,13 @@
 //! librdkafka's retries never write it twice or out of order.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::DeliveryFuture;
@@ -394,6 +394,41 @@ pub fn partition_counts(
         counts.insert(topic.to_string(), n);
     }
     Ok(counts)
+}
+
+/// Leaves the consumer group *before* the consumer is dropped: unsubscribes,
+/// then polls, serving the rebalance callbacks, until nothing is assigned
+/// (for at most `within`). Records still handed out meanwhile are dropped
+/// uncommitted: the partition's next owner reads them. True if the member
+/// left with nothing assigned.
+///
+/// Why not just drop it: librdkafka 2.12 can hang for good in
+/// `rd_kafka_assign` when a rebalance is answered while the consumer is
+/// closing (confluentinc/librdkafka#4884, open). Seen here once, in
+/// `lab/tests/buckets.rs`: an in-process issuer's drop, polling the close
+/// queue, answered a revoke and never returned. With nothing assigned when
+/// the drop closes the consumer, closing has no rebalance to answer.
+pub fn leave_group<C: ConsumerContext>(consumer: &BaseConsumer<C>, within: Duration) -> bool {
+    consumer.unsubscribe();
+    let until = Instant::now() + within;
+    loop {
+        match consumer.assignment() {
+            Ok(a) if a.count() == 0 => return true,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "leaving the group: the assignment is unknown");
+                return false;
+            }
+        }
+        if Instant::now() >= until {
+            tracing::warn!(
+                ?within,
+                "leaving the group: partitions still assigned; closing anyway"
+            );
+            return false;
+        }
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
 }
 
 /// Sets the gauge `metric` (labels `topic`, `partition`) to each partition's

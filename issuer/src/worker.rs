@@ -51,6 +51,9 @@ use crate::publish::{Published, Publisher};
 use crate::rebalance::{IssuerContext, Shared};
 use crate::{Config, Totals};
 
+/// How long a stopping issuer waits for its partitions to be revoked.
+const LEAVE_WITHIN: Duration = Duration::from_secs(10);
+
 type PublishTask = tokio::task::JoinHandle<Result<Published, KafkaError>>;
 type StoreCall = tokio::task::JoinHandle<Result<Vec<BatchVerdict>, StoreError>>;
 
@@ -148,8 +151,9 @@ impl Worker {
                 self.complete(last);
             }
         }
-        // Everything done is committed synchronously, then closing the
-        // consumer (on drop) leaves the group so partitions move at once.
+        // Everything done is committed synchronously, then the member
+        // leaves the group (so partitions move at once) before the drop
+        // closes the consumer: see `leave_group` for why in that order.
         let done = self.shared.offsets.uncommitted(None);
         self.shared
             .offsets
@@ -157,7 +161,7 @@ impl Worker {
         if let Err(e) = self.publisher.flush(Duration::from_secs(5)) {
             tracing::warn!(error = %e, "flush at shutdown failed");
         }
-        self.consumer.unsubscribe();
+        couponrush_core::kafka::leave_group(&self.consumer, LEAVE_WITHIN);
         tracing::info!(
             decided = self.totals.decided,
             dead = self.totals.dead,

@@ -42,6 +42,9 @@ use crate::Config;
 /// behind for long (an endpoint outage), not at every burst.
 const CARRY: usize = 8192;
 
+/// How long a stopping notifier waits for its partitions to be revoked.
+const LEAVE_WITHIN: Duration = Duration::from_secs(10);
+
 /// One ledger record as read, with the assignment it was read under.
 struct Received {
     topic: String,
@@ -276,7 +279,8 @@ impl Worker {
         self.shared.abandon.cancel();
         let done = offsets.uncommitted(None);
         offsets.commit(&self.consumer, &done, CommitCause::Shutdown);
-        self.consumer.unsubscribe();
+        // Before the drop closes the consumer: see `leave_group` for why.
+        couponrush_core::kafka::leave_group(&self.consumer, LEAVE_WITHIN);
         tracing::info!("notifier stopped");
     }
 }
