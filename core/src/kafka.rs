@@ -396,22 +396,35 @@ pub fn partition_counts(
     Ok(counts)
 }
 
-/// Leaves the consumer group *before* the consumer is dropped: unsubscribes,
-/// then polls, serving the rebalance callbacks, until nothing is assigned
-/// (for at most `within`). Records still handed out meanwhile are dropped
-/// uncommitted: the partition's next owner reads them. True if the member
-/// left with nothing assigned.
+/// Leaves the consumer group *before* the consumer is dropped: pauses what
+/// is assigned (nothing more is handed out, so nothing more can be stored
+/// as consumed, even by an auto-storing consumer), unsubscribes, then polls,
+/// serving the rebalance callbacks, for at least [`LEAVE_SETTLE`] and until
+/// nothing is assigned. It gives up after `within` (a callback it serves may
+/// itself take longer). True if the member left with nothing assigned.
 ///
 /// Why not just drop it: librdkafka 2.12 can hang for good in
 /// `rd_kafka_assign` when a rebalance is answered while the consumer is
 /// closing (confluentinc/librdkafka#4884, open). Seen here once, in
 /// `lab/tests/buckets.rs`: an in-process issuer's drop, polling the close
-/// queue, answered a revoke and never returned. With nothing assigned when
-/// the drop closes the consumer, closing has no rebalance to answer.
+/// queue, answered a revoke and never returned. Unsubscribing queues the
+/// revoke (an empty one for a member that owns nothing, under the eager
+/// protocol) before it returns, and a rebalance the application had not
+/// answered yet is still queued too: the polls here answer both, so the
+/// drop closes a consumer with no rebalance left to answer.
 pub fn leave_group<C: ConsumerContext>(consumer: &BaseConsumer<C>, within: Duration) -> bool {
+    if let Ok(assigned) = consumer.assignment() {
+        let _ = consumer.pause(&assigned);
+    }
     consumer.unsubscribe();
-    let until = Instant::now() + within;
+    let start = Instant::now();
     loop {
+        // Polled first: the queued rebalance is answered even when nothing
+        // is assigned.
+        let _ = consumer.poll(Duration::from_millis(50));
+        if start.elapsed() < LEAVE_SETTLE {
+            continue;
+        }
         match consumer.assignment() {
             Ok(a) if a.count() == 0 => return true,
             Ok(_) => {}
@@ -420,16 +433,19 @@ pub fn leave_group<C: ConsumerContext>(consumer: &BaseConsumer<C>, within: Durat
                 return false;
             }
         }
-        if Instant::now() >= until {
+        if start.elapsed() >= within {
             tracing::warn!(
                 ?within,
                 "leaving the group: partitions still assigned; closing anyway"
             );
             return false;
         }
-        let _ = consumer.poll(Duration::from_millis(50));
     }
 }
+
+/// How long [`leave_group`] polls at least, answering what unsubscribing
+/// queued.
+pub const LEAVE_SETTLE: Duration = Duration::from_millis(200);
 
 /// Sets the gauge `metric` (labels `topic`, `partition`) to each partition's
 /// consumer lag in a librdkafka statistics report: what a consumer's
