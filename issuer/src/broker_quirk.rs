@@ -29,8 +29,11 @@
 //! reading the record just below the committed offset then proves the
 //! position sound (the next record is the one at it, in the same batch or
 //! at the start of the next). Every record read again restarts the silence,
-//! so a slow re-read is not thrown away; a partition rewound to its start
-//! is not sought again, and still refuses what lies below its offset.
+//! so a slow re-read is not thrown away, and silence counts only while the
+//! loop has emptied librdkafka's queue (a record waiting behind others is
+//! not missing). A rewind counts once the fetcher applied its seek; one not
+//! applied is tried again at the same offset, and a partition rewound to the
+//! log's start that goes silent again is sought there again.
 //!
 //! ## tansu 0.6 leaves a dead member's partitions assigned
 //! A member that dies without leaving (SIGKILL) is dropped from the group
@@ -69,6 +72,10 @@ const REWIND: i64 = 1000;
 /// How long a newly assigned or resumed partition may yield no record
 /// before it is rewound (see the module doc).
 pub const SILENT: Duration = Duration::from_secs(2);
+
+/// How long a rewind waits for the partition's fetcher to apply its seek.
+/// Short: the loop waits meanwhile; an unanswered seek is retried.
+const SEEK_WAIT: Duration = Duration::from_millis(500);
 
 /// Where a newly assigned partition must resume.
 #[derive(Debug, Clone, Copy)]
@@ -206,12 +213,18 @@ impl ResumeGuard {
         false
     }
 
-    /// Between batches, not while paused: rewinds each guarded partition
+    /// Between batches, not while paused, and only when the batch just read
+    /// emptied librdkafka's queue (`drained`: a record of a partition that
+    /// waits behind others is not silence): rewinds each guarded partition
     /// that yielded no record for [`SILENT`] since its expectation was set,
     /// it was last rewound or it last gave a record (the committed offset
-    /// may sit in the log's last batch). One rewound to its start already is
-    /// left as it is.
-    pub fn rewind_silent<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+    /// may sit in the log's last batch). One rewound to the log's start
+    /// already is sought there again: a re-read that stopped short must not
+    /// leave the partition unread.
+    pub fn rewind_silent<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, drained: bool) {
+        if !drained {
+            return;
+        }
         let silent: Vec<(Tp, Resume)> = self
             .resume()
             .iter()
@@ -219,12 +232,6 @@ impl ResumeGuard {
             .map(|(tp, r)| (tp.clone(), *r))
             .collect();
         for (tp, r) in silent {
-            // Rewound to the log's start already: nothing below is left to
-            // read again. The guard stays (a record at or beyond the
-            // committed offset ends it in `admit`), without seeking again.
-            if r.rewind >= r.expect {
-                continue;
-            }
             // Usually a partition with nothing new, so not a warning.
             metrics::counter!("couponrush_issuer_broker_silent_total").increment(1);
             tracing::info!(
@@ -236,10 +243,13 @@ impl ResumeGuard {
         }
     }
 
-    /// Seeks `tp` further back than the last time. The rewind grows only
-    /// once a seek to it succeeded: a failed seek retries the same target
-    /// next time, so the guard never gives up on records it did not read.
-    /// `skipped_to`: the record that showed the broker skipped, if one did.
+    /// Seeks `tp` further back than the last time (to the log's start at
+    /// most, and there again). The rewind grows only once a seek to it was
+    /// applied: a seek that failed or was not answered in [`SEEK_WAIT`] is
+    /// retried at the same target next time, so the guard never counts a
+    /// re-read that did not happen (nor, at the log's start, takes a record
+    /// beyond the committed offset for proof that the records below it are
+    /// gone). `skipped_to`: the record that showed the broker skipped.
     fn rewind<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
@@ -249,7 +259,11 @@ impl ResumeGuard {
         let Some(r) = self.resume().get(&tp).copied() else {
             return;
         };
-        let next = if r.rewind == 0 { REWIND } else { r.rewind * 2 };
+        let next = match r.rewind {
+            0 => REWIND,
+            n if n >= r.expect => n,
+            n => n * 2,
+        };
         let target = (r.expect - next).max(0);
         let (topic, partition) = (&tp.0, tp.1);
         if let Some(got) = skipped_to {
@@ -261,19 +275,18 @@ impl ResumeGuard {
                 "the broker resumed past the committed offset; rewinding so no record is passed over"
             );
         }
-        // Asynchronous (a zero timeout): the seek is queued to the
-        // partition's fetcher and this returns at once, so the loop never
-        // waits on a broker thread (several silent partitions, one waiting
-        // seek each, would hold a batch up). It fails here only for a
-        // partition not assigned; records fetched before the seek are
-        // dropped by librdkafka, never handed out.
-        let seek = consumer.seek(topic, partition, Offset::Offset(target), Duration::ZERO);
+        // Waited for, briefly: the partition's fetcher answers whether the
+        // seek was applied (records fetched before it are then dropped by
+        // librdkafka, never handed out). A seek queued without waiting can
+        // fail later unseen (a partition whose fetch has not started yet),
+        // and the guard would count a rewind that never happened.
+        let seek = consumer.seek(topic, partition, Offset::Offset(target), SEEK_WAIT);
         if let Some(r) = self.resume().get_mut(&tp) {
             r.since = Instant::now();
             match seek {
                 Ok(()) => r.rewind = next,
                 Err(e) => {
-                    tracing::warn!(error = %e, partition, "rewind failed; retrying")
+                    tracing::warn!(error = %e, partition, rewind_to = target, "rewind not applied; retrying")
                 }
             }
         }
@@ -505,11 +518,13 @@ mod tests {
         );
     }
 
-    /// A consumer that never connects but has `t` 0..4 assigned, so a seek
-    /// is taken locally.
-    fn assigned_consumer() -> BaseConsumer {
+    /// A consumer of librdkafka's mock cluster with `t` 0..4 assigned and
+    /// fetching, so its seeks are applied (the mock is returned to keep it up).
+    fn assigned_consumer() -> (couponrush_harness::MockKafka, BaseConsumer) {
+        let mock = couponrush_harness::MockKafka::start(1).unwrap();
+        mock.create_topic("t", 4, 1).unwrap();
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("bootstrap.servers", mock.brokers())
             .set("group.id", "quirk-silent")
             .create()
             .unwrap();
@@ -518,7 +533,58 @@ mod tests {
             tpl.add_partition_offset("t", p, Offset::Beginning).unwrap();
         }
         consumer.assign(&tpl).unwrap();
+        let until = Instant::now() + Duration::from_secs(30);
+        for p in 0..4 {
+            while consumer.seek("t", p, Offset::Offset(0), SEEK_WAIT).is_err() {
+                assert!(
+                    Instant::now() < until,
+                    "the mock's partitions never fetched"
+                );
+                let _ = consumer.poll(Duration::from_millis(100));
+            }
+        }
+        (mock, consumer)
+    }
+
+    #[test]
+    fn a_seek_not_applied_does_not_count_as_a_rewind() {
+        // Assigned from the group's committed offset, which the coordinator
+        // keeps refusing to look up: the partition is known but its fetch
+        // never starts, so its fetcher refuses the seek. The rewind does
+        // not grow and is retried at the same offset, never taken for a
+        // re-read (a seek queued without waiting returns Ok here).
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let mock = couponrush_harness::MockKafka::start(1).unwrap();
+        mock.create_topic("t", 1, 1).unwrap();
+        mock.inject(couponrush_harness::Fault::RequestErrors(
+            RDKafkaApiKey::OffsetFetch,
+            vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 1000],
+        ))
+        .unwrap();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", mock.brokers())
+            .set("group.id", "quirk-unapplied")
+            .create()
+            .unwrap();
         consumer
+            .fetch_metadata(Some("t"), Duration::from_secs(10))
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 0, Offset::Stored).unwrap();
+        consumer.assign(&tpl).unwrap();
+        let guard = ResumeGuard::default();
+        let tp = ("t".to_string(), 0);
+        guard.expect(tp.clone(), 800);
+        for _ in 0..3 {
+            let _ = consumer.poll(Duration::from_millis(100));
+            silent_for_long(&guard, tp.clone());
+            guard.rewind_silent(&consumer, true);
+            assert_eq!(guard.resume()[&tp].rewind, 0, "not applied: not counted");
+        }
+        assert!(
+            !guard.admit(&consumer, "t", 0, 900),
+            "beyond the offset with no re-read: refused, never taken for records gone"
+        );
     }
 
     /// Backdates `tp`'s silence by `SILENT`.
@@ -528,11 +594,11 @@ mod tests {
 
     #[test]
     fn a_silent_partition_is_rewound_until_the_record_below_its_offset_comes() {
-        let consumer = assigned_consumer();
+        let (_mock, consumer) = assigned_consumer();
         let guard = ResumeGuard::default();
         let tp = ("t".to_string(), 0);
         guard.expect(tp.clone(), 3000);
-        guard.rewind_silent(&consumer);
+        guard.rewind_silent(&consumer, true);
         assert_eq!(guard.resume()[&tp].rewind, 0, "not silent for long yet");
         assert!(
             !guard.admit(&consumer, "t", 0, 2999),
@@ -541,7 +607,13 @@ mod tests {
         assert!(guard.resume().contains_key(&tp));
 
         silent_for_long(&guard, tp.clone());
-        guard.rewind_silent(&consumer);
+        guard.rewind_silent(&consumer, false);
+        assert_eq!(
+            guard.resume()[&tp].rewind,
+            0,
+            "records still queued behind others: not silence"
+        );
+        guard.rewind_silent(&consumer, true);
         assert_eq!(guard.resume()[&tp].rewind, REWIND, "silent: rewound");
         assert!(!guard.admit(&consumer, "t", 0, 2000), "read again below");
         assert!(
@@ -559,10 +631,10 @@ mod tests {
         let tp = ("t".to_string(), 2);
         guard.expect(tp.clone(), 5000);
         silent_for_long(&guard, tp.clone());
-        guard.rewind_silent(&consumer);
+        guard.rewind_silent(&consumer, true);
         silent_for_long(&guard, tp.clone());
         assert!(!guard.admit(&consumer, "t", 2, 4100), "read again below");
-        guard.rewind_silent(&consumer);
+        guard.rewind_silent(&consumer, true);
         assert_eq!(
             guard.resume()[&tp].rewind,
             REWIND,
@@ -579,13 +651,15 @@ mod tests {
         );
 
         // Silent again and again: the rewind doubles until the log's start,
-        // then the guard seeks no more and still refuses what lies below.
+        // then seeks the start again (each time restarting the silence), and
+        // still refuses what lies below.
         let tp = ("t".to_string(), 1);
         guard.expect(tp.clone(), 1500);
         for rewind in [REWIND, 2 * REWIND, 2 * REWIND] {
             silent_for_long(&guard, tp.clone());
-            guard.rewind_silent(&consumer);
+            guard.rewind_silent(&consumer, true);
             assert_eq!(guard.resume()[&tp].rewind, rewind);
+            assert!(guard.resume()[&tp].since.elapsed() < SILENT, "sought again");
         }
         assert!(!guard.admit(&consumer, "t", 1, 20), "below: refused");
         assert!(guard.admit(&consumer, "t", 1, 1500), "at it: admitted");

@@ -48,15 +48,16 @@ impl Shared {
     /// decide has been left without a live owner, and rewinds a newly
     /// assigned or resumed partition that stays silent (both broker quirks).
     /// Not while retrying: this issuer's own trouble would look like
-    /// everyone else's, and its paused partitions are silent.
-    pub fn watch_orphans<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+    /// everyone else's, and its paused partitions are silent. `drained`:
+    /// the batch just read emptied librdkafka's queue.
+    pub fn watch_orphans<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, drained: bool) {
         if self.paused.load(Ordering::Relaxed) {
             self.orphans.forget();
         } else {
             self.orphans.watch(consumer);
             // A paused partition is silent by design; a running one that
             // is silent from its committed offset may be held mid-batch.
-            self.resume.rewind_silent(consumer);
+            self.resume.rewind_silent(consumer, drained);
         }
     }
 

@@ -114,7 +114,7 @@ impl Worker {
         while !self.shutdown.is_cancelled() {
             // While a batch is in the store or on its way to the broker, an
             // idle poll does not wait: finishing it would wait for the poll.
-            let batch = self.collect(self.deciding.is_some() || publishing.is_some());
+            let (batch, drained) = self.collect(self.deciding.is_some() || publishing.is_some());
             let next = (!batch.is_empty()).then(|| self.read(batch));
             let decided = match self.deciding.take() {
                 None => None,
@@ -129,7 +129,7 @@ impl Worker {
             self.deciding = next.map(|r| self.send(r));
             // Between batches (with one in the store): the broker quirk's
             // check, which may ask the broker a few things.
-            self.shared.watch_orphans(&self.consumer);
+            self.shared.watch_orphans(&self.consumer, drained);
             let done = match decided {
                 Some(d) => publishing.replace(d),
                 None => publishing.take(),
@@ -171,7 +171,9 @@ impl Worker {
     }
 
     /// Reads a batch. With `quick`, returns at once when nothing is there.
-    fn collect(&mut self, quick: bool) -> Vec<Received> {
+    /// Also says whether it stopped on an empty queue (not on a full batch
+    /// or the linger).
+    fn collect(&mut self, quick: bool) -> (Vec<Received>, bool) {
         let max = self.config.batch_size;
         let idle = if quick {
             Duration::ZERO
@@ -180,6 +182,7 @@ impl Worker {
         };
         let mut batch = std::mem::take(&mut self.carry);
         let mut deadline = (!batch.is_empty()).then(|| Instant::now() + self.config.batch_linger);
+        let mut drained = false;
         while batch.len() < max {
             // What is already fetched is taken without reading the clock;
             // only an empty queue waits (for the linger left, or idle).
@@ -198,7 +201,10 @@ impl Worker {
                 }
             };
             match polled {
-                None => break,
+                None => {
+                    drained = true;
+                    break;
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
                     metrics::counter!("couponrush_issuer_consumer_errors_total").increment(1);
@@ -221,7 +227,7 @@ impl Worker {
                 break;
             }
         }
-        batch
+        (batch, drained)
     }
 
     /// The record to decide, unless the broker-quirk check skips it (see
