@@ -193,12 +193,71 @@ async fn tansu_resuming_mid_batch_skips_to_the_next_batch() {
 /// The same fault's other face: asked to fetch from the middle of the
 /// partition's *last* batch, tansu 0.6.0 has no next batch to skip to and
 /// answers with nothing, until another batch is written (at the end of a
-/// drop: never). The notifier works around it (`TailWatch`); the issuer does
-/// not yet (docs/RELIABILITY.md, broker quirk 2). If this test fails, tansu
-/// fixed it.
+/// drop: never). The notifier (`TailWatch`) and the issuer (`ResumeGuard`'s
+/// rewind of a silent partition) work around it (docs/RELIABILITY.md, broker
+/// quirk 2). If this test fails, tansu fixed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tansu_resuming_mid_way_into_the_last_batch_returns_nothing() {
     let (_tansu, kafka) = batches_of_20("mid-last-batch", 1).await;
     let read = read_from(&kafka, "mid-last-batch", 10, 1, Duration::from_secs(4)).await;
     assert_eq!(read, Vec::<i64>::new(), "offsets 10..20 are never returned");
+}
+
+/// What the issuer's rewind relies on: a consumer idle at the end of the
+/// log, sought back to an offset inside the log, reads on from there (from
+/// the next batch's start when the offset is mid-batch, the quirk above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_a_consumer_sought_back_reads_on_from_there() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let (_tansu, kafka) = batches_of_20("seek-back", 5).await;
+    let firsts = tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = kafka
+            .client_config("t")
+            .set("group.id", "seek-back")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("seek-back", 0, Offset::Offset(100))
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        let mut firsts = Vec::new();
+        for target in [40, 50] {
+            // Idle at the end of the log first, as a silent partition is.
+            let idle = std::time::Instant::now();
+            while idle.elapsed() < Duration::from_secs(2) {
+                let _ = c.poll(Duration::from_millis(100));
+            }
+            let sought = c.seek(
+                "seek-back",
+                0,
+                Offset::Offset(target),
+                Duration::from_secs(2),
+            );
+            let start = std::time::Instant::now();
+            let mut first = None;
+            while first.is_none() && start.elapsed() < Duration::from_secs(10) {
+                if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                    first = Some(m.offset());
+                }
+            }
+            firsts.push((target, sought.is_ok(), first));
+            // Back to the end for the next round.
+            while let Some(Ok(m)) = c.poll(Duration::from_millis(500)) {
+                if m.offset() == 99 {
+                    break;
+                }
+            }
+        }
+        firsts
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        firsts,
+        vec![(40, true, Some(40)), (50, true, Some(60))],
+        "(target, seek applied, first record read)"
+    );
 }
