@@ -230,12 +230,21 @@ async fn tansu_a_consumer_sought_back_reads_on_from_there() {
             while idle.elapsed() < Duration::from_secs(2) {
                 let _ = c.poll(Duration::from_millis(100));
             }
-            let sought = c.seek(
-                "seek-back",
-                0,
-                Offset::Offset(target),
-                Duration::from_secs(2),
-            );
+            // Applied once the partition's fetch has started.
+            let asked = std::time::Instant::now();
+            let seek = || {
+                c.seek(
+                    "seek-back",
+                    0,
+                    Offset::Offset(target),
+                    Duration::from_secs(2),
+                )
+            };
+            let mut sought = seek();
+            while sought.is_err() && asked.elapsed() < Duration::from_secs(10) {
+                let _ = c.poll(Duration::from_millis(100));
+                sought = seek();
+            }
             let start = std::time::Instant::now();
             let mut first = None;
             while first.is_none() && start.elapsed() < Duration::from_secs(10) {

@@ -29,11 +29,14 @@
 //! reading the record just below the committed offset then proves the
 //! position sound (the next record is the one at it, in the same batch or
 //! at the start of the next). Every record read again restarts the silence,
-//! so a slow re-read is not thrown away, and silence counts only while the
-//! loop has emptied librdkafka's queue (a record waiting behind others is
-//! not missing). A rewind counts once the fetcher applied its seek; one not
-//! applied is tried again at the same offset, and a partition rewound to the
-//! log's start that goes silent again is sought there again.
+//! so a slow re-read is not thrown away, and the silence is acted on only
+//! after a poll came back empty (mostly: a record waiting behind others is
+//! not missing; an empty poll that served a commit's result passes too, and
+//! costs a needless re-read at worst). A rewind counts once the fetcher
+//! applied its seek; one not applied is tried again at the same offset. A
+//! partition rewound to the log's start that goes silent again is sought
+//! there again if that re-read gave records, and left to its next record if
+//! it gave none (nothing lies below its offset).
 //!
 //! ## tansu 0.6 leaves a dead member's partitions assigned
 //! A member that dies without leaving (SIGKILL) is dropped from the group
@@ -86,6 +89,8 @@ struct Resume {
     rewind: i64,
     /// Since when no record came: the expectation was set or last rewound.
     since: Instant,
+    /// Whether a record below `expect` was read since the last applied seek.
+    reread: bool,
 }
 
 /// Per newly assigned partition, the offset its first record must have.
@@ -153,6 +158,7 @@ impl ResumeGuard {
                 expect: offset.max(held),
                 rewind: 0,
                 since: Instant::now(),
+                reread: false,
             },
         );
     }
@@ -192,6 +198,7 @@ impl ResumeGuard {
                 resume.remove(&tp);
             } else {
                 r.since = Instant::now();
+                r.reread = true;
             }
             return false;
         }
@@ -219,8 +226,10 @@ impl ResumeGuard {
     /// that yielded no record for [`SILENT`] since its expectation was set,
     /// it was last rewound or it last gave a record (the committed offset
     /// may sit in the log's last batch). One rewound to the log's start
-    /// already is sought there again: a re-read that stopped short must not
-    /// leave the partition unread.
+    /// already is sought there again only if that re-read gave records and
+    /// then stopped short; one whose seek to the start gave nothing has
+    /// nothing below its offset (never written, or deleted by retention) and
+    /// is left to its next record.
     pub fn rewind_silent<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, drained: bool) {
         if !drained {
             return;
@@ -229,6 +238,7 @@ impl ResumeGuard {
             .resume()
             .iter()
             .filter(|(_, r)| r.since.elapsed() >= SILENT)
+            .filter(|(_, r)| r.rewind < r.expect || r.reread)
             .map(|(tp, r)| (tp.clone(), *r))
             .collect();
         for (tp, r) in silent {
@@ -284,7 +294,7 @@ impl ResumeGuard {
         if let Some(r) = self.resume().get_mut(&tp) {
             r.since = Instant::now();
             match seek {
-                Ok(()) => r.rewind = next,
+                Ok(()) => (r.rewind, r.reread) = (next, false),
                 Err(e) => {
                     tracing::warn!(error = %e, partition, rewind_to = target, "rewind not applied; retrying")
                 }
@@ -650,17 +660,49 @@ mod tests {
             "still below: refused"
         );
 
-        // Silent again and again: the rewind doubles until the log's start,
-        // then seeks the start again (each time restarting the silence), and
-        // still refuses what lies below.
+        // Silent again and again: the rewind doubles until the log's start.
+        // A re-read from the start that gave nothing means nothing lies
+        // below: no more seeking. One that gave records and stopped short is
+        // sought at the start again.
         let tp = ("t".to_string(), 1);
         guard.expect(tp.clone(), 1500);
-        for rewind in [REWIND, 2 * REWIND, 2 * REWIND] {
+        for rewind in [REWIND, 2 * REWIND] {
             silent_for_long(&guard, tp.clone());
             guard.rewind_silent(&consumer, true);
             assert_eq!(guard.resume()[&tp].rewind, rewind);
-            assert!(guard.resume()[&tp].since.elapsed() < SILENT, "sought again");
+            assert!(
+                !guard.resume()[&tp].reread,
+                "an applied seek awaits its re-read"
+            );
         }
+        silent_for_long(&guard, tp.clone());
+        let before = guard.resume()[&tp].since;
+        guard.rewind_silent(&consumer, true);
+        assert_eq!(
+            guard.resume()[&tp].since,
+            before,
+            "the start gave nothing: not sought again"
+        );
+        assert!(
+            !guard.admit(&consumer, "t", 1, 700),
+            "a record below after all"
+        );
+        silent_for_long(&guard, tp.clone());
+        let before = guard.resume()[&tp].since;
+        guard.rewind_silent(&consumer, true);
+        let after = guard.resume()[&tp];
+        assert!(
+            after.since > before && !after.reread,
+            "a re-read that stopped short: sought at the start again, and applied"
+        );
+
+        // Nothing below offset 0: never sought.
+        let tp = ("t".to_string(), 3);
+        guard.expect(tp.clone(), 0);
+        silent_for_long(&guard, tp.clone());
+        let before = guard.resume()[&tp].since;
+        guard.rewind_silent(&consumer, true);
+        assert_eq!(guard.resume()[&tp].since, before);
         assert!(!guard.admit(&consumer, "t", 1, 20), "below: refused");
         assert!(guard.admit(&consumer, "t", 1, 1500), "at it: admitted");
     }
