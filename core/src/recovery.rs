@@ -215,7 +215,24 @@ impl Recovery {
             r = self.recover() => r,
         };
         keeper.abort();
-        result
+        // A recovery that failed otherwise may have lost the lock as well:
+        // a process frozen past the lock's lifetime finds, once thawed, its
+        // broker connections broken too, and the read can fail before the
+        // keeper notices (the chaos suite's `slow-recovery` saw it). The
+        // lost lock is what decides what this process may do next: wait for
+        // the store's epoch, not retry the rebuild.
+        match result {
+            Err(e) if !matches!(e, RecoveryError::LockLost(_)) => {
+                match self.store.extend_recovery_lock(&self.owner, LOCK_TTL).await {
+                    Ok(false) => Err(RecoveryError::LockLost(format!(
+                        "{} no longer holds the recovery lock; the recovery had failed: {e}",
+                        self.owner
+                    ))),
+                    _ => Err(e),
+                }
+            }
+            other => other,
+        }
     }
 
     async fn recover(&self) -> Result<Recovered, RecoveryError> {
