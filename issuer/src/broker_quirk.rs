@@ -54,8 +54,12 @@
 //! since this issuer's last rebalance has no live owner (a live one commits
 //! after every batch, and an owner that is retrying is rare while this
 //! issuer is not), so the issuer leaves and rejoins the group: the broker
-//! then forms it anew from the live members. An issuer that owns nothing is
-//! in a rebalance (or one too many) and leaves the watching to the others. On a broker
+//! then forms it anew from the live members. A member watches from its
+//! first assignment on, an empty one included, until its next revoke: in a
+//! rebalance it does not, but a member the broker gave nothing, because it
+//! counted the dead one, is the one left to notice (CI's
+//! `holds-notifier-kill`: the restarted notifier was assigned `[]` for two
+//! minutes while the dead one kept every partition). On a broker
 //! that evicts dead members properly, a rejoin at worst moves partitions of
 //! a stuck owner, which costs replays, never a decision.
 
@@ -352,7 +356,17 @@ pub struct OrphanWatch {
     topics: Vec<String>,
     /// How long a partition may stand still with records to decide.
     limit: Duration,
-    state: Mutex<(HashMap<String, Stalls>, Option<Instant>)>,
+    state: Mutex<WatchState>,
+}
+
+#[derive(Debug, Default)]
+struct WatchState {
+    /// Per topic, the partitions not owned here and how long they stood still.
+    stalls: HashMap<String, Stalls>,
+    /// No look at the group before this.
+    next: Option<Instant>,
+    /// Assigned (possibly nothing) and not revoked since: not in a rebalance.
+    settled: bool,
 }
 
 impl OrphanWatch {
@@ -362,32 +376,40 @@ impl OrphanWatch {
         Self {
             topics: topics.iter().map(|t| t.to_string()).collect(),
             limit: session_timeout * 2,
-            state: Mutex::new((HashMap::new(), None)),
+            state: Mutex::new(WatchState::default()),
         }
+    }
+
+    fn state(&self) -> MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Looks (a few times a limit) at the partitions this member does not
     /// own; rejoins the group if one has stood still for the limit with
     /// records to decide. Call it between batches, from the loop's thread,
     /// only while deciding: a retrying issuer cannot tell a dead owner from
-    /// its own trouble.
-    pub fn watch<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+    /// its own trouble. True when it rejoined.
+    pub fn watch<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> bool {
         let now = Instant::now();
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let (stalls, next) = &mut *state;
-        if next.is_some_and(|n| now < n) {
-            return;
+        let mut state = self.state();
+        if !state.settled {
+            // In a rebalance: what stands still now says nothing.
+            state.stalls.clear();
+            return false;
         }
-        *next = Some(now + (self.limit / 4).max(Duration::from_millis(500)));
-        let orphans = match self.orphans(consumer, stalls, now) {
+        if state.next.is_some_and(|n| now < n) {
+            return false;
+        }
+        state.next = Some(now + (self.limit / 4).max(Duration::from_millis(500)));
+        let orphans = match self.orphans(consumer, &mut state.stalls, now) {
             Ok(orphans) => orphans,
             Err(e) => {
                 tracing::debug!(error = %e, "the orphan watch could not look at the group");
-                return;
+                return false;
             }
         };
         if orphans.is_empty() {
-            return;
+            return false;
         }
         metrics::counter!("couponrush_issuer_orphan_rejoins_total").increment(1);
         tracing::warn!(
@@ -396,15 +418,32 @@ impl OrphanWatch {
             "partitions with records to decide have not moved and are not ours: their owner is \
              gone without the group noticing (tansu 0.6); rejoining the group so it is formed anew"
         );
-        stalls.clear();
+        state.stalls.clear();
         // Give the new group a whole limit to settle before looking again.
-        *next = Some(now + self.limit);
+        state.next = Some(now + self.limit);
         // The rebalance callbacks (served later, in poll) take the lock.
         drop(state);
         consumer.unsubscribe();
         if let Err(e) = consumer.subscribe(&self.topics()) {
             tracing::error!(error = %e, "rejoining the group failed");
         }
+        true
+    }
+
+    /// The member was just assigned partitions (none, possibly): it
+    /// watches from now on. Call it from the assign callback.
+    pub fn on_assign(&self) {
+        let mut state = self.state();
+        state.stalls.clear();
+        state.settled = true;
+    }
+
+    /// The member's partitions are being revoked: a rebalance, it stops
+    /// watching until its next assignment. Call it from the revoke callback.
+    pub fn on_revoke(&self) {
+        let mut state = self.state();
+        state.stalls.clear();
+        state.settled = false;
     }
 
     /// The member's whole subscription, as its loop and every rejoin
@@ -416,8 +455,7 @@ impl OrphanWatch {
     /// Forgets what it saw: time spent not deciding, or before this
     /// member's last rebalance, does not count.
     pub fn forget(&self) {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.0.clear();
+        self.state().stalls.clear();
     }
 
     /// Partitions of every watched topic not owned here that have stood
@@ -428,13 +466,8 @@ impl OrphanWatch {
         stalls: &mut HashMap<String, Stalls>,
         now: Instant,
     ) -> rdkafka::error::KafkaResult<Vec<(String, i32)>> {
+        // Possibly empty: a member given nothing watches every partition.
         let assignment = consumer.assignment()?;
-        if assignment.count() == 0 {
-            // In a rebalance, or more issuers than partitions: the members
-            // that own partitions watch.
-            stalls.clear();
-            return Ok(Vec::new());
-        }
         let mut orphans = Vec::new();
         for topic in &self.topics {
             let stalls = stalls.entry(topic.clone()).or_default();
@@ -748,6 +781,107 @@ mod tests {
         assert!(
             !stalls.stalled(3, 100, 900, at(40), limit),
             "forgotten after a rejoin"
+        );
+    }
+    /// A member that calls the watch's hooks from its rebalance callbacks,
+    /// as the issuer's and the notifier's contexts do.
+    struct Watched(std::sync::Arc<OrphanWatch>);
+
+    impl rdkafka::ClientContext for Watched {}
+
+    impl ConsumerContext for Watched {
+        fn pre_rebalance(
+            &self,
+            _: &BaseConsumer<Self>,
+            rebalance: &rdkafka::consumer::Rebalance<'_>,
+        ) {
+            if let rdkafka::consumer::Rebalance::Revoke(_) = rebalance {
+                self.0.on_revoke();
+            }
+        }
+
+        fn post_rebalance(
+            &self,
+            _: &BaseConsumer<Self>,
+            rebalance: &rdkafka::consumer::Rebalance<'_>,
+        ) {
+            if let rdkafka::consumer::Rebalance::Assign(_) = rebalance {
+                self.0.on_assign();
+            }
+        }
+    }
+
+    #[test]
+    fn a_member_given_nothing_rejoins_when_the_partitions_owner_stands_still() {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let mock = couponrush_harness::MockKafka::start(1).unwrap();
+        mock.create_topic("t", 1, 1).unwrap();
+        let member = |watch: std::sync::Arc<OrphanWatch>| -> BaseConsumer<Watched> {
+            let consumer: BaseConsumer<Watched> = ClientConfig::new()
+                .set("bootstrap.servers", mock.brokers())
+                .set("group.id", "quirk-orphan")
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("session.timeout.ms", "6000")
+                .set("heartbeat.interval.ms", "500")
+                .create_with_context(Watched(watch))
+                .unwrap();
+            consumer.subscribe(&["t"]).unwrap();
+            consumer
+        };
+        // The owner: alive, reading, never committing (as a dead member
+        // that tansu keeps in the group looks to the others).
+        let owner = member(std::sync::Arc::new(OrphanWatch::new(
+            &["t"],
+            Duration::from_secs(1),
+        )));
+        let until = Instant::now() + Duration::from_secs(30);
+        while owner.assignment().unwrap().count() == 0 {
+            assert!(Instant::now() < until, "the owner was never assigned");
+            let _ = owner.poll(Duration::from_millis(100));
+        }
+        // The second member joins a group whose one partition is taken: it
+        // is given nothing.
+        let watch = std::sync::Arc::new(OrphanWatch::new(&["t"], Duration::from_secs(1)));
+        let idle = member(watch.clone());
+        while !watch.state().settled {
+            assert!(Instant::now() < until, "the idle member never settled");
+            let _ = owner.poll(Duration::from_millis(50));
+            let _ = idle.poll(Duration::from_millis(50));
+        }
+        assert_eq!(idle.assignment().unwrap().count(), 0, "given nothing");
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", mock.brokers())
+            .create()
+            .unwrap();
+        for i in 0..10 {
+            producer
+                .send(BaseRecord::<str, str>::to("t").payload(&i.to_string()))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+
+        // Records to read, an owner that commits nothing: the idle member
+        // sees the partition stand still for the limit (2 s) and rejoins.
+        let until = Instant::now() + Duration::from_secs(20);
+        let rejoined = loop {
+            let _ = owner.poll(Duration::from_millis(50));
+            let _ = idle.poll(Duration::from_millis(50));
+            if watch.watch(&idle) {
+                break true;
+            }
+            if Instant::now() > until {
+                break false;
+            }
+        };
+        // Left as the loops leave (librdkafka asserts on a consumer dropped
+        // right after subscribing).
+        for c in [&idle, &owner] {
+            couponrush_core::kafka::leave_group(c, Duration::from_secs(10));
+        }
+        assert!(
+            rejoined,
+            "a member given nothing never looked at the partition standing still"
         );
     }
 }

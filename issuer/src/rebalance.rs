@@ -93,7 +93,7 @@ impl ConsumerContext for IssuerContext {
                 offsets.commit(consumer, &done, CommitCause::Revoke);
                 offsets.revoke(&revoked);
                 self.shared.resume.on_revoke(&revoked);
-                self.shared.orphans.forget();
+                self.shared.orphans.on_revoke();
                 self.shared
                     .probe
                     .set_assigned(offsets.owned_of(&self.shared.requests));
@@ -116,7 +116,7 @@ impl ConsumerContext for IssuerContext {
                 .probe
                 .set_assigned(self.shared.offsets.owned_of(&self.shared.requests));
             self.shared.resume.on_assign(consumer, tpl);
-            self.shared.orphans.forget();
+            self.shared.orphans.on_assign();
             let mut partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             partitions.sort_unstable();
             tracing::info!(?partitions, "partitions assigned");

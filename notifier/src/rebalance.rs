@@ -103,7 +103,7 @@ impl ConsumerContext for NotifierContext {
                 }
                 self.shared.resume.on_revoke(&revoked);
                 self.shared.tail.forget(&revoked);
-                self.shared.orphans.forget();
+                self.shared.orphans.on_revoke();
                 self.shared.probe.set_assigned(owned);
                 tracing::info!(revoked = revoked.len(), abandoned, "partitions revoked");
             }
@@ -122,7 +122,7 @@ impl ConsumerContext for NotifierContext {
             self.shared.probe.set_assigned(owned);
             self.shared.resume.on_assign(consumer, tpl);
             self.shared.tail.on_assign(partitions(tpl));
-            self.shared.orphans.forget();
+            self.shared.orphans.on_assign();
             let mut assigned: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             assigned.sort_unstable();
             tracing::info!(partitions = ?assigned, "partitions assigned");
