@@ -323,8 +323,16 @@ async fn spine(store: StoreChoice) {
         assert_eq!(status, 202);
         after.insert(id.unwrap());
     }
+    // Distinct ids: a decision restated after a rebalance (a replay) is
+    // one decision, and counting it twice once ended the wait before the
+    // last late request was decided.
     read_outcomes(&reader, &mut outcomes, Duration::from_secs(60), |o| {
-        o.iter().filter(|o| after.contains(&o.request_id)).count() >= after.len()
+        o.iter()
+            .filter(|o| after.contains(&o.request_id))
+            .map(|o| o.request_id)
+            .collect::<HashSet<_>>()
+            .len()
+            >= after.len()
     });
     for id in &after {
         let o = outcomes
