@@ -2,7 +2,8 @@
 //! Kafka has neither; against it this module never rejoins and decides no
 //! record twice, but a partition silent after an assignment or a resume
 //! (because it has nothing new) is rewound and re-read, its records skipped:
-//! [`REWIND`] records, doubling for each [`SILENT`] the re-read takes.
+//! [`REWIND`] records after [`SILENT`], doubling for each [`REREAD`] the
+//! re-read takes.
 //!
 //! ## tansu 0.6 can resume a fetch past the committed offset
 //! When a fetch starts in the middle of a producer batch, tansu 0.6.0
@@ -25,7 +26,9 @@
 //! (`core/tests/read_log.rs`; the chaos suite's `reused-key` once left one
 //! request undecided this way after a rejoin). So a guarded partition that
 //! yields no record for [`SILENT`] is rewound too (the notifier's
-//! `TailWatch` does the same for its own consumer);
+//! `TailWatch` does the same for its own consumer), and given [`REREAD`]
+//! for its re-read before it is rewound again (a re-read's fetch can wait
+//! seconds behind one tansu holds);
 //! reading the record just below the committed offset then proves the
 //! position sound (the next record is the one at it, in the same batch or
 //! at the start of the next). Every record read again restarts the silence,
@@ -67,7 +70,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::offsets::Tp;
@@ -79,6 +84,17 @@ const REWIND: i64 = 1000;
 /// How long a newly assigned or resumed partition may yield no record
 /// before it is rewound (see the module doc).
 pub const SILENT: Duration = Duration::from_secs(2);
+
+/// How long a partition whose rewind was applied may wait for its re-read
+/// before it is rewound again. The re-read needs a fetch of its own, sent
+/// only once the fetch in flight on that broker connection comes back, and
+/// tansu 0.6 can hold one for seconds (about 5 s in `spine`, fetching a
+/// range of many small batches). A rewind meanwhile throws away what
+/// arrives (librdkafka drops a fetch made for an older seek), and the loop,
+/// whose own broker requests queue behind that fetch, wakes exactly when
+/// it arrives: with [`SILENT`] here, CI's `spine` rewound its partitions
+/// every 5 s for minutes and left 1,552 to 6,132 requests undecided.
+pub const REREAD: Duration = Duration::from_secs(20);
 
 /// How long a rewind waits for the partition's fetcher to apply its seek.
 /// Short: the loop waits meanwhile; an unanswered seek is retried.
@@ -95,6 +111,18 @@ struct Resume {
     since: Instant,
     /// Whether a record below `expect` was read since the last applied seek.
     reread: bool,
+}
+
+impl Resume {
+    /// How long it may yield nothing before it is (again) rewound:
+    /// [`SILENT`] until a rewind was applied, [`REREAD`] after.
+    fn patience(&self) -> Duration {
+        if self.rewind == 0 {
+            SILENT
+        } else {
+            REREAD
+        }
+    }
 }
 
 /// Per newly assigned partition, the offset its first record must have.
@@ -227,8 +255,9 @@ impl ResumeGuard {
     /// Between batches, not while paused, and only when the batch just read
     /// emptied librdkafka's queue (`drained`: a record of a partition that
     /// waits behind others is not silence): rewinds each guarded partition
-    /// that yielded no record for [`SILENT`] since its expectation was set,
-    /// it was last rewound or it last gave a record (the committed offset
+    /// that yielded no record for [`SILENT`] since its expectation was set
+    /// (for [`REREAD`] once rewound), it was last rewound or it last gave a
+    /// record (the committed offset
     /// may sit in the log's last batch). One rewound to the log's start
     /// already is sought there again only if that re-read gave records and
     /// then stopped short; one whose seek to the start gave nothing has
@@ -241,7 +270,7 @@ impl ResumeGuard {
         let silent: Vec<(Tp, Resume)> = self
             .resume()
             .iter()
-            .filter(|(_, r)| r.since.elapsed() >= SILENT)
+            .filter(|(_, r)| r.since.elapsed() >= r.patience())
             .filter(|(_, r)| r.rewind < r.expect || r.reread)
             .map(|(tp, r)| (tp.clone(), *r))
             .collect();
@@ -251,7 +280,8 @@ impl ResumeGuard {
             tracing::info!(
                 partition = tp.1,
                 expected = r.expect,
-                "no record came from the committed offset in {SILENT:?}; rewinding, in case the broker holds it in the middle of its last batch"
+                silent_for = ?r.patience(),
+                "no record came from the committed offset; rewinding, in case the broker holds it in the middle of its last batch"
             );
             self.rewind(consumer, tp, None);
         }
@@ -357,6 +387,21 @@ pub struct OrphanWatch {
     /// How long a partition may stand still with records to decide.
     limit: Duration,
     state: Mutex<WatchState>,
+    /// A client of its own for the watch's questions (metadata, committed
+    /// offsets, watermarks), when given: on the member's own connection
+    /// they queue behind its fetch, which tansu 0.6 can hold for seconds,
+    /// and the loop that asks waits that long (CI's `holds-redis-lost`: 15
+    /// to 20 s without a decision after each store recovery).
+    looker: Option<Looker>,
+}
+
+/// The watch's own client.
+struct Looker(BaseConsumer);
+
+impl std::fmt::Debug for Looker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Looker")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -377,7 +422,21 @@ impl OrphanWatch {
             topics: topics.iter().map(|t| t.to_string()).collect(),
             limit: session_timeout * 2,
             state: Mutex::new(WatchState::default()),
+            looker: None,
         }
+    }
+
+    /// Asks its questions through a client of its own, made from the
+    /// member's `config` (the same brokers and group, never joining it).
+    pub fn with_looker(mut self, config: &ClientConfig) -> KafkaResult<Self> {
+        let mut config = config.clone();
+        // A static member's id belongs to the member alone; its statistics
+        // are the member's to report.
+        config
+            .remove("group.instance.id")
+            .remove("statistics.interval.ms");
+        self.looker = Some(Looker(config.create()?));
+        Ok(self)
     }
 
     fn state(&self) -> MutexGuard<'_, WatchState> {
@@ -400,8 +459,11 @@ impl OrphanWatch {
         if state.next.is_some_and(|n| now < n) {
             return false;
         }
-        state.next = Some(now + (self.limit / 4).max(Duration::from_millis(500)));
-        let orphans = match self.orphans(consumer, &mut state.stalls, now) {
+        let orphans = self.orphans(consumer, &mut state.stalls, now);
+        // The next look is an interval after this one ended, however long
+        // it took: the loop gets that time to decide.
+        state.next = Some(Instant::now() + (self.limit / 4).max(Duration::from_millis(500)));
+        let orphans = match orphans {
             Ok(orphans) => orphans,
             Err(e) => {
                 tracing::debug!(error = %e, "the orphan watch could not look at the group");
@@ -465,9 +527,29 @@ impl OrphanWatch {
         consumer: &BaseConsumer<C>,
         stalls: &mut HashMap<String, Stalls>,
         now: Instant,
-    ) -> rdkafka::error::KafkaResult<Vec<(String, i32)>> {
+    ) -> KafkaResult<Vec<(String, i32)>> {
         // Possibly empty: a member given nothing watches every partition.
         let assignment = consumer.assignment()?;
+        match &self.looker {
+            Some(Looker(looker)) => {
+                // It joins nothing and reads nothing: what waits in its
+                // queue is errors and the like, drained so none piles up.
+                while looker.poll(Duration::ZERO).is_some() {}
+                self.stalled(looker, &assignment, stalls, now)
+            }
+            None => self.stalled(consumer, &assignment, stalls, now),
+        }
+    }
+
+    /// Partitions of every watched topic not in `assignment` that have
+    /// stood still for the limit, asked through `consumer`.
+    fn stalled<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        assignment: &TopicPartitionList,
+        stalls: &mut HashMap<String, Stalls>,
+        now: Instant,
+    ) -> KafkaResult<Vec<(String, i32)>> {
         let mut orphans = Vec::new();
         for topic in &self.topics {
             let stalls = stalls.entry(topic.clone()).or_default();
@@ -630,9 +712,11 @@ mod tests {
         );
     }
 
-    /// Backdates `tp`'s silence by `SILENT`.
+    /// Backdates `tp`'s silence by its patience.
     fn silent_for_long(guard: &ResumeGuard, tp: Tp) {
-        guard.resume().get_mut(&tp).unwrap().since -= SILENT;
+        let mut resume = guard.resume();
+        let r = resume.get_mut(&tp).unwrap();
+        r.since -= r.patience();
     }
 
     #[test]
@@ -658,6 +742,15 @@ mod tests {
         );
         guard.rewind_silent(&consumer, true);
         assert_eq!(guard.resume()[&tp].rewind, REWIND, "silent: rewound");
+        // Its re-read waits for the fetch in flight, which tansu may hold
+        // for seconds: a second rewind now would throw it away.
+        guard.resume().get_mut(&tp).unwrap().since -= SILENT;
+        guard.rewind_silent(&consumer, true);
+        assert_eq!(
+            guard.resume()[&tp].rewind,
+            REWIND,
+            "rewound: the re-read is given REREAD, not SILENT"
+        );
         assert!(!guard.admit(&consumer, "t", 0, 2000), "read again below");
         assert!(
             !guard.admit(&consumer, "t", 0, 2999),
@@ -816,16 +909,15 @@ mod tests {
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
         let mock = couponrush_harness::MockKafka::start(1).unwrap();
         mock.create_topic("t", 1, 1).unwrap();
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", mock.brokers())
+            .set("group.id", "quirk-orphan")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500");
         let member = |watch: std::sync::Arc<OrphanWatch>| -> BaseConsumer<Watched> {
-            let consumer: BaseConsumer<Watched> = ClientConfig::new()
-                .set("bootstrap.servers", mock.brokers())
-                .set("group.id", "quirk-orphan")
-                .set("enable.auto.commit", "false")
-                .set("auto.offset.reset", "earliest")
-                .set("session.timeout.ms", "6000")
-                .set("heartbeat.interval.ms", "500")
-                .create_with_context(Watched(watch))
-                .unwrap();
+            let consumer: BaseConsumer<Watched> = cfg.create_with_context(Watched(watch)).unwrap();
             consumer.subscribe(&["t"]).unwrap();
             consumer
         };
@@ -842,7 +934,13 @@ mod tests {
         }
         // The second member joins a group whose one partition is taken: it
         // is given nothing.
-        let watch = std::sync::Arc::new(OrphanWatch::new(&["t"], Duration::from_secs(1)));
+        // Asking through a client of its own, as the issuer and the
+        // notifier do.
+        let watch = std::sync::Arc::new(
+            OrphanWatch::new(&["t"], Duration::from_secs(1))
+                .with_looker(&cfg)
+                .unwrap(),
+        );
         let idle = member(watch.clone());
         while !watch.state().settled {
             assert!(Instant::now() < until, "the idle member never settled");

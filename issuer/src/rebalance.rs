@@ -149,17 +149,6 @@ pub fn create_consumer(
     config: &Config,
     probe: Probe,
 ) -> KafkaResult<(BaseConsumer<IssuerContext>, Arc<Shared>)> {
-    let shared = Arc::new(Shared {
-        offsets: Offsets::default(),
-        resume: ResumeGuard::default(),
-        paused: AtomicBool::new(false),
-        orphans: OrphanWatch::new(
-            &[&config.topics.requests, &config.topics.compensations],
-            config.session_timeout,
-        ),
-        probe,
-        requests: config.topics.requests.clone(),
-    });
     let cfg = config.kafka.client_config_with(&config.client_id, |cfg| {
         cfg.set("group.id", &config.group_id)
             .set("enable.auto.commit", "false")
@@ -182,6 +171,20 @@ pub fn create_consumer(
         if let Some(id) = &config.instance_id {
             cfg.set("group.instance.id", id);
         }
+    });
+    // Its questions on a client of its own: see `OrphanWatch::with_looker`.
+    let orphans = OrphanWatch::new(
+        &[&config.topics.requests, &config.topics.compensations],
+        config.session_timeout,
+    )
+    .with_looker(&cfg)?;
+    let shared = Arc::new(Shared {
+        offsets: Offsets::default(),
+        resume: ResumeGuard::default(),
+        paused: AtomicBool::new(false),
+        orphans,
+        probe,
+        requests: config.topics.requests.clone(),
     });
     let consumer = cfg.create_with_context(IssuerContext {
         shared: shared.clone(),

@@ -35,6 +35,8 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
+use couponrush_issuer::broker_quirk::REREAD;
+
 use crate::offsets::Tp;
 
 /// How long a partition may wait for its first record before it is checked.
@@ -124,14 +126,17 @@ impl TailWatch {
         }
     }
 
-    /// Rewinds every partition that has waited [`QUIET`] without a record.
-    /// Call it from the loop's thread when a poll came back empty.
+    /// Rewinds every partition that has waited [`QUIET`] without a record
+    /// ([`REREAD`] once rewound: its re-read waits for the fetch in flight,
+    /// which tansu may hold for seconds, and a rewind meanwhile throws it
+    /// away). Call it from the loop's thread when a poll came back empty.
     pub fn check<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
         let now = Instant::now();
+        let patience = |w: &Waiting| if w.rewind == 0 { QUIET } else { REREAD };
         let due: Vec<(Tp, Waiting)> = self
             .waiting()
             .iter()
-            .filter(|(_, w)| now.duration_since(w.since) >= QUIET)
+            .filter(|(_, w)| now.duration_since(w.since) >= patience(w))
             .map(|(tp, w)| (tp.clone(), *w))
             .collect();
         for (tp, w) in due {
@@ -161,7 +166,8 @@ impl TailWatch {
                 partition,
                 from,
                 rewind_to = target,
-                "no record for {QUIET:?} since the partition was assigned or resumed; rewinding \
+                waited = ?patience(&w),
+                "no record since the partition was assigned, resumed or rewound; rewinding \
                  in case the broker is tansu 0.6, which answers a fetch from the middle of its \
                  last batch with nothing"
             );

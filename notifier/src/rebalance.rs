@@ -150,20 +150,6 @@ pub fn create_consumer(
     config: &Config,
     probe: Probe,
 ) -> KafkaResult<(BaseConsumer<NotifierContext>, Arc<Shared>)> {
-    let shared = Arc::new(Shared {
-        offsets: if config.unsafe_commit_on_receipt {
-            Offsets::commit_on_receipt()
-        } else {
-            Offsets::default()
-        },
-        resume: ResumeGuard::default(),
-        paused: AtomicBool::new(false),
-        orphans: OrphanWatch::new(&[&config.outcomes_topic], config.session_timeout),
-        tail: TailWatch::default(),
-        abandon: CancellationToken::new(),
-        drain_timeout: config.drain_timeout,
-        probe,
-    });
     let cfg = config.kafka.client_config_with(&config.client_id, |cfg| {
         cfg.set("group.id", &config.group_id)
             .set("enable.auto.commit", "false")
@@ -184,6 +170,23 @@ pub fn create_consumer(
             // Prefetch stays small: records wait here, not in memory.
             .set("queued.max.messages.kbytes", "4096")
             .set("statistics.interval.ms", "2000");
+    });
+    // Its questions on a client of its own: see `OrphanWatch::with_looker`.
+    let orphans =
+        OrphanWatch::new(&[&config.outcomes_topic], config.session_timeout).with_looker(&cfg)?;
+    let shared = Arc::new(Shared {
+        offsets: if config.unsafe_commit_on_receipt {
+            Offsets::commit_on_receipt()
+        } else {
+            Offsets::default()
+        },
+        resume: ResumeGuard::default(),
+        paused: AtomicBool::new(false),
+        orphans,
+        tail: TailWatch::default(),
+        abandon: CancellationToken::new(),
+        drain_timeout: config.drain_timeout,
+        probe,
     });
     let consumer = cfg.create_with_context(NotifierContext {
         shared: shared.clone(),
