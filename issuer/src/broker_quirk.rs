@@ -2,8 +2,8 @@
 //! Kafka has neither; against it this module never rejoins and decides no
 //! record twice, but a partition silent after an assignment or a resume
 //! (because it has nothing new) is rewound and re-read, its records skipped:
-//! [`REWIND`] records after [`SILENT`], doubling for each [`REREAD`] the
-//! re-read takes.
+//! [`REWIND`] records after [`SILENT`], the rewind and the wait doubling for
+//! each time the re-read does not come ([`patience`]).
 //!
 //! ## tansu 0.6 can resume a fetch past the committed offset
 //! When a fetch starts in the middle of a producer batch, tansu 0.6.0
@@ -26,9 +26,9 @@
 //! (`core/tests/read_log.rs`; the chaos suite's `reused-key` once left one
 //! request undecided this way after a rejoin). So a guarded partition that
 //! yields no record for [`SILENT`] is rewound too (the notifier's
-//! `TailWatch` does the same for its own consumer), and given [`REREAD`]
-//! for its re-read before it is rewound again (a re-read's fetch can wait
-//! seconds behind one tansu holds);
+//! `TailWatch` does the same for its own consumer), and given twice as
+//! long for its re-read before it is rewound again, doubling ([`patience`]:
+//! a re-read's fetch can wait seconds behind one tansu holds);
 //! reading the record just below the committed offset then proves the
 //! position sound (the next record is the one at it, in the same batch or
 //! at the start of the next). Every record read again restarts the silence,
@@ -52,7 +52,7 @@
 //! again: the drop stalls for good. [`OrphanWatch`] keeps: **a partition
 //! with records to decide is never left unread for longer than twice the
 //! session timeout while this issuer is deciding.** Between batches, an
-//! issuer that owns partitions looks at those it does not own; one whose
+//! issuer looks at the partitions it does not own; one whose
 //! committed offset stood still, with records beyond it, for that long
 //! since this issuer's last rebalance has no live owner (a live one commits
 //! after every batch, and an owner that is retrying is rare while this
@@ -85,16 +85,23 @@ const REWIND: i64 = 1000;
 /// before it is rewound (see the module doc).
 pub const SILENT: Duration = Duration::from_secs(2);
 
-/// How long a partition whose rewind was applied may wait for its re-read
-/// before it is rewound again. The re-read needs a fetch of its own, sent
-/// only once the fetch in flight on that broker connection comes back, and
-/// tansu 0.6 can hold one for seconds (about 5 s in `spine`, fetching a
-/// range of many small batches). A rewind meanwhile throws away what
-/// arrives (librdkafka drops a fetch made for an older seek), and the loop,
-/// whose own broker requests queue behind that fetch, wakes exactly when
-/// it arrives: with [`SILENT`] here, CI's `spine` rewound its partitions
-/// every 5 s for minutes and left 1,552 to 6,132 requests undecided.
-pub const REREAD: Duration = Duration::from_secs(20);
+/// How long a partition may yield nothing before it is rewound, `first`
+/// before any rewind, doubled by each rewind applied (at most
+/// [`PATIENCE_DOUBLINGS`] times: 2, 4, 8, 16 s from [`SILENT`]). A re-read
+/// needs a fetch of its own, sent only once the fetch in flight on that
+/// broker connection comes back, and tansu 0.6 can hold one for seconds
+/// (about 5 s in `spine`, fetching a range of many small batches). A rewind
+/// meanwhile throws away what arrives (librdkafka drops a fetch made for
+/// an older seek): with [`SILENT`] after every rewind, CI's `spine` rewound
+/// its partitions every 5 s for minutes and left 1,552 to 6,132 requests
+/// undecided. Doubling, not one long wait, keeps a rewind that must go
+/// further (it landed inside a long last batch again) quick.
+pub fn patience(first: Duration, rewinds: u32) -> Duration {
+    first * 2u32.pow(rewinds.min(PATIENCE_DOUBLINGS))
+}
+
+/// How many times [`patience`] doubles.
+pub const PATIENCE_DOUBLINGS: u32 = 3;
 
 /// How long a rewind waits for the partition's fetcher to apply its seek.
 /// Short: the loop waits meanwhile; an unanswered seek is retried.
@@ -107,6 +114,8 @@ struct Resume {
     expect: i64,
     /// How far back the last rewind went (0: none yet).
     rewind: i64,
+    /// How many rewinds were applied.
+    rewinds: u32,
     /// Since when no record came: the expectation was set or last rewound.
     since: Instant,
     /// Whether a record below `expect` was read since the last applied seek.
@@ -114,14 +123,9 @@ struct Resume {
 }
 
 impl Resume {
-    /// How long it may yield nothing before it is (again) rewound:
-    /// [`SILENT`] until a rewind was applied, [`REREAD`] after.
+    /// How long it may yield nothing before it is (again) rewound.
     fn patience(&self) -> Duration {
-        if self.rewind == 0 {
-            SILENT
-        } else {
-            REREAD
-        }
+        patience(SILENT, self.rewinds)
     }
 }
 
@@ -189,6 +193,7 @@ impl ResumeGuard {
             Resume {
                 expect: offset.max(held),
                 rewind: 0,
+                rewinds: 0,
                 since: Instant::now(),
                 reread: false,
             },
@@ -255,9 +260,8 @@ impl ResumeGuard {
     /// Between batches, not while paused, and only when the batch just read
     /// emptied librdkafka's queue (`drained`: a record of a partition that
     /// waits behind others is not silence): rewinds each guarded partition
-    /// that yielded no record for [`SILENT`] since its expectation was set
-    /// (for [`REREAD`] once rewound), it was last rewound or it last gave a
-    /// record (the committed offset
+    /// that yielded no record for its [`patience`] since its expectation
+    /// was set, it was last rewound or it last gave a record (the committed offset
     /// may sit in the log's last batch). One rewound to the log's start
     /// already is sought there again only if that re-read gave records and
     /// then stopped short; one whose seek to the start gave nothing has
@@ -328,7 +332,10 @@ impl ResumeGuard {
         if let Some(r) = self.resume().get_mut(&tp) {
             r.since = Instant::now();
             match seek {
-                Ok(()) => (r.rewind, r.reread) = (next, false),
+                Ok(()) => {
+                    (r.rewind, r.reread) = (next, false);
+                    r.rewinds += 1;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, partition, rewind_to = target, "rewind not applied; retrying")
                 }
@@ -412,6 +419,9 @@ struct WatchState {
     next: Option<Instant>,
     /// Assigned (possibly nothing) and not revoked since: not in a rebalance.
     settled: bool,
+    /// Rejoins in a row made while owning nothing, each answered with
+    /// nothing again: each doubles the wait before the next look.
+    idle_rejoins: u32,
 }
 
 impl OrphanWatch {
@@ -432,9 +442,13 @@ impl OrphanWatch {
         let mut config = config.clone();
         // A static member's id belongs to the member alone; its statistics
         // are the member's to report.
+        // The member's debug contexts, if any, are for the member.
+        let client_id = format!("{}-looker", config.get("client.id").unwrap_or("couponrush"));
         config
             .remove("group.instance.id")
-            .remove("statistics.interval.ms");
+            .remove("statistics.interval.ms")
+            .remove("debug")
+            .set("client.id", client_id);
         self.looker = Some(Looker(config.create()?));
         Ok(self)
     }
@@ -463,8 +477,8 @@ impl OrphanWatch {
         // The next look is an interval after this one ended, however long
         // it took: the loop gets that time to decide.
         state.next = Some(Instant::now() + (self.limit / 4).max(Duration::from_millis(500)));
-        let orphans = match orphans {
-            Ok(orphans) => orphans,
+        let (orphans, owns_nothing) = match orphans {
+            Ok(found) => found,
             Err(e) => {
                 tracing::debug!(error = %e, "the orphan watch could not look at the group");
                 return false;
@@ -482,7 +496,15 @@ impl OrphanWatch {
         );
         state.stalls.clear();
         // Give the new group a whole limit to settle before looking again.
-        state.next = Some(now + self.limit);
+        // A member that owns nothing also watches owners that are stuck
+        // for a reason of their own (a store or a webhook down for all):
+        // rejoin after rejoin that gives it nothing again, it waits longer
+        // (up to 8 limits), so an outage is not met with a rebalance per
+        // limit.
+        if owns_nothing {
+            state.idle_rejoins += 1;
+        }
+        state.next = Some(Instant::now() + self.limit * 2u32.pow(state.idle_rejoins.min(3)));
         // The rebalance callbacks (served later, in poll) take the lock.
         drop(state);
         consumer.unsubscribe();
@@ -492,12 +514,15 @@ impl OrphanWatch {
         true
     }
 
-    /// The member was just assigned partitions (none, possibly): it
-    /// watches from now on. Call it from the assign callback.
-    pub fn on_assign(&self) {
+    /// The member was just assigned `count` partitions (none, possibly):
+    /// it watches from now on. Call it from the assign callback.
+    pub fn on_assign(&self, count: usize) {
         let mut state = self.state();
         state.stalls.clear();
         state.settled = true;
+        if count > 0 {
+            state.idle_rejoins = 0;
+        }
     }
 
     /// The member's partitions are being revoked: a rebalance, it stops
@@ -527,18 +552,25 @@ impl OrphanWatch {
         consumer: &BaseConsumer<C>,
         stalls: &mut HashMap<String, Stalls>,
         now: Instant,
-    ) -> KafkaResult<Vec<(String, i32)>> {
+    ) -> KafkaResult<(Vec<(String, i32)>, bool)> {
         // Possibly empty: a member given nothing watches every partition.
         let assignment = consumer.assignment()?;
-        match &self.looker {
+        let owns_nothing = assignment.count() == 0;
+        let orphans = match &self.looker {
             Some(Looker(looker)) => {
                 // It joins nothing and reads nothing: what waits in its
-                // queue is errors and the like, drained so none piles up.
-                while looker.poll(Duration::ZERO).is_some() {}
+                // queue is logs and errors. A poll with a timeout serves
+                // them all (one with none stops at the first log line).
+                while let Some(r) = looker.poll(Duration::from_millis(1)) {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "the orphan watch's client");
+                    }
+                }
                 self.stalled(looker, &assignment, stalls, now)
             }
             None => self.stalled(consumer, &assignment, stalls, now),
-        }
+        }?;
+        Ok((orphans, owns_nothing))
     }
 
     /// Partitions of every watched topic not in `assignment` that have
@@ -743,14 +775,15 @@ mod tests {
         guard.rewind_silent(&consumer, true);
         assert_eq!(guard.resume()[&tp].rewind, REWIND, "silent: rewound");
         // Its re-read waits for the fetch in flight, which tansu may hold
-        // for seconds: a second rewind now would throw it away.
+        // for seconds: a second rewind after SILENT would throw it away.
         guard.resume().get_mut(&tp).unwrap().since -= SILENT;
         guard.rewind_silent(&consumer, true);
         assert_eq!(
             guard.resume()[&tp].rewind,
             REWIND,
-            "rewound: the re-read is given REREAD, not SILENT"
+            "rewound once: the re-read is given twice SILENT"
         );
+        assert_eq!(guard.resume()[&tp].patience(), 2 * SILENT);
         assert!(!guard.admit(&consumer, "t", 0, 2000), "read again below");
         assert!(
             !guard.admit(&consumer, "t", 0, 2999),
@@ -898,8 +931,8 @@ mod tests {
             _: &BaseConsumer<Self>,
             rebalance: &rdkafka::consumer::Rebalance<'_>,
         ) {
-            if let rdkafka::consumer::Rebalance::Assign(_) = rebalance {
-                self.0.on_assign();
+            if let rdkafka::consumer::Rebalance::Assign(tpl) = rebalance {
+                self.0.on_assign(tpl.count());
             }
         }
     }
@@ -921,33 +954,36 @@ mod tests {
             consumer.subscribe(&["t"]).unwrap();
             consumer
         };
-        // The owner: alive, reading, never committing (as a dead member
-        // that tansu keeps in the group looks to the others).
-        let owner = member(std::sync::Arc::new(OrphanWatch::new(
-            &["t"],
-            Duration::from_secs(1),
-        )));
+        // Two members asking through clients of their own, as the issuer
+        // and the notifier do; the group's one partition goes to one of
+        // them (the range assignor orders members by id), the other is
+        // given nothing. The owner reads and never commits, as a dead
+        // member that tansu keeps in the group looks to the others.
+        let watch = || {
+            std::sync::Arc::new(
+                OrphanWatch::new(&["t"], Duration::from_secs(1))
+                    .with_looker(&cfg)
+                    .unwrap(),
+            )
+        };
+        let (wa, wb) = (watch(), watch());
+        let (a, b) = (member(wa.clone()), member(wb.clone()));
         let until = Instant::now() + Duration::from_secs(30);
-        while owner.assignment().unwrap().count() == 0 {
-            assert!(Instant::now() < until, "the owner was never assigned");
-            let _ = owner.poll(Duration::from_millis(100));
+        let count = |c: &BaseConsumer<Watched>| c.assignment().unwrap().count();
+        while !(wa.state().settled && wb.state().settled && count(&a) + count(&b) == 1) {
+            assert!(Instant::now() < until, "the group never settled");
+            let _ = a.poll(Duration::from_millis(50));
+            let _ = b.poll(Duration::from_millis(50));
         }
-        // The second member joins a group whose one partition is taken: it
-        // is given nothing.
-        // Asking through a client of its own, as the issuer and the
-        // notifier do.
-        let watch = std::sync::Arc::new(
-            OrphanWatch::new(&["t"], Duration::from_secs(1))
-                .with_looker(&cfg)
-                .unwrap(),
-        );
-        let idle = member(watch.clone());
-        while !watch.state().settled {
-            assert!(Instant::now() < until, "the idle member never settled");
-            let _ = owner.poll(Duration::from_millis(50));
-            let _ = idle.poll(Duration::from_millis(50));
-        }
-        assert_eq!(idle.assignment().unwrap().count(), 0, "given nothing");
+        let (owner, idle, watch) = if count(&a) == 1 {
+            (a, b, wb)
+        } else {
+            (b, a, wa)
+        };
+        assert_eq!(count(&idle), 0, "given nothing");
+        // A watch that was never told of an assignment (in a rebalance, as
+        // far as it knows) does not look.
+        let unsettled = OrphanWatch::new(&["t"], Duration::from_secs(1));
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", mock.brokers())
             .create()
@@ -965,6 +1001,7 @@ mod tests {
         let rejoined = loop {
             let _ = owner.poll(Duration::from_millis(50));
             let _ = idle.poll(Duration::from_millis(50));
+            assert!(!unsettled.watch(&idle), "in a rebalance: no rejoin");
             if watch.watch(&idle) {
                 break true;
             }

@@ -116,7 +116,7 @@ impl ConsumerContext for IssuerContext {
                 .probe
                 .set_assigned(self.shared.offsets.owned_of(&self.shared.requests));
             self.shared.resume.on_assign(consumer, tpl);
-            self.shared.orphans.on_assign();
+            self.shared.orphans.on_assign(tpl.count());
             let mut partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             partitions.sort_unstable();
             tracing::info!(?partitions, "partitions assigned");

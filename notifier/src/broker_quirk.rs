@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use couponrush_issuer::broker_quirk::REREAD;
+use couponrush_issuer::broker_quirk::patience;
 
 use crate::offsets::Tp;
 
@@ -57,6 +57,8 @@ struct Waiting {
     since: Instant,
     /// How far back the last rewind went (0: none yet).
     rewind: i64,
+    /// How many rewinds were applied.
+    rewinds: u32,
 }
 
 /// Partitions waiting for their first record.
@@ -82,6 +84,7 @@ impl TailWatch {
                     from: None,
                     since: now,
                     rewind: 0,
+                    rewinds: 0,
                 },
             );
         }
@@ -103,6 +106,7 @@ impl TailWatch {
                         from: Some(o),
                         since: now,
                         rewind: 0,
+                        rewinds: 0,
                     },
                 );
             }
@@ -127,12 +131,13 @@ impl TailWatch {
     }
 
     /// Rewinds every partition that has waited [`QUIET`] without a record
-    /// ([`REREAD`] once rewound: its re-read waits for the fetch in flight,
-    /// which tansu may hold for seconds, and a rewind meanwhile throws it
-    /// away). Call it from the loop's thread when a poll came back empty.
+    /// (doubled by each rewind applied, see `patience`: its re-read waits for
+    /// the fetch in flight, which tansu may hold for seconds, and a rewind
+    /// meanwhile throws it away). Call it from the loop's thread when a
+    /// poll came back empty.
     pub fn check<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
         let now = Instant::now();
-        let patience = |w: &Waiting| if w.rewind == 0 { QUIET } else { REREAD };
+        let patience = |w: &Waiting| patience(QUIET, w.rewinds);
         let due: Vec<(Tp, Waiting)> = self
             .waiting()
             .iter()
@@ -175,10 +180,11 @@ impl TailWatch {
                 Ok(()) => {
                     if let Some(entry) = self.waiting().get_mut(&tp) {
                         entry.rewind = next;
+                        entry.rewinds += 1;
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, partition, "rewind failed; retrying after the next quiet period")
+                    tracing::warn!(error = %e, partition, "rewind failed; retrying when it has been silent again")
                 }
             }
         }

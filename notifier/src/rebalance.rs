@@ -122,7 +122,7 @@ impl ConsumerContext for NotifierContext {
             self.shared.probe.set_assigned(owned);
             self.shared.resume.on_assign(consumer, tpl);
             self.shared.tail.on_assign(partitions(tpl));
-            self.shared.orphans.on_assign();
+            self.shared.orphans.on_assign(tpl.count());
             let mut assigned: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             assigned.sort_unstable();
             tracing::info!(partitions = ?assigned, "partitions assigned");
