@@ -51,7 +51,9 @@
 //! assignment already counted the dead member, and nothing ever joins
 //! again: the drop stalls for good. [`OrphanWatch`] keeps: **a partition
 //! with records to decide is never left unread for longer than twice the
-//! session timeout while this issuer is deciding.** Between batches, an
+//! session timeout while this issuer is deciding** (a member that owns
+//! nothing waits up to 8 times that after a rejoin that changed nothing,
+//! see below). Between batches, an
 //! issuer looks at the partitions it does not own; one whose
 //! committed offset stood still, with records beyond it, for that long
 //! since this issuer's last rebalance has no live owner (a live one commits
@@ -187,17 +189,24 @@ impl ResumeGuard {
     /// two were decided already.
     fn expect(&self, tp: Tp, offset: i64) {
         let mut resume = self.resume();
-        let held = resume.get(&tp).map_or(offset, |r| r.expect);
-        resume.insert(
-            tp,
-            Resume {
-                expect: offset.max(held),
-                rewind: 0,
-                rewinds: 0,
-                since: Instant::now(),
-                reread: false,
-            },
-        );
+        let now = Instant::now();
+        match resume.get_mut(&tp) {
+            // Held, with its rewinds: the patience it earned stays (a
+            // resume drops what was fetched, and the fetch starts again).
+            Some(r) if r.expect >= offset => r.since = now,
+            _ => {
+                resume.insert(
+                    tp,
+                    Resume {
+                        expect: offset,
+                        rewind: 0,
+                        rewinds: 0,
+                        since: now,
+                        reread: false,
+                    },
+                );
+            }
+        }
     }
 
     /// On revoke: forgets `revoked`.
@@ -344,6 +353,10 @@ impl ResumeGuard {
     }
 }
 
+/// How many times a member that owns nothing doubles its wait after a
+/// rejoin (1, 2, 4, then 8 limits).
+const IDLE_DOUBLINGS: u32 = 3;
+
 /// Timeout of the broker requests the watch makes from the loop's thread.
 const WATCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -352,6 +365,8 @@ const WATCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 struct Stalls {
     /// Per partition, its committed offset and since when it has not moved.
     still: HashMap<i32, (i64, Instant)>,
+    /// A committed offset seen before moved since [`Stalls::take_moved`].
+    moved: bool,
 }
 
 impl Stalls {
@@ -373,8 +388,14 @@ impl Stalls {
         let (at, since) = self.still.entry(partition).or_insert((committed, now));
         if *at != committed {
             (*at, *since) = (committed, now);
+            self.moved = true;
         }
         now.duration_since(*since) >= limit
+    }
+
+    /// Whether an owner was seen committing since the last call.
+    fn take_moved(&mut self) -> bool {
+        std::mem::take(&mut self.moved)
     }
 
     /// Forgets everything (after a rejoin, or while this issuer cannot tell).
@@ -419,8 +440,9 @@ struct WatchState {
     next: Option<Instant>,
     /// Assigned (possibly nothing) and not revoked since: not in a rebalance.
     settled: bool,
-    /// Rejoins in a row made while owning nothing, each answered with
-    /// nothing again: each doubles the wait before the next look.
+    /// Rejoins made while owning nothing since this member last owned
+    /// partitions or saw an owner commit: each doubles the wait after the
+    /// next such rejoin.
     idle_rejoins: u32,
 }
 
@@ -474,6 +496,10 @@ impl OrphanWatch {
             return false;
         }
         let orphans = self.orphans(consumer, &mut state.stalls, now);
+        // An owner committing: whatever kept them all stuck is over.
+        if state.stalls.values_mut().any(Stalls::take_moved) {
+            state.idle_rejoins = 0;
+        }
         // The next look is an interval after this one ended, however long
         // it took: the loop gets that time to decide.
         state.next = Some(Instant::now() + (self.limit / 4).max(Duration::from_millis(500)));
@@ -501,10 +527,14 @@ impl OrphanWatch {
         // rejoin after rejoin that gives it nothing again, it waits longer
         // (up to 8 limits), so an outage is not met with a rebalance per
         // limit.
-        if owns_nothing {
-            state.idle_rejoins += 1;
-        }
-        state.next = Some(Instant::now() + self.limit * 2u32.pow(state.idle_rejoins.min(3)));
+        let doublings = if owns_nothing {
+            let d = state.idle_rejoins.min(IDLE_DOUBLINGS);
+            state.idle_rejoins = state.idle_rejoins.saturating_add(1);
+            d
+        } else {
+            0
+        };
+        state.next = Some(Instant::now() + self.limit * 2u32.pow(doublings));
         // The rebalance callbacks (served later, in poll) take the lock.
         drop(state);
         consumer.unsubscribe();
@@ -560,7 +590,8 @@ impl OrphanWatch {
             Some(Looker(looker)) => {
                 // It joins nothing and reads nothing: what waits in its
                 // queue is logs and errors. A poll with a timeout serves
-                // them all (one with none stops at the first log line).
+                // what comes within it (one with none stops at the first
+                // log line); only errors come back, and they are rare.
                 while let Some(r) = looker.poll(Duration::from_millis(1)) {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, "the orphan watch's client");
@@ -814,6 +845,12 @@ mod tests {
         // committed offset, keeps the committed offset.
         guard.expect(tp.clone(), 4200);
         assert_eq!(guard.resume()[&tp].expect, 5000);
+        let held = guard.resume()[&tp];
+        assert_eq!(
+            (held.rewind, held.rewinds),
+            (REWIND, 1),
+            "and the rewinds it made, with the patience they earned"
+        );
         assert!(
             !guard.admit(&consumer, "t", 2, 4300),
             "still below: refused"
