@@ -7,11 +7,13 @@
 //! every event is unknown, and nothing can be decided. The first process to
 //! notice takes the recovery lock and:
 //!
-//! 1. reads `coupon.events`: if it is empty, this is a fresh deployment, and
-//!    the marker is simply written;
-//! 2. marks the store as being rebuilt ([`Store::begin_rebuild`]: nothing is
-//!    decided from then on, and a copy of the store taken mid-rebuild says
-//!    so when it comes back) and waits out the **fence**: outcomes decided before the loss may still be
+//! 1. marks the store as being rebuilt ([`Store::begin_rebuild`]: nothing is
+//!    decided from then on, a copy of the store taken mid-rebuild says so
+//!    when it comes back, and on a cluster the slot markers an earlier
+//!    recoverer left half written are cleared);
+//! 2. reads `coupon.events`: if it is empty, this is a fresh deployment, and
+//!    the marker is simply written; otherwise it waits out the **fence**:
+//!    outcomes decided before the loss may still be
 //!    on their way to the log (an issuer publishing a batch it decided just
 //!    before). An outcome is enqueued right after its decision, and no
 //!    produce request for it can land later than the outcome producer's
@@ -242,13 +244,18 @@ impl Recovery {
             .await
             .map_err(|_| KafkaError::Canceled)??;
         let mut report = Recovered::default();
+        // Marked even on a first start: a recoverer that died (or failed)
+        // while writing its epoch leaves it in some of a cluster's slot
+        // markers, which refuse every later epoch until a rebuild marks
+        // them lost again (the CI's cluster spine once waited forever on
+        // one).
+        self.store.begin_rebuild(&self.owner).await?;
         if !events.is_empty() {
             tracing::warn!(
                 events = events.len(),
                 fence = ?self.fence,
                 "the store lost its state; waiting out the fence, then rebuilding it from the log"
             );
-            self.store.begin_rebuild(&self.owner).await?;
             tokio::time::sleep(self.fence).await;
             report.fenced = true;
             let (kafka, topics) = (self.kafka.clone(), self.topics.clone());

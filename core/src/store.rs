@@ -611,11 +611,9 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::restore`]: from then on nothing is decided or defined until
     /// [`Store::set_epoch`], and a copy of the store taken mid-rebuild (a
     /// snapshot, a replica) says so when it comes back. A store with
-    /// nothing to be stale about (in memory) needs no mark.
-    async fn begin_rebuild(&self, owner: &str) -> Result<(), StoreError> {
-        let _ = owner;
-        Ok(())
-    }
+    /// nothing to be stale about (in memory) needs no mark. (No default:
+    /// a wrapper that forgot to forward it would silently skip the mark.)
+    async fn begin_rebuild(&self, owner: &str) -> Result<(), StoreError>;
 
     /// Writes the epoch marker (the last step of a recovery), fenced like
     /// [`Store::restore`]: refused ([`StoreError::Fenced`]) unless `owner`

@@ -133,6 +133,9 @@ impl Store for Gated {
     async fn epoch(&self) -> Result<Option<String>, StoreError> {
         self.inner.epoch().await
     }
+    async fn begin_rebuild(&self, owner: &str) -> Result<(), StoreError> {
+        self.inner.begin_rebuild(owner).await
+    }
     async fn set_epoch(&self, epoch: &str, owner: &str) -> Result<(), StoreError> {
         self.inner.set_epoch(epoch, owner).await
     }

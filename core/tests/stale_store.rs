@@ -649,6 +649,110 @@ async fn a_cluster_master_failed_over_to_a_replica_behind_decides_nothing_until_
     drop(promoted);
 }
 
+/// On a Redis Cluster, a first start (an empty log) whose recoverer died,
+/// or failed, after writing its epoch into some slot markers and before the
+/// store's: the slots that hold that epoch refuse every other epoch, so
+/// unless the next recoverer clears them first, every issuer waits for an
+/// epoch that never comes (the CI's cluster spine saw 20,000 requests left
+/// undecided so). The next recovery finishes the start, and every slot,
+/// the planted ones included, decides under the new epoch.
+#[tokio::test]
+async fn a_cluster_first_start_whose_recoverer_died_between_slot_markers_is_finished_by_the_next() {
+    use couponrush_harness::RedisCluster;
+    use redis::cluster_routing::Slot;
+    let dir = std::env::temp_dir().join(format!("couponrush-start-cluster-{}", Uuid::new_v4()));
+    let cluster = tokio::task::spawn_blocking(move || RedisCluster::start(&dir))
+        .await
+        .unwrap()
+        .expect("redis-server and redis-cli on the PATH");
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(&cluster.url(), Duration::from_secs(3600))
+            .await
+            .unwrap(),
+    );
+
+    // The dead recoverer: it held the lock and wrote its epoch into the
+    // markers of the first slots (each slot's marker is named by the
+    // smallest decimal number that hashes there, as the store names it),
+    // then stopped; its lock lapsed.
+    assert!(store
+        .try_lock_recovery("dead", Duration::from_millis(300))
+        .await
+        .unwrap());
+    let nodes: Vec<String> = cluster
+        .ports()
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}"))
+        .collect();
+    let mut raw = redis::cluster::ClusterClient::new(nodes)
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut planted = Vec::new();
+    for n in 0..200u32 {
+        let tag = n.to_string();
+        if seen.insert(Slot::for_key(&tag)) {
+            let () = redis::cmd("SET")
+                .arg(format!("cr:{{{tag}}}:slot-epoch"))
+                .arg("epoch-of-the-dead")
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            planted.push(tag);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        store.epoch().await.unwrap(),
+        None,
+        "the start never finished"
+    );
+
+    let mock = couponrush_harness::MockKafka::start(1).unwrap();
+    let topics = log_topics();
+    for topic in [&topics.events, &topics.outcomes, &topics.checkpoints] {
+        mock.create_topic(topic, 1, 1).unwrap();
+    }
+    Recovery {
+        kafka: KafkaSettings::new(mock.brokers()),
+        topics,
+        store: store.clone(),
+        fence: Duration::ZERO,
+        retention: Duration::from_secs(3600),
+        owner: "next".into(),
+    }
+    .ensure_ready(Duration::from_secs(20))
+    .await
+    .expect("the next recoverer finishes the first start")
+    .expect("this caller wrote the epoch");
+    let epoch = store
+        .epoch()
+        .await
+        .unwrap()
+        .expect("the store has its epoch");
+    assert_ne!(epoch, "epoch-of-the-dead");
+
+    // An event whose key is on a planted slot (event `0`'s tag is the
+    // slot's own) decides under the new epoch.
+    let ev = &planted[0];
+    store
+        .put_event(
+            ev,
+            EventSpec {
+                stock: 2,
+                per_user_limit: 1,
+                claim_window_us: 0,
+                stock_buckets: 1,
+            },
+        )
+        .await
+        .unwrap();
+    let decided = decide(&*store, ev, &[pending("a")]).await.unwrap();
+    assert_eq!(decided[0].result, Issued);
+}
+
 /// The log's topics of the cluster failover test.
 fn log_topics() -> Topics {
     Topics {

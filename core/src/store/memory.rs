@@ -547,6 +547,11 @@ impl Store for MemoryStore {
         Ok(self.marker().epoch.clone())
     }
 
+    /// Nothing to mark: a store in memory never comes back stale.
+    async fn begin_rebuild(&self, _owner: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     async fn set_epoch(&self, epoch: &str, owner: &str) -> Result<(), StoreError> {
         let mut marker = self.marker();
         marker.fence(owner)?;
