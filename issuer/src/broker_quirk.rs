@@ -446,6 +446,30 @@ struct WatchState {
     idle_rejoins: u32,
 }
 
+impl WatchState {
+    /// An owner seen committing since the last look: whatever kept them
+    /// all stuck is over, and the next idle rejoin waits one limit again.
+    fn note_owner_commits(&mut self) {
+        if self.stalls.values_mut().any(Stalls::take_moved) {
+            self.idle_rejoins = 0;
+        }
+    }
+
+    /// The wait after a rejoin before the next look: one `limit`, doubled
+    /// for each rejoin made while owning nothing since the member last
+    /// owned partitions or saw an owner commit (1, 2, 4, then 8 limits).
+    fn wait_after_rejoin(&mut self, owns_nothing: bool, limit: Duration) -> Duration {
+        let doublings = if owns_nothing {
+            let d = self.idle_rejoins.min(IDLE_DOUBLINGS);
+            self.idle_rejoins = self.idle_rejoins.saturating_add(1);
+            d
+        } else {
+            0
+        };
+        limit * 2u32.pow(doublings)
+    }
+}
+
 impl OrphanWatch {
     /// Watches the partitions of `topics` (the member's whole
     /// subscription); `session_timeout` is the group's.
@@ -496,10 +520,7 @@ impl OrphanWatch {
             return false;
         }
         let orphans = self.orphans(consumer, &mut state.stalls, now);
-        // An owner committing: whatever kept them all stuck is over.
-        if state.stalls.values_mut().any(Stalls::take_moved) {
-            state.idle_rejoins = 0;
-        }
+        state.note_owner_commits();
         // The next look is an interval after this one ended, however long
         // it took: the loop gets that time to decide.
         state.next = Some(Instant::now() + (self.limit / 4).max(Duration::from_millis(500)));
@@ -527,14 +548,7 @@ impl OrphanWatch {
         // rejoin after rejoin that gives it nothing again, it waits longer
         // (up to 8 limits), so an outage is not met with a rebalance per
         // limit.
-        let doublings = if owns_nothing {
-            let d = state.idle_rejoins.min(IDLE_DOUBLINGS);
-            state.idle_rejoins = state.idle_rejoins.saturating_add(1);
-            d
-        } else {
-            0
-        };
-        state.next = Some(Instant::now() + self.limit * 2u32.pow(doublings));
+        state.next = Some(Instant::now() + state.wait_after_rejoin(owns_nothing, self.limit));
         // The rebalance callbacks (served later, in poll) take the lock.
         drop(state);
         consumer.unsubscribe();
@@ -972,6 +986,49 @@ mod tests {
                 self.0.on_assign(tpl.count());
             }
         }
+    }
+
+    #[test]
+    fn a_member_that_owns_nothing_backs_off_rejoin_after_rejoin_until_it_owns_or_sees_a_commit() {
+        let limit = Duration::from_secs(1);
+        let watch = OrphanWatch::new(&["t"], limit);
+        let waits = |n: usize, owns_nothing: bool| -> Vec<u32> {
+            let mut state = watch.state();
+            (0..n)
+                .map(|_| (state.wait_after_rejoin(owns_nothing, limit).as_secs()) as u32)
+                .collect()
+        };
+        assert_eq!(
+            waits(5, true),
+            [1, 2, 4, 8, 8],
+            "doubling, capped at 8 limits"
+        );
+        // An empty assignment keeps the count; one with partitions resets it.
+        watch.on_assign(0);
+        assert_eq!(waits(1, true), [8]);
+        watch.on_assign(3);
+        assert_eq!(waits(2, true), [1, 2]);
+        // A member that owns partitions waits one limit and keeps no count.
+        assert_eq!(waits(2, false), [1, 1]);
+        assert_eq!(waits(1, true), [4]);
+        // An owner seen committing (a partition's committed offset moved
+        // between two looks) resets it; standing still does not.
+        let now = Instant::now();
+        {
+            let mut state = watch.state();
+            let stalls = state.stalls.entry("t".into()).or_default();
+            stalls.stalled(0, 5, 10, now, limit);
+            stalls.stalled(0, 5, 10, now, limit);
+            state.note_owner_commits();
+        }
+        assert_eq!(waits(1, true), [8], "standing still is no commit");
+        {
+            let mut state = watch.state();
+            let stalls = state.stalls.entry("t".into()).or_default();
+            stalls.stalled(0, 6, 10, now, limit);
+            state.note_owner_commits();
+        }
+        assert_eq!(waits(1, true), [1], "an owner committed");
     }
 
     #[test]
