@@ -135,6 +135,14 @@ pub fn build_workspace_binaries() {
     );
 }
 
+/// The log filter of the processes a test or the lab starts: `info`, or
+/// `COUPONRUSH_CHILD_LOG` when set (for example `info,librdkafka=debug`
+/// with `--kafka-opt debug=cgrp,fetch`). Not `RUST_LOG`: that one is the
+/// test's own, and tansu would log gigabytes under a global debug.
+pub fn child_log() -> String {
+    std::env::var("COUPONRUSH_CHILD_LOG").unwrap_or_else(|_| "info".into())
+}
+
 /// The shared Redis of the dev and CI machines (`REDIS_URL`).
 pub fn shared_redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

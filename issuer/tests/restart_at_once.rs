@@ -29,7 +29,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 fn issuer(n: &str, brokers: &str, redis: &str, group: &str, extra: &[&str], dir: &Path) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_coupon-issuer"));
     cmd.env_clear()
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", couponrush_harness::child_log())
         .args(["--brokers", brokers, "--redis", redis, "--group-id", group])
         .args(["--client-id", &format!("{group}-{n}")])
         .args(["--session-timeout", "6s", "--publish-timeout", "3s"])

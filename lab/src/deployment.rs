@@ -483,7 +483,7 @@ impl Deployment {
                 .args(["--partitioner", &self.spec.partitioner.to_string()])
                 .args(self.kafka_opt_args())
                 .args(&api_args)
-                .env("RUST_LOG", child_log());
+                .env("RUST_LOG", couponrush_harness::child_log());
                 let log = self.dir.join("api.log");
                 let proc =
                     Proc::spawn("coupon-api", cmd, Some(&log)).map_err(start_err("coupon-api"))?;
@@ -600,7 +600,7 @@ impl Deployment {
                 .args(self.kafka_opt_args())
                 .args(&issuer_args)
                 .args(self.arm_args())
-                .env("RUST_LOG", child_log());
+                .env("RUST_LOG", couponrush_harness::child_log());
                 let name = format!("issuer-{n}");
                 let log = self.dir.join(format!("{name}.log"));
                 let proc =
@@ -646,7 +646,7 @@ impl Deployment {
             .args(["--client-id", &format!("{}-notifier-{n}", self.group)])
             .args(self.kafka_opt_args())
             .args(args)
-            .env("RUST_LOG", child_log());
+            .env("RUST_LOG", couponrush_harness::child_log());
         let name = format!("notifier-{n}");
         let log = self.dir.join(format!("{name}.log"));
         let proc = Proc::spawn(&name, cmd, Some(&log)).map_err(start_err("coupon-notifier"))?;
@@ -1035,11 +1035,4 @@ pub fn rss_kib(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
-}
-
-/// The log filter of the deployment's processes: `info`, or
-/// `COUPONRUSH_CHILD_LOG` when set (for example
-/// `info,librdkafka=debug` with `--kafka-opt debug=cgrp,fetch`).
-fn child_log() -> String {
-    std::env::var("COUPONRUSH_CHILD_LOG").unwrap_or_else(|_| "info".into())
 }

@@ -28,7 +28,7 @@ fn dir(name: &str) -> PathBuf {
 fn notifier(setup: &Setup, webhook: &str, n: u32, extra: &[&str], dir: &Path) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_coupon-notifier"));
     cmd.env_clear()
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", couponrush_harness::child_log())
         .args(["--brokers", &setup.brokers, "--webhook", webhook])
         .args(["--outcomes-topic", &setup.outcomes])
         .args(["--dlq-topic", &setup.dlq])
