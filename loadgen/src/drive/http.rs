@@ -2,6 +2,7 @@
 //! reconnected after an error. Also the admin calls that set up an event.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,6 +13,7 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 use uuid::Uuid;
 
 use super::{Sent, Target, TargetFactory};
@@ -61,6 +63,11 @@ impl Endpoint {
 pub struct HttpTarget {
     endpoint: Endpoint,
     timeout: Duration,
+    /// The request timeout's timer, kept across requests and moved only
+    /// when it would fire too early (see [`HttpTarget::exchange`]).
+    watchdog: Option<Pin<Box<Sleep>>>,
+    /// Where the watchdog is set.
+    watchdog_at: Option<Instant>,
     sender: Option<SendRequest<Full<Bytes>>>,
     /// The Host header, built once.
     host: HeaderValue,
@@ -107,6 +114,27 @@ impl HttpTarget {
         self.exchange(req).await
     }
 
+    /// The timer that ends the exchange starting now: one per connection,
+    /// set to `timeout` plus a tenth of it and moved only once it would
+    /// fire before `timeout` from now, so a request times out after
+    /// `timeout` to 1.1 × `timeout` and the timer is re-armed about ten
+    /// times per `timeout` rather than for every request (arming one per
+    /// request was a cost of the generator's hot path that oha does not
+    /// pay).
+    fn watchdog(&mut self) -> Pin<Box<Sleep>> {
+        let now = Instant::now();
+        let mut sleep = self
+            .watchdog
+            .take()
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(now)));
+        if self.watchdog_at.is_none_or(|at| at < now + self.timeout) {
+            let at = now + self.timeout + self.timeout / 10;
+            sleep.as_mut().reset(at);
+            self.watchdog_at = Some(at);
+        }
+        sleep
+    }
+
     /// Sends a prepared request (Host and Content-Type are added here).
     async fn exchange(
         &mut self,
@@ -115,8 +143,14 @@ impl HttpTarget {
         let headers = req.headers_mut();
         headers.insert(HOST, self.host.clone());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let timeout = self.timeout;
-        let sender = self.connection().await?;
+        let mut watchdog = self.watchdog();
+        let sender = match self.connection().await {
+            Ok(sender) => sender,
+            Err(e) => {
+                self.watchdog = Some(watchdog);
+                return Err(e);
+            }
+        };
         let exchange = async {
             // Not ready: the connection closed before anything was sent.
             sender.ready().await.map_err(|_| "connect".to_string())?;
@@ -133,13 +167,20 @@ impl HttpTarget {
                 .to_bytes();
             Ok::<_, String>((status, body))
         };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => {
+        let answer = tokio::select! {
+            biased;
+            r = exchange => Some(r),
+            () = watchdog.as_mut() => None,
+        };
+        self.watchdog = Some(watchdog);
+        match answer {
+            Some(Ok(r)) => Ok(r),
+            Some(Err(e)) => {
                 self.sender = None;
                 Err(e)
             }
-            Err(_) => {
+            None => {
+                self.watchdog_at = None;
                 self.sender = None;
                 Err("timeout".into())
             }
@@ -247,6 +288,8 @@ impl TargetFactory for HttpFactory {
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             endpoint: self.endpoint.clone(),
             timeout: self.timeout,
+            watchdog: None,
+            watchdog_at: None,
             sender: None,
             issue_uri: None,
         }
@@ -465,6 +508,68 @@ mod tests {
         assert_eq!(accepted_at(br#"{"accepted_at": 42}"#), Some(42));
         assert_eq!(accepted_at(br#"{"request_id":"x"}"#), None);
         assert_eq!(accepted_at(br#"{"accepted_at":"no"}"#), None);
+    }
+
+    /// The watchdog kept across requests never cuts a request short: each
+    /// of three requests to a server that never answers times out, none
+    /// before the timeout (the second and third find the timer that fired
+    /// for the first), and the next request on a live server is answered.
+    #[tokio::test]
+    async fn every_request_gets_its_whole_timeout_from_the_shared_watchdog() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = silent.accept().await {
+                conns.push(c);
+            }
+        });
+        let timeout = Duration::from_millis(300);
+        let mut t = HttpFactory {
+            endpoint: Endpoint {
+                addr,
+                authority: addr.to_string(),
+            },
+            timeout,
+        }
+        .make();
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            let sent = t.send("e", "u", Uuid::now_v7()).await;
+            let took = started.elapsed();
+            assert!(
+                matches!(&sent, Sent::InDoubt { kind, .. } if kind == "timeout"),
+                "{sent:?}"
+            );
+            assert!(took >= timeout, "cut short after {took:?}");
+            assert!(took < timeout * 10, "the watchdog never fired ({took:?})");
+        }
+        held.abort();
+
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = live.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/v1/events/{event}/issue",
+            axum::routing::post(|| async {
+                (
+                    StatusCode::ACCEPTED,
+                    r#"{"request_id":"0190d6a0-7c3e-7b2a-9e1f-3c4d5e6f7a8b","accepted_at":7}"#,
+                )
+            }),
+        );
+        tokio::spawn(async move { axum::serve(live, app).await });
+        t.endpoint = Endpoint {
+            addr,
+            authority: addr.to_string(),
+        };
+        t.sender = None;
+        for _ in 0..3 {
+            let sent = t.send("e", "u", Uuid::now_v7()).await;
+            assert!(
+                matches!(sent, Sent::Accepted { accepted_at: 7, .. }),
+                "{sent:?}"
+            );
+        }
     }
 
     #[test]
