@@ -96,7 +96,8 @@ pub struct LineCmdArgs {
     /// one server, redis+cluster://host:port,host:port,… for a Redis Cluster.
     #[arg(long = "redis", env = "LOADGEN_REDIS_URL")]
     pub redis: Option<String>,
-    /// Per-request HTTP timeout.
+    /// Per-request HTTP timeout (a request is cut off after 1 to 1.1 times
+    /// this: one timer per connection, re-armed a few times per timeout).
     #[arg(long, env = "LOADGEN_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
     /// Wait at most this long after the clients for the last decisions.
@@ -463,7 +464,8 @@ pub struct RunArgs {
     /// redis+cluster://host:port,host:port,… for a Redis Cluster.
     #[arg(long = "redis", env = "LOADGEN_REDIS_URL")]
     pub redis: Option<String>,
-    /// Per-request HTTP timeout.
+    /// Per-request HTTP timeout (a request is cut off after 1 to 1.1 times
+    /// this: one timer per connection, re-armed a few times per timeout).
     #[arg(long, env = "LOADGEN_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
     /// Offer load only: do not watch outcomes or audit (for pure HTTP benchmarks).
