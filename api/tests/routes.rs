@@ -364,6 +364,68 @@ async fn listening_beyond_loopback_without_a_token_is_refused() {
     assert!(err.to_string().contains("ADMIN_TOKEN"), "{err}");
 }
 
+/// The served api's header-read timeout (the slowloris guard, one shared
+/// timer per connection, `conn_timer`): a kept-alive connection whose
+/// requests come further apart in all than the timeout, each within it, is
+/// served throughout; one that sends half a head and stalls is closed, not
+/// before the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_timeout_spares_a_kept_alive_connection_and_closes_a_stalled_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = MockKafka::start(1).unwrap();
+    for spec in Topics::default().specs(4, 1) {
+        mock.create_topic(&spec.name, spec.partitions, spec.replication)
+            .unwrap();
+    }
+    let api = Api::bind(
+        Config::local(&mock.brokers()),
+        Arc::new(MemoryStore::default()),
+        None,
+    )
+    .await
+    .unwrap();
+    let addr = api.local_addr();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(api.serve(shutdown.clone()));
+    let timeout = couponrush_api::CLIENT_TIMEOUT;
+
+    let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    for i in 0..3 {
+        if i > 0 {
+            tokio::time::sleep(timeout * 6 / 10).await;
+        }
+        kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = kept.read(&mut buf).await.unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 200"), "request {i}: {head:?}");
+    }
+    assert!(started.elapsed() > timeout, "the requests span the timeout");
+
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    stalled
+        .write_all(b"GET /healthz HTTP/1.1\r\nho")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let closed = tokio::time::timeout(timeout * 3, stalled.read(&mut buf)).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+        "the stalled connection is closed within 3 timeouts"
+    );
+    assert!(
+        waited >= timeout,
+        "closed after {waited:?}, before the timeout"
+    );
+    shutdown.cancel();
+    let _ = served.await;
+}
+
 #[tokio::test]
 async fn overload_is_a_503_with_retry_after_and_nothing_accepted() {
     let f = fixture(None).await;
