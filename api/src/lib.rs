@@ -28,7 +28,6 @@
 //! - [`error`]: the one error type, [`error::AppError`], and its JSON shape.
 //! - [`events`]: the cache of known events.
 //! - [`readiness`]: whether the store is ready, new, or being rebuilt.
-//! - [`conn_timer`]: the header-read timeout's timer, one per connection.
 //! - [`request_id`]: the request id an `Idempotency-Key` stands for (kept in
 //!   core, re-exported here).
 //! - [`line`]: the waiting room's routes and the issue route's gate.
@@ -36,7 +35,6 @@
 //!   [`couponrush_core::producer::RequestProducer`], shared with
 //!   `coupon-loadgen run --direct`.
 
-pub mod conn_timer;
 pub mod error;
 pub mod events;
 pub mod guard;
@@ -71,7 +69,6 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::conn_timer::ConnTimer;
 use crate::events::EventCache;
 use crate::readiness::Readiness;
 
@@ -494,7 +491,8 @@ impl Api {
         let line = self.state.line.clone();
         let router = app(self.state);
         let mut http = hyper::server::conn::http1::Builder::new();
-        http.header_read_timeout(CLIENT_TIMEOUT)
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(CLIENT_TIMEOUT)
             // A client may close its sending side once its request is out
             // and still expect the answer.
             .half_close(true)
@@ -518,8 +516,6 @@ impl Api {
             };
             let _ = stream.set_nodelay(true);
             let service = hyper_util::service::TowerToHyperService::new(router.clone());
-            // Each connection a timer of its own (see conn_timer).
-            http.timer(ConnTimer::new());
             let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let conn = graceful.watch(conn);
             tokio::spawn(async move {

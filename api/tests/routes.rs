@@ -364,8 +364,8 @@ async fn listening_beyond_loopback_without_a_token_is_refused() {
     assert!(err.to_string().contains("ADMIN_TOKEN"), "{err}");
 }
 
-/// The served api's header-read timeout (the slowloris guard, one shared
-/// timer per connection, `conn_timer`): a kept-alive connection whose
+/// The served api's header-read timeout (the slowloris guard, hyper's
+/// header-read timeout on every connection): a kept-alive connection whose
 /// requests come further apart in all than the timeout, each within it, is
 /// served throughout; one that sends half a head and stalls is closed, not
 /// before the timeout.
@@ -405,8 +405,9 @@ async fn the_header_timeout_spares_a_kept_alive_connection_and_closes_a_stalled_
     }
     assert!(started.elapsed() > timeout, "the requests span the timeout");
 
-    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Before connecting: the server's clock starts at its accept.
     let started = std::time::Instant::now();
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
     stalled
         .write_all(b"GET /healthz HTTP/1.1\r\nho")
         .await
