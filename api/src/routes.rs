@@ -123,7 +123,7 @@ fn store_unavailable(e: StoreError) -> AppError {
     tracing::warn!(error = %e, "store call failed");
     if matches!(e, StoreError::Lost(_)) {
         return AppError::Unavailable(
-            "the coupon store came back behind its log and is being rebuilt from it; nothing was changed; retry shortly".into(),
+            "the coupon store is being rebuilt from its log (it came back behind it, or is being set up); nothing was changed; retry shortly".into(),
         );
     }
     AppError::Unavailable("the coupon store is unavailable; retry shortly".into())

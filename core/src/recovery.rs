@@ -7,13 +7,14 @@
 //! every event is unknown, and nothing can be decided. The first process to
 //! notice takes the recovery lock and:
 //!
-//! 1. marks the store as being rebuilt ([`Store::begin_rebuild`]: nothing is
+//! 1. reads `coupon.events`;
+//! 2. marks the store as being rebuilt ([`Store::begin_rebuild`]: nothing is
 //!    decided from then on, a copy of the store taken mid-rebuild says so
 //!    when it comes back, and on a cluster the slot markers an earlier
-//!    recoverer left half written are cleared);
-//! 2. reads `coupon.events`: if it is empty, this is a fresh deployment, and
-//!    the marker is simply written; otherwise it waits out the **fence**:
-//!    outcomes decided before the loss may still be
+//!    recoverer left half written are cleared), a first start (no events:
+//!    a fresh deployment) too, whose marker is then simply written;
+//!    otherwise it waits out the **fence**: outcomes decided before the
+//!    loss may still be
 //!    on their way to the log (an issuer publishing a batch it decided just
 //!    before). An outcome is enqueued right after its decision, and no
 //!    produce request for it can land later than the outcome producer's

@@ -606,8 +606,8 @@ pub trait Store: Send + Sync + 'static {
     /// never had any) and must be recovered before anything is decided.
     async fn epoch(&self) -> Result<Option<String>, StoreError>;
 
-    /// Marks the store as being rebuilt (the first step of a rebuild, once
-    /// the log is known to hold definitions), fenced like
+    /// Marks the store as being rebuilt (the first write of every recovery,
+    /// a first start's included), fenced like
     /// [`Store::restore`]: from then on nothing is decided or defined until
     /// [`Store::set_epoch`], and a copy of the store taken mid-rebuild (a
     /// snapshot, a replica) says so when it comes back. A store with

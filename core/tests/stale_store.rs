@@ -94,6 +94,7 @@ async fn first_start(store: &dyn Store, epoch: &str) {
         .try_lock_recovery(&owner, Duration::from_secs(30))
         .await
         .unwrap());
+    store.begin_rebuild(&owner).await.unwrap();
     store.set_epoch(epoch, &owner).await.unwrap();
     store.unlock_recovery(&owner).await.unwrap();
 }

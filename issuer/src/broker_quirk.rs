@@ -450,7 +450,13 @@ impl WatchState {
     /// An owner seen committing since the last look: whatever kept them
     /// all stuck is over, and the next idle rejoin waits one limit again.
     fn note_owner_commits(&mut self) {
-        if self.stalls.values_mut().any(Stalls::take_moved) {
+        // Every topic's mark taken (not `any`, which would stop at the
+        // first and leave another's to reset the next look again).
+        let moved = self
+            .stalls
+            .values_mut()
+            .fold(false, |moved, s| s.take_moved() | moved);
+        if moved {
             self.idle_rejoins = 0;
         }
     }

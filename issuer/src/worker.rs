@@ -378,7 +378,7 @@ impl Worker {
                     return Some(plan.resolve(batch, &verdicts));
                 }
                 Err(StoreError::Lost(why)) => {
-                    tracing::error!(%why, "the store came back behind the log; nothing decided");
+                    tracing::error!(%why, "the store is being rebuilt from the log (it came back behind it, or is being set up); nothing decided");
                     self.store_lost(attempt);
                 }
                 Err(e) => {

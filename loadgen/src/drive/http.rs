@@ -64,10 +64,8 @@ pub struct HttpTarget {
     endpoint: Endpoint,
     timeout: Duration,
     /// The request timeout's timer, kept across requests and moved only
-    /// when it would fire too early (see [`HttpTarget::exchange`]).
+    /// when it would fire too early (see [`HttpTarget::watchdog`]).
     watchdog: Option<Pin<Box<Sleep>>>,
-    /// Where the watchdog is set.
-    watchdog_at: Option<Instant>,
     sender: Option<SendRequest<Full<Bytes>>>,
     /// The Host header, built once.
     host: HeaderValue,
@@ -114,23 +112,21 @@ impl HttpTarget {
         self.exchange(req).await
     }
 
-    /// The timer that ends the exchange starting now: one per connection,
-    /// set to `timeout` plus a tenth of it and moved only once it would
-    /// fire before `timeout` from now, so a request times out after
-    /// `timeout` to 1.1 × `timeout` and the timer is re-armed about ten
-    /// times per `timeout` rather than for every request (arming one per
-    /// request was a cost of the generator's hot path that oha does not
-    /// pay).
+    /// The timer that ends the exchange starting now (once connected):
+    /// one per connection, set to `timeout` plus a tenth of it and moved
+    /// only once it would fire before `timeout` from now, so a request
+    /// times out after `timeout` to 1.1 × `timeout` and the timer is
+    /// re-armed about ten times per `timeout` rather than for every request
+    /// (arming one per request was a cost of the generator's hot path that
+    /// oha does not pay).
     fn watchdog(&mut self) -> Pin<Box<Sleep>> {
         let now = Instant::now();
         let mut sleep = self
             .watchdog
             .take()
             .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(now)));
-        if self.watchdog_at.is_none_or(|at| at < now + self.timeout) {
-            let at = now + self.timeout + self.timeout / 10;
-            sleep.as_mut().reset(at);
-            self.watchdog_at = Some(at);
+        if sleep.deadline() < now + self.timeout {
+            sleep.as_mut().reset(now + self.timeout + self.timeout / 10);
         }
         sleep
     }
@@ -143,14 +139,11 @@ impl HttpTarget {
         let headers = req.headers_mut();
         headers.insert(HOST, self.host.clone());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        // Connecting is not bounded by the timeout (as before the shared
+        // timer): the exchange gets its whole timeout once connected.
+        self.connection().await?;
         let mut watchdog = self.watchdog();
-        let sender = match self.connection().await {
-            Ok(sender) => sender,
-            Err(e) => {
-                self.watchdog = Some(watchdog);
-                return Err(e);
-            }
-        };
+        let sender = self.sender.as_mut().expect("connected above");
         let exchange = async {
             // Not ready: the connection closed before anything was sent.
             sender.ready().await.map_err(|_| "connect".to_string())?;
@@ -180,7 +173,6 @@ impl HttpTarget {
                 Err(e)
             }
             None => {
-                self.watchdog_at = None;
                 self.sender = None;
                 Err("timeout".into())
             }
@@ -289,7 +281,6 @@ impl TargetFactory for HttpFactory {
             endpoint: self.endpoint.clone(),
             timeout: self.timeout,
             watchdog: None,
-            watchdog_at: None,
             sender: None,
             issue_uri: None,
         }
@@ -510,29 +501,50 @@ mod tests {
         assert_eq!(accepted_at(br#"{"accepted_at":"no"}"#), None);
     }
 
-    /// The watchdog kept across requests never cuts a request short: each
-    /// of three requests to a server that never answers times out, none
-    /// before the timeout (the second and third find the timer that fired
-    /// for the first), and the next request on a live server is answered.
+    /// The watchdog kept across requests never cuts a request short: a
+    /// request answered at once leaves it armed; the next, sent a while
+    /// later to a server that never answers, still waits its whole timeout
+    /// (the timer, armed for the first, would fire sooner); so do two more
+    /// after it fired; and a live server is answered again after that.
     #[tokio::test]
     async fn every_request_gets_its_whole_timeout_from_the_shared_watchdog() {
+        let app = axum::Router::new().route(
+            "/v1/events/{event}/issue",
+            axum::routing::post(|| async {
+                (
+                    StatusCode::ACCEPTED,
+                    r#"{"request_id":"0190d6a0-7c3e-7b2a-9e1f-3c4d5e6f7a8b","accepted_at":7}"#,
+                )
+            }),
+        );
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(live, app).await });
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = silent.local_addr().unwrap();
-        let held = tokio::spawn(async move {
+        let silent_addr = silent.local_addr().unwrap();
+        tokio::spawn(async move {
             let mut conns = Vec::new();
             while let Ok((c, _)) = silent.accept().await {
                 conns.push(c);
             }
         });
+        let endpoint = |addr: SocketAddr| Endpoint {
+            addr,
+            authority: addr.to_string(),
+        };
         let timeout = Duration::from_millis(300);
         let mut t = HttpFactory {
-            endpoint: Endpoint {
-                addr,
-                authority: addr.to_string(),
-            },
+            endpoint: endpoint(live_addr),
             timeout,
         }
         .make();
+        let accepted = |sent: &Sent| matches!(sent, Sent::Accepted { accepted_at: 7, .. });
+        let sent = t.send("e", "u", Uuid::now_v7()).await;
+        assert!(accepted(&sent), "{sent:?}");
+
+        tokio::time::sleep(timeout / 3).await;
+        t.endpoint = endpoint(silent_addr);
+        t.sender = None;
         for _ in 0..3 {
             let started = std::time::Instant::now();
             let sent = t.send("e", "u", Uuid::now_v7()).await;
@@ -544,31 +556,12 @@ mod tests {
             assert!(took >= timeout, "cut short after {took:?}");
             assert!(took < timeout * 10, "the watchdog never fired ({took:?})");
         }
-        held.abort();
 
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = live.local_addr().unwrap();
-        let app = axum::Router::new().route(
-            "/v1/events/{event}/issue",
-            axum::routing::post(|| async {
-                (
-                    StatusCode::ACCEPTED,
-                    r#"{"request_id":"0190d6a0-7c3e-7b2a-9e1f-3c4d5e6f7a8b","accepted_at":7}"#,
-                )
-            }),
-        );
-        tokio::spawn(async move { axum::serve(live, app).await });
-        t.endpoint = Endpoint {
-            addr,
-            authority: addr.to_string(),
-        };
+        t.endpoint = endpoint(live_addr);
         t.sender = None;
         for _ in 0..3 {
             let sent = t.send("e", "u", Uuid::now_v7()).await;
-            assert!(
-                matches!(sent, Sent::Accepted { accepted_at: 7, .. }),
-                "{sent:?}"
-            );
+            assert!(accepted(&sent), "{sent:?}");
         }
     }
 

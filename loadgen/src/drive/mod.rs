@@ -179,8 +179,9 @@ struct WorkerOut {
     in_doubt: Vec<Uuid>,
     accept: Histogram<u64>,
     /// The uncorrected latency is recorded only where it differs from the
-    /// corrected one (a closed loop's sends are sent when intended: one
-    /// record per answer instead of two, on the hot path): here the
+    /// corrected one: a closed loop sends when it intends to, so it records
+    /// one value per answer instead of two on its hot path (an open loop,
+    /// whose sends are late more often than not, records three). Here the
     /// uncorrected values that differ, and in `corrected_differing` the
     /// corrected values they stand for. See [`WorkerOut::uncorrected`].
     uncorrected_differing: Histogram<u64>,
@@ -191,9 +192,13 @@ impl WorkerOut {
     /// The uncorrected latencies: the corrected ones, with the values that
     /// differ replaced.
     fn uncorrected(&self) -> Histogram<u64> {
+        // Cannot fail: `corrected_differing` holds a part of `accept`'s
+        // values, recorded the same way, and all three share their bounds.
         let mut u = self.accept.clone();
-        let _ = u.subtract(&self.corrected_differing);
-        let _ = u.add(&self.uncorrected_differing);
+        let subtracted = u.subtract(&self.corrected_differing);
+        debug_assert!(subtracted.is_ok(), "{subtracted:?}");
+        let added = u.add(&self.uncorrected_differing);
+        debug_assert!(added.is_ok(), "{added:?}");
         u
     }
 }
