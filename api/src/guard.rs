@@ -5,43 +5,68 @@
 //! panic in a handler turned into a 503 (logged, never a dropped
 //! connection), and the request counter by route and status.
 //!
-//! One middleware instead of the six tower layers it replaces (a load
-//! shedder, a concurrency limit and its error handler, a panic catcher, a
-//! metrics middleware, a body timeout): under load each layer's future and
-//! per-request clone showed in a profile of the issue route, and together
-//! they were most of the CPU per request the api spent beyond the same
-//! contract without them (docs/BENCHMARKS.md, section 2). It also makes the
-//! bound one bound: a concurrency-limit layer given to `Router::layer` is
-//! cloned per route, each clone with its own semaphore.
+//! One tower layer, [`GuardLayer`], instead of the six tower layers it
+//! replaces (a load shedder, a concurrency limit and its error handler, a
+//! panic catcher, a metrics middleware, a body timeout): under load each
+//! layer's future and per-request clone showed in a profile of the issue
+//! route, and together they were most of the CPU per request the api spent
+//! beyond the same contract without them (docs/BENCHMARKS.md, section 2).
+//! It is written as a service with its own future rather than with
+//! `axum::middleware::from_fn`, which clones the inner service, boxes an
+//! async block and a `Next` for every request (about 1.5 µs of the issue
+//! route's CPU in a profile). It also makes the bound one bound: the layer
+//! is cloned per route by `Router::layer`, and every clone shares one
+//! semaphore (a concurrency-limit layer keeps one per clone).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
+use axum::extract::{MatchedPath, Request};
 use axum::response::{IntoResponse, Response};
+use futures::future::CatchUnwind;
 use futures::FutureExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::AppError;
 
-/// The shared bound of [`guard`].
-pub struct Guard {
-    permits: Semaphore,
+/// The layer: every route's service wrapped in a [`GuardService`], all of
+/// them sharing one bound.
+#[derive(Clone)]
+pub struct GuardLayer {
+    permits: Arc<Semaphore>,
 }
 
-impl Guard {
+impl GuardLayer {
     /// At most `max_in_flight` requests in flight across every route.
     pub fn new(max_in_flight: usize) -> Self {
         Self {
-            permits: Semaphore::new(max_in_flight.max(1)),
+            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
         }
     }
+}
+
+impl<S> tower::Layer<S> for GuardLayer {
+    type Service = GuardService<S>;
+
+    fn layer(&self, inner: S) -> GuardService<S> {
+        GuardService {
+            inner,
+            permits: self.permits.clone(),
+        }
+    }
+}
+
+/// One route's service behind the guard.
+#[derive(Clone)]
+pub struct GuardService<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
 }
 
 /// The route labels of `couponrush_api_requests_total`.
@@ -150,36 +175,97 @@ impl HttpBody for DeadlineBody {
     }
 }
 
-/// The middleware: bound, run the route with its body on a deadline and its
-/// panics caught, count.
-pub async fn guard(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
+impl<S> tower::Service<Request> for GuardService<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = GuardFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    /// Bound, then run the route with its body on a deadline and its panics
+    /// caught; the future counts the answer.
+    fn call(&mut self, req: Request) -> Self::Future {
+        let route = route_of(&req);
+        match self.permits.clone().try_acquire_owned() {
+            Err(_) => GuardFuture {
+                inner: None,
+                permit: None,
+                route,
+            },
+            Ok(permit) => {
+                let req = req.map(|b| Body::new(DeadlineBody::new(b, crate::CLIENT_TIMEOUT)));
+                GuardFuture {
+                    inner: Some(AssertUnwindSafe(self.inner.call(req)).catch_unwind()),
+                    permit: Some(permit),
+                    route,
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A guarded request: shed (no route to run), or running with its
+    /// permit until the route's answer is ready.
+    pub struct GuardFuture<F> {
+        #[pin]
+        inner: Option<CatchUnwind<AssertUnwindSafe<F>>>,
+        permit: Option<OwnedSemaphorePermit>,
+        route: usize,
+    }
+}
+
+impl<F> Future for GuardFuture<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = match this.inner.as_pin_mut() {
+            None => {
+                metrics::counter!("couponrush_api_shed_total", "reason" => "concurrency")
+                    .increment(1);
+                AppError::Overloaded("too many concurrent requests; retry after a second".into())
+                    .into_response()
+            }
+            Some(inner) => match ready!(inner.poll(cx)) {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(never)) => match never {},
+                Err(_) => {
+                    tracing::error!("a handler panicked");
+                    AppError::Unavailable("internal fault; retry shortly".into()).into_response()
+                }
+            },
+        };
+        drop(this.permit.take());
+        count(*this.route, resp.status().as_u16());
+        Poll::Ready(Ok(resp))
+    }
+}
+
+/// The route label of `req`: its matched path, "other" for a path not in
+/// [`ROUTES`], "unmatched" when no route matched.
+fn route_of(req: &Request) -> usize {
+    req.extensions()
         .get::<MatchedPath>()
         .map_or(ROUTES.len() - 1, |m| {
             ROUTES
                 .iter()
                 .position(|r| *r == m.as_str())
                 .unwrap_or(ROUTES.len() - 2)
-        });
-    let resp = match guard.permits.try_acquire() {
-        Err(_) => {
-            metrics::counter!("couponrush_api_shed_total", "reason" => "concurrency").increment(1);
-            AppError::Overloaded("too many concurrent requests; retry after a second".into())
-                .into_response()
-        }
-        Ok(_permit) => {
-            let req = req.map(|b| Body::new(DeadlineBody::new(b, crate::CLIENT_TIMEOUT)));
-            match AssertUnwindSafe(next.run(req)).catch_unwind().await {
-                Ok(resp) => resp,
-                Err(_) => {
-                    tracing::error!("a handler panicked");
-                    AppError::Unavailable("internal fault; retry shortly".into()).into_response()
-                }
-            }
-        }
-    };
-    let status = match resp.status().as_u16() {
+        })
+}
+
+/// Counts one answer by route and status.
+fn count(route: usize, status: u16) {
+    let status = match status {
         200 => 0,
         201 => 1,
         202 => 2,
@@ -207,7 +293,6 @@ pub async fn guard(State(guard): State<Arc<Guard>>, req: Request, next: Next) ->
             )
         })
         .increment(1);
-    resp
 }
 
 #[cfg(test)]
@@ -283,10 +368,7 @@ mod tests {
                         "never"
                     }),
                 )
-                .layer(axum::middleware::from_fn_with_state(
-                    Arc::new(Guard::new(bound)),
-                    guard,
-                ))
+                .layer(GuardLayer::new(bound))
         }
 
         async fn get_status(app: &Router, uri: &str) -> (StatusCode, serde_json::Value) {

@@ -48,7 +48,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::middleware;
 use axum::routing::{get, post, put};
 use axum::Router;
 use clap::Parser;
@@ -310,10 +309,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(
-            Arc::new(guard::Guard::new(max_concurrent)),
-            guard::guard,
-        ))
+        .layer(guard::GuardLayer::new(max_concurrent))
         .with_state(state)
 }
 

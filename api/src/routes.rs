@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::extract::{FromRequest, FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use couponrush_core::producer::ProduceError;
@@ -331,9 +331,13 @@ impl<S: Send + Sync> FromRequestParts<S> for IssueHeaders {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // By `HeaderName` constants: a `&str` name is parsed and
+        // validated on every lookup.
+        const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+        const ADMISSION_TOKEN: HeaderName = HeaderName::from_static(crate::line::TOKEN_HEADER);
         Ok(Self {
-            idempotency_key: parts.headers.get("idempotency-key").cloned(),
-            admission_token: parts.headers.get(crate::line::TOKEN_HEADER).cloned(),
+            idempotency_key: parts.headers.get(IDEMPOTENCY_KEY).cloned(),
+            admission_token: parts.headers.get(ADMISSION_TOKEN).cloned(),
         })
     }
 }
