@@ -572,7 +572,7 @@ pub struct TicketView {
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<Uuid>, AppError> {
-    let Some(v) = headers.get("idempotency-key") else {
+    let Some(v) = headers.get(crate::routes::IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
     v.to_str()

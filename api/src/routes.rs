@@ -331,16 +331,19 @@ impl<S: Send + Sync> FromRequestParts<S> for IssueHeaders {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        // By `HeaderName` constants: a `&str` name is parsed and
-        // validated on every lookup.
-        const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-        const ADMISSION_TOKEN: HeaderName = HeaderName::from_static(crate::line::TOKEN_HEADER);
         Ok(Self {
             idempotency_key: parts.headers.get(IDEMPOTENCY_KEY).cloned(),
             admission_token: parts.headers.get(ADMISSION_TOKEN).cloned(),
         })
     }
 }
+
+/// The `Idempotency-Key` header's name. Headers are looked up by
+/// `HeaderName` constants: a `&str` name is parsed and validated on every
+/// lookup.
+pub(crate) const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The `X-Admission-Token` header's name.
+const ADMISSION_TOKEN: HeaderName = HeaderName::from_static(crate::line::TOKEN_HEADER);
 
 /// The `Idempotency-Key` header, if any.
 fn idempotency_key(header: Option<&HeaderValue>) -> Result<Option<Uuid>, AppError> {
