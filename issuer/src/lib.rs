@@ -117,6 +117,12 @@ pub struct Cli {
     /// How long to wait for a batch to fill once its first record arrived.
     #[arg(long, env = "BATCH_LINGER", default_value = "5ms", value_parser = parse_duration)]
     pub batch_linger: Duration,
+    /// Most decided batches awaiting the broker's acks at once, while the
+    /// next batches are read and decided (a batch's offsets are still
+    /// committed only after its acks, in order). More overlaps a slow
+    /// broker's acks; each holds one batch in memory.
+    #[arg(long, env = "PUBLISH_DEPTH", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub publish_depth: u16,
     /// Offset commit after each batch: sync or async (revoke and shutdown always commit sync).
     #[arg(long, env = "COMMIT_MODE", value_enum, default_value = "sync")]
     pub commit: CommitArg,
@@ -200,6 +206,7 @@ impl Cli {
                 .unwrap_or_else(|| couponrush_core::telemetry::instance_id("coupon-issuer")),
             batch_size: self.batch_size.max(1),
             batch_linger: self.batch_linger,
+            publish_depth: usize::from(self.publish_depth),
             commit: match self.commit {
                 CommitArg::Sync => CommitMode::Sync,
                 CommitArg::Async => CommitMode::Async,
@@ -243,6 +250,9 @@ pub struct Config {
     pub batch_size: usize,
     /// Batch fill wait.
     pub batch_linger: Duration,
+    /// Most decided batches whose outcomes are on their way at once (at
+    /// least 1).
+    pub publish_depth: usize,
     /// Commit mode after each batch.
     pub commit: CommitMode,
     /// `partition.assignment.strategy`.

@@ -5,10 +5,16 @@
 //! what arrives within `batch_linger`) and parsed; decided in the store (one
 //! round trip); its outcomes and dead letters published and every ack
 //! awaited, its decisions marked logged in the store, its offsets committed
-//! (`--commit sync|async`). Three batches are in hand at most, one at each
-//! stage, so this thread, the store and the broker work at the same time:
-//! while the store decides batch N, the thread waits for batch N−1's acks
-//! and reads and parses batch N+1.
+//! (`--commit sync|async`). One batch is in the store, up to
+//! `--publish-depth` (4) are on their way to the broker, and one is being
+//! read, so this thread, the store and the broker work at the same time:
+//! while the store decides batch N, the acks of batches N−1, N−2, … arrive
+//! and the thread reads and parses batch N+1. A batch's acks and its mark
+//! are awaited by a task of its own, so a mark queued in the store behind
+//! batch N does not hold up the thread; the thread completes batches in
+//! order (the oldest when it is acknowledged, or waiting for it when more
+//! than the depth are on their way or nothing new was read). Memory is
+//! bounded by (depth + 2) batches.
 //!
 //! The guarantees, kept here:
 //! - **nothing is committed that is not decided *and* published**, so a
@@ -31,6 +37,7 @@
 //! synchronously ([`crate::offsets`]), and closing the consumer leaves the
 //! group.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,7 +61,14 @@ use crate::{Config, Totals};
 /// How long a stopping issuer waits for its partitions to be revoked.
 const LEAVE_WITHIN: Duration = Duration::from_secs(10);
 
-type PublishTask = tokio::task::JoinHandle<Result<Published, KafkaError>>;
+/// A batch on its way: every record acknowledged by the broker, then the
+/// first attempt to mark its decisions logged.
+struct Acked {
+    published: Published,
+    marked: Result<(), StoreError>,
+}
+
+type PublishTask = tokio::task::JoinHandle<Result<Acked, KafkaError>>;
 type StoreCall = tokio::task::JoinHandle<Result<Vec<BatchVerdict>, StoreError>>;
 
 /// A batch read and parsed, not sent to the store yet.
@@ -70,6 +84,16 @@ pub struct Deciding {
     plan: Arc<Plan>,
     call: Option<StoreCall>,
     answer: Option<Result<Vec<BatchVerdict>, StoreError>>,
+}
+
+impl Deciding {
+    /// True when the answer needs no further store call: verdicts, none of
+    /// them an unknown event (which [`Worker::settle`] checks against the
+    /// store's epoch, and may decide again).
+    fn answer_is_final(&self) -> bool {
+        matches!(&self.answer, Some(Ok(verdicts))
+            if !verdicts.iter().any(|v| matches!(v, BatchVerdict::UnknownEvent)))
+    }
 }
 
 /// A decided batch whose outcomes are on their way to the broker (shared
@@ -109,43 +133,70 @@ impl Worker {
         self.consumer.subscribe(&self.shared.subscription())?;
         tracing::info!(group = %self.config.group_id, topic = %self.config.topics.requests, actions = %self.config.topics.compensations, "issuer joined");
         // The three stages (module doc): `self.deciding` is in the store,
-        // `publishing` on its way to the broker.
-        let mut publishing: Option<InFlight> = None;
-        while !self.shutdown.is_cancelled() {
+        // `publishing` on their way to the broker, oldest first.
+        let depth = self.config.publish_depth.max(1);
+        let mut publishing: VecDeque<InFlight> = VecDeque::with_capacity(depth + 1);
+        'run: while !self.shutdown.is_cancelled() {
             // While a batch is in the store or on its way to the broker, an
             // idle poll does not wait: finishing it would wait for the poll.
-            let (batch, drained) = self.collect(self.deciding.is_some() || publishing.is_some());
-            let next = (!batch.is_empty()).then(|| self.read(batch));
+            let (batch, drained) = self.collect(self.deciding.is_some() || !publishing.is_empty());
+            let read_nothing = batch.is_empty();
+            let mut next = (!read_nothing).then(|| self.read(batch));
             let decided = match self.deciding.take() {
                 None => None,
-                Some(d) => match self.settle(d) {
-                    Some(decided) => Some(decided),
-                    // Shutdown while retrying: the batch and the one read
-                    // after it stay uncommitted and will be redelivered.
-                    None => break,
-                },
+                Some(mut d) => {
+                    self.answer_of(&mut d);
+                    // Only now, with the previous call answered, the next
+                    // is sent: at once when that answer is final (the
+                    // store is not called again for it), before its
+                    // verdicts are mapped back, so the store waits less.
+                    if d.answer_is_final() {
+                        self.deciding = next.take().map(|r| self.send(r));
+                    }
+                    match self.settle(d) {
+                        Some(decided) => Some(decided),
+                        // Shutdown while retrying: the batch and the one
+                        // read after it stay uncommitted and will be
+                        // redelivered.
+                        None => break 'run,
+                    }
+                }
             };
-            // Only now, with the previous call answered, the next is sent.
-            self.deciding = next.map(|r| self.send(r));
+            if let Some(r) = next {
+                self.deciding = Some(self.send(r));
+            }
             // Between batches (with one in the store): the broker quirk's
             // check, which may ask the broker a few things.
             self.shared.watch_orphans(&self.consumer, drained);
-            let done = match decided {
-                Some(d) => publishing.replace(d),
-                None => publishing.take(),
-            };
-            if let Some(prev) = done {
-                if !self.complete(prev) {
+            publishing.extend(decided);
+            // Oldest first: every batch already acknowledged completes; the
+            // oldest is waited for when more than `publish_depth` are on
+            // their way, or when nothing new was read (nothing else to do).
+            let mut wait = read_nothing;
+            while let Some(oldest) = publishing.front() {
+                let must = wait || publishing.len() > depth;
+                if !must && !oldest.publish.is_finished() {
+                    break;
+                }
+                wait = false;
+                let oldest = publishing.pop_front().expect("looked at above");
+                if !self.complete(oldest) {
                     // Shutdown while retrying: nothing after it completes.
                     self.deciding = None;
-                    publishing = None;
-                    break;
+                    publishing.clear();
+                    break 'run;
                 }
             }
         }
         // Finish the batches in hand, oldest first, unless shutdown came
         // while retrying one of them.
-        let finished = publishing.take().is_none_or(|last| self.complete(last));
+        let mut finished = true;
+        while let Some(f) = publishing.pop_front() {
+            if !self.complete(f) {
+                finished = false;
+                break;
+            }
+        }
         if let Some(d) = self.deciding.take().filter(|_| finished) {
             if let Some(last) = self.settle(d) {
                 self.complete(last);
@@ -391,16 +442,31 @@ impl Worker {
     }
 
     /// Enqueues a batch's outcomes and dead letters; the returned task
-    /// resolves when the broker acknowledged them all.
+    /// resolves when the broker acknowledged them all and, after that, a
+    /// first attempt to mark its decisions logged answered (in the task, so
+    /// the mark, queued in the store behind the batch being decided, does
+    /// not hold up this thread; [`Worker::complete`] retries a failed one).
     fn enqueue(
         &self,
         batch: &Arc<Vec<Received>>,
         dispositions: &Arc<Vec<Disposition>>,
     ) -> PublishTask {
-        let (publisher, batch, dispositions) =
-            (self.publisher.clone(), batch.clone(), dispositions.clone());
-        self.rt
-            .spawn(async move { publisher.publish(&batch, &dispositions).await })
+        let (publisher, store, batch, dispositions) = (
+            self.publisher.clone(),
+            self.store.clone(),
+            batch.clone(),
+            dispositions.clone(),
+        );
+        self.rt.spawn(async move {
+            let published = publisher.publish(&batch, &dispositions).await?;
+            let logged = logged_decisions(&dispositions);
+            let marked = if logged.is_empty() {
+                Ok(())
+            } else {
+                store.mark_logged(&logged).await
+            };
+            Ok(Acked { published, marked })
+        })
     }
 
     /// Waits for a batch's outcomes; on failure decides it again (replays:
@@ -413,9 +479,14 @@ impl Worker {
                 .block_on(&mut f.publish)
                 .unwrap_or(Err(KafkaError::Canceled));
             match result {
-                Ok(published) => {
-                    if !self.mark_logged(&f.dispositions, &mut f.attempt) {
-                        return false;
+                Ok(Acked { published, marked }) => {
+                    // A first mark that failed is made again here, with
+                    // the store's retries (the mark is idempotent).
+                    if let Err(e) = marked {
+                        tracing::warn!(error = %e, "marking decisions logged failed; retrying");
+                        if !self.mark_logged(&f.dispositions, &mut f.attempt) {
+                            return false;
+                        }
                     }
                     if f.attempt > 0 {
                         self.set_paused(false);

@@ -11,7 +11,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +38,11 @@ struct Watch {
     /// Marks of logged decisions made while a decide call was running.
     marks_during_a_decide: AtomicUsize,
     marks: AtomicUsize,
+    /// Marks running now, and the most seen at once.
+    marking: AtomicUsize,
+    most_marks_at_once: AtomicUsize,
+    /// Each mark takes this long (ms): a slow last stage.
+    mark_ms: AtomicU64,
     /// The first decide fails (as an unreachable store does).
     fail_first: AtomicBool,
     /// The second decide answers that the event is unknown, as a store that
@@ -83,12 +88,18 @@ impl Hooks for Watch {
         b: &[LoggedDecisions],
     ) -> Result<(), StoreError> {
         self.marks.fetch_add(1, Ordering::SeqCst);
+        let now_marking = self.marking.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_marks_at_once
+            .fetch_max(now_marking, Ordering::SeqCst);
         // A moment later: the call sent just before may not have started.
         tokio::time::sleep(Duration::from_millis(5)).await;
         if self.deciding.load(Ordering::SeqCst) > 0 {
             self.marks_during_a_decide.fetch_add(1, Ordering::SeqCst);
         }
-        inner.mark_logged(b).await
+        tokio::time::sleep(Duration::from_millis(self.mark_ms.load(Ordering::SeqCst))).await;
+        let marked = inner.mark_logged(b).await;
+        self.marking.fetch_sub(1, Ordering::SeqCst);
+        marked
     }
 }
 
@@ -102,6 +113,16 @@ enum Fault {
 /// 600 requests on one partition, decided by one issuer in batches of 50.
 /// Returns the watch and the request ids in offset order.
 async fn drop_of_600(fault: Fault) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
+    drop_of_600_with(fault, 4, 0).await
+}
+
+/// [`drop_of_600`] with the issuer's `--publish-depth` and each mark of
+/// logged decisions taking `mark_ms` (a slow last stage).
+async fn drop_of_600_with(
+    fault: Fault,
+    publish_depth: usize,
+    mark_ms: u64,
+) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
     let mock = MockKafka::start(1).unwrap();
     let topics = Topics::default();
     for spec in topics.specs(1, 1) {
@@ -117,6 +138,7 @@ async fn drop_of_600(fault: Fault) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
         .hooks
         .lost_second
         .store(fault == Fault::SecondCallLost, Ordering::SeqCst);
+    store.hooks.mark_ms.store(mark_ms, Ordering::SeqCst);
     store
         .put_event(
             "pipe",
@@ -152,6 +174,7 @@ async fn drop_of_600(fault: Fault) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
 
     let mut config = couponrush_issuer::Config::local(&mock.brokers());
     config.batch_size = 50;
+    config.publish_depth = publish_depth;
     let outcomes = common::issue_until(
         config,
         &mock.brokers(),
@@ -229,4 +252,28 @@ async fn an_unknown_event_answer_is_judged_on_a_fresh_call_not_an_old_answer() {
     let calls = store.hooks.calls.lock().unwrap();
     assert_eq!(calls[2], calls[1], "the batch is decided again at once");
     assert_eq!(first_seen(&calls), ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_batches_wait_for_their_acks_and_marks_at_once_up_to_the_publish_depth() {
+    // Each batch's last stage (acks, then its mark) takes 400 ms, the store
+    // 40 ms: with a depth of 4 the thread goes on reading and deciding while
+    // several batches finish (before, it marked each batch itself, one at a
+    // time: at most 1 at once); with a depth of 1, at most the batch
+    // completing and the one just decided.
+    for (depth, most) in [(4, 3..=5), (1, 1..=2)] {
+        let (store, ids) = drop_of_600_with(Fault::None, depth, 400).await;
+        let w = &store.hooks;
+        let at_once = w.most_marks_at_once.load(Ordering::SeqCst);
+        assert!(
+            most.contains(&at_once),
+            "publish depth {depth}: {at_once} batches finished at once, expected {most:?}"
+        );
+        assert_eq!(
+            w.most_at_once.load(Ordering::SeqCst),
+            1,
+            "one decide at a time"
+        );
+        assert_eq!(first_seen(&w.calls.lock().unwrap()), ids, "offset order");
+    }
 }

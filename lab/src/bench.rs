@@ -36,7 +36,7 @@ use couponrush_core::{IssueRequest, Partitioner};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::deployment::{store_choice, Deployment, KafkaChoice, Spec};
+use crate::deployment::{store_choice, Broker, Deployment, KafkaChoice, Spec};
 use crate::LabError;
 use couponrush_loadgen::drive::direct::DirectFactory;
 use couponrush_loadgen::drive::{drive, LoadModel, LoadPlan, Progress};
@@ -208,6 +208,15 @@ pub struct BenchIssuerArgs {
     /// Stock of the event (default: a tenth of the requests).
     #[arg(long, env = "BENCH_STOCK")]
     pub stock: Option<u32>,
+    /// The issuers' `--publish-depth`: most decided batches on their way
+    /// to the broker at once.
+    #[arg(long, env = "BENCH_PUBLISH_DEPTH", default_value_t = 4)]
+    pub publish_depth: usize,
+    /// With the embedded broker only: every broker answers this much later
+    /// (what a remote cluster's round trip and `acks=all` replication add),
+    /// so a deeper `--publish-depth` has acks to overlap.
+    #[arg(long, env = "BENCH_BROKER_RTT", value_parser = couponrush_core::cli::parse_duration)]
+    pub broker_rtt: Option<Duration>,
     /// Other processes whose CPU time to read over the deciding phase, as
     /// NAME=PID (repeatable; for example the broker and redis-server). This
     /// process (the issuers) is always read.
@@ -256,6 +265,17 @@ pub async fn bench_issuer(
         )
     })
     .await?;
+    let depth = args.publish_depth;
+    deployment.tune_issuers(move |c| c.publish_depth = depth);
+    if let Some(rtt) = args.broker_rtt {
+        let Broker::Mock(mock) = &deployment.broker else {
+            return Err(LabError::BrokerRtt(
+                "it slows the embedded broker only: leave out --brokers".into(),
+            ));
+        };
+        mock.inject(couponrush_harness::Fault::Rtt(-1, rtt))
+            .map_err(|e| LabError::BrokerRtt(format!("cannot slow the embedded broker: {e}")))?;
+    }
     let store = deployment.store.clone();
     let event = format!("bench-{}", Uuid::new_v4().simple());
     let stock = args.stock.unwrap_or((args.requests / 10) as u32);

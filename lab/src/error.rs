@@ -65,6 +65,9 @@ pub enum LabError {
         "{0}: check the Redis URL (for a cluster, list its masters: redis+cluster://host:port,…)"
     )]
     BenchStore(String),
+    /// `--broker-rtt` could not slow the broker; the message says why.
+    #[error("--broker-rtt: {0}")]
+    BrokerRtt(String),
     /// Ctrl-C.
     #[error("cancelled")]
     Cancelled,
