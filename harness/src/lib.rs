@@ -38,7 +38,7 @@ pub use topic_reader::{Raw, TopicReader};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use rdkafka::mocking::MockCluster;
+use rdkafka::mocking::{MockCluster, MockCoordinator};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 /// The pinned tansu version (keep in step with `scripts/dev-up`).
@@ -457,6 +457,8 @@ pub enum Fault {
     RequestErrors(RDKafkaApiKey, Vec<RDKafkaRespErr>),
     /// Add round-trip delay to a broker (-1: all).
     Rtt(i32, Duration),
+    /// Make a broker the coordinator of a consumer group (its commits).
+    GroupCoordinator(String, i32),
 }
 
 enum MockCmd {
@@ -510,6 +512,9 @@ impl MockKafka {
                                     Ok(())
                                 }
                                 Fault::Rtt(b, d) => cluster.broker_round_trip_time(b, d),
+                                Fault::GroupCoordinator(group, b) => {
+                                    cluster.coordinator(MockCoordinator::Group(group), b)
+                                }
                             };
                             let _ = reply.send(r.map_err(|e| e.to_string()));
                         }

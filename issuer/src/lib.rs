@@ -117,10 +117,12 @@ pub struct Cli {
     /// How long to wait for a batch to fill once its first record arrived.
     #[arg(long, env = "BATCH_LINGER", default_value = "5ms", value_parser = parse_duration)]
     pub batch_linger: Duration,
-    /// Most decided batches awaiting the broker's acks at once, while the
-    /// next batches are read and decided (a batch's offsets are still
-    /// committed only after its acks, in order). More overlaps a slow
-    /// broker's acks; each holds one batch in memory.
+    /// How many earlier batches may still await the broker's acks when a
+    /// batch has just been decided (so up to this + 1 at once), while the
+    /// next batches are read and decided; a batch's offsets are still
+    /// committed only after its acks, in order. More overlaps a slow
+    /// broker's acks; each holds one batch in memory. 1 is the pipeline of
+    /// earlier versions.
     #[arg(long, env = "PUBLISH_DEPTH", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub publish_depth: u16,
     /// Offset commit after each batch: sync or async (revoke and shutdown always commit sync).
@@ -250,8 +252,8 @@ pub struct Config {
     pub batch_size: usize,
     /// Batch fill wait.
     pub batch_linger: Duration,
-    /// Most decided batches whose outcomes are on their way at once (at
-    /// least 1).
+    /// Earlier batches that may still await their acks when a batch has
+    /// just been decided (at least 1; see `--publish-depth`).
     pub publish_depth: usize,
     /// Commit mode after each batch.
     pub commit: CommitMode,

@@ -5,16 +5,17 @@
 //! what arrives within `batch_linger`) and parsed; decided in the store (one
 //! round trip); its outcomes and dead letters published and every ack
 //! awaited, its decisions marked logged in the store, its offsets committed
-//! (`--commit sync|async`). One batch is in the store, up to
-//! `--publish-depth` (4) are on their way to the broker, and one is being
-//! read, so this thread, the store and the broker work at the same time:
-//! while the store decides batch N, the acks of batches N−1, N−2, … arrive
-//! and the thread reads and parses batch N+1. A batch's acks and its mark
-//! are awaited by a task of its own, so a mark queued in the store behind
-//! batch N does not hold up the thread; the thread completes batches in
-//! order (the oldest when it is acknowledged, or waiting for it when more
-//! than the depth are on their way or nothing new was read). Memory is
-//! bounded by (depth + 2) batches.
+//! (`--commit sync|async`). One batch is in the store, one is being read,
+//! and the batch just decided plus up to `--publish-depth` (4) earlier ones
+//! are on their way to the broker (a batch's outcomes are enqueued right
+//! after its decision: the recovery fence counts on it), so this thread,
+//! the store and the broker work at the same time: while the store decides
+//! batch N, the acks of batches N−1, N−2, … arrive and the thread reads and
+//! parses batch N+1. A batch's acks and its mark are awaited by a task of
+//! its own, so a mark queued in the store behind batch N does not hold up
+//! the thread; the thread completes batches in order (the oldest when it is
+//! acknowledged, or waiting for it when more than depth + 1 are on their
+//! way or nothing new was read). Memory is bounded by (depth + 3) batches.
 //!
 //! The guarantees, kept here:
 //! - **nothing is committed that is not decided *and* published**, so a
@@ -24,16 +25,17 @@
 //!   partition is decided in offset order: a batch's store call is sent only
 //!   once the previous batch's call has answered (retries included), so one
 //!   call of this issuer is in the store at a time. A batch whose outcomes
-//!   failed to publish is decided again after the batch that followed it
-//!   (once that one's call answered): its own earlier decisions come back as
-//!   replays, so the order holds unless the store lost them meanwhile.
+//!   failed to publish is decided again after the batches that followed it
+//!   (up to depth + 1 of them, once the one in the store answered): its own
+//!   earlier decisions come back as replays, so the order holds unless the
+//!   store lost them meanwhile.
 //!
 //! A failing store or broker is retried with backoff while the partitions are
 //! paused and the loop keeps polling, so the issuer stays in its group and
 //! keeps answering rebalances ([`crate::rebalance`]); a retry re-decides the
 //! whole batch, which the store turns into replays of the same decisions.
 //!
-//! On shutdown the current batch is finished, offsets are committed
+//! On shutdown the batches in hand are finished, oldest first, offsets are committed
 //! synchronously ([`crate::offsets`]), and closing the consumer leaves the
 //! group.
 
@@ -157,8 +159,12 @@ impl Worker {
                         Some(decided) => Some(decided),
                         // Shutdown while retrying: the batch and the one
                         // read after it stay uncommitted and will be
-                        // redelivered.
-                        None => break 'run,
+                        // redelivered (not finished at shutdown, even if
+                        // sent early: it must not commit past this one).
+                        None => {
+                            self.deciding = None;
+                            break 'run;
+                        }
                     }
                 }
             };
@@ -469,9 +475,10 @@ impl Worker {
         })
     }
 
-    /// Waits for a batch's outcomes; on failure decides it again (replays:
-    /// the same decisions) and republishes until acknowledged. Then marks
-    /// the decisions logged and commits. False if shutdown came first.
+    /// Waits for a batch's outcomes and its task's mark of them as logged;
+    /// on a publish failure decides it again (replays: the same decisions)
+    /// and republishes until acknowledged; a failed mark is made again.
+    /// Then commits. False if shutdown came first.
     fn complete(&mut self, mut f: InFlight) -> bool {
         loop {
             let result = self

@@ -255,12 +255,13 @@ async fn an_unknown_event_answer_is_judged_on_a_fresh_call_not_an_old_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn several_batches_wait_for_their_acks_and_marks_at_once_up_to_the_publish_depth() {
-    // Each batch's last stage (acks, then its mark) takes 400 ms, the store
-    // 40 ms: with a depth of 4 the thread goes on reading and deciding while
-    // several batches finish (before, it marked each batch itself, one at a
-    // time: at most 1 at once); with a depth of 1, at most the batch
-    // completing and the one just decided.
+async fn several_batches_finish_at_once_up_to_one_more_than_the_publish_depth() {
+    // Each batch's last stage (acks, then its mark; the mark is what is
+    // watched) takes 400 ms, the store 40 ms: with a depth of 4 the thread
+    // goes on reading and deciding while several batches finish, at most
+    // the one just decided and 4 earlier ones (before, it marked each batch
+    // itself, one at a time: at most 1 at once; with the queue unbounded,
+    // 10); with a depth of 1, at most 2.
     for (depth, most) in [(4, 3..=5), (1, 1..=2)] {
         let (store, ids) = drop_of_600_with(Fault::None, depth, 400).await;
         let w = &store.hooks;

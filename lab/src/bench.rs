@@ -208,13 +208,14 @@ pub struct BenchIssuerArgs {
     /// Stock of the event (default: a tenth of the requests).
     #[arg(long, env = "BENCH_STOCK")]
     pub stock: Option<u32>,
-    /// The issuers' `--publish-depth`: most decided batches on their way
-    /// to the broker at once.
-    #[arg(long, env = "BENCH_PUBLISH_DEPTH", default_value_t = 4)]
-    pub publish_depth: usize,
-    /// With the embedded broker only: every broker answers this much later
-    /// (what a remote cluster's round trip and `acks=all` replication add),
-    /// so a deeper `--publish-depth` has acks to overlap.
+    /// The issuers' `--publish-depth`: earlier batches that may still await
+    /// their acks when a batch has just been decided.
+    #[arg(long, env = "BENCH_PUBLISH_DEPTH", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub publish_depth: u16,
+    /// With the embedded broker only: the broker leading the outcomes
+    /// answers this much later once the requests are in (what a remote
+    /// cluster's round trip and `acks=all` replication add to each ack), so
+    /// a deeper `--publish-depth` has acks to overlap.
     #[arg(long, env = "BENCH_BROKER_RTT", value_parser = couponrush_core::cli::parse_duration)]
     pub broker_rtt: Option<Duration>,
     /// Other processes whose CPU time to read over the deciding phase, as
@@ -251,7 +252,14 @@ pub async fn bench_issuer(
     args: BenchIssuerArgs,
     cancel: CancellationToken,
 ) -> Result<Verdict, LabError> {
-    let kafka = KafkaChoice::brokers_or_embedded(args.brokers.as_deref(), 1);
+    if args.broker_rtt.is_some() && args.brokers.is_some() {
+        return Err(LabError::BrokerRtt(
+            "it slows the embedded broker only: leave out --brokers".into(),
+        ));
+    }
+    // A slowed broker (`--broker-rtt`) leads the outcomes only: two brokers.
+    let embedded = if args.broker_rtt.is_some() { 2 } else { 1 };
+    let kafka = KafkaChoice::brokers_or_embedded(args.brokers.as_deref(), embedded);
     let mut deployment = Deployment::start(Spec {
         partitioner: Partitioner::Spread,
         batch_size: args.batch_size,
@@ -265,17 +273,8 @@ pub async fn bench_issuer(
         )
     })
     .await?;
-    let depth = args.publish_depth;
+    let depth = usize::from(args.publish_depth);
     deployment.tune_issuers(move |c| c.publish_depth = depth);
-    if let Some(rtt) = args.broker_rtt {
-        let Broker::Mock(mock) = &deployment.broker else {
-            return Err(LabError::BrokerRtt(
-                "it slows the embedded broker only: leave out --brokers".into(),
-            ));
-        };
-        mock.inject(couponrush_harness::Fault::Rtt(-1, rtt))
-            .map_err(|e| LabError::BrokerRtt(format!("cannot slow the embedded broker: {e}")))?;
-    }
     let store = deployment.store.clone();
     let event = format!("bench-{}", Uuid::new_v4().simple());
     let stock = args.stock.unwrap_or((args.requests / 10) as u32);
@@ -341,6 +340,35 @@ pub async fn bench_issuer(
         deployment.group_id(),
         &deployment.topics.requests,
     )?;
+    // Slowed after the fill, and only the broker that leads the outcomes:
+    // the issuers' acks wait, their fetches do not (the embedded broker
+    // answers a fetch with one record batch per partition, so a slowed
+    // fetch would be the limit instead).
+    if let (Some(rtt), Broker::Mock(mock)) = (args.broker_rtt, &deployment.broker) {
+        let inject = |f| {
+            mock.inject(f)
+                .map_err(|e| LabError::BrokerRtt(format!("cannot slow the embedded broker: {e}")))
+        };
+        let outcome_partitions = args.partitions.clamp(1, 16);
+        for (topic, partitions, broker) in [
+            (&deployment.topics.requests, args.partitions, 1),
+            (&deployment.topics.outcomes, outcome_partitions, 2),
+        ] {
+            for partition in 0..partitions {
+                inject(couponrush_harness::Fault::Leader {
+                    topic: topic.clone(),
+                    partition,
+                    broker,
+                })?;
+            }
+        }
+        // The group's commits go to the fast broker too.
+        inject(couponrush_harness::Fault::GroupCoordinator(
+            deployment.group_id().to_string(),
+            1,
+        ))?;
+        inject(couponrush_harness::Fault::Rtt(2, rtt))?;
+    }
     let started = Instant::now();
     deployment.start_issuers()?;
     let mut first: Option<Instant> = None;
