@@ -349,14 +349,16 @@ pub async fn bench_issuer(
             mock.inject(f)
                 .map_err(|e| LabError::BrokerRtt(format!("cannot slow the embedded broker: {e}")))
         };
-        let outcome_partitions = args.partitions.clamp(1, 16);
-        for (topic, partitions, broker) in [
-            (&deployment.topics.requests, args.partitions, 1),
-            (&deployment.topics.outcomes, outcome_partitions, 2),
-        ] {
-            for partition in 0..partitions {
+        let topics = &deployment.topics;
+        for spec in topics.specs(args.partitions, 1) {
+            let broker = match &spec.name {
+                n if *n == topics.outcomes => 2,
+                n if *n == topics.requests => 1,
+                _ => continue,
+            };
+            for partition in 0..spec.partitions {
                 inject(couponrush_harness::Fault::Leader {
-                    topic: topic.clone(),
+                    topic: spec.name.clone(),
                     partition,
                     broker,
                 })?;
