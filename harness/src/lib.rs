@@ -255,6 +255,45 @@ pub enum TansuStorage {
     Sqlite(PathBuf),
 }
 
+/// The index tansu 0.6.0's sqlite schema lacks (`header` has none).
+pub const TANSU_HEADER_INDEX: &str = "couponrush_header_by_record";
+
+/// Works around a tansu 0.6.0 quirk of its sqlite engine: its `header`
+/// table has no index, and a fetch looks up each record's headers with a
+/// query that scans that table whole. Every outcome carries a header
+/// (`x-issuer`), so each outcome read costs a scan of every outcome's header
+/// written so far: reading the outcomes is quadratic. At the fault suite's
+/// full size (40,000 outcomes) tansu then spends a whole core on fetches,
+/// its produce and heartbeat answers time out, and after `broker-kill`'s
+/// restart the drop stalled for 100 s or for good (docs/RELIABILITY.md,
+/// broker quirk 6). Adds the index on the broker's file (idempotent, so a
+/// restart on the same file finds it there); Apache Kafka has no such table.
+fn index_headers(db: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // The schema is written by tansu as it starts: wait for the table.
+        let made = rusqlite::Connection::open(db).and_then(|c| {
+            c.busy_timeout(Duration::from_secs(10))?;
+            c.execute_batch(&format!(
+                "CREATE INDEX IF NOT EXISTS {TANSU_HEADER_INDEX} ON header (topition, offset_id)"
+            ))
+        });
+        match made {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "tansu's header table is not there yet");
+                thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Err(io::Error::other(format!(
+                    "cannot index tansu's header table in {}: {e}",
+                    db.display()
+                )))
+            }
+        }
+    }
+}
+
 /// A tansu broker on a free loopback port.
 pub struct Tansu {
     port: u16,
@@ -306,6 +345,9 @@ impl Tansu {
         .args(["--storage-engine", &engine]);
         let proc = Proc::spawn("tansu", cmd, log)?;
         wait_for_port(port, Duration::from_secs(20))?;
+        if let TansuStorage::Sqlite(p) = storage {
+            index_headers(p)?;
+        }
         Ok(proc)
     }
 
