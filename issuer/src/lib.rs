@@ -307,6 +307,18 @@ impl Config {
     }
 }
 
+impl Config {
+    /// How long a store answer may wait before its batch's outcomes are
+    /// enqueued: half the margin `fence` leaves over the outcome producer's
+    /// delivery `bound`. A decision's outcome then reaches the log within
+    /// `fence` of the decision even if the store was lost at that very moment,
+    /// which is what a recovery waiting out the fence counts on
+    /// ([`couponrush_core::recovery`]); an older answer is decided again.
+    pub fn answer_shelf_life(fence: Duration, bound: &DeliveryBound) -> Duration {
+        fence.saturating_sub(bound.total()) / 2
+    }
+}
+
 /// A recovery fence that an outcome could outlast: refused at start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum FenceError {
@@ -439,6 +451,7 @@ pub async fn run_issuer_probed(
         shared.offsets.leave_commits_to_the_timer();
     }
     let publisher = Arc::new(Publisher::from_config(&producer, config.topics.clone())?);
+    let config_fence = config.recovery_fence;
     let worker = Worker {
         consumer,
         shared,
@@ -451,6 +464,7 @@ pub async fn run_issuer_probed(
         carry: Vec::new(),
         totals: Totals::default(),
         deciding: None,
+        shelf_life: Config::answer_shelf_life(config_fence, &bound),
     };
     if !worker.config.checkpoint_every.is_zero() {
         let checkpointer = Checkpointer {
@@ -502,6 +516,18 @@ mod tests {
         let mut args = vec!["coupon-issuer"];
         args.extend_from_slice(flags);
         parse_ignoring_env::<Cli>(&args).config()
+    }
+
+    #[test]
+    fn a_store_answer_keeps_for_seconds_with_the_default_fence() {
+        let c = config(&[]);
+        let (_, bound) = c.outcome_producer().unwrap();
+        let life = Config::answer_shelf_life(c.recovery_fence, &bound);
+        assert!(
+            life >= Duration::from_secs(1) && life < c.recovery_fence - bound.total(),
+            "{life:?} (fence {:?}, bound {bound})",
+            c.recovery_fence
+        );
     }
 
     #[test]

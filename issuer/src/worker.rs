@@ -28,7 +28,13 @@
 //!   failed to publish is decided again after the batches that followed it
 //!   (up to depth + 1 of them, once the one in the store answered): its own
 //!   earlier decisions come back as replays, so the order holds unless the
-//!   store lost them meanwhile.
+//!   store lost them meanwhile;
+//! - **a store answer is published only while it is fresh**: one that
+//!   waited longer than its shelf life (half the margin the recovery fence
+//!   leaves over the outcome producer's delivery bound) before its outcomes
+//!   would be enqueued is dropped and the batch decided again, so no
+//!   decision reaches the log later than a recovery that waited out the
+//!   fence expects ([`couponrush_core::recovery`]).
 //!
 //! A failing store or broker is retried with backoff while the partitions are
 //! paused and the loop keeps polling, so the issuer stays in its group and
@@ -84,6 +90,12 @@ pub struct Read {
 pub struct Deciding {
     batch: Vec<Received>,
     plan: Arc<Plan>,
+    /// When the call was sent: an answer older than the worker's
+    /// `shelf_life` when it is first looked at for use is not used.
+    sent: Instant,
+    /// Whether [`Worker::expire`] looked at it already (once only, so the
+    /// loop and [`Worker::settle`] never judge the same answer differently).
+    aged: bool,
     call: Option<StoreCall>,
     answer: Option<Result<Vec<BatchVerdict>, StoreError>>,
 }
@@ -124,6 +136,10 @@ pub struct Worker {
     pub(crate) totals: Totals,
     /// The batch in the store (the middle stage), if any.
     pub(crate) deciding: Option<Deciding>,
+    /// How long a store answer may wait before its outcomes are enqueued:
+    /// half the margin the recovery fence leaves over the outcome
+    /// producer's delivery bound ([`crate::Config::answer_shelf_life`]).
+    pub(crate) shelf_life: Duration,
 }
 
 impl Worker {
@@ -148,6 +164,7 @@ impl Worker {
                 None => None,
                 Some(mut d) => {
                     self.answer_of(&mut d);
+                    self.expire(&mut d);
                     // Only now, with the previous call answered, the next
                     // is sent: at once when that answer is final (the
                     // store is not called again for it), before its
@@ -329,6 +346,8 @@ impl Worker {
         Deciding {
             batch: read.batch,
             plan: read.plan,
+            sent: Instant::now(),
+            aged: false,
             call: Some(call),
             answer: None,
         }
@@ -341,6 +360,31 @@ impl Worker {
         if let Some(mut d) = self.deciding.take() {
             self.answer_of(&mut d);
             self.deciding = Some(d);
+        }
+    }
+
+    /// Drops an answer past its shelf life, the first time it is looked at
+    /// for use. The recovery fence counts on a decision's outcomes being
+    /// enqueued right after it was made. An answer that waited (the thread
+    /// was completing an older batch through retries, the broker or the
+    /// store failing) may have been made against a store that has been lost
+    /// and rebuilt from the log since, without these decisions: published,
+    /// they would contradict it (a rank issued twice). Such a batch is
+    /// decided again (replays, or new decisions of the rebuilt store), and
+    /// the next batch is not sent before it.
+    fn expire(&self, d: &mut Deciding) {
+        if std::mem::replace(&mut d.aged, true) || d.answer.is_none() {
+            return;
+        }
+        let held = d.sent.elapsed();
+        if held > self.shelf_life {
+            d.answer = None;
+            metrics::counter!("couponrush_issuer_stale_answers_total").increment(1);
+            tracing::info!(
+                ?held,
+                shelf_life = ?self.shelf_life,
+                "a store answer waited past its shelf life; deciding the batch again"
+            );
         }
     }
 
@@ -359,6 +403,7 @@ impl Worker {
     fn settle(&mut self, deciding: Deciding) -> Option<InFlight> {
         let mut deciding = deciding;
         self.answer_of(&mut deciding);
+        self.expire(&mut deciding);
         let Deciding {
             batch,
             plan,

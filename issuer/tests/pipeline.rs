@@ -123,6 +123,16 @@ async fn drop_of_600_with(
     publish_depth: usize,
     mark_ms: u64,
 ) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
+    drop_of_600_tuned(fault, publish_depth, mark_ms, |_| {}).await
+}
+
+/// [`drop_of_600_with`], the issuer's configuration tuned by `tune` last.
+async fn drop_of_600_tuned(
+    fault: Fault,
+    publish_depth: usize,
+    mark_ms: u64,
+    tune: impl FnOnce(&mut couponrush_issuer::Config),
+) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
     let mock = MockKafka::start(1).unwrap();
     let topics = Topics::default();
     for spec in topics.specs(1, 1) {
@@ -175,6 +185,7 @@ async fn drop_of_600_with(
     let mut config = couponrush_issuer::Config::local(&mock.brokers());
     config.batch_size = 50;
     config.publish_depth = publish_depth;
+    tune(&mut config);
     let outcomes = common::issue_until(
         config,
         &mock.brokers(),
@@ -277,4 +288,46 @@ async fn several_batches_finish_at_once_up_to_one_more_than_the_publish_depth() 
         );
         assert_eq!(first_seen(&w.calls.lock().unwrap()), ids, "offset order");
     }
+}
+
+/// The batches decided twice in a row: a call with the same requests as
+/// the one before it.
+fn decided_again(calls: &[Vec<Uuid>]) -> usize {
+    calls.windows(2).filter(|w| w[0] == w[1]).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_held_past_its_shelf_life_is_not_published_but_decided_again() {
+    // Each batch's last stage takes 1 s and the publish depth is 1, so the
+    // thread waits for the older batch while the next batch's answer (40 ms)
+    // sits in hand for most of a second. The recovery fence counts on a
+    // decision's outcomes being enqueued at once: with a fence 600 ms over
+    // the outcome producer's delivery bound the shelf life is 300 ms, and
+    // such an answer is decided again (the store's replays) rather than
+    // published. With the default fence (shelf life of seconds) the same
+    // drop decides every batch once: the guard costs nothing when nothing
+    // waits.
+    let (store, ids) = drop_of_600_tuned(Fault::None, 1, 1000, |c| {
+        let (_, bound) = c.outcome_producer().unwrap();
+        c.recovery_fence = bound.total() + Duration::from_millis(600);
+    })
+    .await;
+    let calls = store.hooks.calls.lock().unwrap().clone();
+    assert!(
+        decided_again(&calls) >= 3,
+        "answers held ~1 s past a 300 ms shelf life are decided again: {} of {} calls repeat the one before",
+        decided_again(&calls),
+        calls.len()
+    );
+    assert_eq!(first_seen(&calls), ids, "offset order holds");
+    assert_eq!(store.hooks.most_at_once.load(Ordering::SeqCst), 1);
+
+    let (store, ids) = drop_of_600_with(Fault::None, 1, 1000).await;
+    let calls = store.hooks.calls.lock().unwrap().clone();
+    assert_eq!(
+        decided_again(&calls),
+        0,
+        "within the default shelf life every answer is used"
+    );
+    assert_eq!(first_seen(&calls), ids);
 }
