@@ -282,6 +282,7 @@ const TANSU_HEADER_FETCH: &str = "select h.k, h.v from header h \
 /// How sqlite runs that query on tansu's file: one line per step.
 fn header_fetch_plan(db: &std::path::Path) -> String {
     let c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
     let mut plan = c
         .prepare(&format!("EXPLAIN QUERY PLAN {TANSU_HEADER_FETCH}"))
         .unwrap();
@@ -379,9 +380,9 @@ async fn tansu_sqlite_looks_up_headers_through_the_harness_index() {
         "the header lookup uses the harness's index: {plan}"
     );
     // Planted: without the index, the lookup scans the table whole.
-    rusqlite::Connection::open(&db)
-        .unwrap()
-        .execute_batch("DROP INDEX couponrush_header_by_record")
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.execute_batch("DROP INDEX couponrush_header_by_record")
         .unwrap();
     let plan = header_fetch_plan(&db);
     assert!(plan.contains("SCAN h"), "tansu's own schema scans: {plan}");

@@ -29,12 +29,15 @@
 //!   (up to depth + 1 of them, once the one in the store answered): its own
 //!   earlier decisions come back as replays, so the order holds unless the
 //!   store lost them meanwhile;
-//! - **a store answer is published only while it is fresh**: one that
-//!   waited longer than its shelf life (half the margin the recovery fence
-//!   leaves over the outcome producer's delivery bound) before its outcomes
-//!   would be enqueued is dropped and the batch decided again, so no
-//!   decision reaches the log later than a recovery that waited out the
-//!   fence expects ([`couponrush_core::recovery`]).
+//! - **an answer held in hand is published only while it is fresh**: a
+//!   batch's answer that waited (while the thread completed older batches)
+//!   longer than its shelf life, half the margin the recovery fence leaves
+//!   over the outcome producer's delivery bound, counted from when its call
+//!   was sent, is dropped and the batch decided again, so such a decision
+//!   does not reach the log later than a recovery that waited out the fence
+//!   expects ([`couponrush_core::recovery`]). A store call the thread
+//!   itself waits for (a retry, a decision again) is used as it comes: it is
+//!   bounded by the store's response timeout, not by the shelf life.
 //!
 //! A failing store or broker is retried with backoff while the partitions are
 //! paused and the loop keeps polling, so the issuer stays in its group and
@@ -373,9 +376,12 @@ impl Worker {
     /// decided again (replays, or new decisions of the rebuilt store), and
     /// the next batch is not sent before it.
     fn expire(&self, d: &mut Deciding) {
-        if std::mem::replace(&mut d.aged, true) || d.answer.is_none() {
+        // Only verdicts are judged (an error is retried anyway, with its
+        // backoff), and each answer once.
+        if d.aged || !matches!(d.answer, Some(Ok(_))) {
             return;
         }
+        d.aged = true;
         let held = d.sent.elapsed();
         if held > self.shelf_life {
             d.answer = None;

@@ -123,16 +123,18 @@ async fn drop_of_600_with(
     publish_depth: usize,
     mark_ms: u64,
 ) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
-    drop_of_600_tuned(fault, publish_depth, mark_ms, |_| {}).await
+    let (store, ids, _) = drop_of_600_tuned(fault, publish_depth, mark_ms, |_| {}).await;
+    (store, ids)
 }
 
-/// [`drop_of_600_with`], the issuer's configuration tuned by `tune` last.
+/// [`drop_of_600_with`], the issuer's configuration tuned by `tune` last;
+/// also returns the outcomes read.
 async fn drop_of_600_tuned(
     fault: Fault,
     publish_depth: usize,
     mark_ms: u64,
     tune: impl FnOnce(&mut couponrush_issuer::Config),
-) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
+) -> (Arc<Hooked<Watch>>, Vec<Uuid>, Vec<couponrush_core::Outcome>) {
     let mock = MockKafka::start(1).unwrap();
     let topics = Topics::default();
     for spec in topics.specs(1, 1) {
@@ -196,7 +198,11 @@ async fn drop_of_600_tuned(
     .await;
     let decided: HashSet<Uuid> = outcomes.iter().map(|o| o.request_id).collect();
     assert_eq!(decided.len(), requests.len(), "every request is decided");
-    (store, requests.iter().map(|r| r.request_id).collect())
+    (
+        store,
+        requests.iter().map(|r| r.request_id).collect(),
+        outcomes,
+    )
 }
 
 /// The ids in the order the store first saw each.
@@ -298,19 +304,27 @@ fn decided_again(calls: &[Vec<Uuid>]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_held_past_its_shelf_life_is_not_published_but_decided_again() {
-    // Each batch's last stage takes 1 s and the publish depth is 1, so the
-    // thread waits for the older batch while the next batch's answer (40 ms)
-    // sits in hand for most of a second. The recovery fence counts on a
-    // decision's outcomes being enqueued at once: with a fence 600 ms over
-    // the outcome producer's delivery bound the shelf life is 300 ms, and
-    // such an answer is decided again (the store's replays) rather than
-    // published. With the default fence (shelf life of seconds) the same
-    // drop decides every batch once: the guard costs nothing when nothing
-    // waits.
-    let (store, ids) = drop_of_600_tuned(Fault::None, 1, 1000, |c| {
-        let (_, bound) = c.outcome_producer().unwrap();
-        c.recovery_fence = bound.total() + Duration::from_millis(600);
-    })
+    // Each batch's last stage takes 1 s and the publish depth is 1, so every
+    // other batch's answer (40 ms in the store) sits in hand for most of a
+    // second while the thread waits for the batch before. The recovery
+    // fence counts on a decision's outcomes being enqueued at once: with a
+    // fence 600 ms over the outcome producer's delivery bound the shelf
+    // life is 300 ms, and such an answer is dropped and its batch decided
+    // again: what is published is then the second call's answer, replays
+    // of the first (the store kept it). With a shelf life of 30 s the same
+    // drop decides every batch once.
+    let fence_over_bound = |margin: Duration| {
+        move |c: &mut couponrush_issuer::Config| {
+            let (_, bound) = c.outcome_producer().unwrap();
+            c.recovery_fence = bound.total() + margin;
+        }
+    };
+    let (store, ids, outcomes) = drop_of_600_tuned(
+        Fault::None,
+        1,
+        1000,
+        fence_over_bound(Duration::from_millis(600)),
+    )
     .await;
     let calls = store.hooks.calls.lock().unwrap().clone();
     assert!(
@@ -319,15 +333,41 @@ async fn an_answer_held_past_its_shelf_life_is_not_published_but_decided_again()
         decided_again(&calls),
         calls.len()
     );
+    let again: HashSet<Uuid> = calls
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .flat_map(|w| w[1].iter().copied())
+        .collect();
+    let first_answers: Vec<_> = outcomes
+        .iter()
+        .filter(|o| again.contains(&o.request_id) && !o.replay)
+        .map(|o| o.request_id)
+        .collect();
+    assert!(
+        first_answers.is_empty(),
+        "a batch decided again publishes the second answer (replays), never the stale first one: \
+         {} outcomes of the first answer published",
+        first_answers.len()
+    );
+    assert!(
+        outcomes.iter().any(|o| !o.replay),
+        "batches used at once publish their first answer"
+    );
     assert_eq!(first_seen(&calls), ids, "offset order holds");
     assert_eq!(store.hooks.most_at_once.load(Ordering::SeqCst), 1);
 
-    let (store, ids) = drop_of_600_with(Fault::None, 1, 1000).await;
+    let (store, ids, _) = drop_of_600_tuned(
+        Fault::None,
+        1,
+        1000,
+        fence_over_bound(Duration::from_secs(60)),
+    )
+    .await;
     let calls = store.hooks.calls.lock().unwrap().clone();
     assert_eq!(
         decided_again(&calls),
         0,
-        "within the default shelf life every answer is used"
+        "within a 30 s shelf life every answer is used"
     );
     assert_eq!(first_seen(&calls), ids);
 }
