@@ -35,9 +35,11 @@
 //!   over the outcome producer's delivery bound, counted from when its call
 //!   was sent, is dropped and the batch decided again, so such a decision
 //!   does not reach the log later than a recovery that waited out the fence
-//!   expects ([`couponrush_core::recovery`]). A store call the thread
-//!   itself waits for (a retry, a decision again) is used as it comes: it is
-//!   bounded by the store's response timeout, not by the shelf life.
+//!   expects ([`couponrush_core::recovery`]). The same holds for a store
+//!   call the thread itself waits for (a retry, a decision again): an answer
+//!   that took longer than the shelf life is decided again after a backoff
+//!   (a store slower than that on every call stalls the issuer rather than
+//!   publish an answer the fence does not cover).
 //!
 //! A failing store or broker is retried with backoff while the partitions are
 //! paused and the loop keeps polling, so the issuer stays in its group and
@@ -385,13 +387,18 @@ impl Worker {
         let held = d.sent.elapsed();
         if held > self.shelf_life {
             d.answer = None;
-            metrics::counter!("couponrush_issuer_stale_answers_total").increment(1);
-            tracing::info!(
-                ?held,
-                shelf_life = ?self.shelf_life,
-                "a store answer waited past its shelf life; deciding the batch again"
-            );
+            self.stale(held);
         }
+    }
+
+    /// Counts and logs an answer past its shelf life (`held` since its call).
+    fn stale(&self, held: Duration) {
+        metrics::counter!("couponrush_issuer_stale_answers_total").increment(1);
+        tracing::info!(
+            ?held,
+            shelf_life = ?self.shelf_life,
+            "a store answer came past its shelf life; deciding the batch again"
+        );
     }
 
     fn answer_of(&self, d: &mut Deciding) {
@@ -470,6 +477,14 @@ impl Worker {
                     if result.is_ok() {
                         metrics::histogram!("couponrush_issuer_store_seconds")
                             .record(started.elapsed());
+                    }
+                    // An answer that took longer than its shelf life is as
+                    // old as one held that long (see `expire`): decided
+                    // again, after the backoff (the store is slow).
+                    if result.is_ok() && started.elapsed() > self.shelf_life {
+                        self.stale(started.elapsed());
+                        self.backoff(attempt);
+                        continue;
                     }
                     result
                 }

@@ -43,6 +43,9 @@ struct Watch {
     most_marks_at_once: AtomicUsize,
     /// Each mark takes this long (ms): a slow last stage.
     mark_ms: AtomicU64,
+    /// The first this many decide calls take `slow_ms` instead of 40 ms.
+    slow_calls: AtomicUsize,
+    slow_ms: AtomicU64,
     /// The first decide fails (as an unreachable store does).
     fail_first: AtomicBool,
     /// The second decide answers that the event is unknown, as a store that
@@ -66,7 +69,16 @@ impl Hooks for Watch {
                 .flat_map(|b| b.requests.iter().map(|p| p.request_id))
                 .collect(),
         );
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        let slow = self
+            .slow_calls
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let ms = if slow {
+            self.slow_ms.load(Ordering::SeqCst)
+        } else {
+            40
+        };
+        tokio::time::sleep(Duration::from_millis(ms)).await;
         let lost =
             self.calls.lock().unwrap().len() == 2 && self.lost_second.swap(false, Ordering::SeqCst);
         let verdicts = if lost {
@@ -123,17 +135,17 @@ async fn drop_of_600_with(
     publish_depth: usize,
     mark_ms: u64,
 ) -> (Arc<Hooked<Watch>>, Vec<Uuid>) {
-    let (store, ids, _) = drop_of_600_tuned(fault, publish_depth, mark_ms, |_| {}).await;
+    let (store, ids, _) = drop_of_600_tuned(fault, publish_depth, mark_ms, |_, _| {}).await;
     (store, ids)
 }
 
-/// [`drop_of_600_with`], the issuer's configuration tuned by `tune` last;
-/// also returns the outcomes read.
+/// [`drop_of_600_with`], the issuer's configuration and the store's watch
+/// tuned by `tune` last; also returns the outcomes read.
 async fn drop_of_600_tuned(
     fault: Fault,
     publish_depth: usize,
     mark_ms: u64,
-    tune: impl FnOnce(&mut couponrush_issuer::Config),
+    tune: impl FnOnce(&mut couponrush_issuer::Config, &Watch),
 ) -> (Arc<Hooked<Watch>>, Vec<Uuid>, Vec<couponrush_core::Outcome>) {
     let mock = MockKafka::start(1).unwrap();
     let topics = Topics::default();
@@ -187,7 +199,7 @@ async fn drop_of_600_tuned(
     let mut config = couponrush_issuer::Config::local(&mock.brokers());
     config.batch_size = 50;
     config.publish_depth = publish_depth;
-    tune(&mut config);
+    tune(&mut config, &store.hooks);
     let outcomes = common::issue_until(
         config,
         &mock.brokers(),
@@ -296,6 +308,15 @@ async fn several_batches_finish_at_once_up_to_one_more_than_the_publish_depth() 
     }
 }
 
+/// Sets the recovery fence `margin` over the outcome producer's delivery
+/// bound: the issuer's shelf life for a store answer is half of it.
+fn fence_over_bound(margin: Duration) -> impl FnOnce(&mut couponrush_issuer::Config, &Watch) {
+    move |c, _| {
+        let (_, bound) = c.outcome_producer().unwrap();
+        c.recovery_fence = bound.total() + margin;
+    }
+}
+
 /// The batches decided twice in a row: a call with the same requests as
 /// the one before it.
 fn decided_again(calls: &[Vec<Uuid>]) -> usize {
@@ -313,12 +334,6 @@ async fn an_answer_held_past_its_shelf_life_is_not_published_but_decided_again()
     // again: what is published is then the second call's answer, replays
     // of the first (the store kept it). With a shelf life of 30 s the same
     // drop decides every batch once.
-    let fence_over_bound = |margin: Duration| {
-        move |c: &mut couponrush_issuer::Config| {
-            let (_, bound) = c.outcome_producer().unwrap();
-            c.recovery_fence = bound.total() + margin;
-        }
-    };
     let (store, ids, outcomes) = drop_of_600_tuned(
         Fault::None,
         1,
@@ -370,4 +385,32 @@ async fn an_answer_held_past_its_shelf_life_is_not_published_but_decided_again()
         "within a 30 s shelf life every answer is used"
     );
     assert_eq!(first_seen(&calls), ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_answer_that_came_past_its_shelf_life_is_not_used() {
+    // The first two decide calls take 500 ms against a 300 ms shelf life:
+    // the first (sent ahead by the loop) is dropped when looked at, the
+    // second (the thread's own call, deciding the batch again) is dropped
+    // as it comes, and the third, quick, is used. The first batch is
+    // therefore decided three times in a row (twice without the check on
+    // the thread's own calls), and everything still once, in order.
+    let (store, ids, _) = drop_of_600_tuned(Fault::None, 4, 0, |c, w| {
+        fence_over_bound(Duration::from_millis(600))(c, w);
+        w.slow_ms.store(500, Ordering::SeqCst);
+        w.slow_calls.store(2, Ordering::SeqCst);
+    })
+    .await;
+    let calls = store.hooks.calls.lock().unwrap().clone();
+    assert!(calls.len() >= 4);
+    assert!(
+        calls[0] == calls[1] && calls[1] == calls[2],
+        "the first batch is decided until an answer comes within its shelf life: \
+         calls 0/1 equal: {}, calls 1/2 equal: {}",
+        calls[0] == calls[1],
+        calls[1] == calls[2]
+    );
+    assert_ne!(calls[3], calls[2], "then the next batch");
+    assert_eq!(first_seen(&calls), ids, "offset order holds");
+    assert_eq!(store.hooks.most_at_once.load(Ordering::SeqCst), 1);
 }
