@@ -59,9 +59,10 @@
 //! The catch: an issuer frozen (not crashed) for longer than the fence
 //! between deciding and enqueueing its outcomes could publish a decision the
 //! rebuilt store does not know. Keep the fence above any pause you expect.
-//! An answer the issuer itself holds while it completes older batches
-//! (retrying a broker or a store) is bounded by the issuer: past half the
-//! margin over its delivery bound it is dropped and decided again
+//! The issuer bounds its own part: a store answer it held while it
+//! completed older batches (retrying a broker or a store), or one that
+//! took long to come, is dropped and decided again once it is older than
+//! half the margin of the fence over its delivery bound
 //! (`issuer/src/worker.rs`, the shelf life).
 
 use std::collections::HashMap;

@@ -144,7 +144,8 @@ pub struct Cli {
     pub publish_timeout: Duration,
     /// When the store lost its state: wait this long for in-flight outcomes
     /// before rebuilding it from the log. Must exceed --publish-timeout, and
-    /// the timeouts --kafka-opt sets (checked at start-up).
+    /// the timeouts --kafka-opt sets, by 0.5s or more (checked at start-up):
+    /// half that margin is how long a store answer may wait to be published.
     #[arg(long, env = "RECOVERY_FENCE", default_value = "15s", value_parser = parse_duration)]
     pub recovery_fence: Duration,
     /// Sweep for holds whose claim window passed this often (0s: never),
@@ -296,16 +297,22 @@ impl Config {
     pub fn outcome_producer(&self) -> Result<(ClientConfig, DeliveryBound), FenceError> {
         let cfg = Publisher::config(&self.kafka, &self.client_id, self.publish_timeout);
         let bound = DeliveryBound::of(&cfg)?;
-        if self.recovery_fence <= bound.total() {
+        let least = bound.total() + MIN_SHELF_LIFE * 2;
+        if self.recovery_fence < least {
             return Err(FenceError::TooShort {
                 fence: self.recovery_fence,
                 bound,
-                suggest: Duration::from_secs(bound.total().as_secs() + 1),
+                suggest: Duration::from_secs(least.as_secs_f64().ceil() as u64),
             });
         }
         Ok((cfg, bound))
     }
 }
+
+/// The shortest shelf life of a store answer the issuer starts with: a
+/// few round trips of a full batch. Shorter, a store call would outlive it
+/// as a rule and the batch be decided again and again.
+pub const MIN_SHELF_LIFE: Duration = Duration::from_millis(250);
 
 impl Config {
     /// How long a store answer may wait before its batch's outcomes are
@@ -325,8 +332,9 @@ pub enum FenceError {
     /// The fence does not exceed the outcome producer's delivery bound.
     #[error(
         "--recovery-fence {fence:?} must exceed the latest an outcome can still reach the log, \
-         {bound}, as --publish-timeout and --kafka-opt set it: pass --recovery-fence {suggest:?} \
-         or more, or a shorter --publish-timeout, or smaller values for those --kafka-opt properties"
+         {bound}, as --publish-timeout and --kafka-opt set it, by at least twice the shortest \
+         shelf life of a store answer (250ms): pass --recovery-fence {suggest:?} or more, or a \
+         shorter --publish-timeout, or smaller values for those --kafka-opt properties"
     )]
     TooShort {
         /// The fence asked for.
@@ -531,6 +539,23 @@ mod tests {
     }
 
     #[test]
+    fn a_fence_leaving_a_store_answer_less_than_its_shortest_shelf_life_is_refused() {
+        let mut c = config(&[]);
+        let (_, bound) = c.outcome_producer().unwrap();
+        c.recovery_fence = bound.total() + MIN_SHELF_LIFE * 2 - Duration::from_millis(1);
+        assert!(matches!(
+            c.outcome_producer(),
+            Err(FenceError::TooShort { .. })
+        ));
+        c.recovery_fence = bound.total() + MIN_SHELF_LIFE * 2;
+        let (_, bound) = c.outcome_producer().unwrap();
+        assert_eq!(
+            Config::answer_shelf_life(c.recovery_fence, &bound),
+            MIN_SHELF_LIFE
+        );
+    }
+
+    #[test]
     fn the_default_fence_outlasts_the_default_outcome_producer() {
         let (cfg, bound) = config(&[]).outcome_producer().unwrap();
         assert!(bound.total() <= Duration::from_secs(10), "{bound}");
@@ -545,14 +570,15 @@ mod tests {
         let FenceError::TooShort { suggest, .. } = &e else {
             panic!("{e}");
         };
-        // 20 s + 1.1 s scan + 2.5 s request + 2 ms linger
-        assert_eq!(*suggest, Duration::from_secs(24), "{e}");
-        assert!(e.to_string().contains("--recovery-fence 24s"), "{e}");
+        // 20 s + 1.1 s scan + 2.5 s request + 2 ms linger, and twice the
+        // shortest shelf life (0.5 s): 24.102 s, rounded up.
+        assert_eq!(*suggest, Duration::from_secs(25), "{e}");
+        assert!(e.to_string().contains("--recovery-fence 25s"), "{e}");
         config(&[
             "--kafka-opt",
             "message.timeout.ms=20000",
             "--recovery-fence",
-            "24s",
+            "25s",
         ])
         .outcome_producer()
         .unwrap();

@@ -71,6 +71,9 @@ use crate::publish::{Published, Publisher};
 use crate::rebalance::{IssuerContext, Shared};
 use crate::{Config, Totals};
 
+/// Late answers in a row for one batch before it is said as a warning.
+const STALE_WARN_AFTER: u32 = 3;
+
 /// How long a stopping issuer waits for its partitions to be revoked.
 const LEAVE_WITHIN: Duration = Duration::from_secs(10);
 
@@ -387,18 +390,31 @@ impl Worker {
         let held = d.sent.elapsed();
         if held > self.shelf_life {
             d.answer = None;
-            self.stale(held);
+            self.stale(Some(held), 0);
         }
     }
 
-    /// Counts and logs an answer past its shelf life (`held` since its call).
-    fn stale(&self, held: Duration) {
+    /// Counts and logs an answer past its shelf life (`held` since its call
+    /// was sent), on the batch's `attempt`. Late again and again, the store
+    /// is slower than the shelf life: said as a warning, with what to do.
+    fn stale(&self, held: Option<Duration>, attempt: u32) {
         metrics::counter!("couponrush_issuer_stale_answers_total").increment(1);
-        tracing::info!(
-            ?held,
-            shelf_life = ?self.shelf_life,
-            "a store answer came past its shelf life; deciding the batch again"
-        );
+        if attempt >= STALE_WARN_AFTER {
+            tracing::warn!(
+                ?held,
+                shelf_life = ?self.shelf_life,
+                attempt,
+                "the store answers slower than the shelf life, so the batch is decided again until an \
+                 answer comes in time; raise --recovery-fence (the shelf life is half its margin over \
+                 the outcome producer's delivery bound) or lower --batch-size"
+            );
+        } else {
+            tracing::info!(
+                ?held,
+                shelf_life = ?self.shelf_life,
+                "a store answer came past its shelf life; deciding the batch again"
+            );
+        }
     }
 
     fn answer_of(&self, d: &mut Deciding) {
@@ -467,8 +483,10 @@ impl Worker {
             if plan.batches.is_empty() {
                 return Some(plan.resolve(batch, &[]));
             }
-            let result = match answer.take() {
-                Some(answer) => answer,
+            // An answer passed in was judged by `expire`; one of the
+            // thread's own calls is judged here, by when it was sent.
+            let (result, started) = match answer.take() {
+                Some(answer) => (answer, None),
                 None => {
                     let started = Instant::now();
                     let result = self
@@ -478,25 +496,34 @@ impl Worker {
                         metrics::histogram!("couponrush_issuer_store_seconds")
                             .record(started.elapsed());
                     }
-                    // An answer that took longer than its shelf life is as
-                    // old as one held that long (see `expire`): decided
-                    // again, after the backoff (the store is slow).
-                    if result.is_ok() && started.elapsed() > self.shelf_life {
-                        self.stale(started.elapsed());
-                        self.backoff(attempt);
-                        continue;
-                    }
-                    result
+                    (result, Some(started))
                 }
             };
+            // An answer that took longer than its shelf life is as old as
+            // one held that long (see `expire`): decided again, after the
+            // backoff (the store is slow).
+            let late = |w: &Self| started.is_some_and(|t| t.elapsed() > w.shelf_life);
+            if result.is_ok() && late(self) {
+                self.stale(started.map(|t| t.elapsed()), *attempt);
+                self.backoff(attempt);
+                continue;
+            }
             match result {
                 Ok(verdicts) => {
                     if verdicts
                         .iter()
                         .any(|v| matches!(v, BatchVerdict::UnknownEvent))
-                        && self.store_lost(attempt)
                     {
-                        continue;
+                        if self.store_lost(attempt) {
+                            continue;
+                        }
+                        // Judged poison after one more store round trip:
+                        // the other verdicts must still be fresh.
+                        if late(self) {
+                            self.stale(started.map(|t| t.elapsed()), *attempt);
+                            self.backoff(attempt);
+                            continue;
+                        }
                     }
                     return Some(plan.resolve(batch, &verdicts));
                 }

