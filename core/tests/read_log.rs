@@ -6,7 +6,7 @@ use std::time::Duration;
 use couponrush_core::kafka::{ensure_topics, KafkaSettings};
 use couponrush_core::recovery::read_topic;
 use couponrush_core::topics::TopicSpec;
-use couponrush_harness::{Tansu, TansuStorage};
+use couponrush_harness::{Tansu, TansuStorage, TANSU_HEADER_INDEX};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// A producer whose batches close on `n` records (or a 5 s linger), so a
@@ -376,13 +376,13 @@ async fn tansu_sqlite_looks_up_headers_through_the_harness_index() {
     assert_eq!(read_headers(kafka.clone()).await.unwrap(), expected);
     let plan = header_fetch_plan(&db);
     assert!(
-        plan.contains("couponrush_header_by_record") && !plan.contains("SCAN h"),
+        plan.contains(TANSU_HEADER_INDEX) && !plan.contains("SCAN h"),
         "the header lookup uses the harness's index: {plan}"
     );
     // Planted: without the index, the lookup scans the table whole.
     let c = rusqlite::Connection::open(&db).unwrap();
     c.busy_timeout(Duration::from_secs(10)).unwrap();
-    c.execute_batch("DROP INDEX couponrush_header_by_record")
+    c.execute_batch(&format!("DROP INDEX {TANSU_HEADER_INDEX}"))
         .unwrap();
     let plan = header_fetch_plan(&db);
     assert!(plan.contains("SCAN h"), "tansu's own schema scans: {plan}");
@@ -390,7 +390,7 @@ async fn tansu_sqlite_looks_up_headers_through_the_harness_index() {
     tansu.restart().unwrap();
     let plan = header_fetch_plan(&db);
     assert!(
-        plan.contains("couponrush_header_by_record"),
+        plan.contains(TANSU_HEADER_INDEX),
         "indexed again on restart: {plan}"
     );
     assert_eq!(read_headers(kafka).await.unwrap(), expected);

@@ -307,24 +307,23 @@ impl Config {
         }
         Ok((cfg, bound))
     }
+
+    /// How long a store answer may wait before its batch's outcomes are
+    /// enqueued: half the margin the recovery fence leaves over the outcome
+    /// producer's delivery `bound`. A decision's outcome then reaches the
+    /// log within the fence of the decision even if the store was lost at
+    /// that very moment, which is what a recovery waiting out the fence
+    /// counts on ([`couponrush_core::recovery`]); an older answer is
+    /// decided again.
+    pub fn answer_shelf_life(&self, bound: &DeliveryBound) -> Duration {
+        self.recovery_fence.saturating_sub(bound.total()) / 2
+    }
 }
 
 /// The shortest shelf life of a store answer the issuer starts with: a
 /// few round trips of a full batch. Shorter, a store call would outlive it
 /// as a rule and the batch be decided again and again.
 pub const MIN_SHELF_LIFE: Duration = Duration::from_millis(250);
-
-impl Config {
-    /// How long a store answer may wait before its batch's outcomes are
-    /// enqueued: half the margin `fence` leaves over the outcome producer's
-    /// delivery `bound`. A decision's outcome then reaches the log within
-    /// `fence` of the decision even if the store was lost at that very moment,
-    /// which is what a recovery waiting out the fence counts on
-    /// ([`couponrush_core::recovery`]); an older answer is decided again.
-    pub fn answer_shelf_life(fence: Duration, bound: &DeliveryBound) -> Duration {
-        fence.saturating_sub(bound.total()) / 2
-    }
-}
 
 /// A recovery fence that an outcome could outlast: refused at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -459,7 +458,7 @@ pub async fn run_issuer_probed(
         shared.offsets.leave_commits_to_the_timer();
     }
     let publisher = Arc::new(Publisher::from_config(&producer, config.topics.clone())?);
-    let config_fence = config.recovery_fence;
+    let shelf_life = config.answer_shelf_life(&bound);
     let worker = Worker {
         consumer,
         shared,
@@ -472,7 +471,7 @@ pub async fn run_issuer_probed(
         carry: Vec::new(),
         totals: Totals::default(),
         deciding: None,
-        shelf_life: Config::answer_shelf_life(config_fence, &bound),
+        shelf_life,
     };
     if !worker.config.checkpoint_every.is_zero() {
         let checkpointer = Checkpointer {
@@ -530,7 +529,7 @@ mod tests {
     fn a_store_answer_keeps_for_seconds_with_the_default_fence() {
         let c = config(&[]);
         let (_, bound) = c.outcome_producer().unwrap();
-        let life = Config::answer_shelf_life(c.recovery_fence, &bound);
+        let life = c.answer_shelf_life(&bound);
         assert!(
             life >= Duration::from_secs(1) && life < c.recovery_fence - bound.total(),
             "{life:?} (fence {:?}, bound {bound})",
@@ -549,10 +548,7 @@ mod tests {
         ));
         c.recovery_fence = bound.total() + MIN_SHELF_LIFE * 2;
         let (_, bound) = c.outcome_producer().unwrap();
-        assert_eq!(
-            Config::answer_shelf_life(c.recovery_fence, &bound),
-            MIN_SHELF_LIFE
-        );
+        assert_eq!(c.answer_shelf_life(&bound), MIN_SHELF_LIFE);
     }
 
     #[test]

@@ -390,14 +390,30 @@ impl Worker {
         let held = d.sent.elapsed();
         if held > self.shelf_life {
             d.answer = None;
-            self.stale(Some(held), 0);
+            self.stale(held, 0);
         }
+    }
+
+    /// True, after the backoff (the store is slow), when the thread's own
+    /// call sent at `started` has outlived its shelf life: its answer is as
+    /// old as one held that long (see `expire`) and the batch is decided
+    /// again. An answer passed in (`started` None) was judged by `expire`.
+    fn came_late(&mut self, started: Option<Instant>, attempt: &mut u32) -> bool {
+        let Some(held) = started.map(|t| t.elapsed()) else {
+            return false;
+        };
+        if held <= self.shelf_life {
+            return false;
+        }
+        self.stale(held, *attempt);
+        self.backoff(attempt);
+        true
     }
 
     /// Counts and logs an answer past its shelf life (`held` since its call
     /// was sent), on the batch's `attempt`. Late again and again, the store
     /// is slower than the shelf life: said as a warning, with what to do.
-    fn stale(&self, held: Option<Duration>, attempt: u32) {
+    fn stale(&self, held: Duration, attempt: u32) {
         metrics::counter!("couponrush_issuer_stale_answers_total").increment(1);
         if attempt >= STALE_WARN_AFTER {
             tracing::warn!(
@@ -484,7 +500,7 @@ impl Worker {
                 return Some(plan.resolve(batch, &[]));
             }
             // An answer passed in was judged by `expire`; one of the
-            // thread's own calls is judged here, by when it was sent.
+            // thread's own calls is judged by `came_late`.
             let (result, started) = match answer.take() {
                 Some(answer) => (answer, None),
                 None => {
@@ -499,13 +515,7 @@ impl Worker {
                     (result, Some(started))
                 }
             };
-            // An answer that took longer than its shelf life is as old as
-            // one held that long (see `expire`): decided again, after the
-            // backoff (the store is slow).
-            let late = |w: &Self| started.is_some_and(|t| t.elapsed() > w.shelf_life);
-            if result.is_ok() && late(self) {
-                self.stale(started.map(|t| t.elapsed()), *attempt);
-                self.backoff(attempt);
+            if result.is_ok() && self.came_late(started, attempt) {
                 continue;
             }
             match result {
@@ -519,9 +529,7 @@ impl Worker {
                         }
                         // Judged poison after one more store round trip:
                         // the other verdicts must still be fresh.
-                        if late(self) {
-                            self.stale(started.map(|t| t.elapsed()), *attempt);
-                            self.backoff(attempt);
+                        if self.came_late(started, attempt) {
                             continue;
                         }
                     }
