@@ -25,6 +25,8 @@
 //! - [`routes`]: the handlers, one per route.
 //! - [`guard`]: what every request passes once: the bound on requests in
 //!   flight, a panic turned into a 503, the request counter.
+//! - [`connections`]: the open connections, closed when idle or stalled
+//!   in a request head, drained at shutdown.
 //! - [`error`]: the one error type, [`error::AppError`], and its JSON shape.
 //! - [`events`]: the cache of known events.
 //! - [`readiness`]: whether the store is ready, new, or being rebuilt.
@@ -35,6 +37,7 @@
 //!   [`couponrush_core::producer::RequestProducer`], shared with
 //!   `coupon-loadgen run --direct`.
 
+pub mod connections;
 pub mod error;
 pub mod events;
 pub mod guard;
@@ -44,10 +47,10 @@ pub use couponrush_core::request_id;
 pub mod routes;
 
 use std::net::SocketAddr;
+use axum::extract::DefaultBodyLimit;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
 use axum::Router;
 use clap::Parser;
@@ -74,8 +77,10 @@ use crate::readiness::Readiness;
 /// Largest request body accepted; a real one is ~30 bytes.
 pub const MAX_BODY_BYTES: usize = 1024;
 
-/// A client must send its request headers within this, and its body within
-/// this once the headers arrived (slow clients, slowloris): 408 otherwise.
+/// A client must send its request headers within this (the connection is
+/// closed otherwise, up to a quarter of it later: [`connections`]), and its
+/// body within this once the headers arrived (slow clients, slowloris: 408
+/// otherwise). A kept-alive connection idle this long is closed too.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `coupon-api`: the HTTP front of a coupon drop.
@@ -489,16 +494,16 @@ impl Api {
         // Accept only with a connection permit in hand: backpressure by
         // construction, a bounded number of connections whatever the clients do.
         let permits = Arc::new(Semaphore::new(self.max_connections));
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        // Idle and stalled connections are closed after CLIENT_TIMEOUT (the
+        // wait for a request head, and between kept-alive requests), by
+        // one reaper rather than a timer per request.
+        let connections = connections::Connections::new(CLIENT_TIMEOUT);
         let line = self.state.line.clone();
         let router = app(self.state);
         let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(CLIENT_TIMEOUT)
-            // A client may close its sending side once its request is out
-            // and still expect the answer.
-            .half_close(true)
-            .keep_alive(true);
+        // A client may close its sending side once its request is out and
+        // still expect the answer.
+        http.half_close(true).keep_alive(true);
         loop {
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
@@ -517,11 +522,14 @@ impl Api {
                 _ = shutdown.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
-            let service = hyper_util::service::TowerToHyperService::new(router.clone());
+            let tracked = connections.open();
+            let service = tracked.count(hyper_util::service::TowerToHyperService::new(
+                router.clone(),
+            ));
             let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let conn = graceful.watch(conn);
+            let conn = tracked.serve(conn);
             tokio::spawn(async move {
-                let _ = conn.await;
+                conn.await;
                 drop(permit);
             });
         }
@@ -529,11 +537,8 @@ impl Api {
         if let Some(line) = line {
             line.stop();
         }
-        tokio::select! {
-            _ = graceful.shutdown() => {}
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {
-                tracing::warn!("connections still open after 10s; closing them");
-            }
+        if !connections.drain(Duration::from_secs(10)).await {
+            tracing::warn!("connections still open after 10s; closed them");
         }
         let flushed =
             tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;

@@ -364,8 +364,8 @@ async fn listening_beyond_loopback_without_a_token_is_refused() {
     assert!(err.to_string().contains("ADMIN_TOKEN"), "{err}");
 }
 
-/// The served api's header-read timeout (the slowloris guard, hyper's
-/// header-read timeout on every connection): a kept-alive connection whose
+/// The served api's header-read timeout (the slowloris guard, kept by
+/// `connections`' reaper for every connection): a kept-alive connection whose
 /// requests come further apart in all than the timeout, each within it, is
 /// served throughout; one that sends half a head and stalls is closed, not
 /// before the timeout.
