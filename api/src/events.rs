@@ -4,7 +4,10 @@
 //! An event that exists is remembered for [`KNOWN_TTL`], one that does not
 //! for [`UNKNOWN_TTL`] (so a just-created event is seen within a second by
 //! every api instance). The map is bounded: when full it is cleared, which
-//! costs a few store lookups and never memory.
+//! costs a few store lookups and never memory. Keys are hashed with
+//! foldhash, seeded per process: std's SipHash showed in a profile of the
+//! issue route, and a flood of crafted event ids can do no more than the
+//! bound allows.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -22,7 +25,7 @@ pub const CAPACITY: usize = 10_000;
 /// A bounded, expiring cache of event existence in front of the store.
 pub struct EventCache {
     store: Arc<dyn Store>,
-    entries: RwLock<HashMap<String, (bool, Instant)>>,
+    entries: RwLock<HashMap<String, (bool, Instant), foldhash::fast::RandomState>>,
 }
 
 impl EventCache {
@@ -30,7 +33,7 @@ impl EventCache {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
-            entries: RwLock::new(HashMap::new()),
+            entries: RwLock::new(HashMap::default()),
         }
     }
 

@@ -31,6 +31,7 @@ use axum::extract::{MatchedPath, Request};
 use axum::response::{IntoResponse, Response};
 use futures::future::CatchUnwind;
 use futures::FutureExt;
+use http_body_util::Limited;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::AppError;
@@ -118,7 +119,9 @@ impl std::fmt::Display for BodyTimeout {
 impl std::error::Error for BodyTimeout {}
 
 /// A request body that must have arrived whole within `timeout` of the
-/// first time it was not there: one deadline for the body, not one per
+/// first time it was not there, and be at most a limit long (a 413
+/// otherwise, as axum's `DefaultBodyLimit` gives; done here, it costs no
+/// request extension and no layer). One deadline for the body, not one per
 /// frame, so a client dripping a byte at a time cannot hold a connection
 /// and a permit for the body's length times the timeout (slowloris). The
 /// body is polled first and the timer armed only when it is not there yet,
@@ -126,16 +129,16 @@ impl std::error::Error for BodyTimeout {}
 /// touches the timer wheel; `tower_http`'s `TimeoutBody` arms one for every
 /// request, and re-arms it per frame.
 pub struct DeadlineBody {
-    inner: Body,
+    inner: Limited<Body>,
     timeout: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl DeadlineBody {
-    /// `inner`, each frame due within `timeout`.
-    pub fn new(inner: Body, timeout: Duration) -> Self {
+    /// `inner`, due whole within `timeout` and at most `limit` bytes long.
+    pub fn new(inner: Body, timeout: Duration, limit: usize) -> Self {
         Self {
-            inner,
+            inner: Limited::new(inner, limit),
             timeout,
             sleep: None,
         }
@@ -152,7 +155,7 @@ impl HttpBody for DeadlineBody {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Ready(frame) => Poll::Ready(frame),
             Poll::Pending => {
                 let timeout = this.timeout;
                 let sleep = this
@@ -199,7 +202,13 @@ where
                 shed: true,
             },
             Ok(permit) => {
-                let req = req.map(|b| Body::new(DeadlineBody::new(b, crate::CLIENT_TIMEOUT)));
+                let req = req.map(|b| {
+                    Body::new(DeadlineBody::new(
+                        b,
+                        crate::CLIENT_TIMEOUT,
+                        crate::MAX_BODY_BYTES,
+                    ))
+                });
                 // An axum `Route`'s `call` only makes its future: the
                 // handler runs when that is polled, inside `catch_unwind`.
                 GuardFuture {
@@ -316,7 +325,7 @@ mod tests {
     async fn a_body_that_stalls_fails_with_the_timeout_and_one_that_is_there_arms_no_timer() {
         let stalled =
             Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
-        let mut body = DeadlineBody::new(stalled, Duration::from_millis(50));
+        let mut body = DeadlineBody::new(stalled, Duration::from_millis(50), 1024);
         let err = body
             .frame()
             .await
@@ -324,7 +333,7 @@ mod tests {
             .expect_err("a stalled body times out");
         assert_eq!(err.to_string(), BODY_TIMEOUT);
 
-        let mut body = DeadlineBody::new(Body::from("{}"), Duration::from_millis(50));
+        let mut body = DeadlineBody::new(Body::from("{}"), Duration::from_millis(50), 1024);
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "{}");
         assert!(body.sleep.is_none(), "a body already there needs no timer");
@@ -340,7 +349,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             Some((Ok::<_, std::io::Error>(Bytes::from_static(b"x")), i + 1))
         });
-        let mut body = DeadlineBody::new(Body::from_stream(drip), Duration::from_millis(200));
+        let mut body = DeadlineBody::new(Body::from_stream(drip), Duration::from_millis(200), 1024);
         let mut frames = 0;
         let err = loop {
             match body.frame().await {

@@ -47,7 +47,6 @@ pub use couponrush_core::request_id;
 pub mod routes;
 
 use std::net::SocketAddr;
-use axum::extract::DefaultBodyLimit;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -313,14 +312,11 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
-        // One `Router::layer` call for both: each call wraps every route
-        // in a boxed service of its own (about 1,200 instructions a
-        // request under callgrind for the second).
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(guard::GuardLayer::new(max_concurrent))
-                .layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
-        )
+        // The guard also bounds the body (MAX_BODY_BYTES): each
+        // `Router::layer` call wraps every route in a boxed service of its
+        // own (about 1,200 instructions a request under callgrind for a
+        // second one).
+        .layer(guard::GuardLayer::new(max_concurrent))
         .with_state(state)
 }
 

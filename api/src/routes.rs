@@ -330,11 +330,28 @@ pub struct IssueHeaders {
 impl<S: Send + Sync> FromRequestParts<S> for IssueHeaders {
     type Rejection = std::convert::Infallible;
 
+    /// One pass over the headers: a lookup by name hashes the name, and
+    /// both are usually absent (two lookups showed in a profile of the
+    /// issue route). The first of a repeated header is taken, as a lookup
+    /// would.
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self {
-            idempotency_key: parts.headers.get(IDEMPOTENCY_KEY).cloned(),
-            admission_token: parts.headers.get(ADMISSION_TOKEN).cloned(),
-        })
+        let mut headers = Self {
+            idempotency_key: None,
+            admission_token: None,
+        };
+        for (name, value) in &parts.headers {
+            let slot = if *name == IDEMPOTENCY_KEY {
+                &mut headers.idempotency_key
+            } else if *name == ADMISSION_TOKEN {
+                &mut headers.admission_token
+            } else {
+                continue;
+            };
+            if slot.is_none() {
+                *slot = Some(value.clone());
+            }
+        }
+        Ok(headers)
     }
 }
 
