@@ -1,43 +1,64 @@
 //! The api's open connections: each one closed once it has sat a client
-//! timeout with no request in flight and no new one started (an idle
-//! kept-alive connection, or a client that sends half a request head and
-//! stalls: slowloris), and all of them drained at shutdown (a request in
-//! flight gets its answer, then the connection closes).
+//! timeout with no request in flight and none started (an idle kept-alive
+//! connection, or a client that sends half a request head and stalls:
+//! slowloris), and all of them drained at shutdown (a request in flight
+//! gets its answer, then its connection closes; one that never started a
+//! request closes at once).
 //!
 //! The guarantee is kept by one reaper task, not by a timer per request.
 //! hyper's header-read timeout, which this replaces, allocates and arms a
 //! timer for every request on a kept-alive connection (the wait for the
-//! next head) and reads the clock for it, and hyper_util's graceful
-//! watch polls a channel on every wake of every connection; under
-//! callgrind the two cost the issue route about N instructions a request
-//! (docs/BENCHMARKS.md, section 2). Here a request costs two counter
-//! increments, and a wake an atomic flag read and a waker registration.
-//! The reaper visits every open connection four times per timeout: a
-//! connection seen idle (the same requests started, none in flight) at
-//! five visits in a row, a timeout apart from the first to the last, is
-//! closed. So an idle connection closes between one timeout and a quarter
-//! more after it went idle, and a kept-alive connection whose requests
-//! come less than a timeout apart is never closed.
+//! next head) and reads the clock for it, and hyper_util's graceful watch
+//! polls a channel on every wake of every connection: under callgrind,
+//! replacing the two took 1,900 instructions off each request of the issue
+//! route (docs/BENCHMARKS.md, section 2). Here a request costs two counter
+//! increments, and a wake an atomic load and a waker registration.
+//!
+//! - **Idle for a timeout, then closed.** The reaper visits every open
+//!   connection [`VISITS_PER_TIMEOUT`] times per timeout. A connection it
+//!   finds with nothing in flight and no request started since its last
+//!   visit is idle from that visit on; once idle for a whole timeout it is
+//!   told to close. So an idle connection closes between one timeout and a
+//!   quarter more after it went idle, never before; a kept-alive connection
+//!   whose requests come less than a timeout apart is never closed.
+//! - **A request that started is never cut by the reaper.** The counters
+//!   change only on the connection's own task, inside its poll; the task
+//!   closes on the reaper's order only if they still read what the reaper
+//!   saw, and otherwise drops the order.
+//! - **What "in flight" covers.** A request is finished once its handler
+//!   answered, before hyper writes the answer out: a client that does not
+//!   read an answer for a timeout (only `/metrics` is large enough to fill
+//!   a socket's buffer) has its connection closed, which also guards
+//!   against slow readers.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::sync::Notify;
 
 /// Visits by the reaper per timeout.
-const VISITS_PER_TIMEOUT: u32 = 4;
+pub const VISITS_PER_TIMEOUT: u32 = 8;
 
-/// What a connection is told to do.
+/// What a connection is told to do, in rising order: a later order never
+/// lowers an earlier one but [`REAP`], which the connection drops itself
+/// when a request started since.
 const SERVE: u8 = 0;
-const DRAIN: u8 = 1;
-const CLOSE: u8 = 2;
+/// Close if still as the reaper saw it: idle.
+const REAP: u8 = 1;
+/// Finish what is in flight, then close.
+const DRAIN: u8 = 2;
+/// Close now.
+const CLOSE: u8 = 3;
+
+/// Not idle (the reaper's `idle_since`), never visited (its `seen`).
+const NONE: u64 = u64::MAX;
 
 /// Every open connection, reaped when idle and drained at shutdown.
 pub struct Connections {
@@ -45,33 +66,77 @@ pub struct Connections {
 }
 
 struct Shared {
-    open: Mutex<HashMap<u64, Arc<Conn>>>,
+    /// Every open connection, and the order a new one starts with (a
+    /// connection opened during a drain drains too); one lock for both.
+    open: Mutex<Open>,
     next_id: AtomicU64,
     /// Notified when the last connection closes.
     emptied: Notify,
-    /// Set once [`Connections::drain`] started: every later connection
-    /// is told to drain too.
-    draining: AtomicU8,
+    /// What the reaper's clock counts from.
+    epoch: Instant,
+}
+
+struct Open {
+    conns: HashMap<u64, Arc<Conn>>,
+    order: u8,
 }
 
 /// One connection's counters and orders, shared by its task, its service
 /// and the reaper.
 struct Conn {
+    /// Requests started and finished: changed only on the connection's
+    /// task, inside its poll.
     started: AtomicU64,
     finished: AtomicU64,
     order: AtomicU8,
+    /// `started` when the reaper gave [`REAP`].
+    close_at: AtomicU64,
     waker: AtomicWaker,
-    /// The reaper's own memory: `started` at its last visit (`u64::MAX`
-    /// before the first), and the visits in a row it found the
-    /// connection idle.
+    /// The reaper's own memory: `started` at its last visit, and since
+    /// when (ns from the epoch) it has found the connection idle.
     seen: AtomicU64,
-    idle_visits: AtomicU64,
+    idle_since: AtomicU64,
+}
+
+/// What a connection's task does before it polls the connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Serve,
+    Drain,
+    Close,
 }
 
 impl Conn {
     fn tell(&self, order: u8) {
         self.order.fetch_max(order, Ordering::AcqRel);
         self.waker.wake();
+    }
+
+    /// The order given, as it stands now. Called only by the connection's
+    /// task, between polls of the connection: the counters, which only
+    /// that task changes, hold still.
+    fn step(&self) -> Step {
+        let started = self.started.load(Ordering::Relaxed);
+        match self.order.load(Ordering::Acquire) {
+            SERVE => Step::Serve,
+            REAP => {
+                if started == self.close_at.load(Ordering::Acquire)
+                    && started == self.finished.load(Ordering::Relaxed)
+                {
+                    return Step::Close;
+                }
+                // A request started after the reaper looked: not idle.
+                let _ =
+                    self.order
+                        .compare_exchange(REAP, SERVE, Ordering::AcqRel, Ordering::Acquire);
+                Step::Serve
+            }
+            // A connection that never started a request has nothing to
+            // finish (hyper would wait for its first request to end).
+            DRAIN if started == 0 => Step::Close,
+            DRAIN => Step::Drain,
+            _ => Step::Close,
+        }
     }
 }
 
@@ -81,10 +146,13 @@ impl Connections {
     /// are gone.
     pub fn new(timeout: Duration) -> Self {
         let shared = Arc::new(Shared {
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(Open {
+                conns: HashMap::new(),
+                order: SERVE,
+            }),
             next_id: AtomicU64::new(0),
             emptied: Notify::new(),
-            draining: AtomicU8::new(SERVE),
+            epoch: Instant::now(),
         });
         tokio::spawn(reap(Arc::downgrade(&shared), timeout));
         Self { shared }
@@ -93,16 +161,19 @@ impl Connections {
     /// Registers a new connection; its service and its task come from the
     /// returned [`Tracked`].
     pub fn open(&self) -> Tracked {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut open = self.shared.lock();
         let conn = Arc::new(Conn {
             started: AtomicU64::new(0),
             finished: AtomicU64::new(0),
-            order: AtomicU8::new(self.shared.draining.load(Ordering::Acquire)),
+            order: AtomicU8::new(open.order),
+            close_at: AtomicU64::new(NONE),
             waker: AtomicWaker::new(),
-            seen: AtomicU64::new(u64::MAX),
-            idle_visits: AtomicU64::new(0),
+            seen: AtomicU64::new(NONE),
+            idle_since: AtomicU64::new(NONE),
         });
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(id, conn.clone());
+        open.conns.insert(id, conn.clone());
+        drop(open);
         Tracked {
             shared: self.shared.clone(),
             id,
@@ -112,15 +183,7 @@ impl Connections {
 
     /// Open connections now.
     pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Requests in flight now, over every connection.
-    pub fn in_flight(&self) -> u64 {
-        self.lock()
-            .values()
-            .map(|c| c.started.load(Ordering::Acquire) - c.finished.load(Ordering::Acquire))
-            .sum()
+        self.shared.lock().conns.len()
     }
 
     /// Whether none is open.
@@ -128,22 +191,36 @@ impl Connections {
         self.len() == 0
     }
 
-    /// Tells every connection to finish what it has in flight and close,
-    /// and waits up to `within` for all of them; those still open then are
-    /// closed at once. True when every connection finished in time.
+    /// Requests in flight now, over every connection.
+    pub fn in_flight(&self) -> u64 {
+        self.shared
+            .lock()
+            .conns
+            .values()
+            .map(|c| {
+                let finished = c.finished.load(Ordering::Acquire);
+                c.started.load(Ordering::Acquire).saturating_sub(finished)
+            })
+            .sum()
+    }
+
+    /// Tells every connection, and any opened from now on, to finish what
+    /// it has in flight and close, and waits up to `within` for all of
+    /// them; those still open then are closed at once. True when every
+    /// connection finished in time.
     pub async fn drain(&self, within: Duration) -> bool {
-        self.shared.draining.store(DRAIN, Ordering::Release);
         let drained = async {
             loop {
                 let emptied = self.shared.emptied.notified();
                 tokio::pin!(emptied);
                 emptied.as_mut().enable();
                 {
-                    let open = self.lock();
-                    if open.is_empty() {
+                    let mut open = self.shared.lock();
+                    open.order = open.order.max(DRAIN);
+                    if open.conns.is_empty() {
                         return;
                     }
-                    for conn in open.values() {
+                    for conn in open.conns.values() {
                         conn.tell(DRAIN);
                     }
                 }
@@ -153,44 +230,50 @@ impl Connections {
         if tokio::time::timeout(within, drained).await.is_ok() {
             return true;
         }
-        self.shared.draining.store(CLOSE, Ordering::Release);
-        for conn in self.lock().values() {
+        let mut open = self.shared.lock();
+        open.order = CLOSE;
+        for conn in open.conns.values() {
             conn.tell(CLOSE);
         }
         false
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
-        self.shared.lock()
-    }
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+    fn lock(&self) -> MutexGuard<'_, Open> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// Visits every open connection [`VISITS_PER_TIMEOUT`] times per
-/// `timeout`, and closes those idle for a whole timeout.
+/// `timeout`, and tells those idle for a whole timeout to close.
 async fn reap(shared: Weak<Shared>, timeout: Duration) {
     let mut visits = tokio::time::interval(timeout / VISITS_PER_TIMEOUT);
     visits.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
     loop {
         visits.tick().await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        for conn in shared.lock().values() {
-            let started = conn.started.load(Ordering::Acquire);
+        let open = shared.lock();
+        // An idle span is never overstated: it starts at a clock read after
+        // the counters that showed it, and ends at one read before them.
+        let clock = || u64::try_from(shared.epoch.elapsed().as_nanos()).unwrap_or(NONE - 1);
+        let now = clock();
+        for conn in open.conns.values() {
             let finished = conn.finished.load(Ordering::Acquire);
+            let started = conn.started.load(Ordering::Acquire);
             if started != finished || conn.seen.swap(started, Ordering::Relaxed) != started {
-                conn.idle_visits.store(0, Ordering::Relaxed);
+                conn.idle_since.store(NONE, Ordering::Relaxed);
                 continue;
             }
-            let idle = conn.idle_visits.fetch_add(1, Ordering::Relaxed) + 1;
-            if idle >= u64::from(VISITS_PER_TIMEOUT) {
-                conn.tell(CLOSE);
+            let since = conn.idle_since.load(Ordering::Relaxed);
+            if since == NONE {
+                conn.idle_since.store(clock(), Ordering::Relaxed);
+            } else if now.saturating_sub(since) >= timeout {
+                conn.close_at.store(started, Ordering::Release);
+                conn.tell(REAP);
             }
         }
     }
@@ -231,8 +314,8 @@ impl Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         let mut open = self.shared.lock();
-        open.remove(&self.id);
-        if open.is_empty() {
+        open.conns.remove(&self.id);
+        if open.conns.is_empty() {
             self.shared.emptied.notify_waiters();
         }
     }
@@ -297,17 +380,19 @@ impl<C: GracefulConnection> Future for Serving<C> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
+        let conn = &this.tracked.conn;
         // Registered before the order is read: an order given after the
         // read wakes this task.
-        this.tracked.conn.waker.register(cx.waker());
-        match this.tracked.conn.order.load(Ordering::Acquire) {
-            SERVE => {}
-            DRAIN if !this.draining => {
-                this.draining = true;
-                this.connection.as_mut().graceful_shutdown();
+        conn.waker.register(cx.waker());
+        match conn.step() {
+            Step::Serve => {}
+            Step::Drain => {
+                if !this.draining {
+                    this.draining = true;
+                    this.connection.as_mut().graceful_shutdown();
+                }
             }
-            DRAIN => {}
-            _ => return Poll::Ready(()),
+            Step::Close => return Poll::Ready(()),
         }
         this.connection.as_mut().poll(cx).map(|_| ())
     }
@@ -404,9 +489,10 @@ mod tests {
         let mut stalled = TcpStream::connect(addr).await.unwrap();
         stalled.write_all(b"GET / HTTP/1.1\r\nho").await.unwrap();
         let mut idle = TcpStream::connect(addr).await.unwrap();
+        // Idle from some moment after this one.
+        let idle_since = Instant::now();
         get(&mut idle, "/").await;
         assert!(read_answer(&mut idle).await.starts_with("HTTP/1.1 200"));
-        let idle_since = Instant::now();
         // Its answer takes three timeouts: in flight, it stays open.
         let mut slow = TcpStream::connect(addr).await.unwrap();
         get(&mut slow, "/slow").await;
@@ -429,6 +515,45 @@ mod tests {
             "the slow answer came on its open connection"
         );
         accept.abort();
+    }
+
+    fn conn(started: u64, finished: u64, order: u8, close_at: u64) -> Conn {
+        Conn {
+            started: AtomicU64::new(started),
+            finished: AtomicU64::new(finished),
+            order: AtomicU8::new(order),
+            close_at: AtomicU64::new(close_at),
+            waker: AtomicWaker::new(),
+            seen: AtomicU64::new(NONE),
+            idle_since: AtomicU64::new(NONE),
+        }
+    }
+
+    /// The reaper's order races a new request: it saw 3 requests started
+    /// and finished, and told the connection to close; a fourth started
+    /// before the connection's task read the order. That request is not
+    /// cut: the order is dropped.
+    #[test]
+    fn a_reap_order_that_a_request_overtook_is_dropped() {
+        let c = conn(4, 3, REAP, 3);
+        assert_eq!(c.step(), Step::Serve);
+        assert_eq!(
+            c.order.load(Ordering::Relaxed),
+            SERVE,
+            "the stale order is gone"
+        );
+        // Started and finished since: still not what the reaper saw.
+        let c = conn(4, 4, REAP, 3);
+        assert_eq!(c.step(), Step::Serve);
+        // As the reaper saw it: closed.
+        assert_eq!(conn(3, 3, REAP, 3).step(), Step::Close);
+        // A drain is not dropped that way, and a close never.
+        let c = conn(4, 3, DRAIN, 3);
+        assert_eq!(c.step(), Step::Drain);
+        assert_eq!(c.order.load(Ordering::Relaxed), DRAIN);
+        assert_eq!(conn(4, 3, CLOSE, 3).step(), Step::Close);
+        // A drained connection that never started a request closes now.
+        assert_eq!(conn(0, 0, DRAIN, NONE).step(), Step::Close);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,7 +582,11 @@ mod tests {
         assert!(read_answer(&mut idle).await.starts_with("HTTP/1.1 200"));
         let mut busy = TcpStream::connect(addr).await.unwrap();
         get(&mut busy, "/slow").await;
-        while connections.in_flight() < 1 {
+        // Connected, and nothing sent yet; or half a head.
+        let mut fresh = TcpStream::connect(addr).await.unwrap();
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET / HTTP/1.1\r\nho").await.unwrap();
+        while connections.in_flight() < 1 || connections.len() < 4 {
             tokio::task::yield_now().await;
         }
         accept.abort();
@@ -471,6 +600,10 @@ mod tests {
             closed.is_some(),
             "the idle connection is closed by the drain"
         );
+        let (_, closed) = until_closed(&mut fresh, Duration::from_secs(5)).await;
+        assert!(closed.is_some(), "so is one that never sent a request");
+        let (_, closed) = until_closed(&mut half, Duration::from_secs(5)).await;
+        assert!(closed.is_some(), "and one that sent half of its first");
         assert!(
             !drain.is_finished(),
             "the drain waits for the answer in flight"

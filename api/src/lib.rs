@@ -21,7 +21,7 @@
 //! # Layout
 //! - [`Cli`] (the flags) → [`Config`] (plain settings) → [`Api::bind`] →
 //!   [`Api::serve`]; [`run`] is what `coupon-api` does.
-//! - [`app`]: the [`axum::Router`], shared by `main` and tests.
+//! - [`app`]: the [`router`] behind the [`guard`], shared by `main` and tests.
 //! - [`routes`]: the handlers, one per route.
 //! - [`guard`]: what every request passes once: the bound on requests in
 //!   flight, a panic turned into a 503, the request counter.
@@ -272,12 +272,23 @@ pub struct AppState {
     pub line: Option<Arc<crate::line::LineState>>,
 }
 
-/// The router: every route, the body limit, overload shedding and metrics.
-pub fn app(state: Arc<AppState>) -> Router {
+/// The api's service: [`router`] behind the [`guard::GuardLayer`] (the
+/// bound on requests in flight across every route, the body's limit and
+/// deadline, the panic guard and the request counter).
+pub type App = guard::GuardService<Router>;
+
+/// [`router`] behind the guard: what `serve` answers with, and tests call.
+pub fn app(state: Arc<AppState>) -> App {
     // Beyond the issue path's own in-flight bound, every route together may
-    // hold at most this many requests; the rest are shed with a 503
-    // (`guard`, with the panic guard and the request counter).
+    // hold at most this many requests; the rest are shed with a 503.
     let max_concurrent = state.max_in_flight.saturating_mul(2).max(64);
+    // Around the whole router, not given to `Router::layer`, which would
+    // wrap every route in a boxed service of its own.
+    tower::Layer::layer(&guard::GuardLayer::new(max_concurrent), router(state))
+}
+
+/// Every route, unguarded.
+pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route(
             "/v1/events/{event_id}",
@@ -312,11 +323,6 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
-        // The guard also bounds the body (MAX_BODY_BYTES): each
-        // `Router::layer` call wraps every route in a boxed service of its
-        // own (about 1,200 instructions a request under callgrind for a
-        // second one).
-        .layer(guard::GuardLayer::new(max_concurrent))
         .with_state(state)
 }
 
@@ -498,8 +504,11 @@ impl Api {
         let router = app(self.state);
         let mut http = hyper::server::conn::http1::Builder::new();
         // A client may close its sending side once its request is out and
-        // still expect the answer.
-        http.half_close(true).keep_alive(true);
+        // still expect the answer. hyper's own header-read timeout is off:
+        // `connections` keeps it.
+        http.half_close(true)
+            .keep_alive(true)
+            .header_read_timeout(None);
         loop {
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
-use axum::Router;
+use couponrush_api::App;
 use couponrush_api::{app, Api, AppState, Config};
 use couponrush_core::store::memory::MemoryStore;
 use couponrush_core::store::{
@@ -32,7 +32,7 @@ use uuid::Uuid;
 const WINDOW_MS: u64 = 60_000;
 
 struct Fixture {
-    router: Router,
+    router: App,
     state: Arc<AppState>,
     store: Arc<dyn Store>,
     brokers: String,
@@ -74,7 +74,7 @@ async fn fixture() -> Fixture {
 }
 
 async fn call(
-    router: &Router,
+    router: &App,
     method: Method,
     uri: &str,
     body: &str,

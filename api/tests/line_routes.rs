@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use axum::Router;
 use couponrush_api::line::{LineConfig, LineStore};
+use couponrush_api::App;
 use couponrush_api::{app, Api, Config};
 use couponrush_core::line::token::TokenKey;
 use couponrush_core::store::memory::MemoryStore;
@@ -27,7 +27,7 @@ use uuid::Uuid;
 const KEY: &str = "line-test-key-0123456789";
 
 struct Fixture {
-    router: Router,
+    router: App,
     event: String,
     mock: MockKafka,
     config: Config,

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
-use axum::Router;
-use couponrush_api::{app, request_id, Api, AppState, Config};
+use couponrush_api::{app, request_id, router, Api, App, AppState, Config};
 use couponrush_core::store::memory::MemoryStore;
 use couponrush_core::store::{
     BatchVerdict, EventBatch, EventSpec, LoggedDecisions, Pending, Store,
@@ -24,7 +23,7 @@ use tower::ServiceExt;
 use uuid::Uuid;
 
 struct Fixture {
-    router: Router,
+    router: App,
     state: Arc<AppState>,
     store: Arc<dyn Store>,
     brokers: String,
@@ -69,7 +68,7 @@ async fn fixture_with(tweak: impl FnOnce(&mut Config)) -> Fixture {
 }
 
 async fn call(
-    router: &Router,
+    router: &App,
     method: Method,
     uri: &str,
     headers: &[(&str, &str)],
@@ -560,7 +559,7 @@ async fn events_read_back_with_their_counters_and_probes_answer() {
 }
 
 /// POSTs an issue request for `user` with `key`; returns the 202 body.
-async fn issue_with_key(router: &Router, user: &str, key: &str) -> Value {
+async fn issue_with_key(router: &App, user: &str, key: &str) -> Value {
     let (status, json, _) = call(
         router,
         Method::POST,
@@ -754,4 +753,80 @@ async fn an_unacknowledged_request_is_in_doubt_with_its_own_id_and_a_retry_is_th
     let (status, json, _) = answer;
     assert_eq!(status, StatusCode::ACCEPTED, "{json}");
     assert_eq!(json["request_id"], mine.to_string(), "the same request");
+}
+
+/// The guard labels a request by matching its path itself (it wraps the
+/// whole router, where axum's `MatchedPath` is not yet known): for a path
+/// of every route, a near miss of each, and paths no route matches, its
+/// label is the pattern axum's router matched, or "unmatched" where it
+/// matched none. A route added to the router but not to the guard's list,
+/// or a matcher that strays from axum's, fails here.
+#[tokio::test]
+async fn the_guard_labels_every_request_with_the_route_axum_matched() {
+    use axum::extract::MatchedPath;
+    let f = fixture(None).await;
+    let seen = router(f.state.clone()).layer(axum::middleware::from_fn(
+        |req: axum::extract::Request, next: axum::middleware::Next| async move {
+            let matched = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or("unmatched".to_string(), |m| m.as_str().to_string());
+            let mut resp = next.run(req).await;
+            resp.headers_mut()
+                .insert("x-matched", matched.parse().unwrap());
+            resp
+        },
+    ));
+    let id = Uuid::now_v7();
+    let paths = [
+        "/v1/events/drop".to_string(),
+        "/v1/events/drop/issue".to_string(),
+        "/v1/events/drop/line".to_string(),
+        format!("/v1/events/drop/line/{id}"),
+        format!("/v1/events/drop/requests/{id}"),
+        format!("/v1/events/drop/requests/{id}/claim"),
+        format!("/v1/events/drop/requests/{id}/cancel"),
+        format!("/v1/requests/{id}"),
+        "/healthz".to_string(),
+        "/readyz".to_string(),
+        "/metrics".to_string(),
+        // Near misses and strangers.
+        "/".to_string(),
+        "/v1/events".to_string(),
+        "/v1/events/".to_string(),
+        "/v1/events//issue".to_string(),
+        "/v1/events/drop/".to_string(),
+        "/v1/events/drop/issue/".to_string(),
+        "/v1/events/drop/issue/more".to_string(),
+        "/v1/events/drop/requests".to_string(),
+        format!("/v1/events/drop/requests/{id}/claim/x"),
+        "/v1/requests/".to_string(),
+        "/healthz/".to_string(),
+        "/HEALTHZ".to_string(),
+        "/nope".to_string(),
+    ];
+    let mut routes = std::collections::BTreeSet::new();
+    for path in &paths {
+        for method in [Method::GET, Method::DELETE] {
+            let resp = seen
+                .clone()
+                .oneshot(
+                    Request::builder()
+                        .method(method.clone())
+                        .uri(path.as_str())
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let matched = resp.headers()["x-matched"].to_str().unwrap().to_string();
+            assert_eq!(
+                couponrush_api::guard::route_label(path),
+                matched,
+                "{method} {path}"
+            );
+            routes.insert(matched);
+        }
+    }
+    assert_eq!(routes.len(), 12, "every route and unmatched: {routes:?}");
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use axum::Router;
+use couponrush_api::App;
 use couponrush_api::{app, Api, AppState, Config};
 use couponrush_core::store::redis::RedisStore;
 use couponrush_core::wire::{now_micros, EventRecord, WIRE_VERSION};
@@ -25,7 +25,7 @@ use uuid::Uuid;
 const LOST: &str = "after losing its state";
 
 struct Deployment {
-    router: Router,
+    router: App,
     state: Arc<AppState>,
     api: Option<Api>,
     serving: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
