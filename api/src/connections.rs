@@ -57,7 +57,7 @@ const DRAIN: u8 = 2;
 /// Close now.
 const CLOSE: u8 = 3;
 
-/// Not idle (the reaper's `idle_since`), never visited (its `seen`).
+/// Not idle (the reaper's `idle_since`); no order given (`close_at`).
 const NONE: u64 = u64::MAX;
 
 /// Every open connection, reaped when idle and drained at shutdown.
@@ -92,8 +92,9 @@ struct Conn {
     /// `started` when the reaper gave [`REAP`].
     close_at: AtomicU64,
     waker: AtomicWaker,
-    /// The reaper's own memory: `started` at its last visit, and since
-    /// when (ns from the epoch) it has found the connection idle.
+    /// The reaper's own memory: `started` at its last visit (0 before the
+    /// first: a new connection is idle until its first request starts),
+    /// and since when (ns from the epoch) it has found the connection idle.
     seen: AtomicU64,
     idle_since: AtomicU64,
 }
@@ -169,7 +170,7 @@ impl Connections {
             order: AtomicU8::new(open.order),
             close_at: AtomicU64::new(NONE),
             waker: AtomicWaker::new(),
-            seen: AtomicU64::new(NONE),
+            seen: AtomicU64::new(0),
             idle_since: AtomicU64::new(NONE),
         });
         open.conns.insert(id, conn.clone());
@@ -264,7 +265,8 @@ async fn reap(shared: Weak<Shared>, timeout: Duration) {
         for conn in open.conns.values() {
             let finished = conn.finished.load(Ordering::Acquire);
             let started = conn.started.load(Ordering::Acquire);
-            if started != finished || conn.seen.swap(started, Ordering::Relaxed) != started {
+            let seen = conn.seen.swap(started, Ordering::Relaxed);
+            if started != finished || seen != started {
                 conn.idle_since.store(NONE, Ordering::Relaxed);
                 continue;
             }
@@ -524,7 +526,7 @@ mod tests {
             order: AtomicU8::new(order),
             close_at: AtomicU64::new(close_at),
             waker: AtomicWaker::new(),
-            seen: AtomicU64::new(NONE),
+            seen: AtomicU64::new(0),
             idle_since: AtomicU64::new(NONE),
         }
     }

@@ -117,7 +117,7 @@ pub struct Cli {
     /// Issue requests in flight at once; beyond this, 503 with Retry-After.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 20_000)]
     pub max_in_flight: usize,
-    /// Open connections at most; the next connection waits to be accepted.
+    /// Open connections at most; the next connection waits to be accepted. A connection idle, or stalled in a request head, for 5 s is closed.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
     /// Records librdkafka may queue locally; beyond this, 503 with Retry-After.
