@@ -15,12 +15,13 @@
 //! increments, and a wake an atomic load and a waker registration.
 //!
 //! - **Idle for a timeout, then closed.** The reaper visits every open
-//!   connection [`VISITS_PER_TIMEOUT`] times per timeout. A connection it
-//!   finds with nothing in flight and no request started since its last
-//!   visit is idle from that visit on; once idle for a whole timeout it is
-//!   told to close. So an idle connection closes between one timeout and a
-//!   quarter more after it went idle, never before; a kept-alive connection
-//!   whose requests come less than a timeout apart is never closed.
+//!   connection 8 times per timeout. A connection it finds with nothing in
+//!   flight is idle from that visit on, unless a request starts before the
+//!   next; once idle for a whole timeout it is told to close. So an idle
+//!   connection closes between one timeout and a quarter more after it went
+//!   idle (one visit to see it idle, one to see the timeout passed), never
+//!   before; a kept-alive connection whose requests come less than a
+//!   timeout apart is never closed.
 //! - **A request that started is never cut by the reaper.** The counters
 //!   change only on the connection's own task, inside its poll; the task
 //!   closes on the reaper's order only if they still read what the reaper
@@ -44,7 +45,7 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::sync::Notify;
 
 /// Visits by the reaper per timeout.
-pub const VISITS_PER_TIMEOUT: u32 = 8;
+const VISITS_PER_TIMEOUT: u32 = 8;
 
 /// What a connection is told to do, in rising order: a later order never
 /// lowers an earlier one but [`REAP`], which the connection drops itself
@@ -266,12 +267,15 @@ async fn reap(shared: Weak<Shared>, timeout: Duration) {
             let finished = conn.finished.load(Ordering::Acquire);
             let started = conn.started.load(Ordering::Acquire);
             let seen = conn.seen.swap(started, Ordering::Relaxed);
-            if started != finished || seen != started {
+            if started != finished {
                 conn.idle_since.store(NONE, Ordering::Relaxed);
                 continue;
             }
             let since = conn.idle_since.load(Ordering::Relaxed);
-            if since == NONE {
+            if since == NONE || seen != started {
+                // Nothing in flight now; a request may have come and gone
+                // since the last visit. Idle from here: a request that
+                // starts later changes `started` before the next visit.
                 conn.idle_since.store(clock(), Ordering::Relaxed);
             } else if now.saturating_sub(since) >= timeout {
                 conn.close_at.store(started, Ordering::Release);
@@ -567,7 +571,7 @@ mod tests {
         while started.elapsed() < TIMEOUT * 4 {
             get(&mut kept, "/").await;
             assert!(read_answer(&mut kept).await.starts_with("HTTP/1.1 200"));
-            tokio::time::sleep(TIMEOUT / 2).await;
+            tokio::time::sleep(TIMEOUT / 4).await;
         }
         assert_eq!(connections.len(), 1);
         accept.abort();

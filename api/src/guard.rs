@@ -318,6 +318,13 @@ fn matches(pattern: &str, path: &str) -> bool {
     j == path.len()
 }
 
+/// The route patterns the request counter knows (every route of
+/// [`crate::router`]; a route added there must be added to [`ROUTES`], or
+/// its requests are counted as "unmatched").
+pub fn route_patterns() -> &'static [&'static str] {
+    &ROUTES[..ROUTES.len() - 1]
+}
+
 /// The label [`route_of`] gives `path`, as the request counter shows it.
 pub fn route_label(path: &str) -> &'static str {
     ROUTES[route_of(path)]
