@@ -25,7 +25,7 @@
 //! | `poison` | poison records mixed into live traffic |
 //! | `client-retries` | 30% of requests re-sent with the same Idempotency-Key |
 //! | `api-fuzz` | hostile requests and slow clients |
-//! | `overload` | twice the capacity, then half |
+//! | `overload` | half the capacity, twice it, then half again: the second half-load phase served as well as the first (or 95 %) |
 //! | `admin` | the admin routes without the token; the issue path cannot change stock |
 //! | `holds-notifier-kill` | a drop with holds (20 % cancel, 10 % never claim) and a `coupon-notifier`: the notifier SIGKILLed mid-drop, a new one started |
 //! | `holds-webhook-down` | the same drop: the webhook answers 503 for 10 s, then comes back |
@@ -1130,6 +1130,19 @@ async fn overload(seed: u64, dir: &std::path::Path) -> Result<Row, ChaosError> {
         .await?;
     let cap = capacity.throughput.accepted_per_s.max(100.0);
     let rss_before = rig.api_rss_kib();
+    // Half the capacity for 5 s, open loop.
+    let half = |seed| {
+        target.offer(
+            &event,
+            LoadModel::Rate(cap * 0.5),
+            (cap * 0.5 * 5.0) as u64,
+            5.0,
+            seed,
+        )
+    };
+    // Before the overload: what "full service" is on this machine, to
+    // compare the same load after it with.
+    let before = half(seed + 2).await?;
     // Twice the capacity, open loop; meanwhile look at one 503 closely.
     let over = tokio::spawn({
         let (target, event) = (target.clone(), event.clone());
@@ -1149,35 +1162,31 @@ async fn overload(seed: u64, dir: &std::path::Path) -> Result<Row, ChaosError> {
     let retry_after = shed_has_retry_after(&endpoint, &event).await;
     let over = over.await.map_err(|e| e.to_string())??;
     let rss_peak = rig.api_rss_kib();
-    let after = target
-        .offer(
-            &event,
-            LoadModel::Rate(cap * 0.5),
-            (cap * 0.5 * 5.0) as u64,
-            5.0,
-            seed + 1,
-        )
-        .await?;
+    let after = half(seed + 1).await?;
     let shed = over.answers.get("503").copied().unwrap_or(0);
     let other_errors: u64 = over
         .answers
         .iter()
         .chain(after.answers.iter())
+        .chain(before.answers.iter())
         .filter(|(k, _)| k.as_str() != "202" && k.as_str() != "503")
         .map(|(_, v)| v)
         .sum();
-    let offered_after = after.requests as f64;
+    let share = |r: &Report| r.accepted as f64 / r.requests.max(1) as f64;
+    let (share_before, share_after) = (share(&before), share(&after));
     let mut row = Row {
         scenario: Scenario::Overload.name(),
         seed,
-        requests: capacity.requests + over.requests + after.requests,
-        accepted: capacity.accepted + over.accepted + after.accepted,
+        requests: capacity.requests + before.requests + over.requests + after.requests,
+        accepted: capacity.accepted + before.accepted + over.accepted + after.accepted,
         passed: true,
         ..Row::default()
     };
     row.notes.push(format!(
-        "capacity {cap:.0}/s; at 2x: {} accepted/s, {shed} shed with 503; then at 0.5x: {:.0} accepted/s of {:.0} offered; api RSS {} → {} MiB",
+        "capacity {cap:.0}/s; at 0.5x before: {:.1}% accepted; at 2x: {} accepted/s, {shed} shed with 503; then at 0.5x: {:.1}% accepted ({:.0}/s of {:.0} offered); api RSS {} → {} MiB",
+        share_before * 100.0,
         over.throughput.accepted_per_s as u64,
+        share_after * 100.0,
         after.throughput.accepted_per_s,
         cap * 0.5,
         rss_before / 1024,
@@ -1192,9 +1201,13 @@ async fn overload(seed: u64, dir: &std::path::Path) -> Result<Row, ChaosError> {
             over.answers, after.answers
         ),
     );
+    // Full service, or as good as the same load had before the overload:
+    // with 256 in flight at half the capacity, a stall of the shared cores
+    // longer than 256 / (cap / 2) (about 40 ms here) is shed whatever came
+    // before it, and the before phase measures how often that happens.
     row.check(
-        after.accepted as f64 >= offered_after * 0.95,
-        "full service once the load drops",
+        share_after >= 0.95 || share_after >= share_before - 0.05,
+        "full service once the load drops (95% accepted, or within 5 points of the same load before the overload)",
     );
     row.check(
         rss_peak < rss_before + 256 * 1024,

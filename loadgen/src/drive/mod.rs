@@ -11,9 +11,11 @@
 //!   opening; `connections` workers push them through as fast as they can.
 //!
 //! Every run is bounded by a request count and a duration and stops by itself
-//! (or on the cancellation token). Workers keep their own histograms and
-//! counts and merge them at the end: nothing is shared on the hot path but
-//! two atomic counters for the progress bar.
+//! (or on the cancellation token). Workers keep their own counts and merge
+//! them at the end; they record latencies into at most [`TIMING_SHARDS`]
+//! sets of histograms, a worker always the same set (see [`Timings`]), and
+//! share nothing else on the hot path but two atomic counters for the
+//! progress bar.
 
 pub mod direct;
 pub mod holders;
@@ -23,7 +25,7 @@ pub mod line;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use couponrush_core::wire::now_micros;
@@ -168,15 +170,20 @@ pub struct Progress {
     pub live: Option<Arc<crate::dashboard::LiveFeed>>,
 }
 
-struct WorkerOut {
-    sends: u64,
-    accepted_count: u64,
-    requests: u64,
-    /// In fixed-size chunks: growing one vector would copy it at every
-    /// doubling, on the hot path.
-    accepted: Vec<Vec<(Uuid, Acceptance)>>,
-    answers: BTreeMap<String, u64>,
-    in_doubt: Vec<Uuid>,
+/// Sets of latency histograms a run's workers record into, at most: worker
+/// `i` records into set `i % TIMING_SHARDS`, so a set is locked by a few
+/// workers for a few nanoseconds each.
+///
+/// A histogram of the full range (1 µs to 1 h, 3 significant digits) is
+/// about 190 KB, zeroed. One set per worker made 1,024 workers allocate
+/// 577 MB at their first poll: about 0.5 s of CPU at the very start of a
+/// run, during which the generator sent nothing, then sent what it owed as
+/// one burst (the `overload` scenario's half-load phase shed that burst
+/// with 503s; docs/RELIABILITY.md).
+pub const TIMING_SHARDS: usize = 16;
+
+/// One set of latency histograms.
+struct Timings {
     accept: Histogram<u64>,
     /// The uncorrected latency is recorded only where it differs from the
     /// corrected one: a closed loop sends when it intends to, so it records
@@ -188,7 +195,25 @@ struct WorkerOut {
     corrected_differing: Histogram<u64>,
 }
 
-impl WorkerOut {
+impl Timings {
+    fn new() -> Self {
+        Self {
+            accept: latency::histogram(),
+            uncorrected_differing: latency::histogram(),
+            corrected_differing: latency::histogram(),
+        }
+    }
+
+    /// Records one answer: `accept_us` from the intended send,
+    /// `uncorrected_us` from the actual one.
+    fn record(&mut self, accept_us: u64, uncorrected_us: u64) {
+        latency::record(&mut self.accept, accept_us);
+        if uncorrected_us != accept_us {
+            latency::record(&mut self.corrected_differing, accept_us);
+            latency::record(&mut self.uncorrected_differing, uncorrected_us);
+        }
+    }
+
     /// The uncorrected latencies: the corrected ones, with the values that
     /// differ replaced.
     fn uncorrected(&self) -> Histogram<u64> {
@@ -201,6 +226,38 @@ impl WorkerOut {
         debug_assert!(added.is_ok(), "{added:?}");
         u
     }
+}
+
+/// The sets of histograms a run's workers share ([`TIMING_SHARDS`]).
+struct SharedTimings(Vec<Mutex<Timings>>);
+
+impl SharedTimings {
+    fn new(workers: usize) -> Self {
+        Self(
+            (0..workers.clamp(1, TIMING_SHARDS))
+                .map(|_| Mutex::new(Timings::new()))
+                .collect(),
+        )
+    }
+
+    /// Worker `worker`'s set. A worker that panicked while holding it left
+    /// whole values behind (a record is two plain additions): use them.
+    fn of(&self, worker: usize) -> MutexGuard<'_, Timings> {
+        self.0[worker % self.0.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct WorkerOut {
+    sends: u64,
+    accepted_count: u64,
+    requests: u64,
+    /// In fixed-size chunks: growing one vector would copy it at every
+    /// doubling, on the hot path.
+    accepted: Vec<Vec<(Uuid, Acceptance)>>,
+    answers: BTreeMap<String, u64>,
+    in_doubt: Vec<Uuid>,
 }
 
 /// Drives `plan` against targets from `factory` until done, `plan.duration`
@@ -223,8 +280,10 @@ pub async fn drive<F: TargetFactory>(
         live.opened(start_micros);
     }
     let plan = Arc::new(plan);
+    let timings = Arc::new(SharedTimings::new(workers));
     let mut tasks = Vec::with_capacity(workers);
-    for _ in 0..workers {
+    for worker_index in 0..workers {
+        let timings = timings.clone();
         let factory = factory.clone();
         let plan = plan.clone();
         let next = next.clone();
@@ -234,9 +293,9 @@ pub async fn drive<F: TargetFactory>(
             worker(
                 &*factory,
                 &plan,
+                (&timings, worker_index),
                 &next,
-                start,
-                start_micros,
+                (start, start_micros),
                 &progress,
                 &cancel,
             )
@@ -263,11 +322,14 @@ pub async fn drive<F: TargetFactory>(
     // The load ended with the last worker; merging what they recorded is
     // bookkeeping and must not count as load time.
     driven.finished_at = now_micros();
+    for set in &timings.0 {
+        let set = set.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = driven.accept.add(&set.accept);
+        let _ = driven.accept_uncorrected.add(set.uncorrected());
+    }
     for out in outs {
         driven.sends += out.sends;
         driven.requests += out.requests;
-        let _ = driven.accept.add(&out.accept);
-        let _ = driven.accept_uncorrected.add(out.uncorrected());
         for (k, v) in out.answers {
             *driven.answers.entry(k).or_default() += v;
         }
@@ -298,9 +360,10 @@ const PROGRESS_EVERY: u64 = 64;
 async fn worker<F: TargetFactory>(
     factory: &F,
     plan: &LoadPlan,
+    (timings, worker_index): (&SharedTimings, usize),
     next: &AtomicU64,
-    start: Instant,
-    start_micros: u64,
+    // The run's start, by the monotonic clock and in µs since the epoch.
+    (start, start_micros): (Instant, u64),
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> WorkerOut {
@@ -311,9 +374,6 @@ async fn worker<F: TargetFactory>(
         accepted: Vec::new(),
         answers: BTreeMap::new(),
         in_doubt: Vec::new(),
-        accept: latency::histogram(),
-        uncorrected_differing: latency::histogram(),
-        corrected_differing: latency::histogram(),
     };
     let live = progress.live.as_ref().map(|l| l.slot());
     let mut target = factory.make();
@@ -355,11 +415,7 @@ async fn worker<F: TargetFactory>(
                 let intended_at = start_micros + intended.duration_since(start).as_micros() as u64;
                 let accept_us = t.done.duration_since(intended).as_micros() as u64;
                 let uncorrected_us = t.done.duration_since(t.sent_at).as_micros() as u64;
-                latency::record(&mut out.accept, accept_us);
-                if uncorrected_us != accept_us {
-                    latency::record(&mut out.corrected_differing, accept_us);
-                    latency::record(&mut out.uncorrected_differing, uncorrected_us);
-                }
+                timings.of(worker_index).record(accept_us, uncorrected_us);
                 if let Some(slot) = &live {
                     slot.record(accept_us, &sent, intended_at);
                 }
@@ -534,6 +590,32 @@ mod tests {
             connections: 8,
             population: Population::new(50, UserDist::Uniform, retry, 9),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_thousand_workers_share_a_few_histogram_sets_and_every_answer_is_counted() {
+        assert_eq!(SharedTimings::new(1000).0.len(), TIMING_SHARDS);
+        assert_eq!(SharedTimings::new(3).0.len(), 3);
+        let factory = Arc::new(FakeFactory(Duration::from_millis(5), Arc::default()));
+        let d = drive(
+            factory,
+            LoadPlan {
+                connections: 1000,
+                ..plan(LoadModel::Rate(2000.0), 3000, 0.0)
+            },
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(d.sends, 3000);
+        // Every set is merged: each worker's answers are in the figures.
+        assert_eq!(d.accept.len(), 3000);
+        assert_eq!(d.accept_uncorrected.len(), 3000);
+        assert!(
+            d.accept_uncorrected.min() >= 5000,
+            "{}",
+            d.accept_uncorrected.min()
+        );
     }
 
     #[tokio::test]
