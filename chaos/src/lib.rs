@@ -25,7 +25,7 @@
 //! | `poison` | poison records mixed into live traffic |
 //! | `client-retries` | 30% of requests re-sent with the same Idempotency-Key |
 //! | `api-fuzz` | hostile requests and slow clients |
-//! | `overload` | half the capacity, twice it, then half again: the second half-load phase served as well as the first (or 95 %) |
+//! | `overload` | half the capacity, twice it, then half again: 95 % accepted after the overload, or within 5 points of before it and at least 85 % |
 //! | `admin` | the admin routes without the token; the issue path cannot change stock |
 //! | `holds-notifier-kill` | a drop with holds (20 % cancel, 10 % never claim) and a `coupon-notifier`: the notifier SIGKILLed mid-drop, a new one started |
 //! | `holds-webhook-down` | the same drop: the webhook answers 503 for 10 s, then comes back |
@@ -1197,17 +1197,19 @@ async fn overload(seed: u64, dir: &std::path::Path) -> Result<Row, ChaosError> {
     row.check(
         other_errors == 0,
         format!(
-            "nothing but 202 and 503 ({:?} / {:?})",
-            over.answers, after.answers
+            "nothing but 202 and 503 ({:?} / {:?} / {:?})",
+            before.answers, over.answers, after.answers
         ),
     );
     // Full service, or as good as the same load had before the overload:
     // with 256 in flight at half the capacity, a stall of the shared cores
     // longer than 256 / (cap / 2) (about 40 ms here) is shed whatever came
     // before it, and the before phase measures how often that happens.
+    // And at least 85 % whatever: an api broken before the overload too
+    // fails.
     row.check(
-        share_after >= 0.95 || share_after >= share_before - 0.05,
-        "full service once the load drops (95% accepted, or within 5 points of the same load before the overload)",
+        share_after >= 0.95 || (share_after >= share_before - 0.05 && share_after >= 0.85),
+        "full service once the load drops (95% accepted, or within 5 points of the same load before the overload and at least 85%)",
     );
     row.check(
         rss_peak < rss_before + 256 * 1024,
